@@ -1,0 +1,205 @@
+"""The Rack's configuration: `fluxrig.toml`, defaults, `FLUXRIG_*` environment overrides.
+
+Precedence: defaults < TOML file < environment. Every key is declared once in `SCHEMA`
+with its type, default and a line of documentation (shown by `fluxrig check`). An unknown
+key, a bad value or a duration that does not parse raises ConfigError naming the key, and
+start-up stops there.
+
+Environment: `FLUXRIG_<SECTION>_<KEY>` sets `<section>.<key>` (e.g. `FLUXRIG_RACK_DRAIN_TIMEOUT=10s`,
+`FLUXRIG_SNAKE_URL=nats://hub:4222`); `FLUXRIG_TRACE` and `FLUXRIG_DEBUG` set `logging.trace`
+and `logging.debug`. Variables whose first word is not a section (`FLUXRIG_PURE_PYTHON`,
+`FLUXRIG_SERIAL_PORT`, ...) are not configuration and are left alone.
+
+WAL fsync policy (`store.wal_fsync`): `always` fsyncs before each record is acknowledged;
+`batch` fsyncs once per `store.wal_fsync_window` (≤ 100 ms) and acknowledges the whole batch
+after that fsync; `never` leaves flushing to the OS (a power cut loses what the page cache held).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+from .durations import parse_duration
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["SCHEMA", "Config", "load_config", "DEFAULT_CONFIG_NAME"]
+
+DEFAULT_CONFIG_NAME = "fluxrig.toml"
+
+DUR, STR, INT, BOOL, FLOAT = "duration", "str", "int", "bool", "float"
+
+# section -> key -> (type, default, doc, choices or None)
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "base": {
+        "name": (STR, "", "Rack name; empty = derived from the host name", None),
+        "state_dir": (STR, "./data", "directory for the passport, scenario copy, WAL, lock", None),
+        "state_file": (STR, "rack.flux", "passport file name inside state_dir", None),
+        "scenario_file": (STR, "scenario.flux", "last applied scenario copy inside state_dir", None),
+        "scenario": (STR, "", "scenario file to run standalone (same as --scenario)", None),
+    },
+    "logging": {
+        "level": (STR, "info", "minimum log level", ("trace", "debug", "info", "warning", "error")),
+        "format": (STR, "text", "log line format on stderr", ("text", "json")),
+        "filename": (STR, "", "also write logs to this file (empty = stderr only)", None),
+        "trace": (BOOL, False, "enable TRACE (per-message, PAN-masked) logging", None),
+        "debug": (BOOL, False, "enable DEBUG logging", None),
+    },
+    "store": {
+        "dir": (STR, "", "WAL and local store directory; empty = <base.state_dir>", None),
+        "wal_max_size_mb": (INT, 500, "WAL size cap; past it the oldest records are dropped and counted", None),
+        "wal_fsync": (STR, "batch", "WAL fsync policy (see module docs)", ("always", "batch", "never")),
+        "wal_fsync_window": (DUR, "50ms", "group-commit window for wal_fsync=batch (≤ 100ms)", None),
+    },
+    "rack": {
+        "name_prefix": (STR, "node-", "prefix of generated Rack names", None),
+        "ip": (STR, "", "address reported to the Mixer; empty = first local IPv4", None),
+        "drain_timeout": (DUR, "35s", "SIGTERM: max time to finish in-flight work before exit", None),
+        "cleanup_timeout": (DUR, "2s", "max time for a gear's stop()", None),
+        "lane_queue_size": (INT, 1024, "hot-lane queue depth per wire", None),
+        "lane_send_timeout": (DUR, "5s", "max time an emitter waits on a full hot lane", None),
+        "fuse_sync_chains": (BOOL, True, "call 1:1 wired gears directly instead of through a queue", None),
+        "heartbeat_interval": (DUR, "30s", "heartbeat period towards the Mixer", None),
+        "enrollment_timeout": (DUR, "15s", "how long Hello is retried before resuming offline", None),
+        "enrollment_interval": (DUR, "2s", "Hello retry period", None),
+        "max_hops": (INT, 64, "max hops a message may take (loop guard)", None),
+        "max_payload_size": (INT, 2 * 1024 * 1024, "max message size in bytes", None),
+    },
+    "snake": {
+        "url": (STR, "", "NATS URL of the Mixer's Snake; empty = standalone Rack", None),
+        "bootstrap_token": (STR, "", "one-time enrollment token printed by the Mixer", None),
+        "mixer_public_key": (STR, "", "pinned Mixer Ed25519 public key (hex); empty = trust on first use", None),
+        "mixer_public_key_next": (STR, "", "second pinned key, accepted during key rotation", None),
+        "connect_timeout": (DUR, "10s", "dial timeout to the Snake", None),
+        "reconnect_wait": (DUR, "1s", "initial reconnect backoff", None),
+        "operation_timeout": (DUR, "5s", "timeout of one bus operation", None),
+        "offline_start_timeout": (DUR, "3s", "with a passport: wait this long, then start offline", None),
+        "offline_retry_interval": (DUR, "5s", "probe period while offline", None),
+        "root_ca_file": (STR, "", "CA bundle for TLS to the Snake", None),
+        "tls_cert_file": (STR, "", "client certificate for mTLS", None),
+        "tls_key_file": (STR, "", "client key for mTLS", None),
+    },
+    "telemetry": {
+        "disabled": (BOOL, False, "do not produce telemetry", None),
+        "batch_interval": (DUR, "1s", "metric export period", None),
+        "ship_rate": (FLOAT, 5000.0, "max telemetry records/s shipped while draining a backlog", None),
+        "max_inflight": (INT, 256, "max unacknowledged telemetry publishes", None),
+    },
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _coerce(section: str, key: str, value, from_env: bool):
+    kind, _default, _doc, choices = SCHEMA[section][key]
+    where = f"{section}.{key}"
+    if kind == DUR:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not from_env:
+            raise ConfigError(f"durations need a unit, write e.g. \"{value}s\" (got {value!r})", where)
+        try:
+            value = parse_duration(str(value))
+        except ValueError as exc:
+            raise ConfigError(str(exc), where) from None
+    elif kind == BOOL:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in _TRUE:
+                value = True
+            elif low in _FALSE:
+                value = False
+            else:
+                raise ConfigError(f"expected true/false, got {value!r}", where)
+        elif not isinstance(value, bool):
+            raise ConfigError(f"expected true/false, got {value!r}", where)
+    elif kind == INT:
+        if isinstance(value, str) and from_env:
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"expected an integer, got {value!r}", where) from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", where)
+        if value < 0:
+            raise ConfigError(f"must not be negative, got {value}", where)
+    elif kind == FLOAT:
+        try:
+            value = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value < 0:
+            raise ConfigError("expected a non-negative number", where)
+    else:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", where)
+    if choices and value not in choices:
+        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", where)
+    return value
+
+
+class Config:
+    """Resolved configuration: `cfg.rack.drain_timeout` (seconds), `cfg.source` (file or None)."""
+
+    def __init__(self, values: dict[str, dict], source: str | None):
+        self.source = source
+        self._values = values
+        for section, keys in values.items():
+            setattr(self, section, SimpleNamespace(**keys))
+
+    def as_dict(self) -> dict[str, dict]:
+        return {s: dict(k) for s, k in self._values.items()}
+
+    @property
+    def store_dir(self) -> str:
+        return self.store.dir or self.base.state_dir
+
+
+def load_config(path: str | None = None, environ: dict | None = None) -> Config:
+    """Defaults, then the TOML file at `path` (if given), then FLUXRIG_* variables."""
+    env = os.environ if environ is None else environ
+    values = {s: {k: None for k in keys} for s, keys in SCHEMA.items()}
+    for s, keys in SCHEMA.items():
+        for k, spec in keys.items():
+            values[s][k] = _coerce(s, k, spec[1], from_env=True) if spec[0] == DUR else spec[1]
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        for section, body in doc.items():
+            if section not in SCHEMA:
+                raise ConfigError(f"unknown section [{section}] in {path}; known: {', '.join(SCHEMA)}", section)
+            if not isinstance(body, dict):
+                raise ConfigError(f"[{section}] must be a table", section)
+            for key, value in body.items():
+                if key not in SCHEMA[section]:
+                    raise ConfigError(
+                        f"unknown key in {path}; known keys of [{section}]: {', '.join(SCHEMA[section])}",
+                        f"{section}.{key}",
+                    )
+                values[section][key] = _coerce(section, key, value, from_env=False)
+    for name, value in env.items():
+        if not name.startswith("FLUXRIG_"):
+            continue
+        rest = name[8:].lower()
+        if rest in ("trace", "debug"):
+            values["logging"][rest] = _coerce("logging", rest, value, from_env=True)
+            continue
+        section, _, key = rest.partition("_")
+        if section not in SCHEMA or not key:
+            continue
+        if key not in SCHEMA[section]:
+            raise ConfigError(f"environment variable {name} names an unknown key", f"{section}.{key}")
+        values[section][key] = _coerce(section, key, value, from_env=True)
+    if values["store"]["wal_fsync_window"] > 0.1:
+        raise ConfigError("the batch window must be at most 100ms", "store.wal_fsync_window")
+    return Config(values, path)

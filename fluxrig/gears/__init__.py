@@ -1,0 +1,1 @@
+"""Built-in gears. Each module registers its gear type with fluxrig.runtime.registry."""

@@ -1,0 +1,159 @@
+"""`router`: ordered match rules on message fields -> `out_<name>` ports.
+
+Config:
+  rules:            ordered; the first rule whose conditions all hold wins
+    - name: visa    # the message leaves on out_visa
+      match:        # one condition or a list (all must hold)
+        field: data.iso8583.field.2
+        prefix: "4"          # or equals / not_equals / in / regex / exists / gt / lt
+  default: other    # optional: unmatched messages leave on out_other
+Without a default, an unmatched message goes to `error` with error.reason=no_route.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import GearError
+from ..msg import FluxMsg
+from ..runtime.gear import Gear, Manifest
+from ..runtime.registry import register
+from ..templates import compile_path
+
+_TESTS = ("equals", "not_equals", "prefix", "in", "regex", "exists", "gt", "lt")
+
+COND_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "field": {"type": "string", "description": "path read: raw, meta.<key>, data.<path>"},
+        "equals": {"description": "value equals (compared as text)"},
+        "not_equals": {"description": "value differs (as text)"},
+        "prefix": {"type": ["string", "array"], "description": "text starts with (one of) these"},
+        "in": {"type": "array", "description": "value is one of (as text)"},
+        "regex": {"type": "string", "description": "Python regular expression searched in the text"},
+        "exists": {"type": "boolean", "description": "field present (true) or absent (false)"},
+        "gt": {"type": "number", "description": "numeric value greater than"},
+        "lt": {"type": "number", "description": "numeric value less than"},
+    },
+    "required": ["field"],
+    "additionalProperties": False,
+}
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "rules": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "port suffix: out_<name>"},
+                    "match": {"type": ["object", "array"], "description": "condition or list of conditions"},
+                },
+                "required": ["name", "match"],
+                "additionalProperties": False,
+            },
+            "description": "ordered rules, first match wins",
+        },
+        "default": {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "port suffix for unmatched messages"},
+    },
+    "required": ["rules"],
+    "additionalProperties": False,
+}
+
+
+def _text(v) -> str:
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode("utf-8", "replace")
+    return str(v)
+
+
+def _compile_cond(cond: dict):
+    tests = [t for t in _TESTS if t in cond]
+    if len(tests) != 1:
+        raise ValueError(f"a condition needs exactly one of {', '.join(_TESTS)}")
+    test, arg = tests[0], cond[tests[0]]
+    read = compile_path(cond["field"])
+    if test == "exists":
+        return lambda m: (read(m) is not None) == bool(arg)
+    if test == "equals":
+        want = _text(arg)
+        return lambda m: (v := read(m)) is not None and _text(v) == want
+    if test == "not_equals":
+        want = _text(arg)
+        return lambda m: (v := read(m)) is None or _text(v) != want
+    if test == "prefix":
+        prefixes = tuple(arg) if isinstance(arg, list) else (arg,)
+        return lambda m: (v := read(m)) is not None and _text(v).startswith(prefixes)
+    if test == "in":
+        allowed = frozenset(_text(a) for a in arg)
+        return lambda m: (v := read(m)) is not None and _text(v) in allowed
+    if test == "regex":
+        rx = re.compile(arg)
+        return lambda m: (v := read(m)) is not None and rx.search(_text(v)) is not None
+
+    def numeric(m, op=test, bound=float(arg)):
+        v = read(m)
+        try:
+            x = float(_text(v))
+        except (TypeError, ValueError):
+            return False
+        return x > bound if op == "gt" else x < bound
+
+    return numeric
+
+
+def _outputs(config: dict) -> list[str]:
+    names = [f"out_{r['name']}" for r in config.get("rules") or [] if isinstance(r, dict) and "name" in r]
+    if config.get("default"):
+        names.append(f"out_{config['default']}")
+    return names
+
+
+@register
+class RouterGear(Gear):
+    MANIFEST = Manifest(
+        "router",
+        "Ordered match rules on fields choose one out_<name> port; no match goes to error",
+        category="logic",
+        outputs=(),
+        schema=SCHEMA,
+        dynamic_outputs=_outputs,
+    )
+
+    @staticmethod
+    def validate_config(config: dict):
+        seen = set()
+        for i, rule in enumerate(config.get("rules") or []):
+            name = rule.get("name")
+            if name in seen:
+                yield f"rules[{i}].name", f"duplicate rule name {name!r}"
+            seen.add(name)
+            conds = rule.get("match")
+            conds = conds if isinstance(conds, list) else [conds]
+            for j, c in enumerate(conds):
+                try:
+                    if not isinstance(c, dict) or "field" not in c:
+                        raise ValueError("a condition is a map with field and one test")
+                    _compile_cond(c)
+                except (ValueError, re.error) as exc:
+                    yield f"rules[{i}].match[{j}]", str(exc)
+
+    def __init__(self, name, config, ctx):
+        super().__init__(name, config, ctx)
+        self._rules = []
+        for rule in config["rules"]:
+            conds = rule["match"] if isinstance(rule["match"], list) else [rule["match"]]
+            self._rules.append((f"out_{rule['name']}", tuple(_compile_cond(c) for c in conds)))
+        self._default = f"out_{config['default']}" if config.get("default") else None
+
+    async def process(self, port: str, msg: FluxMsg) -> None:
+        for out, conds in self._rules:
+            if all(c(msg) for c in conds):
+                msg.meta["router.rule"] = out[4:]
+                await self.emit(out, msg)
+                return
+        if self._default:
+            await self.emit(self._default, msg)
+            return
+        raise GearError("no_route", "no rule matched and no default is configured")

@@ -1,0 +1,186 @@
+"""The Rack runtime: build a scenario's gears and wires, start them, drain and stop them.
+
+Building never touches the network: gears are constructed and wired first, then started in
+order (consumers before producers, so an I/O gear that accepts traffic finds its pipeline
+ready). A gear that fails to start stops every gear started before it and the error
+propagates: the graph never runs half-built.
+
+Wires: a 1:1 joint becomes a `DirectTarget` (fused call chain) when `rack.fuse_sync_chains`
+is on, any other joint a bounded `Lane` (see lane.py). Gears on other Racks (`deploy`) are
+skipped; wires that need the guaranteed lane are refused with a clear error until the
+Rack is joined to the Snake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+
+from ..errors import FluxError
+from ..ids import uuid7
+from ..scenario.model import Scenario
+from .control import ControlBus
+from .gear import Gear, GearContext
+from .lane import DirectTarget, Lane, OutPort
+from .registry import get_gear_class
+
+__all__ = ["Runtime", "GearStartError"]
+
+log = logging.getLogger("fluxrig.runtime")
+
+
+class GearStartError(FluxError):
+    """A gear's start() failed; the graph was rolled back."""
+
+    def __init__(self, gear: str, cause: BaseException):
+        self.gear = gear
+        self.cause = cause
+        super().__init__(f"gear {gear} failed to start: {type(cause).__name__}: {cause}")
+
+
+class _Defaults:
+    lane_queue_size = 1024
+    lane_send_timeout = 5.0
+    fuse_sync_chains = True
+    drain_timeout = 35.0
+    cleanup_timeout = 2.0
+
+
+class Runtime:
+    """One running graph. `await build()`, `await start()`, later `await shutdown()`."""
+
+    def __init__(self, scenario: Scenario, rack_name: str = "", rack_config=None, control: ControlBus | None = None):
+        self.scenario = scenario
+        self.rack_name = rack_name
+        self.rack_config = rack_config or _Defaults()
+        self.control = control or ControlBus()
+        self.gears: dict[str, Gear] = {}
+        self.lanes: list = []
+        self.state = "new"
+
+    def _local(self, spec) -> bool:
+        return not spec.deploy or not self.rack_name or spec.deploy == self.rack_name
+
+    def build(self) -> None:
+        """Construct every local gear and wire them; nothing starts yet."""
+        rc = self.rack_config
+        scenario_dir = os.path.dirname(os.path.abspath(self.scenario.source)) if self.scenario.source else os.getcwd()
+        for spec in self.scenario.gears:
+            if not self._local(spec):
+                continue
+            cls = get_gear_class(spec.type)
+            ctx = GearContext(self.rack_name, self.control, rc, logging.getLogger(f"fluxrig.gear.{spec.name}"), scenario_dir)
+            gear = cls(spec.name, spec.config, ctx)
+            _ins, outs = cls.MANIFEST.ports(spec.config)
+            gear.outputs = {p: OutPort(gear, p, uuid7()) for p in outs}
+            self.gears[spec.name] = gear
+
+        local = [w for w in self.scenario.wires if w.src.gear in self.gears and w.dst.gear in self.gears]
+        for w in self.scenario.wires:
+            touches_us = w.src.gear in self.gears or w.dst.gear in self.gears
+            if touches_us and (w not in local or w.lane == "guaranteed"):
+                raise FluxError(
+                    f"wire {w.src} -> {w.dst} needs the guaranteed lane (another Rack, or lane: guaranteed), "
+                    "which is not built yet: run these gears on one Rack with hot wires"
+                )
+        fan_out = Counter((w.src.gear, w.src.port) for w in local)
+        fan_in = Counter((w.dst.gear, w.dst.port) for w in local)
+        lanes: dict[tuple[str, str], Lane] = {}
+        for w in local:
+            dst_gear = self.gears[w.dst.gear]
+            key = (w.dst.gear, w.dst.port)
+            if rc.fuse_sync_chains and fan_out[(w.src.gear, w.src.port)] == 1 and fan_in[key] == 1:
+                target = DirectTarget(dst_gear, w.dst.port)
+            else:
+                target = lanes.get(key)
+                if target is None:
+                    target = lanes[key] = Lane(dst_gear, w.dst.port, rc.lane_queue_size, rc.lane_send_timeout)
+            self.gears[w.src.gear].outputs[w.src.port].targets.append(target)
+            self.lanes.append(target)
+        self.state = "built"
+
+    def _start_order(self) -> list[Gear]:
+        # Sources (gears with no incoming wire) last, so pipelines are ready before traffic.
+        has_input = {w.dst.gear for w in self.scenario.wires}
+        gears = list(self.gears.values())
+        return [g for g in gears if g.name in has_input] + [g for g in gears if g.name not in has_input]
+
+    async def start(self) -> None:
+        """Start lanes then gears; on any failure stop what started and raise GearStartError."""
+        if self.state == "new":
+            self.build()
+        for lane in self.lanes:
+            if isinstance(lane, Lane):
+                lane.start()
+        started: list[Gear] = []
+        for gear in self._start_order():
+            try:
+                await gear.start()
+                gear.transition("started")
+                started.append(gear)
+            except Exception as exc:
+                log.error("gear %s failed to start: %s; rolling back", gear.name, exc)
+                for g in reversed(started):
+                    await self._stop_gear(g)
+                await self._stop_gear(gear)
+                for lane in self.lanes:
+                    lane.close()
+                self.state = "failed"
+                raise GearStartError(gear.name, exc) from exc
+        self.state = "running"
+        log.info("scenario %s %s running: %d gears, %d wires", self.scenario.name or "-", self.scenario.version,
+                 len(self.gears), len(self.lanes))
+
+    async def _stop_gear(self, gear: Gear) -> None:
+        if gear.state == "stopped":
+            return
+        try:
+            await asyncio.wait_for(gear.stop(), self.rack_config.cleanup_timeout)
+        except Exception as exc:
+            log.warning("gear %s did not stop cleanly: %s", gear.name, exc)
+        gear.state = "stopped"
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting, finish in-flight work within `timeout`; True if everything finished."""
+        if self.state != "running":
+            return True
+        self.state = "draining"
+        timeout = self.rack_config.drain_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for g in self.gears.values():
+            if g.state == "started":
+                g.transition("draining")
+        results = await asyncio.gather(
+            *(asyncio.wait_for(g.drain(deadline), max(0.0, deadline - loop.time())) for g in self.gears.values()),
+            return_exceptions=True,
+        )
+        clean = True
+        for g, r in zip(self.gears.values(), results):
+            if isinstance(r, BaseException):
+                clean = False
+                log.warning("gear %s did not drain in time: %s", g.name, type(r).__name__)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(lane.join() for lane in self.lanes)), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            clean = False
+            log.warning("hot lanes still held %d messages at the drain deadline", sum(lane.depth() for lane in self.lanes))
+        return clean
+
+    async def stop(self) -> None:
+        for gear in reversed(self._start_order()):
+            await self._stop_gear(gear)
+        for lane in self.lanes:
+            lane.close()
+        self.state = "stopped"
+
+    async def shutdown(self, timeout: float | None = None) -> bool:
+        """Drain then stop; True when the drain finished within its deadline."""
+        clean = await self.drain(timeout)
+        await self.stop()
+        return clean
+
+    def metrics(self) -> dict[str, dict]:
+        return {name: g.metrics() for name, g in self.gears.items()}
