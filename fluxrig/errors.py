@@ -120,3 +120,89 @@ class FrameTooLarge(FramingError):
 
 class NotBuiltYet(FluxError):
     """A feature that is declared but not built yet; the message names it."""
+
+
+# --- Passports, enrollment and the Mixer API client (owner: Mixer control plane) ---------
+
+
+class PassportError(FluxError):
+    """A passport could not be trusted; `reason` is a short machine-readable word
+    (malformed, signature, pin, expired, rack) and `path` the file it came from, if any."""
+
+    reason = "invalid"
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class PassportMalformed(PassportError):
+    """The bytes are not a passport envelope `{payload, signature}` with a well-formed payload;
+    `key` names the offending payload key when one is to blame."""
+
+    reason = "malformed"
+
+    def __init__(self, message: str, path: str | None = None, key: str | None = None):
+        self.key = key
+        super().__init__(f"{message} (key {key!r})" if key else message, path)
+
+
+class PassportSignatureInvalid(PassportError):
+    """The Ed25519 signature does not verify against the key it names (tampered or forged)."""
+
+    reason = "signature"
+
+
+class PassportPinMismatch(PassportError):
+    """The passport is signed by a Mixer key that is not pinned; `pinned` lists the pinned
+    keys (hex) and `presented` the key that signed. Delete the pin file only if the Mixer key
+    was rotated on purpose."""
+
+    reason = "pin"
+
+    def __init__(self, presented: str, pinned: list[str], path: str | None = None):
+        self.presented = presented
+        self.pinned = list(pinned)
+        super().__init__(
+            f"signed by Mixer key {presented[:16]}..., which is not pinned "
+            f"(pinned: {', '.join(p[:16] + '...' for p in pinned) or 'none'})",
+            path,
+        )
+
+
+class PassportExpired(PassportError):
+    """The passport's `expires_at` (unix seconds) is in the past at `now`."""
+
+    reason = "expired"
+
+    def __init__(self, expires_at: float, now: float, path: str | None = None):
+        self.expires_at = expires_at
+        self.now = now
+        super().__init__(f"expired {now - expires_at:.0f}s ago (expires_at={expires_at:.0f})", path)
+
+
+class KeyFileError(FluxError):
+    """A key file (cluster key, pin file) is missing, unreadable or not a key; `path` names it."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class EnrollmentDenied(FluxError):
+    """The Mixer refused this Rack's Hello (wrong bootstrap token, removed Rack); `reason` is
+    the Mixer's explanation."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"enrollment denied by the Mixer: {reason}")
+
+
+class MixerApiError(FluxError):
+    """A call to the Mixer control API failed; `status` is the HTTP status (0 when the Mixer
+    could not be reached) and `url` the URL called."""
+
+    def __init__(self, message: str, status: int = 0, url: str | None = None):
+        self.status = status
+        self.url = url
+        super().__init__(message)
