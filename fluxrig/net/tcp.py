@@ -408,7 +408,9 @@ class TcpEndpoint:
         ambiguous_connection (no id and several peers), not_connected (client down and
         buffering full).
         """
-        if conn_id:
+        if conn_id and (self.mode == "server" or conn_id in self.connections):
+            # A client has one link: a conn.id from another gear's connection is not ours to
+            # honour, so only a server (or a matching client id) routes strictly by it.
             conn = self.connections.get(conn_id)
             if conn is None:
                 raise GearError("conn_gone", f"connection {conn_id} is not open on {self.name}")

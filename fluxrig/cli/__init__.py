@@ -1,0 +1,1 @@
+"""The `fluxrig` command line; one module per command group (cmd_<name>.py)."""

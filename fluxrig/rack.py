@@ -1,0 +1,144 @@
+"""The Rack process: configuration, instance lock, scenario, runtime, signals, systemd.
+
+`Rack.run()` loads the scenario, starts the runtime, tells systemd READY=1 once the graph
+is running, keeps the watchdog fed, and waits. SIGTERM or SIGINT drain the graph within
+`rack.drain_timeout` then exit 0; SIGHUP re-reads the scenario file and reloads it. Signal
+handlers only post a request to the loop; the work happens in `run()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+
+from . import systemd
+from .config import Config
+from .errors import FluxError
+from .runtime.graph import Runtime
+from .scenario import Scenario, load_scenario
+
+__all__ = ["Rack", "InstanceLocked"]
+
+log = logging.getLogger("fluxrig.rack")
+
+
+class InstanceLocked(FluxError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"another fluxrig Rack holds {path}; stop it or give this one its own base.state_dir")
+
+
+class Rack:
+    def __init__(self, config: Config, scenario_path: str | None = None):
+        self.config = config
+        self.scenario_path = scenario_path or config.base.scenario or None
+        self.runtime: Runtime | None = None
+        self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._lock_fd: int | None = None
+        self.name = config.base.name
+
+    # -- instance lock ---------------------------------------------------------------------------
+    def _lock(self) -> None:
+        state_dir = self.config.base.state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        path = os.path.join(state_dir, ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InstanceLocked(path) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- scenario ----------------------------------------------------------------------------------
+    def load(self) -> Scenario:
+        if not self.scenario_path:
+            raise FluxError("no scenario to run: pass --scenario FILE or set base.scenario in fluxrig.toml")
+        return load_scenario(self.scenario_path)
+
+    async def apply_scenario(self, scenario: Scenario) -> None:
+        """Replace the running graph with `scenario` (stop-then-start until shadow swap lands)."""
+        new = Runtime(scenario, self.name, self.config.rack)
+        new.build()  # refuse before touching the running graph
+        old = self.runtime
+        if old is not None:
+            await old.shutdown(self.config.rack.drain_timeout)
+        try:
+            await new.start()
+        except Exception:
+            if old is not None:
+                log.error("new scenario failed to start; restarting the previous one")
+                again = Runtime(old.scenario, self.name, self.config.rack)
+                await again.start()
+                self.runtime = again
+            raise
+        self.runtime = new
+
+    # -- main loop -----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._lock()
+        try:
+            scenario = self.load()
+            self.runtime = Runtime(scenario, self.name, self.config.rack)
+            await self.runtime.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            systemd.ready(f"running {scenario.name or scenario.source} {scenario.version}")
+            log.info("fluxrig ready: scenario %s version %s", scenario.name or scenario.source, scenario.version)
+            watchdog = loop.create_task(self._watchdog()) if systemd.watchdog_interval() else None
+            while not self._stop.is_set():
+                stop_wait = loop.create_task(self._stop.wait())
+                reload_wait = loop.create_task(self._reload_requested.wait())
+                await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                reload_wait.cancel()
+                if self._reload_requested.is_set() and not self._stop.is_set():
+                    self._reload_requested.clear()
+                    await self._reload_from_file()
+            systemd.stopping()
+            log.info("stopping: draining for up to %gs", self.config.rack.drain_timeout)
+            clean = await self.runtime.shutdown(self.config.rack.drain_timeout)
+            log.info("stopped (%s)", "drained" if clean else "drain deadline reached")
+            if watchdog:
+                watchdog.cancel()
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self._unlock()
+
+    async def _reload_from_file(self) -> None:
+        systemd.reloading()
+        try:
+            scenario = self.load()
+            await self.apply_scenario(scenario)
+            log.info("reloaded scenario %s version %s", scenario.name, scenario.version)
+        except FluxError as exc:
+            log.error("reload refused, the running scenario is unchanged: %s", exc)
+        finally:
+            systemd.ready()
+
+    async def _watchdog(self) -> None:
+        period = systemd.watchdog_interval() or 10.0
+        while True:
+            systemd.watchdog()
+            await asyncio.sleep(period)
