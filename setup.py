@@ -21,6 +21,7 @@ from setuptools.command.build_ext import build_ext
 SPEEDUPS = [
     ("fluxrig._speedups.framing", "fluxrig/framing/core.py", "fluxrig/_speedups/framing.pxd"),
     ("fluxrig._speedups.iso8583", "fluxrig/_speedups/iso8583.pyx", None),
+    ("fluxrig._speedups.crc32c", "fluxrig/wal/crc32c.py", "fluxrig/_speedups/crc32c.pxd"),
 ]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
