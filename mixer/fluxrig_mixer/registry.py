@@ -1,0 +1,452 @@
+"""The registry: Racks, their status history and liveness, in one DuckDB file.
+
+Job. Own `<state_dir>/mixer.duckdb`: the schema (append-only migrations), Racks (identity,
+bus credentials, status, versions, apply state) and the status state machine as a table.
+
+Contract.
+- `Database` wraps the DuckDB file. The owning (event-loop) thread uses `db.conn`; any other
+  thread takes `db.cursor()` (a thread-local cursor): DuckDB connections are not shared
+  across threads.
+- Every status change goes through `transition()`, an UPDATE joined with
+  `rack_status_transitions`; zero rows means the move is illegal and IllegalTransition is
+  raised. Each change is recorded in `rack_events`.
+- Heartbeats are kept in memory (`heard()`): 500 Racks beating must not mean 500 writes per
+  interval. `flush_liveness()` persists `last_seen` in one statement, and `sweep_silent()`
+  moves Racks silent for `offline_after` intervals to `offline`.
+- Secrets (bus passwords) never leave through `RackRow.public()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import duckdb
+
+from fluxrig.agent import subjects as S
+from fluxrig.errors import FluxError
+from fluxrig.ids import uuid7_str
+
+from .states import BUS_STATUSES, TRANSITIONS, IllegalTransition
+
+__all__ = ["Database", "Registry", "RackRow", "RackNotFound", "NameConflict", "SCHEMA_VERSION"]
+
+log = logging.getLogger("fluxrig.mixer.registry")
+
+SCHEMA_VERSION = 1
+MAX_LABELS = 64
+
+_MIGRATIONS: list[list[str]] = [
+    [  # 1: registry core
+        "CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS rack_status_transitions(
+               from_status VARCHAR NOT NULL, event VARCHAR NOT NULL, to_status VARCHAR NOT NULL,
+               PRIMARY KEY(from_status, event))""",
+        """CREATE TABLE IF NOT EXISTS racks(
+               rack_id VARCHAR PRIMARY KEY,
+               name VARCHAR NOT NULL,
+               status VARCHAR NOT NULL,
+               bus_user VARCHAR NOT NULL,
+               bus_password VARCHAR NOT NULL,
+               host VARCHAR, version VARCHAR, labels VARCHAR,
+               first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ, status_since TIMESTAMPTZ,
+               passport_serial BIGINT NOT NULL DEFAULT 0,
+               passport_expires DOUBLE NOT NULL DEFAULT 0,
+               scenario_version VARCHAR NOT NULL DEFAULT '',
+               target_version VARCHAR NOT NULL DEFAULT '',
+               apply_state VARCHAR NOT NULL DEFAULT 'none',
+               apply_reason VARCHAR NOT NULL DEFAULT '',
+               apply_at TIMESTAMPTZ,
+               stats VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS rack_events(
+               ts TIMESTAMPTZ NOT NULL, rack_id VARCHAR NOT NULL, event VARCHAR NOT NULL,
+               from_status VARCHAR, to_status VARCHAR, detail VARCHAR)""",
+        "CREATE TABLE IF NOT EXISTS settings(key VARCHAR PRIMARY KEY, value VARCHAR)",
+    ],
+]
+
+
+class RackNotFound(FluxError):
+    """No Rack has this id or name; `key` is what was looked up."""
+
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(f"no rack with id or name {key!r}")
+
+
+class NameConflict(FluxError):
+    """Another (not removed) Rack already has this name; `name` is the name."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"rack name {name!r} is taken by another rack")
+
+
+class Database:
+    """The Mixer's DuckDB file plus migrations. Extra migrations (scenarios, telemetry) are
+    registered by their modules with `ensure(statements)` (idempotent DDL)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.conn = duckdb.connect(path)
+        self._owner = threading.get_ident()
+        self._local = threading.local()
+        self._cursors: list = []
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        c = self.conn
+        c.execute("CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL)")
+        row = c.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        for version, statements in enumerate(_MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            c.begin()
+            for stmt in statements:
+                c.execute(stmt)
+            c.execute("INSERT INTO schema_version VALUES (?)", [version])
+            c.commit()
+        # The state machine is data: rewrite it every start so code and table never drift.
+        c.begin()
+        c.execute("DELETE FROM rack_status_transitions")
+        c.executemany("INSERT INTO rack_status_transitions VALUES (?, ?, ?)", [(f, e, t) for (f, e), t in TRANSITIONS.items()])
+        c.commit()
+
+    def ensure(self, statements: list[str]) -> None:
+        for stmt in statements:
+            self.conn.execute(stmt)
+
+    def cur(self):
+        """The owner thread's connection, or this thread's own cursor."""
+        return self.conn if threading.get_ident() == self._owner else self.cursor()
+
+    def cursor(self):
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self.conn.cursor()
+            self._local.cursor = cur
+            with self._lock:
+                self._cursors.append(cur)
+        return cur
+
+    def close(self) -> None:
+        with self._lock:
+            for cur in self._cursors:
+                try:
+                    cur.close()
+                except Exception:
+                    pass
+            self._cursors.clear()
+        self.conn.close()
+
+
+@dataclass
+class RackRow:
+    rack_id: str
+    name: str
+    status: str
+    bus_user: str
+    bus_password: str = field(repr=False)
+    host: str = ""
+    version: str = ""
+    labels: dict = field(default_factory=dict)
+    first_seen: object = None
+    last_seen: object = None
+    status_since: object = None
+    passport_serial: int = 0
+    passport_expires: float = 0.0
+    scenario_version: str = ""
+    target_version: str = ""
+    apply_state: str = "none"
+    apply_reason: str = ""
+    apply_at: object = None
+    stats: dict = field(default_factory=dict)
+
+    COLUMNS = (
+        "rack_id, name, status, bus_user, bus_password, host, version, labels, first_seen, last_seen, "
+        "status_since, passport_serial, passport_expires, scenario_version, target_version, apply_state, "
+        "apply_reason, apply_at, stats"
+    )
+
+    @classmethod
+    def from_row(cls, r) -> "RackRow":
+        return cls(
+            r[0], r[1], r[2], r[3], r[4], r[5] or "", r[6] or "", json.loads(r[7] or "{}"), r[8], r[9], r[10],
+            r[11], r[12], r[13], r[14], r[15], r[16], r[17], json.loads(r[18] or "{}"),
+        )
+
+    def public(self) -> dict:
+        """The API view: no bus password."""
+
+        def ts(v):
+            return v.isoformat() if v is not None else None
+
+        return {
+            "id": self.rack_id,
+            "name": self.name,
+            "status": self.status,
+            "bus_user": self.bus_user,
+            "host": self.host,
+            "version": self.version,
+            "labels": self.labels,
+            "first_seen": ts(self.first_seen),
+            "last_seen": ts(self.last_seen),
+            "status_since": ts(self.status_since),
+            "passport_serial": self.passport_serial,
+            "scenario": {
+                "version": self.scenario_version,
+                "target": self.target_version,
+                "apply_state": self.apply_state,
+                "reason": self.apply_reason,
+                "at": ts(self.apply_at),
+            },
+            "stats": self.stats,
+        }
+
+
+class Registry:
+    """Racks in the DuckDB file. Methods run on the owning thread unless they say otherwise."""
+
+    def __init__(self, db: Database, heartbeat_interval: float = 30.0, offline_after: int = 3):
+        self.db = db
+        self.heartbeat_interval = heartbeat_interval
+        self.offline_after = offline_after
+        self._heard: dict[str, float] = {}  # rack_id -> monotonic time of the last heartbeat
+        self._heard_wall: dict[str, float] = {}  # rack_id -> wall time (to persist)
+        self._dirty: set[str] = set()
+
+    # -- reads (any thread: they use the thread's cursor) ----------------------------------
+
+    def _cur(self):
+        return self.db.cur()
+
+    def get(self, key: str, include_removed: bool = False) -> RackRow:
+        """By id or name; a name resolves to the Rack that is not removed. RackNotFound."""
+        cur = self._cur()
+        rows = cur.execute(
+            f"SELECT {RackRow.COLUMNS} FROM racks WHERE rack_id = ? OR (name = ? AND status <> 'removed') "
+            "ORDER BY status = 'removed'",
+            [key, key],
+        ).fetchall()
+        rows = [r for r in rows if include_removed or r[2] != "removed"]
+        if not rows:
+            raise RackNotFound(key)
+        return RackRow.from_row(rows[0])
+
+    def find(self, key: str) -> RackRow | None:
+        try:
+            return self.get(key)
+        except RackNotFound:
+            return None
+
+    def list(self, status: str | None = None, include_removed: bool = False) -> list[RackRow]:
+        cur = self._cur()
+        sql = f"SELECT {RackRow.COLUMNS} FROM racks"
+        args: list = []
+        if status:
+            sql += " WHERE status = ?"
+            args.append(status)
+        elif not include_removed:
+            sql += " WHERE status <> 'removed'"
+        sql += " ORDER BY name"
+        return [RackRow.from_row(r) for r in cur.execute(sql, args).fetchall()]
+
+    def events(self, rack_id: str, limit: int = 100) -> list[dict]:
+        rows = self._cur().execute(
+            "SELECT ts, event, from_status, to_status, detail FROM rack_events WHERE rack_id = ? ORDER BY ts DESC LIMIT ?",
+            [rack_id, limit],
+        ).fetchall()
+        return [{"ts": r[0].isoformat(), "event": r[1], "from": r[2], "to": r[3], "detail": r[4]} for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._cur().execute("SELECT status, count(*) FROM racks GROUP BY status").fetchall()
+        return {s: n for s, n in rows}
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def _name_taken(self, name: str, except_id: str | None = None) -> bool:
+        row = self.db.conn.execute(
+            "SELECT count(*) FROM racks WHERE name = ? AND status <> 'removed' AND rack_id <> ?",
+            [name, except_id or ""],
+        ).fetchone()
+        return row[0] > 0
+
+    def unique_name(self, wanted: str) -> str:
+        base = S.sanitize_rack_name(wanted)
+        name, n = base, 1
+        while self._name_taken(name):
+            n += 1
+            suffix = f"-{n}"
+            name = base[: S.MAX_RACK_NAME - len(suffix)] + suffix
+        return name
+
+    def create(self, name: str, host: str = "", version: str = "", labels: dict | None = None, adopted: bool = False) -> RackRow:
+        """Register a new Rack (`pending`, or `active` when adopted) with fresh bus credentials.
+        The name is made unique by a numeric suffix."""
+        rack_id = uuid7_str()
+        name = self.unique_name(name)
+        event = "enroll_adopted" if adopted else "enroll"
+        status = TRANSITIONS[("new", event)]
+        labels = dict(list((labels or {}).items())[:MAX_LABELS])
+        c = self.db.conn
+        c.begin()
+        try:
+            c.execute(
+                "INSERT INTO racks(rack_id, name, status, bus_user, bus_password, host, version, labels, "
+                "first_seen, last_seen, status_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, now(), now(), now())",
+                [rack_id, name, status, f"rack-{rack_id}", secrets.token_hex(32), host, version, json.dumps(labels)],
+            )
+            c.execute(
+                "INSERT INTO rack_events VALUES (now(), ?, ?, 'new', ?, ?)", [rack_id, event, status, f"name={name}"]
+            )
+            c.commit()
+        except Exception:
+            c.rollback()
+            raise
+        self._heard[rack_id] = time.monotonic()
+        return self.get(rack_id)
+
+    def transition(self, key: str, event: str, detail: str = "") -> RackRow:
+        """Apply `event` through the transition table; IllegalTransition when not allowed."""
+        rack = self.get(key, include_removed=True)
+        c = self.db.conn
+        c.begin()
+        try:
+            row = c.execute(
+                "UPDATE racks SET status = t.to_status, status_since = now() FROM rack_status_transitions t "
+                "WHERE racks.rack_id = ? AND t.from_status = racks.status AND t.event = ? RETURNING racks.status",
+                [rack.rack_id, event],
+            ).fetchone()
+            if row is None:
+                c.rollback()
+                raise IllegalTransition(rack.name, rack.status, event)
+            c.execute(
+                "INSERT INTO rack_events VALUES (now(), ?, ?, ?, ?, ?)", [rack.rack_id, event, rack.status, row[0], detail]
+            )
+            c.commit()
+        except IllegalTransition:
+            raise
+        except Exception:
+            c.rollback()
+            raise
+        if row[0] == "removed":
+            self._heard.pop(rack.rack_id, None)
+        log.info("rack %s (%s): %s -> %s [%s]", rack.name, rack.rack_id, rack.status, row[0], event)
+        return self.get(rack.rack_id, include_removed=True)
+
+    def rename(self, key: str, new_name: str) -> RackRow:
+        rack = self.get(key)
+        if not S.RACK_NAME_RE.match(new_name) or len(new_name) > S.MAX_RACK_NAME:
+            raise FluxError(f"invalid rack name {new_name!r}: use a-z, 0-9, _ and - (at most {S.MAX_RACK_NAME})")
+        if new_name == rack.name:
+            return rack
+        if self._name_taken(new_name, except_id=rack.rack_id):
+            raise NameConflict(new_name)
+        self.db.conn.execute("UPDATE racks SET name = ? WHERE rack_id = ?", [new_name, rack.rack_id])
+        self.db.conn.execute(
+            "INSERT INTO rack_events VALUES (now(), ?, 'rename', ?, ?, ?)",
+            [rack.rack_id, rack.status, rack.status, f"{rack.name} -> {new_name}"],
+        )
+        return self.get(rack.rack_id)
+
+    def next_serial(self, rack_id: str, expires_at: float) -> int:
+        row = self.db.conn.execute(
+            "UPDATE racks SET passport_serial = passport_serial + 1, passport_expires = ? WHERE rack_id = ? "
+            "RETURNING passport_serial",
+            [expires_at, rack_id],
+        ).fetchone()
+        if row is None:
+            raise RackNotFound(rack_id)
+        return row[0]
+
+    def set_target(self, rack_id: str, version: str) -> None:
+        """The scenario version the Mixer has just sent this Rack (apply state: applying)."""
+        self.db.conn.execute(
+            "UPDATE racks SET target_version = ?, apply_state = CASE WHEN ? = scenario_version AND apply_state = 'applied' "
+            "THEN 'applied' ELSE 'applying' END, apply_reason = '' WHERE rack_id = ?",
+            [version, version, rack_id],
+        )
+
+    def report_apply(self, rack_id: str, version: str, state: str, reason: str) -> bool:
+        """Store what the Rack reports about its scenario; True when it changed something."""
+        row = self.db.conn.execute(
+            "SELECT scenario_version, apply_state, apply_reason FROM racks WHERE rack_id = ?", [rack_id]
+        ).fetchone()
+        if row is None or (row[0], row[1], row[2]) == (version, state, reason):
+            return False
+        self.db.conn.execute(
+            "UPDATE racks SET scenario_version = ?, apply_state = ?, apply_reason = ?, apply_at = now() WHERE rack_id = ?",
+            [version, state, reason, rack_id],
+        )
+        return True
+
+    def update_info(self, rack_id: str, host: str | None = None, version: str | None = None, stats: dict | None = None) -> None:
+        sets, args = [], []
+        for col, value in (("host", host), ("version", version)):
+            if value is not None:
+                sets.append(f"{col} = ?")
+                args.append(value)
+        if stats is not None:
+            sets.append("stats = ?")
+            args.append(json.dumps(stats, default=str)[:8192])
+        if sets:
+            self.db.conn.execute(f"UPDATE racks SET {', '.join(sets)} WHERE rack_id = ?", [*args, rack_id])
+
+    # -- liveness ----------------------------------------------------------------------------------
+
+    def heard(self, rack_id: str) -> None:
+        """A heartbeat arrived (memory only; see flush_liveness)."""
+        self._heard[rack_id] = time.monotonic()
+        self._heard_wall[rack_id] = time.time()
+        self._dirty.add(rack_id)
+
+    def flush_liveness(self) -> int:
+        """Persist last_seen of every Rack heard since the last flush, in one statement."""
+        if not self._dirty:
+            return 0
+        ids = list(self._dirty)
+        self._dirty.clear()
+        values = [(i, self._heard_wall[i]) for i in ids if i in self._heard_wall]
+        self.db.conn.executemany(
+            "UPDATE racks SET last_seen = to_timestamp(?) WHERE rack_id = ?", [(t, i) for i, t in values]
+        )
+        return len(values)
+
+    def silent_racks(self, now: float | None = None) -> list[str]:
+        """Ids of active Racks not heard for offline_after heartbeat intervals."""
+        now = time.monotonic() if now is None else now
+        limit = self.offline_after * self.heartbeat_interval
+        active = self.db.conn.execute("SELECT rack_id FROM racks WHERE status = 'active'").fetchall()
+        out = []
+        for (rack_id,) in active:
+            last = self._heard.get(rack_id)
+            if last is None:
+                # Not heard since this Mixer started: give it a full window from now.
+                self._heard[rack_id] = now
+                continue
+            if now - last > limit:
+                out.append(rack_id)
+        return out
+
+    def bus_credentials(self) -> list[tuple[str, str, str, str]]:
+        """(rack name, bus user, password, status) of every Rack that has a bus user."""
+        rows = self.db.conn.execute("SELECT name, bus_user, bus_password, status FROM racks").fetchall()
+        return [r for r in rows if r[3] in BUS_STATUSES]
+
+    # -- settings ------------------------------------------------------------------------------------
+
+    def setting(self, key: str) -> str | None:
+        row = self.db.conn.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.conn.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", [key, value])

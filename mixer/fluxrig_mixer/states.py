@@ -1,0 +1,72 @@
+"""A Rack's status in the Mixer, as a transition table (STYLE §6).
+
+    new ──enroll──────────▶ pending ──approve──▶ active ◀──heard── offline
+    new ──enroll_adopted──▶ active  ──silent───▶ offline
+    pending|active|offline ──suspend──▶ suspended ──activate──▶ active
+    any but removed ──remove──▶ removed
+
+`new` is the pseudo-state of a Rack not registered yet. The table is also written into the
+registry (table `rack_status_transitions`) and the registry changes a status only through a
+join with it, so the database itself refuses an illegal transition.
+
+Bus permissions follow the status (`FULL_BUS_STATUSES`): active and offline Racks may publish
+telemetry and data; pending and suspended ones may only say Hello and heartbeat; removed
+Racks have no bus user at all.
+"""
+
+from __future__ import annotations
+
+from fluxrig.errors import FluxError
+
+__all__ = [
+    "STATUSES",
+    "EVENTS",
+    "TRANSITIONS",
+    "FULL_BUS_STATUSES",
+    "BUS_STATUSES",
+    "IllegalTransition",
+    "next_status",
+]
+
+STATUSES = ("pending", "active", "offline", "suspended", "removed")
+EVENTS = ("enroll", "enroll_adopted", "approve", "suspend", "activate", "silent", "heard", "remove")
+
+TRANSITIONS: dict[tuple[str, str], str] = {
+    ("new", "enroll"): "pending",
+    ("new", "enroll_adopted"): "active",
+    ("pending", "approve"): "active",
+    ("active", "silent"): "offline",
+    ("offline", "heard"): "active",
+    ("pending", "suspend"): "suspended",
+    ("active", "suspend"): "suspended",
+    ("offline", "suspend"): "suspended",
+    ("suspended", "activate"): "active",
+    ("pending", "remove"): "removed",
+    ("active", "remove"): "removed",
+    ("offline", "remove"): "removed",
+    ("suspended", "remove"): "removed",
+}
+
+FULL_BUS_STATUSES = frozenset({"active", "offline"})
+BUS_STATUSES = frozenset({"pending", "active", "offline", "suspended"})
+
+
+class IllegalTransition(FluxError):
+    """`event` is not allowed from `status` (e.g. approving a suspended Rack); `allowed` lists
+    the events that are."""
+
+    def __init__(self, rack: str, status: str, event: str):
+        self.rack = rack
+        self.status = status
+        self.event = event
+        self.allowed = sorted(e for (s, e) in TRANSITIONS if s == status)
+        super().__init__(
+            f"rack {rack} is {status}: cannot {event} (allowed: {', '.join(self.allowed) or 'nothing'})"
+        )
+
+
+def next_status(rack: str, status: str, event: str) -> str:
+    try:
+        return TRANSITIONS[(status, event)]
+    except KeyError:
+        raise IllegalTransition(rack, status, event) from None
