@@ -382,9 +382,17 @@ class LengthPrefixFramer:
                     else:
                         value = work[pos] | (work[pos + 1] << 8)
                 elif big:
-                    value = (work[pos] << 24) | (work[pos + 1] << 16) | (work[pos + 2] << 8) | work[pos + 3]
+                    # Shift the accumulated value, not the byte: in the compiled twin a byte
+                    # shifted by 24 would overflow a C int; `value` is a 64-bit integer.
+                    value = work[pos]
+                    value = (value << 8) | work[pos + 1]
+                    value = (value << 8) | work[pos + 2]
+                    value = (value << 8) | work[pos + 3]
                 else:
-                    value = work[pos] | (work[pos + 1] << 8) | (work[pos + 2] << 16) | (work[pos + 3] << 24)
+                    value = work[pos + 3]
+                    value = (value << 8) | work[pos + 2]
+                    value = (value << 8) | work[pos + 1]
+                    value = (value << 8) | work[pos]
             elif kind == 3:
                 value = (work[pos] << 8) | work[pos + 1]
             else:
