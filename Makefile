@@ -1,0 +1,61 @@
+# fluxrig — the README's two commands are `make demo` and `make test`; both set everything up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: all install build demo demo-standalone test test-compiled test-pure bench binary clean firmware-test soak help
+
+all: build
+
+help:
+	@echo "make demo          run the tcp-echo scenario (try: printf 'hi\\n' | python3 -c ... or nc 127.0.0.1 9000)"
+	@echo "make test          install everything, build the Cython twins, run the suite compiled then pure"
+	@echo "make bench         run the benchmarks (JSON lines)"
+	@echo "make binary        build dist/fluxrig (PyInstaller, one file, accelerated build required)"
+	@echo "make firmware-test build and smoke-test the Rack for arm64/armhf under QEMU (slow, cached)"
+
+$(STAMP): pyproject.toml setup.py $(wildcard mixer/pyproject.toml)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
+	FLUXRIG_REQUIRE_EXTENSIONS=1 $(BIN)/pip install -q --no-build-isolation -e '.[test,speed,binary]'
+	if [ -f mixer/pyproject.toml ]; then $(BIN)/pip install -q --no-build-isolation -e mixer; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The accelerated build is required here: a failed compile stops the build.
+build: $(STAMP)
+	FLUXRIG_REQUIRE_EXTENSIONS=1 $(BIN)/python setup.py -q build_ext --inplace
+	FLUXRIG_REQUIRE_ACCELERATED=1 $(BIN)/fluxrig version
+
+demo: build
+	@echo
+	@echo "fluxrig demo: tcp-echo on 127.0.0.1:9000 (Ctrl-C to stop)."
+	@echo "  try it from another terminal:  nc 127.0.0.1 9000   then type a line: it comes back upper-cased"
+	@echo
+	FLUXRIG_BASE_STATE_DIR=./data $(BIN)/fluxrig run --scenario scenarios/tcp-echo.yaml
+
+test: build test-compiled test-pure
+
+test-compiled:
+	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider
+
+# The backend-sensitive suites again with the pure-Python originals.
+test-pure:
+	FLUXRIG_PURE_PYTHON=1 $(PYTEST) -q -p no:cacheprovider -m "not slow and not binary and not mixer"
+
+bench: build
+	$(BIN)/python bench/pipeline.py --json
+	@for b in bench/iso8583_codec.py bench/framing.py bench/wal.py; do \
+		[ -f $$b ] && $(BIN)/python $$b --json || true; done
+
+binary: build
+	FLUXRIG_REQUIRE_EXTENSIONS=1 PYTHON=$(BIN)/python packaging/build.sh fluxrig
+
+firmware-test:
+	firmware-tests/run.sh
+
+clean:
+	rm -rf build dist *.egg-info fluxrig/_speedups/*.so fluxrig/_speedups/*.c .pytest_cache

@@ -1,0 +1,34 @@
+"""Fixtures shared by the suites; plain helpers live in helpers.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import ROOT, RackProcess
+
+@pytest.fixture
+def rack_env(tmp_path):
+    env = dict(os.environ)
+    env["FLUXRIG_BASE_STATE_DIR"] = str(tmp_path / "state")
+    env.setdefault("PYTHONPATH", ROOT)
+    return env
+
+
+@pytest.fixture
+def start_rack(rack_env):
+    procs: list[RackProcess] = []
+
+    def start(*args: str, env: dict | None = None, cmd: list[str] | None = None) -> RackProcess:
+        p = RackProcess(list(args), env or rack_env, cmd)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.communicate()
+
+
