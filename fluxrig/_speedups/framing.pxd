@@ -31,9 +31,12 @@ cdef class DelimiterFramer:
     @cython.locals(
         frames=list, delim=bytes, dl=Py_ssize_t, n=Py_ssize_t, maxb=Py_ssize_t, base=cython.longlong,
         scan=Py_ssize_t, pos=Py_ssize_t, idx=Py_ssize_t, cut=Py_ssize_t, clen=Py_ssize_t,
-        content=Py_ssize_t, incl=bint, strip=bint,
+        content=Py_ssize_t, incl=bint, strip=bint, rest=bytes,
     )
     cdef list _split(self, bytes work)
+
+    @cython.locals(offset=cython.longlong, i=Py_ssize_t, frames=list)
+    cdef object _oversize_part(self, list parts, long long base, Py_ssize_t dl, Py_ssize_t maxb)
 
     @cython.locals(frames=list, work=bytes, n=Py_ssize_t, dl=Py_ssize_t, base=cython.longlong, clen=Py_ssize_t)
     cpdef list flush(self)

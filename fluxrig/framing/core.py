@@ -183,6 +183,20 @@ class DelimiterFramer:
                 pos = idx
                 scan = idx + dl
             content = n - pos - dl
+        elif not self.include_delimiter:
+            # Suffix mode, delimiter dropped (the common case): one bytes.split cuts every
+            # frame in C, instead of a find() call per frame. `pos` is 0 here.
+            frames = work.split(delim)
+            rest = frames.pop()
+            if frames:
+                # No part of a chunk within the limit can be over it: skip the check then.
+                if n > maxb and max(map(len, frames)) > maxb:
+                    raise self._oversize_part(frames, base, dl, maxb)
+                if self.strip_cr and work.find(b"\r") >= 0:
+                    frames = [f[:-1] if f.endswith(b"\r") else f for f in frames]
+            content = len(rest)
+            pos = n - content
+            scan = pos
         else:
             incl = self.include_delimiter
             strip = self.strip_cr and not incl
@@ -213,6 +227,19 @@ class DelimiterFramer:
             scan = n - dl + 1
         self._scan = scan - pos
         return frames
+
+    def _oversize_part(self, parts, base, dl, maxb):
+        # Slow path of the split fast path: find the first part over the limit, for its offset
+        # and the good frames before it.
+        offset = base
+        for i in range(len(parts)):
+            if len(parts[i]) > maxb:
+                frames = parts[:i]
+                if self.strip_cr:
+                    frames = [f[:-1] if f.endswith(b"\r") else f for f in frames]
+                return self._fail(FrameTooLarge(len(parts[i]), maxb, offset), frames)
+            offset += len(parts[i]) + dl
+        raise AssertionError("no part over the limit")
 
     def flush(self) -> list:
         if self._error is not None:
