@@ -297,6 +297,8 @@ class SnakeSupervisor:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
                 preexec_fn=_pdeathsig_preexec if sys.platform.startswith("linux") else None,
+                # Own session: a Ctrl-C on the terminal reaches the Mixer, which stops the child in order.
+                start_new_session=True,
             )
         except OSError as exc:
             raise SnakeError(f"cannot start nats-server: {exc}", self.binary) from None

@@ -1,0 +1,307 @@
+"""Telemetry ingest: `flux.telemetry.<rack>.logs|metrics|traces` from JetStream into DuckDB.
+
+Job. A durable pull consumer on the `flux-telemetry` stream fetches up to
+`batch_max_messages` bus messages (each a columnar batch, fluxrig.agent.telemetry), groups
+their columns per kind, and writes each kind in one transaction:
+
+    appender -> stage_<kind> (temp table, no index)      bulk, never row by row
+    INSERT OR IGNORE INTO telemetry_<kind> SELECT ... FROM stage_<kind>
+    DELETE FROM stage_<kind>; COMMIT
+
+then acknowledges the whole fetch with one ack (AckPolicy.ALL, in order). A crash between
+the commit and the ack re-delivers the batch; the primary key (rack, id) drops the rows
+already stored, so a record re-sent lands once. The `<rack>` token is taken from the subject
+(the bus permissions guarantee who may publish there), never from the payload.
+
+A batch that does not decode is counted and acknowledged (it never will decode); a fetch
+whose write fails is retried message by message so one bad batch cannot block the others.
+Retention deletes rows older than `telemetry.retention` every `retention_interval`.
+
+DuckDB work runs in a worker thread with its own cursor, so the event loop (API, heartbeats)
+keeps running while a batch is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+from fluxrig.agent import subjects as S
+from fluxrig.agent.telemetry import COLUMNS, TelemetryFormatError, decode_batch
+
+__all__ = ["TelemetryIngest", "TELEMETRY_DDL", "STAGE_COLUMNS", "write_columns", "ensure_tables"]
+
+log = logging.getLogger("fluxrig.mixer.ingest")
+
+CONSUMER = "mixer-ingest"
+
+# (column, staging type, SQL expression that turns the staged value into the stored one)
+STAGE_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
+    "logs": [
+        ("rack", "VARCHAR", "rack"),
+        ("id", "UBIGINT", "id"),
+        ("ts", "BIGINT", "make_timestamp(ts // 1000)"),
+        ("severity", "SMALLINT", "severity"),
+        ("severity_text", "VARCHAR", "severity_text"),
+        ("body", "VARCHAR", "body"),
+        ("attrs", "VARCHAR", "attrs"),
+        ("trace_id", "VARCHAR", "trace_id"),
+        ("span_id", "VARCHAR", "span_id"),
+    ],
+    "metrics": [
+        ("rack", "VARCHAR", "rack"),
+        ("id", "UBIGINT", "id"),
+        ("ts", "BIGINT", "make_timestamp(ts // 1000)"),
+        ("name", "VARCHAR", "name"),
+        ("type", "VARCHAR", "type"),
+        ("value", "DOUBLE", "value"),
+        ("unit", "VARCHAR", "unit"),
+        ("attrs", "VARCHAR", "attrs"),
+    ],
+    "traces": [
+        ("rack", "VARCHAR", "rack"),
+        ("id", "UBIGINT", "id"),
+        ("trace_id", "VARCHAR", "trace_id"),
+        ("span_id", "VARCHAR", "span_id"),
+        ("parent_span_id", "VARCHAR", "parent_span_id"),
+        ("name", "VARCHAR", "name"),
+        ("kind", "VARCHAR", "kind"),
+        ("start", "BIGINT", "make_timestamp(start // 1000)"),
+        ("end", "BIGINT", "make_timestamp(\"end\" // 1000)"),
+        ("status", "VARCHAR", "status"),
+        ("attrs", "VARCHAR", "attrs"),
+    ],
+}
+_STORED_TYPE = {"make_timestamp": "TIMESTAMP"}
+
+
+def _stored_type(stage_type: str, expr: str) -> str:
+    return "TIMESTAMP" if expr.startswith("make_timestamp") else stage_type
+
+
+def _q(col: str) -> str:
+    return f'"{col}"'
+
+
+TELEMETRY_DDL: list[str] = []
+for _kind, _cols in STAGE_COLUMNS.items():
+    _defs = ", ".join(f"{_q(c)} {_stored_type(t, e)}" for c, t, e in _cols)
+    TELEMETRY_DDL.append(
+        f"CREATE TABLE IF NOT EXISTS telemetry_{_kind}({_defs}, received_at TIMESTAMPTZ DEFAULT now(), PRIMARY KEY(rack, id))"
+    )
+
+
+def ensure_tables(db) -> None:
+    db.ensure(TELEMETRY_DDL)
+
+
+def _ensure_stage(cur, kind: str) -> None:
+    cols = ", ".join(f"{_q(c)} {t}" for c, t, _e in STAGE_COLUMNS[kind])
+    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage_{kind}({cols})")
+
+
+def write_columns(cur, kind: str, racks: list, ids: list, cols: dict[str, list]) -> int:
+    """Store one kind's rows (columns of equal length) through the staging table, in one
+    transaction on `cur`. Returns the number of rows actually inserted (duplicates skipped)."""
+    _ensure_stage(cur, kind)
+    order = [c for c, _t, _e in STAGE_COLUMNS[kind]][2:]
+    rows = zip(racks, ids, *(cols[c] for c in order))
+    exprs = ", ".join(e for _c, _t, e in STAGE_COLUMNS[kind])
+    names = ", ".join(_q(c) for c, _t, _e in STAGE_COLUMNS[kind])
+    cur.begin()
+    try:
+        app = cur.appender(f"stage_{kind}")
+        app.append_rows(rows)
+        app.flush()
+        inserted = cur.execute(
+            f"INSERT OR IGNORE INTO telemetry_{kind}({names}) SELECT {exprs} FROM stage_{kind}"
+        ).fetchone()[0]
+        cur.execute(f"DELETE FROM stage_{kind}")
+        cur.commit()
+    except Exception:
+        cur.rollback()
+        raise
+    return inserted
+
+
+class TelemetryIngest:
+    """Consumes the telemetry stream into DuckDB. `start(js)`, `stop()`, `stats`."""
+
+    def __init__(
+        self,
+        db,
+        batch_max_messages: int = 256,
+        flush_interval: float = 0.2,
+        retention: float = 7 * 86400.0,
+        retention_interval: float = 300.0,
+        durable: str = CONSUMER,
+    ):
+        self.db = db
+        self.batch_max_messages = batch_max_messages
+        self.flush_interval = flush_interval
+        self.retention = retention
+        self.retention_interval = retention_interval
+        self.durable = durable
+        ensure_tables(db)
+        self.rows: dict[str, int] = defaultdict(int)
+        self.duplicates: dict[str, int] = defaultdict(int)
+        self.messages = 0
+        self.rejected = 0
+        self.write_errors = 0
+        self.deleted_by_retention = 0
+        self.last_error = ""
+        self._tasks: list[asyncio.Task] = []
+        self._sub = None
+        self._stopping = False
+
+    @property
+    def stats(self) -> dict:
+        return {
+            "rows": dict(self.rows),
+            "duplicates": dict(self.duplicates),
+            "messages": self.messages,
+            "rejected_batches": self.rejected,
+            "write_errors": self.write_errors,
+            "deleted_by_retention": self.deleted_by_retention,
+            "last_error": self.last_error,
+        }
+
+    async def start(self, js) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        self._stopping = False
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=-1,
+            ack_wait=60.0,
+            filter_subject="flux.telemetry.>",
+        )
+        self._sub = await js.pull_subscribe("flux.telemetry.>", durable=self.durable, stream=S.STREAM_TELEMETRY, config=config)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name="telemetry-ingest"),
+            loop.create_task(self._retention_loop(), name="telemetry-retention"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+            self._sub = None
+
+    async def drain_once(self, timeout: float | None = None) -> int:
+        """Fetch one batch and write it; returns the number of bus messages handled (0 when
+        nothing arrived within the timeout). Used by the loop and by the benchmark."""
+        import nats.errors
+
+        try:
+            msgs = await self._sub.fetch(self.batch_max_messages, timeout=timeout or self.flush_interval)
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            return 0
+        if not msgs:
+            return 0
+        groups = self._decode(msgs)
+        if groups:
+            try:
+                await asyncio.to_thread(self._write_groups, groups)
+            except Exception as exc:  # one bad batch: retry one message at a time
+                self.write_errors += 1
+                self.last_error = str(exc)[:500]
+                log.warning("telemetry write failed (%s); retrying message by message", exc)
+                for m in msgs:
+                    single = self._decode([m], count=False)
+                    if not single:
+                        continue
+                    try:
+                        await asyncio.to_thread(self._write_groups, single)
+                    except Exception as exc2:
+                        self.rejected += 1
+                        self.last_error = str(exc2)[:500]
+                        log.error("telemetry batch on %s rejected: %s", m.subject, exc2)
+        await msgs[-1].ack()  # AckPolicy.ALL: acknowledges every message up to this one
+        self.messages += len(msgs)
+        return len(msgs)
+
+    def _decode(self, msgs, count: bool = True) -> dict:
+        groups: dict[str, tuple[list, list, dict]] = {}
+        for m in msgs:
+            rack = S.rack_of_subject(m.subject)
+            try:
+                kind, _rack_claimed, ids, cols = decode_batch(m.data)
+            except TelemetryFormatError as exc:
+                if count:
+                    self.rejected += 1
+                    self.last_error = f"{m.subject}: {exc}"
+                continue
+            if rack is None or m.subject.rsplit(".", 1)[-1] != kind:
+                if count:
+                    self.rejected += 1
+                    self.last_error = f"{m.subject}: kind {kind} does not match the subject"
+                continue
+            g = groups.get(kind)
+            if g is None:
+                g = groups[kind] = ([], [], {c: [] for c in COLUMNS[kind]})
+            g[0].extend([rack] * len(ids))
+            g[1].extend(ids)
+            for c, col in g[2].items():
+                col.extend(cols[c])
+        return groups
+
+    def _write_groups(self, groups: dict) -> None:
+        cur = self.db.cursor()
+        for kind, (racks, ids, cols) in groups.items():
+            inserted = write_columns(cur, kind, racks, ids, cols)
+            self.rows[kind] += inserted
+            self.duplicates[kind] += len(ids) - inserted
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.drain_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # bus down (Snake restarting): wait and go on
+                self.last_error = str(exc)[:500]
+                log.debug("telemetry fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+
+    def apply_retention(self, now: float | None = None) -> int:
+        """Delete rows older than the retention window; returns rows deleted."""
+        cutoff = (time.time() if now is None else now) - self.retention
+        cur = self.db.cursor()
+        total = 0
+        for kind in STAGE_COLUMNS:
+            col = "start" if kind == "traces" else "ts"
+            n = cur.execute(
+                f'DELETE FROM telemetry_{kind} WHERE "{col}" < make_timestamp(CAST(? * 1e6 AS BIGINT))', [cutoff]
+            ).fetchone()[0]
+            total += n
+        self.deleted_by_retention += total
+        return total
+
+    async def _retention_loop(self) -> None:
+        while not self._stopping:
+            try:
+                n = await asyncio.to_thread(self.apply_retention)
+                if n:
+                    log.info("telemetry retention: deleted %d rows older than %.0fs", n, self.retention)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("telemetry retention failed: %s", exc)
+            await asyncio.sleep(self.retention_interval)
