@@ -20,7 +20,7 @@ from setuptools.command.build_ext import build_ext
 # (compiled module name, source compiled, .pxd augmenting a .py source or None)
 SPEEDUPS = [
     ("fluxrig._speedups.framing", "fluxrig/framing/core.py", "fluxrig/_speedups/framing.pxd"),
-    ("fluxrig._speedups.iso8583", "fluxrig/_speedups/iso8583.pyx", None),
+    ("fluxrig._speedups.iso8583", "fluxrig/iso8583/codec_py.py", "fluxrig/_speedups/iso8583.pxd"),
     ("fluxrig._speedups.crc32c", "fluxrig/wal/crc32c.py", "fluxrig/_speedups/crc32c.pxd"),
 ]
 

@@ -1,0 +1,876 @@
+# cython: boundscheck=True, wraparound=False
+"""ISO 8583 message codec: the hot loop, sans-IO (pure-Python original of fluxrig._speedups.iso8583).
+
+Job: turn one ISO 8583 message (bytes, framing already removed) into a dict keyed by field
+number, and back, driven by a precompiled field table (`FieldPlan` objects built by
+fluxrig.iso8583.plan from a spec). This same file is compiled by Cython, augmented by
+fluxrig/_speedups/iso8583.pxd (C types for plans, positions and locals), into the twin
+`fluxrig._speedups.iso8583`; keep it plain Python and never use negative indices (the twin is
+compiled with wraparound=False).
+
+Contract:
+  Codec.decode(raw: bytes) -> dict: {0: MTI str, n: value} for every data field present, in
+    field order. Character fields (String, Numeric, Track2) are str exactly as on the wire
+    (padding and leading zeros kept); Binary fields are bytes; Hex fields are upper-case hex
+    str; composites are dicts (TLV keyed by upper-case tag hex, positional by part key) or, for
+    repeating positional composites, lists of dicts. The bitmap fields 1 and 65 are implicit
+    and never returned. Raises Iso8583DecodeError (field, subfield, offset, reason) and nothing
+    else for any input bytes; the error carries `.partial`, the fields decoded before it.
+  Codec.encode(fields: dict) -> bytes: builds the bitmap(s) from the keys (ints; key 1 is
+    ignored, None values are skipped), encodes fields in ascending order. Raises
+    Iso8583EncodeError (field, subfield, offset = bytes built before the failing field).
+  decode(encode(f)) == f for every f whose values are already in decoded form (full-length
+  padded values, upper-case hex).
+
+Lengths follow the moov vocabulary: a field's `length` counts value units (characters for
+String/Numeric/Track2, bytes for Binary/Hex, content bytes for composites) and a length
+prefix carries that unit count; the wire size depends on the encoding (BCD packs two digits a
+byte, HexToASCII doubles).
+"""
+
+from binascii import Error as _HexError
+from binascii import hexlify, unhexlify
+import re
+
+from fluxrig.iso8583.errors import Iso8583DecodeError, Iso8583EncodeError
+
+# Value types.
+T_STRING = 1
+T_NUMERIC = 2
+T_BINARY = 3
+T_HEX = 4
+T_TRACK2 = 5
+T_COMPOSITE = 6
+T_TLV = 7
+T_BITMAP = 8
+
+# Encodings of the value bytes.
+E_ASCII = 1
+E_EBCDIC = 2
+E_BCD = 3
+E_BINARY = 4
+E_HEXASCII = 5
+
+# Length prefix kinds (`<enc>.Fixed` is P_FIXED whatever <enc> says).
+P_FIXED = 0
+P_ASCII = 1
+P_EBCDIC = 2
+P_BCD = 3
+P_BINARY = 4
+P_HEX = 5
+
+# Fast-path kinds chosen by the plan compiler; K_GENERIC handles every combination.
+K_GENERIC = 0
+K_ASCII_FIXED = 1
+K_ASCII_VAR = 2
+
+# Padding.
+PAD_NONE = 0
+PAD_LEFT = 1
+PAD_RIGHT = 2
+
+# Unknown TLV tags.
+U_REJECT = 0
+U_PRESERVE = 1
+U_DROP = 2
+
+# Limits (named; the spec compiler may pass others to Codec).
+MAX_BITMAPS = 3
+MAX_FIELD = 192
+MAX_TLV_TAG_BYTES = 4
+MAX_TLV_LENGTH_BYTES = 4
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+EBCDIC_CODEC = "cp037"  # moov's EBCDIC is code page 037
+
+_ONE = 1
+_TRACK2 = re.compile(r"[0-9]{1,19}[=D][0-9]{7}[^?]*")
+
+# BITS[b] = the 1-based bit positions set in byte b, most significant first.
+BITS = tuple(tuple(i + 1 for i in range(8) if b & (0x80 >> i)) for b in range(256))
+
+
+class FieldPlan:
+    """One compiled field (or composite part): every attribute the hot loop needs, resolved."""
+
+    __slots__ = (
+        "num", "key", "sub", "label", "kind", "vtype", "enc", "pref", "ndig", "plen",
+        "length", "wlen", "pad", "padchar", "padbyte", "len_table", "parts", "tags",
+        "unknown", "rep_len", "rep_max",
+    )
+
+    def __init__(self):
+        self.num = 0
+        self.key = None
+        self.sub = None
+        self.label = ""
+        self.kind = K_GENERIC
+        self.vtype = T_STRING
+        self.enc = E_ASCII
+        self.pref = P_FIXED
+        self.ndig = 0
+        self.plen = 0
+        self.length = 0
+        self.wlen = -1
+        self.pad = PAD_NONE
+        self.padchar = ""
+        self.padbyte = b""
+        self.len_table = None
+        self.parts = None
+        self.tags = None
+        self.unknown = U_REJECT
+        self.rep_len = 0
+        self.rep_max = 0
+
+
+# ---------------------------------------------------------------------------------------
+# errors
+
+
+def _derr(f, message, offset, reason):
+    return Iso8583DecodeError(message, f.num, offset, reason, f.sub)
+
+
+def _eerr(f, message, reason):
+    # The offset is filled in by Codec.encode, which knows how many bytes precede the field.
+    return Iso8583EncodeError(message, f.num, None, reason, f.sub)
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+def _prefix_units(f, raw, pos, n):
+    """Read the length prefix at `pos`; return the value length in units (checked <= max)."""
+    pk = f.pref
+    if pk == P_FIXED:
+        return f.length
+    plen = f.plen
+    if pos + plen > n:
+        raise _derr(f, f"length prefix needs {plen} bytes, {n - pos} left", pos, "short")
+    units = 0
+    j = pos
+    stop = pos + plen
+    if pk == P_ASCII or pk == P_EBCDIC:
+        base = 48 if pk == P_ASCII else 0xF0
+        while j < stop:
+            c = raw[j] - base
+            if c < 0 or c > 9:
+                raise _derr(f, f"length prefix byte 0x{raw[j]:02X} is not a digit", j, "prefix")
+            units = units * 10 + c
+            j += 1
+    elif pk == P_BCD:
+        while j < stop:
+            c = raw[j]
+            if (c >> 4) > 9 or (c & 15) > 9:
+                raise _derr(f, f"length prefix byte 0x{c:02X} is not BCD", j, "prefix")
+            units = units * 100 + (c >> 4) * 10 + (c & 15)
+            j += 1
+    elif pk == P_BINARY:
+        while j < stop:
+            units = units * 256 + raw[j]
+            j += 1
+    else:  # P_HEX: 2 hex characters per prefix byte
+        while j < stop:
+            c = raw[j]
+            if 48 <= c <= 57:
+                c -= 48
+            elif 65 <= c <= 70:
+                c -= 55
+            elif 97 <= c <= 102:
+                c -= 87
+            else:
+                raise _derr(f, f"length prefix byte 0x{c:02X} is not a hex digit", j, "prefix")
+            units = units * 16 + c
+            j += 1
+    if units > f.length:
+        raise _derr(f, f"length {units} exceeds the maximum {f.length}", pos, "length")
+    return units
+
+
+def _wire_size(enc, units):
+    if enc == E_BCD:
+        return (units + 1) // 2
+    if enc == E_HEXASCII:
+        return units * 2
+    return units
+
+
+def _unhex(f, data, offset):
+    try:
+        return unhexlify(data)
+    except (_HexError, ValueError):
+        raise _derr(f, "hex characters expected", offset, "hex") from None
+
+
+def _decode_text(f, raw, p, end, units, start):
+    """Decode a character value (String, Numeric, Track2) occupying raw[p:end]."""
+    enc = f.enc
+    try:
+        if enc == E_ASCII:
+            s = raw[p:end].decode("ascii")
+        elif enc == E_EBCDIC:
+            s = raw[p:end].decode(EBCDIC_CODEC)
+        elif enc == E_BINARY:
+            s = raw[p:end].decode("latin-1")
+        elif enc == E_HEXASCII:
+            s = _unhex(f, raw[p:end], p).decode("latin-1")
+        else:
+            s = _decode_bcd(f, raw, p, end, units)
+    except UnicodeDecodeError:
+        raise _derr(f, "bytes outside the field's character set", p, "charset") from None
+    vt = f.vtype
+    if vt == T_NUMERIC:
+        if s and not (s.isdigit() and s.isascii()):
+            raise _derr(f, "numeric field holds a non-digit", start, "numeric")
+    elif vt == T_TRACK2:
+        if _TRACK2.fullmatch(s) is None:
+            raise _derr(f, "value is not track 2 data (PAN, separator, YYMM, service code)", start, "track2")
+    return s
+
+
+def _decode_bcd(f, raw, p, end, units):
+    h = raw[p:end].hex()
+    if f.vtype == T_TRACK2:
+        # Track 2 in BCD: '=' travels as nibble D and an odd length is right-padded with F.
+        h = h.upper()
+        if units % 2:
+            if h[units] != "F":
+                raise _derr(f, "odd-length BCD track 2 must end with an F nibble", p, "bcd")
+            h = h[:units]
+        if h and not h.replace("D", "0").isdigit():
+            raise _derr(f, "invalid BCD track 2 nibble", p, "bcd")
+        return h.replace("D", "=")
+    if h and not h.isdigit():
+        raise _derr(f, "invalid BCD nibble", p, "bcd")
+    if units % 2:
+        if h[0] != "0":
+            raise _derr(f, "odd-length BCD value must start with a 0 nibble", p, "bcd")
+        return h[1:]
+    return h
+
+
+def _decode_value(f, raw, p, end, units, start):
+    vt = f.vtype
+    if vt == T_STRING or vt == T_NUMERIC or vt == T_TRACK2:
+        return _decode_text(f, raw, p, end, units, start)
+    enc = f.enc
+    if vt == T_BINARY:
+        if enc == E_BINARY:
+            return raw[p:end]
+        if enc == E_HEXASCII:
+            return _unhex(f, raw[p:end], p)
+        b = raw[p:end]  # E_ASCII: bytes restricted to 7 bits
+        if not b.isascii():
+            raise _derr(f, "bytes outside ASCII", p, "charset")
+        return b
+    # T_HEX
+    if enc == E_HEXASCII:
+        return _unhex(f, raw[p:end], p).hex().upper()
+    return raw[p:end].hex().upper()
+
+
+def _decode_into(f, raw, pos, n, out):
+    """Decode the field described by `f` at `pos` (bounded by `n`), store it in `out[f.key]`,
+    return the position after it. Every composite and non-fast-path field goes through here."""
+    units = _prefix_units(f, raw, pos, n)
+    p = pos + f.plen
+    vt = f.vtype
+    if vt == T_COMPOSITE or vt == T_TLV:
+        end = p + units
+        if end > n:
+            raise _derr(f, f"composite needs {units} bytes, {n - p} left", pos, "short")
+        if vt == T_TLV:
+            out[f.key] = _decode_tlv(f, raw, p, end)
+        else:
+            out[f.key] = _decode_positional(f, raw, p, end)
+        return end
+    end = p + _wire_size(f.enc, units)
+    if end > n:
+        raise _derr(f, f"value needs {end - p} bytes, {n - p} left", pos, "short")
+    out[f.key] = _decode_value(f, raw, p, end, units, pos)
+    return end
+
+
+def _decode_group(f, raw, pos, end):
+    d = {}
+    p = pos
+    for part in f.parts:
+        p = _decode_into(part, raw, p, end, d)
+    if p != end:
+        raise _derr(f, f"{end - p} bytes left over after the last part", p, "trailing")
+    return d
+
+
+def _decode_positional(f, raw, pos, end):
+    if f.rep_len == 0:
+        return _decode_group(f, raw, pos, end)
+    total = end - pos
+    count = total // f.rep_len
+    if count * f.rep_len != total:
+        raise _derr(f, f"{total} bytes is not a whole number of {f.rep_len}-byte groups", pos, "repeat")
+    if count > f.rep_max:
+        raise _derr(f, f"{count} groups exceed the maximum {f.rep_max}", pos, "repeat")
+    groups = []
+    p = pos
+    for _ in range(count):
+        groups.append(_decode_group(f, raw, p, p + f.rep_len))
+        p += f.rep_len
+    return groups
+
+
+def _decode_tlv(f, raw, pos, end):
+    d = {}
+    tags = f.tags
+    unknown = f.unknown
+    p = pos
+    while p < end:
+        tstart = p
+        b = raw[p]
+        p += 1
+        if (b & 0x1F) == 0x1F:
+            count = 1
+            while True:
+                if p >= end:
+                    raise _derr(f, "TLV tag runs past the end of the field", tstart, "tlv")
+                b = raw[p]
+                p += 1
+                count += 1
+                if count > MAX_TLV_TAG_BYTES:
+                    raise _derr(f, f"TLV tag longer than {MAX_TLV_TAG_BYTES} bytes", tstart, "tlv")
+                if not (b & 0x80):
+                    break
+        tag = raw[tstart:p].hex().upper()
+        if p >= end:
+            raise _derr(f, f"TLV tag {tag} has no length", tstart, "tlv")
+        lb = raw[p]
+        p += 1
+        if lb & 0x80:
+            nb = lb & 0x7F
+            if nb == 0 or nb > MAX_TLV_LENGTH_BYTES:
+                raise _derr(f, f"TLV tag {tag}: unsupported BER length form 0x{lb:02X}", p - 1, "tlv")
+            if p + nb > end:
+                raise _derr(f, f"TLV tag {tag}: length runs past the end of the field", p - 1, "tlv")
+            ln = 0
+            for _ in range(nb):
+                ln = ln * 256 + raw[p]
+                p += 1
+        else:
+            ln = lb
+        vend = p + ln
+        if vend > end:
+            raise _derr(f, f"TLV tag {tag}: value of {ln} bytes runs past the end of the field", tstart, "tlv")
+        if tag in d:
+            raise _derr(f, f"TLV tag {tag} appears twice", tstart, "tlv")
+        part = tags.get(tag)
+        if part is None:
+            if unknown == U_PRESERVE:
+                d[tag] = raw[p:vend]
+            elif unknown == U_REJECT:
+                raise _derr(f, f"TLV tag {tag} is not declared (unknown_tags: reject)", tstart, "unknown_tag")
+        else:
+            d[tag] = _decode_tlv_value(part, raw, p, vend)
+        p = vend
+    return d
+
+
+def _decode_tlv_value(part, raw, p, end):
+    size = end - p
+    enc = part.enc
+    if enc == E_BCD:
+        units = size * 2
+    elif enc == E_HEXASCII:
+        if size % 2:
+            raise _derr(part, "odd number of hex characters", p, "hex")
+        units = size // 2
+    else:
+        units = size
+    if part.length and units > part.length:
+        raise _derr(part, f"length {units} exceeds the maximum {part.length}", p, "length")
+    if part.vtype == T_COMPOSITE or part.vtype == T_TLV:
+        # A composite part inside TLV: its value bytes are the composite's content.
+        if part.vtype == T_TLV:
+            return _decode_tlv(part, raw, p, end)
+        return _decode_positional(part, raw, p, end)
+    return _decode_value(part, raw, p, end, units, p)
+
+
+# ---------------------------------------------------------------------------------------
+# encoding
+
+
+def _prefix_bytes(f, units):
+    """The length prefix for a value of `units` units (checks fixed/maximum length)."""
+    pk = f.pref
+    if pk == P_FIXED:
+        if units != f.length:
+            raise _eerr(f, f"length {units} but the field is fixed at {f.length}", "length")
+        return b""
+    if units > f.length:
+        raise _eerr(f, f"length {units} exceeds the maximum {f.length}", "length")
+    table = f.len_table
+    if table is not None:
+        return table[units]
+    return prefix_for(pk, f.ndig, units)
+
+
+def prefix_for(pk, ndig, units):
+    """Encode a length prefix of kind `pk` with `ndig` digits (or bytes) for `units`."""
+    if pk == P_ASCII:
+        return b"%0*d" % (ndig, units)
+    if pk == P_EBCDIC:
+        return (b"%0*d" % (ndig, units)).translate(_ASCII_TO_EBCDIC_DIGITS)
+    if pk == P_BCD:
+        digits = b"%0*d" % (ndig + (ndig % 2), units)
+        return unhexlify(digits)
+    if pk == P_BINARY:
+        return units.to_bytes(ndig, "big")
+    return b"%0*X" % (2 * ndig, units)  # P_HEX
+
+
+_ASCII_TO_EBCDIC_DIGITS = bytes(range(48)) + bytes(range(0xF0, 0xFA)) + bytes(range(58, 256))
+
+
+def _text_of(f, v):
+    if type(v) is str:
+        return v
+    if f.vtype == T_NUMERIC and type(v) is int and v >= 0:
+        return str(v)
+    raise _eerr(f, f"expected str, got {type(v).__name__}", "type")
+
+
+def _encode_text(f, v):
+    """Encode a character value; return (data bytes, units)."""
+    s = _text_of(f, v)
+    if f.pad != PAD_NONE and len(s) < f.length:
+        if f.pad == PAD_LEFT:
+            s = f.padchar * (f.length - len(s)) + s
+        else:
+            s = s + f.padchar * (f.length - len(s))
+    vt = f.vtype
+    if vt == T_NUMERIC:
+        if s and not (s.isdigit() and s.isascii()):
+            raise _eerr(f, "numeric field given a non-digit", "numeric")
+    elif vt == T_TRACK2:
+        if _TRACK2.fullmatch(s) is None:
+            raise _eerr(f, "value is not track 2 data (PAN, separator, YYMM, service code)", "track2")
+    units = len(s)
+    enc = f.enc
+    try:
+        if enc == E_ASCII:
+            return s.encode("ascii"), units
+        if enc == E_EBCDIC:
+            return s.encode(EBCDIC_CODEC), units
+        if enc == E_BINARY:
+            return s.encode("latin-1"), units
+        if enc == E_HEXASCII:
+            return hexlify(s.encode("latin-1")).upper(), units
+    except UnicodeEncodeError:
+        raise _eerr(f, "character outside the field's character set", "charset") from None
+    # E_BCD
+    if vt == T_TRACK2:
+        if not (s.replace("=", "0").isdigit() and s.isascii()):
+            raise _eerr(f, "BCD track 2 carries digits and '=' only", "bcd")
+        h = s.replace("=", "D")
+        if units % 2:
+            h = h + "F"
+        return unhexlify(h), units
+    if s and not (s.isdigit() and s.isascii()):
+        raise _eerr(f, "BCD field given a non-digit", "bcd")
+    if units % 2:
+        s = "0" + s
+    return unhexlify(s), units
+
+
+def _bytes_of(f, v):
+    t = type(v)
+    if t is bytes:
+        return v
+    if t is bytearray or t is memoryview:
+        return bytes(v)
+    raise _eerr(f, f"expected bytes, got {t.__name__}", "type")
+
+
+def _encode_data(f, v):
+    """Encode a primitive value; return (data bytes, units)."""
+    vt = f.vtype
+    if vt == T_STRING or vt == T_NUMERIC or vt == T_TRACK2:
+        return _encode_text(f, v)
+    if vt == T_BINARY:
+        b = _bytes_of(f, v)
+        if f.enc == E_ASCII and not b.isascii():
+            raise _eerr(f, "bytes outside ASCII", "charset")
+    else:  # T_HEX
+        if type(v) is str:
+            try:
+                b = unhexlify(v)
+            except (_HexError, ValueError):
+                raise _eerr(f, "expected a string of hex digit pairs", "hex") from None
+        else:
+            b = _bytes_of(f, v)
+    if f.enc == E_HEXASCII:
+        return hexlify(b).upper(), len(b)
+    return b, len(b)
+
+
+def _encode_field(f, v):
+    """Prefix + data for one field or composite part."""
+    vt = f.vtype
+    if vt == T_COMPOSITE or vt == T_TLV:
+        content = _encode_composite(f, v)
+        return _prefix_bytes(f, len(content)) + content
+    data, units = _encode_data(f, v)
+    return _prefix_bytes(f, units) + data
+
+
+def _encode_composite(f, v):
+    t = type(v)
+    if t is bytes:
+        return v  # raw content supplied as-is
+    if t is str:
+        try:
+            return v.encode("ascii")
+        except UnicodeEncodeError:
+            raise _eerr(f, "raw composite content must be ASCII", "charset") from None
+    if f.vtype == T_TLV:
+        if not isinstance(v, dict):
+            raise _eerr(f, f"expected a dict of TLV tags, got {t.__name__}", "type")
+        return _encode_tlv(f, v)
+    if f.rep_len:
+        if not isinstance(v, (list, tuple)):
+            raise _eerr(f, f"expected a list of groups, got {t.__name__}", "type")
+        if len(v) > f.rep_max:
+            raise _eerr(f, f"{len(v)} groups exceed the maximum {f.rep_max}", "repeat")
+        out = []
+        for g in v:
+            out.append(_encode_group(f, g))
+        return b"".join(out)
+    return _encode_group(f, v)
+
+
+def _encode_group(f, v):
+    if not isinstance(v, dict):
+        raise _eerr(f, f"expected a dict of parts, got {type(v).__name__}", "type")
+    out = []
+    for part in f.parts:
+        pv = v.get(part.key)
+        if pv is None:
+            if part.pad == PAD_NONE:
+                raise _eerr(part, "part missing", "missing")
+            pv = ""
+        out.append(_encode_field(part, pv))
+    if len(v) > len(f.parts):
+        for k in v:
+            found = False
+            for part in f.parts:
+                if part.key == k:
+                    found = True
+            if not found:
+                raise _eerr(f, f"unknown part {k!r}", "unknown_part")
+    data = b"".join(out)
+    if f.rep_len and len(data) != f.rep_len:
+        raise _eerr(f, f"group of {len(data)} bytes, the repeat length is {f.rep_len}", "repeat")
+    return data
+
+
+def _ber_length(ln):
+    if ln < 0x80:
+        return bytes((ln,))
+    body = ln.to_bytes((ln.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(body),)) + body
+
+
+def _encode_tlv(f, v):
+    out = []
+    tags = f.tags
+    for tag, value in v.items():
+        if type(tag) is not str:
+            raise _eerr(f, f"TLV tags are hex strings, got {type(tag).__name__}", "type")
+        key = tag.upper()
+        part = tags.get(key)
+        if part is None:
+            if f.unknown == U_DROP:
+                continue
+            if f.unknown == U_REJECT:
+                raise _eerr(f, f"TLV tag {key} is not declared (unknown_tags: reject)", "unknown_tag")
+            data = _bytes_of(f, value)
+        else:
+            if part.vtype == T_COMPOSITE or part.vtype == T_TLV:
+                data = _encode_composite(part, value)
+            else:
+                data, units = _encode_data(part, value)
+                if part.length and units > part.length:
+                    raise _eerr(part, f"length {units} exceeds the maximum {part.length}", "length")
+        tagb = _tag_bytes(f, key)
+        out.append(tagb)
+        out.append(_ber_length(len(data)))
+        out.append(data)
+    return b"".join(out)
+
+
+def _tag_bytes(f, key):
+    try:
+        tb = unhexlify(key)
+    except (_HexError, ValueError):
+        raise _eerr(f, f"TLV tag {key!r} is not hex", "tlv") from None
+    n = len(tb)
+    ok = n >= 1 and n <= MAX_TLV_TAG_BYTES
+    if ok:
+        if (tb[0] & 0x1F) == 0x1F:
+            # continuation bytes have bit 8 set, the last one has it clear
+            i = 1
+            while i < n - 1:
+                if not (tb[i] & 0x80):
+                    ok = False
+                i += 1
+            ok = ok and n >= 2 and not (tb[n - 1] & 0x80)
+        else:
+            ok = n == 1
+    if not ok:
+        raise _eerr(f, f"TLV tag {key} is not a well-formed BER tag", "tlv")
+    return tb
+
+
+# ---------------------------------------------------------------------------------------
+# the codec
+
+
+def _is_compiled():
+    return type(_is_compiled).__name__ != "function"
+
+
+COMPILED = _is_compiled()
+
+
+class Codec:
+    """A compiled field table and the two hot entry points, `decode` and `encode`."""
+
+    __slots__ = ("plans", "mti", "bitmap", "bm_hex", "max_message_bytes")
+
+    def __init__(self, plans, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
+        if len(plans) != MAX_FIELD + 1 or plans[0] is None or plans[1] is None:
+            raise ValueError("plans must hold MAX_FIELD + 1 entries with the MTI and the bitmap")
+        self.plans = list(plans)
+        self.mti = plans[0]
+        self.bitmap = plans[1]
+        self.bm_hex = plans[1].enc == E_HEXASCII
+        self.max_message_bytes = max_message_bytes
+
+    # -- decode ---------------------------------------------------------------------------
+
+    def _read_bitmaps(self, raw, pos, n):
+        """Return the 8, 16 or 24 bitmap bytes starting at `pos`."""
+        step = 16 if self.bm_hex else 8
+        bm = b""
+        count = 0
+        while True:
+            if pos + step > n:
+                raise _derr(self.bitmap, f"bitmap needs {step} bytes, {n - pos} left", pos, "short")
+            if self.bm_hex:
+                one = _unhex(self.bitmap, raw[pos:pos + step], pos)
+            else:
+                one = raw[pos:pos + step]
+            bm = bm + one
+            count += 1
+            pos += step
+            if not (one[0] & 0x80) or count == MAX_BITMAPS:
+                return bm
+
+    def decode(self, raw):
+        """Decode one message; see the module docstring for the contract."""
+        if type(raw) is not bytes:
+            if isinstance(raw, (bytearray, memoryview)):
+                raw = bytes(raw)
+            else:
+                raise TypeError(f"decode() needs bytes, got {type(raw).__name__}")
+        n = len(raw)
+        out = {}
+        num = 0
+        pos = 0
+        try:
+            if n > self.max_message_bytes:
+                raise Iso8583DecodeError(
+                    f"message of {n} bytes exceeds max_message_bytes={self.max_message_bytes}",
+                    None, 0, "too_large")
+            f = self.mti
+            if f.kind == K_ASCII_FIXED and f.vtype == T_STRING:
+                end = f.wlen
+                if end > n:
+                    raise _derr(f, f"MTI needs {end} bytes, {n} left", 0, "short")
+                out[0] = raw[0:end].decode("ascii")
+                pos = end
+            else:
+                pos = _decode_into(f, raw, 0, n, out)
+            num = 1
+            bm = self._read_bitmaps(raw, pos, n)
+            pos += len(bm) * (2 if self.bm_hex else 1)
+            plans = self.plans
+            for i in range(len(bm)):
+                b = bm[i]
+                if b == 0:
+                    continue
+                for off in BITS[b]:
+                    num = i * 8 + off
+                    if num == 1 or num == 65:
+                        continue
+                    f = plans[num]
+                    if f is None:
+                        raise Iso8583DecodeError(
+                            "present in the bitmap but not defined by the spec", num, pos, "unknown_field")
+                    kind = f.kind
+                    if kind == K_ASCII_FIXED:
+                        end = pos + f.wlen
+                        if end > n:
+                            raise _derr(f, f"value needs {f.wlen} bytes, {n - pos} left", pos, "short")
+                        s = raw[pos:end].decode("ascii")
+                        if f.vtype == T_NUMERIC and not s.isdigit():
+                            raise _derr(f, "numeric field holds a non-digit", pos, "numeric")
+                        out[num] = s
+                        pos = end
+                    elif kind == K_ASCII_VAR:
+                        p = pos + f.plen
+                        if p > n:
+                            raise _derr(f, f"length prefix needs {f.plen} bytes, {n - pos} left", pos, "short")
+                        ln = 0
+                        j = pos
+                        while j < p:
+                            c = raw[j] - 48
+                            if c < 0 or c > 9:
+                                raise _derr(f, f"length prefix byte 0x{raw[j]:02X} is not a digit", j, "prefix")
+                            ln = ln * 10 + c
+                            j += 1
+                        if ln > f.length:
+                            raise _derr(f, f"length {ln} exceeds the maximum {f.length}", pos, "length")
+                        end = p + ln
+                        if end > n:
+                            raise _derr(f, f"value needs {ln} bytes, {n - p} left", pos, "short")
+                        s = raw[p:end].decode("ascii")
+                        if f.vtype == T_NUMERIC and ln and not s.isdigit():
+                            raise _derr(f, "numeric field holds a non-digit", pos, "numeric")
+                        out[num] = s
+                        pos = end
+                    else:
+                        pos = _decode_into(f, raw, pos, n, out)
+            if pos != n:
+                num = -1
+                raise Iso8583DecodeError(f"{n - pos} bytes left over after the last field", None, pos, "trailing")
+        except UnicodeDecodeError:
+            err = Iso8583DecodeError("bytes outside ASCII", num, pos, "charset")
+            err.partial = out
+            raise err from None
+        except Iso8583DecodeError as err:
+            err.partial = out
+            raise
+        return out
+
+    # -- encode ---------------------------------------------------------------------------
+
+    def _bitmap_bytes(self, b1, b2, b3):
+        if self.bm_hex:
+            out = b"%016X" % b1
+            if b2:
+                out = out + (b"%016X" % b2)
+            if b3:
+                out = out + (b"%016X" % b3)
+            return out
+        out = b1.to_bytes(8, "big")
+        if b2:
+            out = out + b2.to_bytes(8, "big")
+        if b3:
+            out = out + b3.to_bytes(8, "big")
+        return out
+
+    def encode(self, fields):
+        """Encode one message; see the module docstring for the contract."""
+        if type(fields) is not dict:
+            fields = dict(fields)
+        parts = [b"", b""]
+        b1 = 0
+        b2 = 0
+        b3 = 0
+        num = 0
+        try:
+            try:
+                nums = sorted(fields)
+            except TypeError:
+                raise Iso8583EncodeError("field numbers must be int", None, None, "key") from None
+            v = fields.get(0)
+            if v is None:
+                raise Iso8583EncodeError("the MTI (field 0) is missing", 0, None, "missing")
+            f = self.mti
+            if f.kind == K_ASCII_FIXED and f.vtype == T_STRING and type(v) is str and len(v) == f.wlen:
+                parts[0] = v.encode("ascii")
+            else:
+                parts[0] = _encode_field(f, v)
+            plans = self.plans
+            for key in nums:
+                # Checked on the object first: the compiled twin holds `num` in a C int.
+                if type(key) is not int:
+                    raise Iso8583EncodeError(f"field numbers must be int, got {key!r}", None, None, "key")
+                if key <= 1:
+                    if key < 0:
+                        raise Iso8583EncodeError(f"negative field number {key}", None, None, "key")
+                    continue
+                if key > MAX_FIELD:
+                    raise Iso8583EncodeError(f"field {key}: numbers stop at {MAX_FIELD}", None, None, "key")
+                num = key
+                v = fields[num]
+                if v is None:
+                    continue
+                f = plans[num]
+                if f is None or num == 65:
+                    raise Iso8583EncodeError(
+                        "not defined by the spec" if num != 65 else
+                        "field 65 flags the tertiary bitmap and is set automatically", num, None, "unknown_field")
+                if num <= 64:
+                    b1 |= _ONE << (64 - num)
+                elif num <= 128:
+                    b2 |= _ONE << (128 - num)
+                else:
+                    b3 |= _ONE << (192 - num)
+                kind = f.kind
+                if kind == K_ASCII_FIXED and type(v) is str:
+                    s = v
+                    b = s.encode("ascii")
+                    if len(b) != f.wlen or (f.vtype == T_NUMERIC and not b.isdigit()):
+                        b = _encode_field(f, v)
+                    parts.append(b)
+                elif kind == K_ASCII_VAR and type(v) is str:
+                    s = v
+                    b = s.encode("ascii")
+                    ln = len(b)
+                    if ln > f.length or (f.vtype == T_NUMERIC and ln and not b.isdigit()):
+                        parts.append(_encode_field(f, v))
+                    else:
+                        parts.append(f.len_table[ln])
+                        parts.append(b)
+                else:
+                    parts.append(_encode_field(f, v))
+        except UnicodeEncodeError:
+            raise Iso8583EncodeError("character outside ASCII", num, self._offset(parts, b2, b3, num),
+                                     "charset") from None
+        except Iso8583EncodeError as err:
+            if err.offset is None:
+                raise Iso8583EncodeError(err.detail, err.field, self._offset(parts, b2, b3, num),
+                                         err.reason, err.subfield) from None
+            raise
+        if b3:
+            b2 |= _ONE << 63
+        if b2:
+            b1 |= _ONE << 63
+        parts[1] = self._bitmap_bytes(b1, b2, b3)
+        return b"".join(parts)
+
+    def _offset(self, parts, b2, b3, num):
+        """Bytes that precede field `num` in the message being built (for error reports)."""
+        if num <= 1:
+            return 0 if num == 0 else len(parts[0])
+        count = 1
+        if b2 or b3 or num > 64:
+            count = 2
+        if b3 or num > 128:
+            count = 3
+        size = len(parts[0]) + count * (16 if self.bm_hex else 8)
+        for i in range(2, len(parts)):
+            size += len(parts[i])
+        return size
