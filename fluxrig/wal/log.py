@@ -1,0 +1,923 @@
+"""The Rack's write-ahead log on disk: segments, group commit, cursor, recovery, size cap.
+
+Job: hold telemetry (and guaranteed-lane messages) on local disk until the shipper has them
+acknowledged upstream, survive any crash without a human, and say precisely when a record is
+safe. Blocking file I/O lives here; `fluxrig.wal.aio.AsyncWal` drives it from asyncio.
+
+Directory layout::
+
+    wal-<base seq, 16 hex digits>.seg   segment: 40-byte header + records (fluxrig/wal/record.py)
+    wal.cursor                          highest contiguously acknowledged seq (20 bytes + CRC)
+    wal.lock                            flock held while a writer has the WAL open
+
+Sequence numbers start at 1 and only grow. Each record's payload is the CBOR array
+`[seq, body]` (body a byte string), so a record keeps its number even if damage elsewhere in
+its segment removes a neighbour -- numbering by position would silently renumber every later
+record, breaking dedup ids and the cursor. The segment's base seq (file name and header) is the
+seq of its first record. `wal_id` (16 random bytes in every segment header, kept across
+restarts) names this WAL's incarnation: the shipper's dedup id is `<wal_id>-<seq>`, so a wiped
+directory can never collide with ids the Mixer already holds.
+
+Fsync policy (`store.wal_fsync`), i.e. when an append is *acknowledged* (the AsyncWal future
+resolves, `committed_seq` covers it, `read_from` shows it):
+
+* `always` -- after an fdatasync covering the record. Appends that arrive while an fsync is in
+  flight share the next one (group commit), so concurrent appenders pay one fsync per batch.
+* `batch` (default) -- records are written and fdatasync-ed once per window
+  (`batch_window_ms`, default 50, at most 100) counted from the first record waiting; each is
+  acknowledged after that batch's fsync. A crash loses only unacknowledged records.
+* `never` -- acknowledged once written to the OS (no fsync): survives a process crash or
+  SIGKILL, not a power cut or kernel crash. For disposable telemetry only.
+
+An fsync or write error is never retried or guessed around (after a failed fsync the kernel
+may have dropped the dirty pages): the Wal turns failed, every pending and later append raises
+WalFailed, and a fresh open (which rescans and repairs) is the way back.
+
+The cursor advances only on `ack(seq)`; acks may come in any order and the cursor is the
+highest seq such that every existing record up to it is acknowledged (seqs that no longer exist
+-- damaged or dropped -- do not hold it back). It is persisted atomically (temp file + fsync +
+rename + directory fsync) by `persist_cursor()`, and only then are fully acknowledged segments
+deleted, so a crash can leave a stale cursor (records re-sent, deduplicated upstream by id) but
+never a cursor ahead of the acknowledgements or a segment lost before its cursor was durable.
+
+Recovery on open never needs a human: every segment is scanned, a torn tail (an interrupted
+write, or a zero-filled tail) is truncated, damaged ranges are skipped and counted, a record
+whose seq is out of order is counted as corrupt, a segment whose creation was interrupted is
+rewritten or removed, and the next seq skips past anything the damaged tail could have held.
+`recovery` (a RecoverySummary) says what was found.
+
+Size cap `max_size_bytes` (`store.wal_max_size_mb`): after a commit, while the segments exceed
+it, the oldest segment is deleted even if unacknowledged and its unacknowledged records are
+counted in `dropped_records`. The cap may be overshot by one batch; segments are clamped to at
+most a quarter of the cap so dropping stays fine-grained.
+
+Threads: every method is thread-safe. In-memory state sits behind one short lock; file writes,
+fsyncs and rotation run under a separate commit lock, so `stage()` and `ack()` never wait on a
+disk. Raises: WalError subclasses (WalFailed, WalFull, WalClosed, WalReadOnly, WalLocked),
+RecordSizeError, ConfigError for bad parameters.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import time
+from array import array
+from bisect import bisect_left, bisect_right
+from typing import NamedTuple
+
+import cbor2
+
+from fluxrig.errors import ConfigError
+from fluxrig.wal.checksum import BACKEND, crc32c
+from fluxrig.wal.record import (
+    DEFAULT_MAX_RECORD_BYTES,
+    RECORD_HEADER_BYTES,
+    SEGMENT_HEADER_BYTES,
+    Corrupt,
+    Record,
+    RecordReader,
+    SegmentHeaderError,
+    TornTail,
+    WalError,
+    check_max_record_bytes,
+    encode_record,
+    encode_segment_header,
+    parse_segment_header,
+    scan,
+)
+
+__all__ = [
+    "FSYNC_ALWAYS",
+    "FSYNC_BATCH",
+    "FSYNC_NEVER",
+    "FSYNC_POLICIES",
+    "DEFAULT_BATCH_WINDOW_MS",
+    "MAX_BATCH_WINDOW_MS",
+    "DEFAULT_SEGMENT_BYTES",
+    "MIN_SEGMENT_BYTES",
+    "DEFAULT_MAX_SIZE_BYTES",
+    "DEFAULT_MAX_PENDING_BYTES",
+    "DEFAULT_READ_MAX_BYTES",
+    "FIRST_SEQ",
+    "WalFailed",
+    "WalFull",
+    "WalClosed",
+    "WalReadOnly",
+    "WalLocked",
+    "WalRecord",
+    "RecoverySummary",
+    "Wal",
+    "segment_name",
+    "options_from_config",
+]
+
+FSYNC_ALWAYS, FSYNC_BATCH, FSYNC_NEVER = "always", "batch", "never"
+FSYNC_POLICIES = (FSYNC_ALWAYS, FSYNC_BATCH, FSYNC_NEVER)
+DEFAULT_BATCH_WINDOW_MS = 50
+MAX_BATCH_WINDOW_MS = 100
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+MIN_SEGMENT_BYTES = 64 * 1024
+DEFAULT_MAX_SIZE_BYTES = 500 * 1024 * 1024  # store.wal_max_size_mb default
+#: Staged (accepted, not yet written) bytes; past it stage() raises WalFull (backpressure).
+DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
+#: One read_from() call returns at most about this many bytes of records (at least one record).
+DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024
+RECOVERY_CHUNK_BYTES = 1024 * 1024
+FIRST_SEQ = 1
+#: Smallest record on disk: header + [seq, b""] (3 bytes); bounds how many seqs a damaged
+#: tail could have held.
+_MIN_RECORD_BYTES = RECORD_HEADER_BYTES + 3
+
+SEGMENT_PREFIX, SEGMENT_SUFFIX = "wal-", ".seg"
+CURSOR_FILE, LOCK_FILE = "wal.cursor", "wal.lock"
+_CURSOR = struct.Struct(">8sQI")
+_CURSOR_MAGIC = b"FLUXCUR\x00"
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+class WalFailed(WalError):
+    """A write or fsync failed; the Wal accepts nothing more until reopened. `op`, `path`."""
+
+    def __init__(self, op: str, path: str, cause: BaseException):
+        self.op = op
+        self.path = path
+        self.cause = cause
+        super().__init__(f"WAL {op} failed on {path}: {cause}; reopen the WAL (recovery repairs it)")
+
+
+class WalFull(WalError):
+    """More than `limit` bytes are staged and not yet written (`size` is what was asked)."""
+
+    def __init__(self, size: int, limit: int):
+        self.size = size
+        self.limit = limit
+        super().__init__(f"WAL pending bytes would reach {size}, above max_pending_bytes={limit}; wait for a commit")
+
+
+class WalClosed(WalError):
+    """The Wal was closed."""
+
+
+class WalReadOnly(WalError):
+    """The Wal was opened read-only (inspection) and cannot be written."""
+
+
+class WalLocked(WalError):
+    """Another process holds the WAL directory open for writing; `path` is its lock file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"WAL {path} is locked by another process (is a Rack already running on it?)")
+
+
+class WalRecord(NamedTuple):
+    """One record as the shipper sees it: its seq and the body bytes that were appended."""
+
+    seq: int
+    payload: bytes
+
+    def decode(self):
+        """The body as a Python object (it is CBOR when append() was given an object)."""
+        return cbor2.loads(self.payload)
+
+
+class RecoverySummary(NamedTuple):
+    segments: int
+    records_ok: int
+    torn_bytes_truncated: int
+    corrupt_records_skipped: int
+    corrupt_bytes_skipped: int
+    segments_deleted: int
+    segments_repaired: int
+    headers_damaged: int
+    cursor: int
+    cursor_reset: bool
+    next_seq: int
+    wal_id: str
+    readonly: bool
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+def segment_name(base_seq: int) -> str:
+    return f"{SEGMENT_PREFIX}{base_seq:016x}{SEGMENT_SUFFIX}"
+
+
+def _parse_segment_name(name: str):
+    if not (name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
+        return None
+    digits = name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
+    if len(digits) != 16:
+        return None
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return None
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def _read_head(p: bytes, i: int):
+    """(major, value, next index) of the CBOR head at p[i]; ValueError if malformed."""
+    ib = p[i]
+    major, info = ib >> 5, ib & 31
+    if info < 24:
+        return major, info, i + 1
+    if info > 27:
+        raise ValueError("indefinite or reserved CBOR length")
+    size = 1 << (info - 24)
+    if i + 1 + size > len(p):
+        raise ValueError("truncated CBOR head")
+    return major, int.from_bytes(p[i + 1 : i + 1 + size], "big"), i + 1 + size
+
+
+def wrap_payload(seq: int, body: bytes) -> bytes:
+    """The record payload the log writes: CBOR [seq, body-as-byte-string]."""
+    return b"\x82" + _cbor_head(0, seq) + _cbor_head(2, len(body)) + body
+
+
+def unwrap_payload(payload: bytes):
+    """(seq, body) from a log record payload; ValueError if it is not [uint, bytes]."""
+    if len(payload) < 3 or payload[0] != 0x82:
+        raise ValueError("not a WAL log payload")
+    major, seq, i = _read_head(payload, 1)
+    if major != 0:
+        raise ValueError("seq is not an unsigned integer")
+    major, n, i = _read_head(payload, i)
+    if major != 2 or i + n != len(payload):
+        raise ValueError("body is not one byte string filling the record")
+    return seq, payload[i:]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Segment:
+    __slots__ = ("base", "path", "size", "seqs", "offsets")
+
+    def __init__(self, base: int, path: str, size: int):
+        self.base = base
+        self.path = path
+        self.size = size  # committed bytes, header included
+        self.seqs = array("Q")
+        self.offsets = array("Q")
+
+
+def _check_options(fsync, batch_window_ms, segment_max_bytes, max_size_bytes, max_pending_bytes):
+    if fsync not in FSYNC_POLICIES:
+        raise ConfigError(f"must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}", "store.wal_fsync")
+    if not 0 < batch_window_ms <= MAX_BATCH_WINDOW_MS:
+        raise ConfigError(
+            f"must be above 0 and at most {MAX_BATCH_WINDOW_MS} ms, got {batch_window_ms!r}", "store.wal_fsync_window"
+        )
+    if segment_max_bytes < MIN_SEGMENT_BYTES:
+        raise ConfigError(f"must be at least {MIN_SEGMENT_BYTES} bytes", "segment_max_bytes")
+    if max_size_bytes is not None and max_size_bytes < 4 * MIN_SEGMENT_BYTES:
+        raise ConfigError(f"must be at least {4 * MIN_SEGMENT_BYTES} bytes", "store.wal_max_size_mb")
+    if max_pending_bytes < 1:
+        raise ConfigError("must be positive", "max_pending_bytes")
+
+
+def options_from_config(config) -> dict:
+    """Wal keyword arguments from a fluxrig Config's [store] section (directory not included:
+    the Rack uses <store_dir>/wal)."""
+    store = config.store
+    mb = store.wal_max_size_mb
+    return {
+        "fsync": store.wal_fsync,
+        "batch_window_ms": store.wal_fsync_window * 1000.0,
+        "max_size_bytes": None if mb <= 0 else mb * 1024 * 1024,
+    }
+
+
+class Wal:
+    """A write-ahead log directory, opened (and recovered) by the constructor.
+
+    Write path: `append(payload) -> seq` (stage + commit per policy), or `stage()` and
+    `commit()` separately (what AsyncWal does). Read path: `read_from(seq, max_n)`. Acks:
+    `ack(seq)`, `persist_cursor()`. `readonly=True` inspects without locking or repairing.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        fsync: str = FSYNC_BATCH,
+        batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+        segment_max_bytes: int = DEFAULT_SEGMENT_BYTES,
+        max_size_bytes: int | None = DEFAULT_MAX_SIZE_BYTES,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        readonly: bool = False,
+    ):
+        _check_options(fsync, batch_window_ms, segment_max_bytes, max_size_bytes, max_pending_bytes)
+        self.directory = os.path.abspath(directory)
+        self.fsync = fsync
+        self.batch_window = batch_window_ms / 1000.0
+        if max_size_bytes is not None:
+            segment_max_bytes = min(segment_max_bytes, max(MIN_SEGMENT_BYTES, max_size_bytes // 4))
+        self.segment_max_bytes = segment_max_bytes
+        self.max_size_bytes = max_size_bytes
+        self.max_record_bytes = check_max_record_bytes(max_record_bytes)
+        self.max_pending_bytes = max_pending_bytes
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._bases: list[int] = []
+        self._size = 0
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._staged: list = []
+        self._staged_bytes = 0
+        self.first_staged_at: float | None = None
+        self._next_seq = FIRST_SEQ
+        self._committed = FIRST_SEQ - 1
+        self._cursor = FIRST_SEQ - 1
+        self._persisted = FIRST_SEQ - 1
+        self._acked: set[int] = set()
+        self._failed: WalFailed | None = None
+        self._closed = False
+        self.wal_id = b""
+        self._m = dict.fromkeys(
+            (
+                "appended_records", "appended_bytes", "commits", "fsyncs", "dropped_records",
+                "dropped_segments", "deleted_segments", "acks_ignored", "read_lost_records",
+                "wal_full", "cursor_writes",
+            ),
+            0,
+        )  # fmt: skip
+        self._m["fsync_seconds"] = 0.0
+        try:
+            self.recovery = self._recover()
+        except BaseException:
+            self._release_files()
+            raise
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def committed_seq(self) -> int:
+        """Highest seq acknowledged per the fsync policy (visible to read_from)."""
+        return self._committed
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def cursor(self) -> int:
+        """Highest seq such that every existing record up to it is acknowledged."""
+        return self._cursor
+
+    @property
+    def persisted_cursor(self) -> int:
+        return self._persisted
+
+    @property
+    def pending_records(self) -> int:
+        return len(self._staged)
+
+    @property
+    def failed(self) -> WalFailed | None:
+        return self._failed
+
+    @property
+    def wal_id_hex(self) -> str:
+        return self.wal_id.hex()
+
+    # -- write path -----------------------------------------------------------------------
+
+    def stage(self, payload) -> int:
+        """Accept a record (bytes verbatim, else CBOR-encoded) and give it the next seq. It is
+        not written yet: commit() writes it. Raises WalFull, RecordSizeError, WalFailed, ..."""
+        body = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else cbor2.dumps(payload)
+        with self._lock:
+            self._check_writable()
+            seq = self._next_seq
+            rec = encode_record(wrap_payload(seq, body), self.max_record_bytes)
+            if self._staged_bytes + len(rec) > self.max_pending_bytes and self._staged:
+                self._m["wal_full"] += 1
+                raise WalFull(self._staged_bytes + len(rec), self.max_pending_bytes)
+            self._staged.append((seq, rec))
+            self._staged_bytes += len(rec)
+            self._next_seq = seq + 1
+            if self.first_staged_at is None:
+                self.first_staged_at = time.monotonic()
+            self._m["appended_records"] += 1
+            self._m["appended_bytes"] += len(body)
+        return seq
+
+    def append(self, payload) -> int:
+        """stage() then commit per policy: `always` and `never` commit now (so the record is
+        acknowledged when this returns); `batch` commits once the window since the first staged
+        record has passed -- call commit() (or use AsyncWal) so the last batch is not left
+        waiting. Acknowledged means `committed_seq >= seq`."""
+        seq = self.stage(payload)
+        if self.fsync != FSYNC_BATCH or time.monotonic() - (self.first_staged_at or 0) >= self.batch_window:
+            self.commit()
+        return seq
+
+    def commit(self) -> int:
+        """Write every staged record (rotating segments by size), fsync per policy, apply the
+        size cap. Returns committed_seq. Raises WalFailed (and stays failed) on an I/O error."""
+        with self._commit_lock:
+            with self._lock:
+                self._check_writable(allow_closed=True)
+                batch, self._staged = self._staged, []
+                self._staged_bytes = 0
+                self.first_staged_at = None
+            if batch:
+                try:
+                    self._write_batch(batch)
+                except OSError as exc:
+                    with self._lock:
+                        self._failed = WalFailed("write", self._segments[-1].path, exc)
+                    raise self._failed from exc
+                if self.max_size_bytes is not None and self._size > self.max_size_bytes:
+                    self._enforce_cap()
+            return self._committed
+
+    def _check_writable(self, allow_closed: bool = False) -> None:
+        if self.readonly:
+            raise WalReadOnly(f"WAL {self.directory} is open read-only")
+        if self._failed is not None:
+            raise self._failed
+        if self._closed and not allow_closed:
+            raise WalClosed(f"WAL {self.directory} is closed")
+
+    def _write_batch(self, batch: list) -> None:
+        seg = self._segments[-1]
+        sync = self.fsync != FSYNC_NEVER
+        chunk: list[bytes] = []
+        index: list[tuple[int, int]] = []
+        offset = seg.size
+        for seq, rec in batch:
+            if (seg.seqs or chunk) and offset + len(rec) > self.segment_max_bytes:
+                self._flush(seg, chunk, index, offset, sync)
+                seg = self._rotate(seq, sync)
+                chunk, index, offset = [], [], seg.size
+            chunk.append(rec)
+            index.append((seq, offset))
+            offset += len(rec)
+        self._flush(seg, chunk, index, offset, sync)
+
+    def _flush(self, seg: _Segment, chunk: list, index: list, end: int, sync: bool) -> None:
+        if not chunk:
+            return
+        _write_all(self._fd, b"".join(chunk))
+        if sync:
+            t0 = time.perf_counter()
+            _datasync(self._fd)
+            self._m["fsync_seconds"] += time.perf_counter() - t0
+            self._m["fsyncs"] += 1
+        with self._lock:
+            for seq, off in index:
+                seg.seqs.append(seq)
+                seg.offsets.append(off)
+            self._size += end - seg.size
+            seg.size = end
+            self._committed = index[-1][0]
+            self._m["commits"] += 1
+
+    def _rotate(self, base: int, sync: bool) -> _Segment:
+        path = os.path.join(self.directory, segment_name(base))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            _write_all(fd, encode_segment_header(base, self.wal_id))
+            if sync:
+                os.fsync(fd)
+                _fsync_dir(self.directory)  # the new name must survive for its records to
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+        seg = _Segment(base, path, SEGMENT_HEADER_BYTES)
+        with self._lock:
+            self._segments.append(seg)
+            self._bases.append(base)
+            self._size += SEGMENT_HEADER_BYTES
+        return seg
+
+    def _enforce_cap(self) -> None:
+        victims = []
+        with self._lock:
+            while self._size > self.max_size_bytes and len(self._segments) > 1:
+                seg = self._segments.pop(0)
+                self._bases.pop(0)
+                self._size -= seg.size
+                lost = len(seg.seqs) - bisect_right(seg.seqs, self._cursor)
+                if lost and self._acked:
+                    last = seg.seqs[-1]
+                    gone = [s for s in self._acked if s <= last]
+                    lost -= len(gone)
+                    self._acked.difference_update(gone)
+                self._m["dropped_records"] += lost
+                self._m["dropped_segments"] += 1
+                victims.append(seg)
+        for seg in victims:
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+
+    # -- acknowledgements -----------------------------------------------------------------
+
+    def _exists(self, seq: int) -> bool:
+        i = bisect_right(self._bases, seq) - 1
+        if i < 0:
+            return False
+        seqs = self._segments[i].seqs
+        k = bisect_left(seqs, seq)
+        return k < len(seqs) and seqs[k] == seq
+
+    def _next_existing(self, seq: int):
+        i = max(bisect_right(self._bases, seq) - 1, 0)
+        for seg in self._segments[i:]:
+            k = bisect_right(seg.seqs, seq)
+            if k < len(seg.seqs):
+                return seg.seqs[k]
+        return None
+
+    def ack(self, seq: int) -> int:
+        """Mark one committed record acknowledged upstream; returns the cursor. Acks for seqs
+        at or below the cursor, not yet committed, or not existing are ignored (and counted)."""
+        with self._lock:
+            if seq <= self._cursor or seq > self._committed or not self._exists(seq):
+                self._m["acks_ignored"] += 1
+                return self._cursor
+            acked = self._acked
+            acked.add(seq)
+            cursor = self._cursor
+            while True:
+                n = self._next_existing(cursor)
+                if n is None or n not in acked:
+                    break
+                acked.discard(n)
+                cursor = n
+            self._cursor = cursor
+            return cursor
+
+    def ack_many(self, seqs) -> int:
+        cursor = self._cursor
+        for seq in seqs:
+            cursor = self.ack(seq)
+        return cursor
+
+    def persist_cursor(self) -> bool:
+        """Write the cursor atomically if it moved, then delete fully acknowledged segments.
+        Returns True if it wrote. Raises WalFailed(op="cursor") on an I/O error (appends go on)."""
+        if self.readonly:
+            raise WalReadOnly(f"WAL {self.directory} is open read-only")
+        with self._commit_lock:
+            cursor = self._cursor
+            if cursor == self._persisted:
+                return False
+            path = os.path.join(self.directory, CURSOR_FILE)
+            tmp = path + ".tmp"
+            head = _CURSOR.pack(_CURSOR_MAGIC, cursor, 0)[:-4]
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _write_all(fd, head + struct.pack(">I", crc32c(head)))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                _fsync_dir(self.directory)
+            except OSError as exc:
+                raise WalFailed("cursor", path, exc) from exc
+            self._persisted = cursor
+            self._m["cursor_writes"] += 1
+            self._delete_acked()
+            return True
+
+    def _delete_acked(self) -> None:
+        victims = []
+        with self._lock:
+            while len(self._segments) > 1:
+                seg = self._segments[0]
+                if seg.seqs and seg.seqs[-1] > self._persisted:
+                    break
+                self._segments.pop(0)
+                self._bases.pop(0)
+                self._size -= seg.size
+                self._m["deleted_segments"] += 1
+                victims.append(seg)
+        for seg in victims:
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+
+    # -- read path ------------------------------------------------------------------------
+
+    def read_from(self, seq: int, max_n: int, max_bytes: int = DEFAULT_READ_MAX_BYTES) -> list:
+        """Up to `max_n` committed records with seq >= `seq`, in order, as WalRecord(seq,
+        payload). Seqs may have gaps (damage, size cap). At most about `max_bytes` of records
+        are read per call, but always at least one when one exists."""
+        plan = []
+        with self._lock:
+            if max_n <= 0 or not self._segments:
+                return []
+            budget = max_bytes
+            i = max(bisect_right(self._bases, seq) - 1, 0)
+            for seg in self._segments[i:]:
+                k = bisect_left(seg.seqs, seq)
+                j = min(len(seg.seqs), k + max_n)
+                if k >= j:
+                    continue
+                start = seg.offsets[k]
+                if j < len(seg.seqs) and seg.offsets[j] - start > budget or j == len(seg.seqs) and seg.size - start > budget:
+                    j = max(k + 1, bisect_right(seg.offsets, start + budget, k, j) - 1)
+                stop = seg.offsets[j] if j < len(seg.seqs) else seg.size
+                wanted = dict(zip(seg.offsets[k:j], seg.seqs[k:j]))
+                plan.append((seg, start, stop, wanted))
+                max_n -= j - k
+                budget -= stop - start
+                if max_n <= 0 or budget <= 0:
+                    break
+        out = []
+        for seg, start, stop, wanted in plan:
+            try:
+                fd = os.open(seg.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted meanwhile: acknowledged or dropped by the cap
+            try:
+                data = os.pread(fd, stop - start, start)
+            finally:
+                os.close(fd)
+            found = 0
+            for ev in scan(data, start, max_record_bytes=self.max_record_bytes):
+                if type(ev) is Record and ev.offset in wanted:
+                    try:
+                        rseq, body = unwrap_payload(ev.payload)
+                    except ValueError:
+                        continue
+                    if rseq == wanted[ev.offset]:
+                        out.append(WalRecord(rseq, body))
+                        found += 1
+            if found < len(wanted):
+                self._forget_unreadable(seg, wanted, {r.seq for r in out})
+        return out
+
+    def _forget_unreadable(self, seg: _Segment, wanted: dict, got: set) -> None:
+        # Bytes changed on disk since recovery: drop the lost seqs from the index so the
+        # cursor is not held back by records nobody can ever ship.
+        with self._lock:
+            for seq in wanted.values():
+                if seq in got:
+                    continue
+                k = bisect_left(seg.seqs, seq)
+                if k < len(seg.seqs) and seg.seqs[k] == seq:
+                    del seg.seqs[k]
+                    del seg.offsets[k]
+                    self._m["read_lost_records"] += 1
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def _recover(self) -> RecoverySummary:
+        t0 = time.monotonic()
+        d = self.directory
+        if self.readonly:
+            if not os.path.isdir(d):
+                raise WalError(f"WAL directory {d} does not exist")
+        else:
+            os.makedirs(d, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WalLocked(os.path.join(d, LOCK_FILE)) from None
+            try:
+                os.unlink(os.path.join(d, CURSOR_FILE + ".tmp"))
+            except FileNotFoundError:
+                pass
+        cursor, cursor_reset = self._read_cursor()
+        names = sorted((b, n) for n in os.listdir(d) if (b := _parse_segment_name(n)) is not None)
+        c = dict.fromkeys(("records", "torn", "corrupt", "corrupt_bytes", "deleted", "repaired", "headers"), 0)
+        wal_id = None
+        tail_damage = 0
+        rewrite_last_header = False
+        for idx, (base, name) in enumerate(names):
+            last = idx == len(names) - 1
+            next_base = None if last else names[idx + 1][0]
+            path = os.path.join(d, name)
+            if not last and cursor is not None and next_base - 1 <= cursor and not self.readonly:
+                os.unlink(path)  # every record in it is below the cursor
+                c["deleted"] += 1
+                continue
+            with open(path, "rb") as fh:
+                head = fh.read(SEGMENT_HEADER_BYTES)
+                try:
+                    h = parse_segment_header(head, name)
+                    wal_id = h.wal_id
+                    if h.base_seq != base:
+                        c["headers"] += 1
+                except SegmentHeaderError:
+                    c["headers"] += 1
+                    if len(head) < SEGMENT_HEADER_BYTES:  # creation interrupted: holds no record
+                        c["repaired"] += 1
+                        if last:
+                            rewrite_last_header = True
+                        elif not self.readonly:
+                            os.unlink(path)
+                            continue
+                seg = _Segment(base, path, SEGMENT_HEADER_BYTES)
+                valid_end, size = self._scan_segment(fh, seg, next_base, c)
+            if last:
+                tail_damage = max(size - valid_end, 0)
+            if size > valid_end and not self.readonly and not rewrite_last_header:
+                with open(path, "r+b") as fh:
+                    fh.truncate(valid_end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            seg.size = valid_end
+            self._segments.append(seg)
+            self._bases.append(base)
+            self._size += valid_end
+        self.wal_id = wal_id or os.urandom(16)
+        max_seen = FIRST_SEQ - 1
+        for seg in self._segments:
+            max_seen = max(max_seen, seg.seqs[-1] if seg.seqs else seg.base - 1)
+        bump = -(-tail_damage // _MIN_RECORD_BYTES)  # seqs the damaged tail could have held
+        first_base = self._segments[0].base if self._segments else FIRST_SEQ
+        if cursor is None:
+            cursor = max(first_base - 1, FIRST_SEQ - 1)
+        self._cursor = self._persisted = cursor
+        self._next_seq = max(max_seen + 1 + bump, cursor + 1, FIRST_SEQ)
+        if self._segments:
+            self._next_seq = max(self._next_seq, self._segments[-1].base)
+        self._committed = self._next_seq - 1
+        if not self.readonly:
+            self._open_active(rewrite_last_header)
+            before = self._m["deleted_segments"]
+            self._delete_acked()
+            c["deleted"] += self._m["deleted_segments"] - before
+            self._m["deleted_segments"] = before
+            if self.max_size_bytes is not None and self._size > self.max_size_bytes:
+                self._enforce_cap()
+        return RecoverySummary(
+            segments=len(self._segments),
+            records_ok=c["records"],
+            torn_bytes_truncated=c["torn"],
+            corrupt_records_skipped=c["corrupt"],
+            corrupt_bytes_skipped=c["corrupt_bytes"],
+            segments_deleted=c["deleted"],
+            segments_repaired=c["repaired"],
+            headers_damaged=c["headers"],
+            cursor=self._cursor,
+            cursor_reset=cursor_reset,
+            next_seq=self._next_seq,
+            wal_id=self.wal_id.hex(),
+            readonly=self.readonly,
+            seconds=round(time.monotonic() - t0, 6),
+        )
+
+    def _scan_segment(self, fh, seg: _Segment, next_base, c: dict):
+        """Index one segment's valid records; returns (end of the last valid record, size)."""
+        reader = RecordReader(SEGMENT_HEADER_BYTES, max_record_bytes=self.max_record_bytes)
+        prev = seg.base - 1
+        valid_end = SEGMENT_HEADER_BYTES
+        size = SEGMENT_HEADER_BYTES
+        while True:
+            chunk = fh.read(RECOVERY_CHUNK_BYTES)
+            size += len(chunk)
+            for ev in reader.feed(chunk) if chunk else reader.end():
+                kind = type(ev)
+                if kind is Record:
+                    try:
+                        seq, _body = unwrap_payload(ev.payload)
+                    except ValueError:
+                        seq = None
+                    if seq is None or seq <= prev or (next_base is not None and seq >= next_base):
+                        c["corrupt"] += 1  # CRC-valid but not ours or out of order
+                        c["corrupt_bytes"] += RECORD_HEADER_BYTES + len(ev.payload)
+                        continue
+                    seg.seqs.append(seq)
+                    seg.offsets.append(ev.offset)
+                    prev = seq
+                    valid_end = ev.offset + RECORD_HEADER_BYTES + len(ev.payload)
+                    c["records"] += 1
+                elif kind is Corrupt:
+                    c["corrupt"] += 1
+                    c["corrupt_bytes"] += ev.length
+                elif kind is TornTail:
+                    c["torn"] += ev.length
+            if not chunk:
+                return valid_end, size
+
+    def _read_cursor(self):
+        try:
+            with open(os.path.join(self.directory, CURSOR_FILE), "rb") as fh:
+                data = fh.read(_CURSOR.size + 1)
+        except FileNotFoundError:
+            return None, False
+        if len(data) == _CURSOR.size:
+            magic, seq, crc = _CURSOR.unpack(data)
+            if magic == _CURSOR_MAGIC and crc32c(data[:-4]) == crc:
+                return seq, False
+        return None, True  # damaged: start from the oldest record (re-sent, deduplicated upstream)
+
+    def _open_active(self, rewrite_header: bool) -> None:
+        if not self._segments:
+            self._rotate(self._next_seq, sync=True)
+            return
+        seg = self._segments[-1]
+        if rewrite_header:
+            with open(seg.path, "wb") as fh:
+                fh.write(encode_segment_header(seg.base, self.wal_id))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._size += SEGMENT_HEADER_BYTES - seg.size
+            seg.size = SEGMENT_HEADER_BYTES
+        self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters and gauges for telemetry (cheap; safe from any thread)."""
+        with self._lock:
+            m = dict(self._m)
+            m.update(
+                committed_seq=self._committed,
+                next_seq=self._next_seq,
+                cursor=self._cursor,
+                persisted_cursor=self._persisted,
+                pending_records=len(self._staged),
+                pending_bytes=self._staged_bytes,
+                segments=len(self._segments),
+                size_bytes=self._size,
+                max_size_bytes=self.max_size_bytes,
+                unacked_records=self._unacked_locked(),
+                fsync_policy=self.fsync,
+                failed=self._failed is not None,
+                backend=BACKEND,
+            )
+        return m
+
+    def _unacked_locked(self) -> int:
+        n = 0
+        for seg in self._segments:
+            n += len(seg.seqs) - bisect_right(seg.seqs, self._cursor)
+        return n - len(self._acked)
+
+    def close(self) -> None:
+        """Commit what is staged, persist the cursor, release the directory. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self.readonly and self._failed is None:
+                self.commit()
+                self.persist_cursor()
+        finally:
+            self._closed = True
+            self._release_files()
+
+    def _release_files(self) -> None:
+        for name in ("_fd", "_lock_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                setattr(self, name, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Wal {self.directory} fsync={self.fsync} next_seq={self._next_seq} cursor={self._cursor}>"
