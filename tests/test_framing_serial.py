@@ -56,6 +56,7 @@ def test_crc16_modbus_check_value():
 
 def test_idle_gap_timing():
     fr = IdleGapFramer(0.010)
+    assert fr.timed is True
     assert fr.deadline() is None
     assert fr.feed(b"ab", 100.000) == []
     assert fr.deadline() == pytest.approx(100.010)

@@ -10,19 +10,27 @@ cimport cython
 cdef bytes _as_bytes(object data)
 
 
-cdef class DelimiterFramer:
+cdef class StreamFramer:
+    cdef readonly Py_ssize_t max_frame_bytes
+    cdef bytearray _buf
+    cdef object _error
+    cdef long long _base
+
+    cpdef reset(self)
+    cpdef list flush(self)
+    cdef object _fail(self, exc, frames)
+    cdef object _rearm(self)
+
+
+cdef class DelimiterFramer(StreamFramer):
     cdef readonly bytes delimiter
     cdef readonly str position
     cdef readonly bint include_delimiter
     cdef readonly bint append
     cdef readonly bint strip_cr
-    cdef readonly Py_ssize_t max_frame_bytes
     cdef public long long discarded
     cdef bint _prefix
-    cdef bytearray _buf
-    cdef object _error
     cdef Py_ssize_t _scan
-    cdef long long _base
     cdef bint _synced
 
     @cython.locals(buf=bytearray, work=bytes, dl=Py_ssize_t, n=Py_ssize_t, content=Py_ssize_t)
@@ -45,16 +53,13 @@ cdef class DelimiterFramer:
     cpdef bytes encode(self, payload)
 
     cpdef reset(self)
-    cdef object _fail(self, exc, frames)
-    cdef object _rearm(self)
 
 
-cdef class LengthPrefixFramer:
+cdef class LengthPrefixFramer(StreamFramer):
     cdef readonly str kind
     cdef readonly int size
     cdef readonly str endian
     cdef readonly bint includes_header
-    cdef readonly Py_ssize_t max_frame_bytes
     cdef readonly bint allow_empty
     cdef readonly bint keep_header
     cdef readonly bytes reserved
@@ -63,10 +68,7 @@ cdef class LengthPrefixFramer:
     cdef Py_ssize_t _hdr
     cdef bint _big
     cdef Py_ssize_t _adj
-    cdef bytearray _buf
-    cdef object _error
     cdef Py_ssize_t _need
-    cdef long long _base
 
     @cython.locals(buf=bytearray, work=bytes)
     cpdef list feed(self, data)
@@ -81,41 +83,26 @@ cdef class LengthPrefixFramer:
     @cython.locals(value=cython.longlong, i=Py_ssize_t, digit=int, high=int, low=int)
     cdef long long _decimal_prefix(self, bytes work, Py_ssize_t pos, list frames) except -1
 
-    cpdef list flush(self)
-
     @cython.locals(data=bytes, n=Py_ssize_t)
     cpdef bytes encode(self, payload)
 
     cpdef reset(self)
-    cdef object _fail(self, exc, frames=*)
-    cdef object _rearm(self)
 
 
-cdef class FixedFramer:
+cdef class FixedFramer(StreamFramer):
     cdef readonly Py_ssize_t size
     cdef readonly object pad
-    cdef readonly Py_ssize_t max_frame_bytes
-    cdef bytearray _buf
-    cdef long long _base
 
     @cython.locals(buf=bytearray, work=bytes, frames=list, size=Py_ssize_t, n=Py_ssize_t, pos=Py_ssize_t)
     cpdef list feed(self, data)
 
-    cpdef list flush(self)
-
     @cython.locals(data=bytes, n=Py_ssize_t)
     cpdef bytes encode(self, payload)
 
-    cpdef reset(self)
 
-
-cdef class SlipFramer:
-    cdef readonly Py_ssize_t max_frame_bytes
+cdef class SlipFramer(StreamFramer):
     cdef readonly bint leading_end
-    cdef bytearray _buf
-    cdef object _error
     cdef Py_ssize_t _scan
-    cdef long long _base
 
     @cython.locals(buf=bytearray, work=bytes, n=Py_ssize_t)
     cpdef list feed(self, data)
@@ -126,22 +113,14 @@ cdef class SlipFramer:
     )
     cdef list _split(self, bytes work)
 
-    cpdef list flush(self)
-
     @cython.locals(data=bytes, n=Py_ssize_t)
     cpdef bytes encode(self, payload)
 
     cpdef reset(self)
-    cdef object _fail(self, exc, frames)
-    cdef object _rearm(self)
 
 
-cdef class RawFramer:
-    cdef readonly Py_ssize_t max_frame_bytes
-
+cdef class RawFramer(StreamFramer):
     @cython.locals(work=bytes, n=Py_ssize_t, maxb=Py_ssize_t)
     cpdef list feed(self, data)
 
-    cpdef list flush(self)
     cpdef bytes encode(self, payload)
-    cpdef reset(self)

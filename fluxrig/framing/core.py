@@ -32,6 +32,7 @@ from fluxrig.framing.errors import BadEscape, BadLengthPrefix, EncodeError, Payl
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "PREFIX_KINDS",
+    "StreamFramer",
     "DelimiterFramer",
     "LengthPrefixFramer",
     "FixedFramer",
@@ -65,7 +66,45 @@ def _check_limit(max_frame_bytes) -> int:
     return limit
 
 
-class DelimiterFramer:
+class StreamFramer:
+    """What every stream framer shares: the frame limit, the pending bytes, the stream offset
+    of their first byte, and the fatal error that stops the framer until reset()."""
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.max_frame_bytes = _check_limit(max_frame_bytes)
+        self._buf = bytearray()
+        self._error = None
+        self._base = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def reset(self) -> None:
+        self._buf = bytearray()
+        self._error = None
+        self._base = 0
+
+    def flush(self) -> list:
+        """End of stream. A truncated frame cannot be completed: it stays counted in
+        `buffered` for the gear to log, and nothing is returned."""
+        if self._error is not None:
+            raise self._rearm()
+        return []
+
+    def _fail(self, exc, frames):
+        # Fatal: remember the error, so every later feed raises it until reset().
+        exc.frames = frames
+        self._error = exc
+        return exc
+
+    def _rearm(self):
+        exc = self._error
+        exc.frames = []
+        return exc
+
+
+class DelimiterFramer(StreamFramer):
     """Frames separated by a delimiter.
 
     `position="suffix"` (default): each frame ends with the delimiter. `position="prefix"`: each
@@ -97,24 +136,15 @@ class DelimiterFramer:
         self.include_delimiter = bool(include_delimiter)
         self.append = bool(append)
         self.strip_cr = (delim == b"\n") if strip_cr is None else bool(strip_cr)
-        self.max_frame_bytes = _check_limit(max_frame_bytes)
+        StreamFramer.__init__(self, max_frame_bytes)
         self.discarded = 0
         self._prefix = position == "prefix"
-        self._buf = bytearray()
-        self._error = None
         self._scan = 0
-        self._base = 0
         self._synced = not self._prefix
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
     def reset(self) -> None:
-        self._buf = bytearray()
-        self._error = None
+        StreamFramer.reset(self)
         self._scan = 0
-        self._base = 0
         self._synced = not self._prefix
 
     def feed(self, data) -> list:
@@ -285,18 +315,8 @@ class DelimiterFramer:
             return self.delimiter + data
         return data + self.delimiter
 
-    def _fail(self, exc, frames):
-        exc.frames = frames
-        self._error = exc
-        return exc
 
-    def _rearm(self):
-        exc = self._error
-        exc.frames = []
-        return exc
-
-
-class LengthPrefixFramer:
+class LengthPrefixFramer(StreamFramer):
     """Frames preceded by their length.
 
     kind="binary": `size` (2 or 4) bytes, `endian` big or little (jPOS NAC/Post/Raw).
@@ -343,7 +363,7 @@ class LengthPrefixFramer:
         self.size = hdr
         self.endian = endian
         self.includes_header = bool(includes_header)
-        self.max_frame_bytes = _check_limit(max_frame_bytes)
+        StreamFramer.__init__(self, max_frame_bytes)
         self.allow_empty = bool(allow_empty)
         self.keep_header = bool(keep_header)
         self.reserved = reserved
@@ -353,20 +373,11 @@ class LengthPrefixFramer:
         self._adj = hdr if self.includes_header else 0
         # Largest body the prefix can announce, and so the largest payload `encode` accepts.
         self.max_payload = min(self.max_frame_bytes, top - self._adj)
-        self._buf = bytearray()
-        self._error = None
         self._need = hdr
-        self._base = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
 
     def reset(self) -> None:
-        self._buf = bytearray()
-        self._error = None
+        StreamFramer.reset(self)
         self._need = self._hdr
-        self._base = 0
 
     def feed(self, data) -> list:
         if self._error is not None:
@@ -430,7 +441,8 @@ class LengthPrefixFramer:
                     BadLengthPrefix(
                         f"announces {value} bytes, leaving a body of {body}", self._base + pos,
                         work[pos : pos + hdr], PREFIX_KINDS[kind], frames,
-                    )
+                    ),
+                    frames,
                 )
             if body > maxb:
                 raise self._fail(FrameTooLarge(body, maxb, self._base + pos), frames)
@@ -460,7 +472,8 @@ class LengthPrefixFramer:
                         BadLengthPrefix(
                             f"byte {i - pos} (0x{work[i]:02X}) is not an ASCII digit", self._base + pos,
                             work[pos : pos + 4], "ascii4", frames,
-                        )
+                        ),
+                        frames,
                     )
                 value = value * 10 + digit
         else:
@@ -472,17 +485,11 @@ class LengthPrefixFramer:
                         BadLengthPrefix(
                             f"byte {i - pos} (0x{work[i]:02X}) is not packed BCD", self._base + pos,
                             work[pos : pos + 2], "bcd2", frames,
-                        )
+                        ),
+                        frames,
                     )
                 value = value * 100 + high * 10 + low
         return value
-
-    def flush(self) -> list:
-        """End of stream: a truncated frame cannot be completed; it stays counted in
-        `buffered` for the gear to log, and nothing is returned."""
-        if self._error is not None:
-            raise self._rearm()
-        return []
 
     def encode(self, payload) -> bytes:
         data = _as_bytes(payload)
@@ -505,25 +512,14 @@ class LengthPrefixFramer:
             return bytes.fromhex("%04d" % value) + data
         return value.to_bytes(2, "big") + self.reserved + data
 
-    def _fail(self, exc, frames=None):
-        if frames is not None:
-            exc.frames = frames
-        self._error = exc
-        return exc
 
-    def _rearm(self):
-        exc = self._error
-        exc.frames = []
-        return exc
-
-
-class FixedFramer:
+class FixedFramer(StreamFramer):
     """Frames of exactly `size` bytes. `encode` refuses other sizes unless `pad` (one byte)
     is set, which right-pads shorter payloads."""
 
     def __init__(self, size: int, pad=None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         size = int(size)
-        self.max_frame_bytes = _check_limit(max_frame_bytes)
+        StreamFramer.__init__(self, max_frame_bytes)
         if size < 1 or size > self.max_frame_bytes:
             raise ValueError(f"fixed frame size must be 1..{self.max_frame_bytes}, got {size}")
         if pad is not None:
@@ -532,16 +528,6 @@ class FixedFramer:
                 raise ValueError(f"pad must be one byte, got {pad!r}")
         self.size = size
         self.pad = pad
-        self._buf = bytearray()
-        self._base = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def reset(self) -> None:
-        self._buf = bytearray()
-        self._base = 0
 
     def feed(self, data) -> list:
         buf = self._buf
@@ -567,9 +553,6 @@ class FixedFramer:
         self._base += pos
         return frames
 
-    def flush(self) -> list:
-        return []
-
     def encode(self, payload) -> bytes:
         data = _as_bytes(payload)
         n = len(data)
@@ -582,7 +565,7 @@ class FixedFramer:
         return data + self.pad * (self.size - n)
 
 
-class SlipFramer:
+class SlipFramer(StreamFramer):
     """RFC 1055 SLIP: frames end with END (0xC0); ESC (0xDB) ESC_END (0xDC) stands for a data
     0xC0, ESC ESC_ESC (0xDD) for a data 0xDB. Empty frames (END END, line-noise flushes) are
     skipped. An ESC followed by anything else drops that frame with BadEscape (recoverable:
@@ -593,22 +576,13 @@ class SlipFramer:
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, leading_end: bool = True):
-        self.max_frame_bytes = _check_limit(max_frame_bytes)
+        StreamFramer.__init__(self, max_frame_bytes)
         self.leading_end = bool(leading_end)
-        self._buf = bytearray()
-        self._error = None
         self._scan = 0
-        self._base = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
 
     def reset(self) -> None:
-        self._buf = bytearray()
-        self._error = None
+        StreamFramer.reset(self)
         self._scan = 0
-        self._base = 0
 
     def feed(self, data) -> list:
         if self._error is not None:
@@ -675,13 +649,6 @@ class SlipFramer:
         self._scan = n - pos
         return frames
 
-    def flush(self) -> list:
-        """End of stream: an unterminated SLIP frame is incomplete by definition; it stays
-        counted in `buffered` and nothing is returned."""
-        if self._error is not None:
-            raise self._rearm()
-        return []
-
     def encode(self, payload) -> bytes:
         data = _as_bytes(payload)
         n = len(data)
@@ -695,30 +662,10 @@ class SlipFramer:
             return b"\xc0" + data + b"\xc0"
         return data + b"\xc0"
 
-    def _fail(self, exc, frames):
-        exc.frames = frames
-        self._error = exc
-        return exc
 
-    def _rearm(self):
-        exc = self._error
-        exc.frames = []
-        return exc
-
-
-class RawFramer:
+class RawFramer(StreamFramer):
     """No framing (`framing: none`): every chunk read is a frame, every payload is written as
     is. For byte-transparent bridges, where the peer defines no message boundaries."""
-
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
-        self.max_frame_bytes = _check_limit(max_frame_bytes)
-
-    @property
-    def buffered(self) -> int:
-        return 0
-
-    def reset(self) -> None:
-        pass
 
     def feed(self, data) -> list:
         if not data:
@@ -730,9 +677,6 @@ class RawFramer:
         if n <= maxb:
             return [work]
         return [work[i : i + maxb] for i in range(0, n, maxb)]
-
-    def flush(self) -> list:
-        return []
 
     def encode(self, payload) -> bytes:
         return _as_bytes(payload)

@@ -97,6 +97,10 @@ def crc16_modbus(data: bytes) -> int:
 class IdleGapFramer:
     """A frame is whatever arrived between two silences of at least `gap` seconds."""
 
+    #: Adapters tell time-based framers (feed(data, now), poll, deadline) from stream framers
+    #: (feed(data)) with `getattr(framer, "timed", False)`.
+    timed = True
+
     def __init__(self, gap: float, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         if not gap > 0:
             raise ValueError(f"idle gap must be > 0 seconds, got {gap!r}")
