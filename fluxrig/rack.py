@@ -2,7 +2,8 @@
 
 `Rack.run()` loads the scenario, starts the runtime, tells systemd READY=1 once the graph
 is running, keeps the watchdog fed, and waits. SIGTERM or SIGINT drain the graph within
-`rack.drain_timeout` then exit 0; SIGHUP re-reads the scenario file and reloads it. Signal
+`rack.drain_timeout` then exit 0; SIGHUP (or `fluxrig reload`) re-reads the scenario file and
+shadow-swaps it in (see runtime/reload.py): unchanged gears keep running. Signal
 handlers only post a request to the loop; the work happens in `run()`.
 """
 
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import signal
 
 from . import systemd
 from .config import Config
-from .errors import FluxError
+from .errors import FluxError, ScenarioError
 from .runtime.graph import Runtime
+from .runtime.reload import ReloadError, shadow_swap
 from .scenario import Scenario, load_scenario
 
 __all__ = ["Rack", "InstanceLocked"]
@@ -40,6 +43,8 @@ class Rack:
         self._reload_requested = asyncio.Event()
         self._lock_fd: int | None = None
         self.name = config.base.name
+        self._reload_lock = asyncio.Lock()
+        self.event_listeners: list = []
 
     # -- instance lock ---------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -67,23 +72,20 @@ class Rack:
             raise FluxError("no scenario to run: pass --scenario FILE or set base.scenario in fluxrig.toml")
         return load_scenario(self.scenario_path)
 
-    async def apply_scenario(self, scenario: Scenario) -> None:
-        """Replace the running graph with `scenario` (stop-then-start until shadow swap lands)."""
-        new = Runtime(scenario, self.name, self.config.rack)
-        new.build()  # refuse before touching the running graph
-        old = self.runtime
-        if old is not None:
-            await old.shutdown(self.config.rack.drain_timeout)
-        try:
-            await new.start()
-        except Exception:
-            if old is not None:
-                log.error("new scenario failed to start; restarting the previous one")
-                again = Runtime(old.scenario, self.name, self.config.rack)
-                await again.start()
-                self.runtime = again
-            raise
-        self.runtime = new
+    async def apply_scenario(self, scenario: Scenario):
+        """Shadow-swap the running graph to `scenario`; ReloadError leaves it unchanged."""
+        async with self._reload_lock:
+            report = await shadow_swap(self.runtime, scenario)
+        self._telemetry_event(report.as_dict())
+        return report
+
+    def _telemetry_event(self, event: dict) -> None:
+        log.info("event %s", json.dumps(event, separators=(",", ":")))
+        for listener in self.event_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
 
     # -- main loop -----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -131,9 +133,14 @@ class Rack:
         try:
             scenario = self.load()
             await self.apply_scenario(scenario)
-            log.info("reloaded scenario %s version %s", scenario.name, scenario.version)
-        except FluxError as exc:
+        except ScenarioError as exc:
             log.error("reload refused, the running scenario is unchanged: %s", exc)
+            self._telemetry_event({"event": "reload", "ok": False, "reason": str(exc),
+                                   "old_version": self.runtime.scenario.version})
+        except ReloadError as exc:
+            self._telemetry_event(exc.report.as_dict())
+        except FluxError as exc:
+            log.error("reload failed, the running scenario is unchanged: %s", exc)
         finally:
             systemd.ready()
 

@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="fluxrig.toml (default: built-in defaults + FLUXRIG_* env)")
     p.add_argument("-s", "--scenario", metavar="FILE", help="scenario YAML/TOML to run (overrides base.scenario)")
     p.set_defaults(func=run)
+    register_reload(sub)
 
 
 def _event_loop_policy() -> None:
@@ -50,3 +51,40 @@ def run(args) -> int:
     except FluxError as exc:
         print(f"fluxrig: {exc}", file=sys.stderr)
         return 2
+
+
+def register_reload(sub) -> None:
+    p = sub.add_parser(
+        "reload",
+        help="ask the running standalone Rack to re-read its scenario file (same as SIGHUP)",
+        description="Send SIGHUP to the Rack that holds <base.state_dir>/.lock. The Rack validates the file; "
+                    "an invalid scenario is refused and the running graph stays as it is. Unchanged gears keep "
+                    "their connections (shadow swap); the outcome is logged by the Rack.",
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="fluxrig.toml of the Rack (for base.state_dir)")
+    p.set_defaults(func=reload_cmd)
+
+
+def reload_cmd(args) -> int:
+    import os
+    import signal
+
+    try:
+        cfg = load_config(args.config)
+    except FluxError as exc:
+        print(f"fluxrig: configuration error: {exc}", file=sys.stderr)
+        return 2
+    lock = os.path.join(cfg.base.state_dir, ".lock")
+    try:
+        with open(lock) as fh:
+            pid = int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        print(f"fluxrig: no running Rack found ({lock} missing or empty)", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"fluxrig: the Rack recorded in {lock} (pid {pid}) is not running", file=sys.stderr)
+        return 1
+    print(f"reload requested from Rack pid {pid}; see its log for the outcome")
+    return 0

@@ -13,6 +13,8 @@ Control: `conn.close {conn_id, reason}` on the control subject named after the g
 
 from __future__ import annotations
 
+import socket
+
 from ..durations import parse_duration
 from ..errors import FluxError
 from ..framing.config import STREAM_FRAMINGS, framing_schema, make_framer
@@ -46,6 +48,21 @@ SCHEMA = {
     "required": ["mode"],
     "additionalProperties": False,
 }
+
+
+def inherit_listener(old, new):
+    """A duplicate of `old`'s listening socket if `new` listens on the same address, else None."""
+    ep = getattr(old, "endpoint", None)
+    if not isinstance(ep, TcpEndpoint) or old.MANIFEST.type != new.MANIFEST.type:
+        return None
+    if not (old.config.get("mode") == new.config.get("mode") == "server"):
+        return None
+    if old.config.get("bind") != new.config.get("bind"):
+        return None
+    sock = ep.listen_socket
+    if sock is None:
+        return None
+    return socket.fromfd(sock.fileno(), sock.family, sock.type)
 
 
 def endpoint_problems(config: dict):
@@ -104,6 +121,12 @@ class IoTcpGear(Gear):
         )
         self._encoder = make_framer(self._framer_cfg)
         self._unsub = None
+        self._inherited_sock = None
+
+    def handover_from(self, old) -> None:
+        """Keep listening through a reload: take a duplicate of the running server's socket
+        when the bind address is unchanged (the old gear closes only its own descriptor)."""
+        self._inherited_sock = inherit_listener(old, self)
 
     async def _on_frame(self, conn, frame: bytes) -> None:
         if not self._read:
@@ -113,7 +136,8 @@ class IoTcpGear(Gear):
 
     async def start(self) -> None:
         self._unsub = self.ctx.control.subscribe(self.name, self._on_control, replay_last=False)
-        await self.endpoint.start()
+        await self.endpoint.start(sock=self._inherited_sock)
+        self._inherited_sock = None
 
     def _on_control(self, cmd: dict) -> None:
         if cmd.get("cmd") == "conn.close":

@@ -170,6 +170,10 @@ class Gear:
             raise IllegalTransition(self.name, self.state, dst)
         self.state = dst
 
+    def handover_from(self, old: "Gear") -> None:
+        """Called on a rebuilt gear before start, with the running version it replaces: take
+        over what must not be closed and re-opened (a listening socket). Default: nothing."""
+
     async def start(self) -> None:
         """Begin work (open sockets, start timers). Raise to refuse the scenario."""
 

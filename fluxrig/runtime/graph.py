@@ -63,23 +63,30 @@ class Runtime:
     def _local(self, spec) -> bool:
         return not spec.deploy or not self.rack_name or spec.deploy == self.rack_name
 
-    def build(self) -> None:
-        """Construct every local gear and wire them; nothing starts yet."""
-        rc = self.rack_config
+    def make_gear(self, spec) -> Gear:
+        """Construct one gear (not started) with its output ports."""
         scenario_dir = os.path.dirname(os.path.abspath(self.scenario.source)) if self.scenario.source else os.getcwd()
-        for spec in self.scenario.gears:
-            if not self._local(spec):
-                continue
-            cls = get_gear_class(spec.type)
-            ctx = GearContext(self.rack_name, self.control, rc, logging.getLogger(f"fluxrig.gear.{spec.name}"), scenario_dir)
-            gear = cls(spec.name, spec.config, ctx)
-            _ins, outs = cls.MANIFEST.ports(spec.config)
-            gear.outputs = {p: OutPort(gear, p, uuid7()) for p in outs}
-            self.gears[spec.name] = gear
+        cls = get_gear_class(spec.type)
+        ctx = GearContext(self.rack_name, self.control, self.rack_config,
+                          logging.getLogger(f"fluxrig.gear.{spec.name}"), scenario_dir)
+        gear = cls(spec.name, spec.config, ctx)
+        _ins, outs = cls.MANIFEST.ports(spec.config)
+        gear.outputs = {p: OutPort(gear, p, uuid7()) for p in outs}
+        return gear
 
-        local = [w for w in self.scenario.wires if w.src.gear in self.gears and w.dst.gear in self.gears]
-        for w in self.scenario.wires:
-            touches_us = w.src.gear in self.gears or w.dst.gear in self.gears
+    def local_specs(self, scenario: Scenario) -> list:
+        return [spec for spec in scenario.gears if self._local(spec)]
+
+    def plan_wiring(self, scenario: Scenario, gears: dict[str, Gear], reuse: dict | None = None):
+        """Targets per output port and the lanes they need, for `gears` wired as `scenario` says.
+
+        `reuse` maps (gear, port) to a running Lane: kept when it still feeds the same gear
+        object, so messages queued in it survive a reload.
+        """
+        rc = self.rack_config
+        local = [w for w in scenario.wires if w.src.gear in gears and w.dst.gear in gears]
+        for w in scenario.wires:
+            touches_us = w.src.gear in gears or w.dst.gear in gears
             if touches_us and (w not in local or w.lane == "guaranteed"):
                 raise FluxError(
                     f"wire {w.src} -> {w.dst} needs the guaranteed lane (another Rack, or lane: guaranteed), "
@@ -87,18 +94,39 @@ class Runtime:
                 )
         fan_out = Counter((w.src.gear, w.src.port) for w in local)
         fan_in = Counter((w.dst.gear, w.dst.port) for w in local)
+        targets: dict[tuple[str, str], list] = {}
         lanes: dict[tuple[str, str], Lane] = {}
         for w in local:
-            dst_gear = self.gears[w.dst.gear]
+            dst_gear = gears[w.dst.gear]
             key = (w.dst.gear, w.dst.port)
             if rc.fuse_sync_chains and fan_out[(w.src.gear, w.src.port)] == 1 and fan_in[key] == 1:
                 target = DirectTarget(dst_gear, w.dst.port)
             else:
                 target = lanes.get(key)
                 if target is None:
-                    target = lanes[key] = Lane(dst_gear, w.dst.port, rc.lane_queue_size, rc.lane_send_timeout)
-            self.gears[w.src.gear].outputs[w.src.port].targets.append(target)
-            self.lanes.append(target)
+                    old = (reuse or {}).get(key)
+                    if old is not None and old.gear is dst_gear:
+                        target = old
+                    else:
+                        target = Lane(dst_gear, w.dst.port, rc.lane_queue_size, rc.lane_send_timeout)
+                    lanes[key] = target
+            targets.setdefault((w.src.gear, w.src.port), []).append(target)
+        return targets, lanes
+
+    @staticmethod
+    def apply_wiring(gears: dict[str, Gear], targets: dict) -> None:
+        """Point every output port at its new targets: synchronous, so atomic between messages."""
+        for gear in gears.values():
+            for port, out in gear.outputs.items():
+                out.targets = targets.get((gear.name, port), [])
+
+    def build(self) -> None:
+        """Construct every local gear and wire them; nothing starts yet."""
+        for spec in self.local_specs(self.scenario):
+            self.gears[spec.name] = self.make_gear(spec)
+        targets, lanes = self.plan_wiring(self.scenario, self.gears)
+        self.apply_wiring(self.gears, targets)
+        self.lanes = list(lanes.values())
         self.state = "built"
 
     def _start_order(self) -> list[Gear]:
@@ -112,8 +140,7 @@ class Runtime:
         if self.state == "new":
             self.build()
         for lane in self.lanes:
-            if isinstance(lane, Lane):
-                lane.start()
+            lane.start()
         started: list[Gear] = []
         for gear in self._start_order():
             try:
@@ -131,7 +158,7 @@ class Runtime:
                 raise GearStartError(gear.name, exc) from exc
         self.state = "running"
         log.info("scenario %s %s running: %d gears, %d wires", self.scenario.name or "-", self.scenario.version,
-                 len(self.gears), len(self.lanes))
+                 len(self.gears), len(self.scenario.wires))
 
     async def _stop_gear(self, gear: Gear) -> None:
         if gear.state == "stopped":
