@@ -1,0 +1,147 @@
+"""Isolation and trust: a Rack's bus user cannot touch another Rack's subjects (the server
+refuses), tampered or foreign passports are refused, replays are ignored."""
+
+from __future__ import annotations
+
+import asyncio
+
+import cbor2
+import nats
+import pytest
+
+from fluxrig.agent import protocol as P
+from fluxrig.errors import PassportPinMismatch, PassportSignatureInvalid, PassportMalformed
+from fluxrig.passport import ClusterKey, Passport, PassportStore, sign_passport, verify_passport
+from mixer_fixtures import *  # noqa: F401,F403
+
+
+async def _enrolled_active(api, agent_factory, name):
+    agent = await agent_factory(name)
+    await wait_for(lambda: agent.passport is not None, what=f"{name} enrolled")
+    r = await api.post(f"/api/v1/racks/{name}/approve", json={})
+    assert r.status_code == 200, r.text
+    await wait_for(lambda: agent.status == "active" and agent.connected.is_set(), what=f"{name} active")
+    return agent
+
+
+async def test_rack_cannot_use_another_racks_subjects(mixer, api, agent_factory):
+    a = await _enrolled_active(api, agent_factory, "rack-a")
+    b = await _enrolled_active(api, agent_factory, "rack-b")
+    errors = []
+
+    async def on_error(exc):
+        errors.append(str(exc))
+
+    pa = a.passport
+    nc = await nats.connect(mixer.snake.url, user=pa.bus_user, password=pa.bus_password,
+                            inbox_prefix="_INBOX_rack-a", error_cb=on_error, allow_reconnect=False)
+    try:
+        # Own subjects are fine.
+        await nc.publish("flux.telemetry.rack-a.logs", b"x")
+        await nc.subscribe("flux.ctrl.rack-a.reload")
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        assert errors == []
+        # Someone else's: the server refuses every one of them.
+        got = []
+
+        async def grab(m):
+            got.append(m)
+
+        for subj in ("flux.ctrl.rack-b.>", "_INBOX_rack-b.>", "fluxrig.agent.hello", "fluxrig.agent.heartbeat.rack-b"):
+            await nc.subscribe(subj, cb=grab)
+        for subj in ("flux.telemetry.rack-b.logs", "flux.msg.rack-b.g.out", "fluxrig.agent.heartbeat.rack-b",
+                     "flux.ctrl.rack-b.reload", "$JS.API.STREAM.DELETE.flux-telemetry"):
+            await nc.publish(subj, b"x")
+        await nc.flush()
+        await wait_for(lambda: len(errors) >= 9, timeout=5, what="permission violations")
+    finally:
+        await nc.close()
+    text = "\n".join(errors).lower()  # nats-py lower-cases the error text
+    for subj in ("flux.ctrl.rack-b.>", "_INBOX_rack-b.>", "fluxrig.agent.hello", "flux.telemetry.rack-b.logs",
+                 "flux.msg.rack-b.g.out", "flux.ctrl.rack-b.reload", "$JS.API.STREAM.DELETE.flux-telemetry"):
+        assert f"\"{subj.lower()}\"" in text, subj
+    assert got == []
+    # rack-b's JetStream publish through its own identity still works, and rack-a's cannot land there.
+    info = await mixer.js.stream_info("flux-telemetry")
+    assert info.state.messages == 1  # only rack-a's own publish
+
+
+async def test_enroll_user_cannot_read_hellos_or_publish(mixer):
+    errors = []
+
+    async def on_error(exc):
+        errors.append(str(exc))
+
+    nc = await nats.connect(mixer.snake.url, user="enroll", password="enroll", inbox_prefix="_INBOX_ENROLL",
+                            error_cb=on_error, allow_reconnect=False)
+    try:
+        await nc.subscribe("fluxrig.agent.hello")
+        await nc.publish("flux.telemetry.x.logs", b"x")
+        await nc.flush()
+        await wait_for(lambda: len(errors) >= 2, timeout=5, what="violations")
+    finally:
+        await nc.close()
+    assert any('subscription to "fluxrig.agent.hello"' in e for e in errors)
+
+
+async def test_pending_rack_has_no_telemetry_rights(mixer, agent_factory):
+    agent = await agent_factory("pending-one")
+    await wait_for(lambda: agent.connected.is_set(), what="pending rack connected")
+    with pytest.raises(Exception):
+        await agent.publish_telemetry("logs", b"\xa0", timeout=1.0)
+
+
+def _passport(key, **kw):
+    base = dict(rack_id="r1", rack_name="r1", status="active", bus_user="rack-r1", bus_password="pw",
+                scenario={"meta": {"version": "1"}}, scenario_version="1@x", issued_at=1000.0, expires_at=2e9, serial=1)
+    base.update(kw)
+    return sign_passport(key, Passport(**base))
+
+
+def test_tampered_passport_refused(tmp_path):
+    key = ClusterKey.generate()
+    data = _passport(key)
+    env = cbor2.loads(data)
+    body = cbor2.loads(env["payload"])
+    body["scenario"] = {"meta": {"version": "evil"}, "gears": [{"name": "x", "type": "exec"}]}
+    forged = cbor2.dumps({"payload": cbor2.dumps(body), "signature": env["signature"]})
+    with pytest.raises(PassportSignatureInvalid):
+        verify_passport(forged, [key.public_key], now=1500.0)
+    # A passport signed by another key that names itself: refused by the pin.
+    other = ClusterKey.generate()
+    with pytest.raises(PassportPinMismatch):
+        verify_passport(_passport(other), [key.public_key], now=1500.0)
+    with pytest.raises(PassportMalformed):
+        verify_passport(b"\x00garbage", [key.public_key])
+    # Trust on first use pins the first key; a second Mixer key is then refused.
+    store = PassportStore(str(tmp_path / "rack"))
+    store.accept(_passport(key), now=1500.0)
+    with pytest.raises(PassportPinMismatch):
+        store.accept(_passport(other, serial=2), now=1500.0)
+    # Two configured keys (rotation): both accepted, a third refused.
+    rot = PassportStore(str(tmp_path / "rot"), configured=[key.public_key, other.public_key])
+    rot.accept(_passport(key), now=1500.0)
+    rot.accept(_passport(other, serial=2), now=1500.0)
+    with pytest.raises(PassportPinMismatch):
+        rot.accept(_passport(ClusterKey.generate(), serial=3), now=1500.0)
+
+
+async def test_agent_ignores_tampered_and_replayed_passports(mixer, api, agent_factory):
+    agent = await _enrolled_active(api, agent_factory, "victim")
+    good = agent.passport
+    raw = agent.store.raw()
+    # Tampered: status flipped without a valid signature.
+    env = cbor2.loads(raw)
+    body = cbor2.loads(env["payload"])
+    body["serial"] = body["serial"] + 10
+    body["scenario"] = {"meta": {"version": "evil"}}
+    forged = cbor2.dumps({"payload": cbor2.dumps(body), "signature": env["signature"]})
+    await mixer.nc.publish("flux.ctrl.victim.reload", P.encode_ctrl(passport=forged))
+    # Replay of an older (but genuine) passport.
+    await mixer.nc.publish("flux.ctrl.victim.passport", P.encode_ctrl(passport=raw))
+    await mixer.nc.flush()
+    await asyncio.sleep(0.5)
+    assert agent.passport.serial == good.serial and agent.passport.scenario_version == good.scenario_version
+    assert agent.applied.calls == []
+    assert agent.store.load().serial == good.serial
