@@ -1,0 +1,187 @@
+"""Operator commands against the Mixer API: `fluxrig admin racks ...`, `fluxrig logs`,
+`fluxrig metrics`, `fluxrig admin topology`.
+
+All of them take --api-url/--api-token (or FLUXRIG_API_URL/FLUXRIG_API_TOKEN) and --json.
+Destructive actions (suspend, remove, shutdown) ask for confirmation unless -f/--force; an
+answer other than y/yes, or end of input, means no. Exit codes: 0 done, 1 refused by the
+Mixer (message printed), 3 Mixer unreachable, 4 not confirmed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .mixer_api import add_api_args, print_table, run_api_command
+
+__all__ = ["register"]
+
+RACK_COLUMNS = [
+    ("NAME", "name"), ("STATUS", "status"), ("SCENARIO", "scenario.version"), ("APPLY", "scenario.apply_state"),
+    ("HOST", "host"), ("VERSION", "version"), ("LAST SEEN", "last_seen"), ("ID", "id"),
+]
+
+
+def _emit(args, data, columns=None) -> int:
+    if args.json or columns is None:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print_table(data if isinstance(data, list) else [data], columns)
+    return 0
+
+
+def _confirm(args, action: str, rack: str) -> bool:
+    if getattr(args, "force", False):
+        return True
+    try:
+        answer = input(f"{action} rack {rack}? [y/N] ")
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _racks_list(client, args) -> int:
+    rows = client.get("/api/v1/racks", status=args.status, include_removed="true" if args.all else None)
+    return _emit(args, rows, RACK_COLUMNS)
+
+
+def _racks_show(client, args) -> int:
+    rack = client.get(f"/api/v1/racks/{args.rack}")
+    if args.json:
+        return _emit(args, rack)
+    for key in ("name", "id", "status", "status_since", "host", "version", "bus_user", "first_seen", "last_seen"):
+        print(f"{key:<13} {rack.get(key)}")
+    s = rack.get("scenario") or {}
+    print(f"{'scenario':<13} {s.get('version') or '-'} ({s.get('apply_state')}{': ' + s['reason'] if s.get('reason') else ''})"
+          f"{'; target ' + s['target'] if s.get('target') and s.get('target') != s.get('version') else ''}")
+    print("events:")
+    print_table(rack.get("events") or [], [("TIME", "ts"), ("EVENT", "event"), ("FROM", "from"), ("TO", "to"), ("DETAIL", "detail")])
+    return 0
+
+
+def _action(verb: str, confirm: bool):
+    def run(client, args) -> int:
+        if confirm and not _confirm(args, verb, args.rack):
+            print("not confirmed; nothing done", file=sys.stderr)
+            return 4
+        if verb == "remove":
+            out = client.delete(f"/api/v1/racks/{args.rack}")
+        elif verb == "approve":
+            out = client.post(f"/api/v1/racks/{args.rack}/approve", {"name": args.name} if args.name else {})
+        elif verb == "shutdown":
+            out = client.post(f"/api/v1/racks/{args.rack}/shutdown", {"reason": args.reason})
+        elif verb == "log-level":
+            out = client.post(f"/api/v1/racks/{args.rack}/log-level", {"level": args.level})
+        else:
+            out = client.post(f"/api/v1/racks/{args.rack}/{verb}")
+        if args.json:
+            return _emit(args, out)
+        if "status" in out and "name" in out:
+            print(f"rack {out['name']}: {out['status']}")
+        else:
+            print(json.dumps(out))
+        return 0
+
+    return run
+
+
+def _topology(client, args) -> int:
+    topo = client.get("/api/v1/topology")
+    if args.json:
+        return _emit(args, topo)
+    act = topo.get("active_scenario")
+    print(f"mixer    {topo['mixer']['name']} {topo['mixer']['version']}  key {topo['mixer']['public_key']}")
+    print(f"snake    {topo['snake']['url']}  running={topo['snake']['running']} restarts={topo['snake']['restarts']}")
+    print(f"scenario {act['name'] + ' ' + act['version'] if act else '(none active)'}")
+    print_table(topo["racks"], [("RACK", "name"), ("STATUS", "status"), ("APPLY", "scenario.apply_state"), ("GEARS", "gears")])
+    return 0
+
+
+def _logs(client, args) -> int:
+    rows = client.get("/api/v1/telemetry/logs", since=args.since, until=args.until, rack=args.rack,
+                      min_level=args.min_level, q=args.query, limit=args.limit)
+    if args.json:
+        return _emit(args, rows)
+    for r in reversed(rows):  # oldest first, like a log file
+        print(f"{r['timestamp']} {r['rack']:<12} {str(r.get('level') or r.get('severity')):<5} {r.get('body') or ''}")
+    if not rows:
+        print("(no log records in the window; widen it with --since 7d)", file=sys.stderr)
+    return 0
+
+
+def _metrics(client, args) -> int:
+    rows = client.get("/api/v1/telemetry/metrics", name=args.name, rack=args.rack, since=args.since,
+                      until=args.until, bucket=args.bucket, limit=args.limit)
+    if args.json:
+        return _emit(args, rows)
+    if args.bucket:
+        cols = [("BUCKET", "bucket"), ("RACK", "rack"), ("NAME", "name"), ("COUNT", "count"), ("AVG", "avg"),
+                ("MIN", "min"), ("MAX", "max"), ("LAST", "last")]
+    else:
+        cols = [("TIME", "timestamp"), ("RACK", "rack"), ("NAME", "name"), ("TYPE", "type"), ("VALUE", "value"), ("UNIT", "unit")]
+    print_table(rows, cols)
+    return 0
+
+
+def _leaf(sub, name, help_, fn, description=None):
+    p = sub.add_parser(name, help=help_, description=description or help_)
+    add_api_args(p)
+    p.set_defaults(func=lambda args: run_api_command(fn, args))
+    return p
+
+
+def register(subparsers) -> None:
+    admin = subparsers.add_parser(
+        "admin", help="manage Racks through the Mixer API",
+        description="Fleet administration through the Mixer control API (default http://127.0.0.1:8090).",
+    )
+    asub = admin.add_subparsers(dest="admin_command", metavar="SUBCOMMAND")
+    admin.set_defaults(func=lambda a: (admin.print_help(), 2)[1])
+    racks = asub.add_parser("racks", help="list, approve, suspend, activate, remove, shut down Racks",
+                            description="Rack registry operations. RACK is a rack name or id.")
+    rsub = racks.add_subparsers(dest="racks_command", metavar="ACTION")
+    racks.set_defaults(func=lambda a: (racks.print_help(), 2)[1])
+
+    p = _leaf(rsub, "list", "list Racks with status, scenario version and apply state", _racks_list)
+    p.add_argument("--status", help="only this status (pending, active, offline, suspended, removed)")
+    p.add_argument("--all", action="store_true", help="include removed Racks")
+    p = _leaf(rsub, "show", "one Rack with its status history", _racks_show)
+    p.add_argument("rack")
+    p = _leaf(rsub, "approve", "approve a pending Rack (it becomes active and receives the active scenario)",
+              _action("approve", False))
+    p.add_argument("rack")
+    p.add_argument("--name", help="rename the Rack on approval")
+    for verb, help_, confirm in (
+        ("suspend", "suspend a Rack: it keeps only heartbeat rights until activated", True),
+        ("activate", "re-activate a suspended Rack", False),
+        ("remove", "remove a Rack: its bus user is deleted; it must enroll again", True),
+        ("shutdown", "ask a Rack to drain and exit", True),
+    ):
+        p = _leaf(rsub, verb, help_, _action(verb, confirm))
+        p.add_argument("rack")
+        if confirm:
+            p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+        if verb == "shutdown":
+            p.add_argument("--reason", default="operator request", help="reason logged by the Rack")
+    p = _leaf(rsub, "log-level", "change a Rack's log level at runtime", _action("log-level", False))
+    p.add_argument("rack")
+    p.add_argument("level", choices=["trace", "debug", "info", "warning", "error"])
+    _leaf(asub, "topology", "Mixer, Snake, active scenario and where each gear runs", _topology)
+
+    logs = _leaf(subparsers, "logs", "query Rack logs stored by the Mixer",
+                 _logs, "Logs from DuckDB on the Mixer, oldest first. Times: ISO 8601 or a look-back like 15m, 24h, 7d.")
+    logs.add_argument("--rack", help="only this Rack")
+    logs.add_argument("--since", help="start of the window (default 24h)")
+    logs.add_argument("--until", help="end of the window")
+    logs.add_argument("--min-level", help="threshold: trace, debug, info, warn, error, fatal")
+    logs.add_argument("-q", "--query", help="case-insensitive text search in body and attributes")
+    logs.add_argument("--limit", type=int, default=50, help="most recent N records (default 50)")
+
+    met = _leaf(subparsers, "metrics", "query Rack metrics stored by the Mixer",
+                _metrics, "Metrics from DuckDB on the Mixer, newest first; --bucket 1m aggregates per minute.")
+    met.add_argument("--name", help="metric name, or a prefix ending in *")
+    met.add_argument("--rack", help="only this Rack")
+    met.add_argument("--since", help="start of the window (default 24h)")
+    met.add_argument("--until", help="end of the window")
+    met.add_argument("--bucket", help="aggregate per time bucket, e.g. 10s, 1m, 1h")
+    met.add_argument("--limit", type=int, default=50, help="at most N rows (default 50)")
