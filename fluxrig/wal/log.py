@@ -657,14 +657,19 @@ class Wal:
                 if k >= j:
                     continue
                 start = seg.offsets[k]
-                if j < len(seg.seqs) and seg.offsets[j] - start > budget or j == len(seg.seqs) and seg.size - start > budget:
-                    j = max(k + 1, bisect_right(seg.offsets, start + budget, k, j) - 1)
                 stop = seg.offsets[j] if j < len(seg.seqs) else seg.size
+                cut = stop - start > budget
+                if cut:  # records must stay contiguous: a cut segment ends this read
+                    floor = k + 1 if not plan else k
+                    j = max(floor, bisect_right(seg.offsets, start + budget, k, j) - 1)
+                    if j == k:
+                        break
+                    stop = seg.offsets[j] if j < len(seg.seqs) else seg.size
                 wanted = dict(zip(seg.offsets[k:j], seg.seqs[k:j]))
                 plan.append((seg, start, stop, wanted))
                 max_n -= j - k
                 budget -= stop - start
-                if max_n <= 0 or budget <= 0:
+                if cut or max_n <= 0 or budget <= 0:
                     break
         out = []
         for seg, start, stop, wanted in plan:
