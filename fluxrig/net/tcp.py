@@ -203,7 +203,9 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self, reason: str) -> None:
-        """Close at once (bad frame, timeout): the reason is logged once."""
+        """Close at once (bad frame, timeout): the reason is logged once and frames already
+        read from this peer are discarded, not processed."""
+        self.inbox.clear()
         if self.transport is not None and not self.transport.is_closing():
             self.close_reason = reason
             self.ep.log.warning("%s: closing connection %s from %s:%s: %s", self.ep.name, self.conn_id,
