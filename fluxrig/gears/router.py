@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import re
 
+from ..conditions import compile_all
 from ..errors import GearError
 from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
-from ..templates import compile_path
 
-_TESTS = ("equals", "not_equals", "prefix", "in", "regex", "exists", "gt", "lt")
-
-COND_SCHEMA = {
+SCHEMA = {
     "type": "object",
     "properties": {
         "field": {"type": "string", "description": "path read: raw, meta.<key>, data.<path>"},
@@ -48,7 +46,8 @@ SCHEMA = {
                 "type": "object",
                 "properties": {
                     "name": {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "port suffix: out_<name>"},
-                    "match": {"type": ["object", "array"], "description": "condition or list of conditions"},
+                    "match": {"type": ["object", "array"],
+                              "description": "condition {field, equals|not_equals|prefix|in|regex|exists|gt|lt} or a list (all hold)"},
                 },
                 "required": ["name", "match"],
                 "additionalProperties": False,
@@ -60,47 +59,6 @@ SCHEMA = {
     "required": ["rules"],
     "additionalProperties": False,
 }
-
-
-def _text(v) -> str:
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v).decode("utf-8", "replace")
-    return str(v)
-
-
-def _compile_cond(cond: dict):
-    tests = [t for t in _TESTS if t in cond]
-    if len(tests) != 1:
-        raise ValueError(f"a condition needs exactly one of {', '.join(_TESTS)}")
-    test, arg = tests[0], cond[tests[0]]
-    read = compile_path(cond["field"])
-    if test == "exists":
-        return lambda m: (read(m) is not None) == bool(arg)
-    if test == "equals":
-        want = _text(arg)
-        return lambda m: (v := read(m)) is not None and _text(v) == want
-    if test == "not_equals":
-        want = _text(arg)
-        return lambda m: (v := read(m)) is None or _text(v) != want
-    if test == "prefix":
-        prefixes = tuple(arg) if isinstance(arg, list) else (arg,)
-        return lambda m: (v := read(m)) is not None and _text(v).startswith(prefixes)
-    if test == "in":
-        allowed = frozenset(_text(a) for a in arg)
-        return lambda m: (v := read(m)) is not None and _text(v) in allowed
-    if test == "regex":
-        rx = re.compile(arg)
-        return lambda m: (v := read(m)) is not None and rx.search(_text(v)) is not None
-
-    def numeric(m, op=test, bound=float(arg)):
-        v = read(m)
-        try:
-            x = float(_text(v))
-        except (TypeError, ValueError):
-            return False
-        return x > bound if op == "gt" else x < bound
-
-    return numeric
 
 
 def _outputs(config: dict) -> list[str]:
@@ -135,7 +93,7 @@ class RouterGear(Gear):
                 try:
                     if not isinstance(c, dict) or "field" not in c:
                         raise ValueError("a condition is a map with field and one test")
-                    _compile_cond(c)
+                    compile_all(c)
                 except (ValueError, re.error) as exc:
                     yield f"rules[{i}].match[{j}]", str(exc)
 
@@ -143,8 +101,7 @@ class RouterGear(Gear):
         super().__init__(name, config, ctx)
         self._rules = []
         for rule in config["rules"]:
-            conds = rule["match"] if isinstance(rule["match"], list) else [rule["match"]]
-            self._rules.append((f"out_{rule['name']}", tuple(_compile_cond(c) for c in conds)))
+            self._rules.append((f"out_{rule['name']}", compile_all(rule["match"])))
         self._default = f"out_{config['default']}" if config.get("default") else None
 
     async def process(self, port: str, msg: FluxMsg) -> None:
