@@ -38,7 +38,7 @@ from .registry import Database, Registry
 from .scenarios import ScenarioStore
 from .snake import MIXER_USER, SnakeSupervisor
 
-__all__ = ["Mixer", "load_or_create_secret"]
+__all__ = ["Mixer", "load_or_create_secret", "ensure_streams"]
 
 log = logging.getLogger("fluxrig.mixer")
 
@@ -60,6 +60,33 @@ def load_or_create_secret(path: str) -> tuple[str, bool]:
     with os.fdopen(fd, "w") as fh:
         fh.write(value + "\n")
     return value, True
+
+
+async def ensure_streams(js, snake_cfg) -> None:
+    """Create or update the two streams: flux-msg (guaranteed lane) and flux-telemetry."""
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+    s = snake_cfg
+    for name, subjects_, max_age, max_bytes in (
+        (S.STREAM_MSG, ["flux.msg.>"], s.stream_max_age, s.stream_max_bytes),
+        (S.STREAM_TELEMETRY, ["flux.telemetry.>"], s.telemetry_max_age, s.telemetry_max_bytes),
+    ):
+        config = StreamConfig(
+            name=name,
+            subjects=subjects_,
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=1,
+        )
+        try:
+            await js.stream_info(name)
+            await js.update_stream(config)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config)
 
 
 class Mixer:
@@ -204,29 +231,7 @@ class Mixer:
         log.debug("mixer bus: %s", exc)
 
     async def _ensure_streams(self) -> None:
-        from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-
-        s = self.cfg.snake
-        for name, subjects_, max_age, max_bytes in (
-            (S.STREAM_MSG, ["flux.msg.>"], s.stream_max_age, s.stream_max_bytes),
-            (S.STREAM_TELEMETRY, ["flux.telemetry.>"], s.telemetry_max_age, s.telemetry_max_bytes),
-        ):
-            config = StreamConfig(
-                name=name,
-                subjects=subjects_,
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                discard=DiscardPolicy.OLD,
-                max_age=max_age,
-                max_bytes=max_bytes,
-                duplicate_window=DUPLICATE_WINDOW_S,
-                num_replicas=1,
-            )
-            try:
-                await self.js.stream_info(name)
-                await self.js.update_stream(config)
-            except nats.js.errors.NotFoundError:
-                await self.js.add_stream(config)
+        await ensure_streams(self.js, self.cfg.snake)
 
     async def _start_api(self) -> None:
         import uvicorn

@@ -36,6 +36,8 @@ __all__ = ["TelemetryIngest", "TELEMETRY_DDL", "STAGE_COLUMNS", "write_columns",
 log = logging.getLogger("fluxrig.mixer.ingest")
 
 CONSUMER = "mixer-ingest"
+# Decoded fetches waiting for the writer; bounds memory while overlapping fetch and write.
+PIPELINE_DEPTH = 2
 
 # (column, staging type, SQL expression that turns the staged value into the stored one)
 STAGE_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
@@ -204,18 +206,20 @@ class TelemetryIngest:
                 pass
             self._sub = None
 
-    async def drain_once(self, timeout: float | None = None) -> int:
-        """Fetch one batch and write it; returns the number of bus messages handled (0 when
-        nothing arrived within the timeout). Used by the loop and by the benchmark."""
+    async def _fetch(self, timeout: float | None = None):
+        """One fetch from the consumer, decoded: (messages, groups) or None when idle."""
         import nats.errors
 
         try:
             msgs = await self._sub.fetch(self.batch_max_messages, timeout=timeout or self.flush_interval)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            return 0
+            return None
         if not msgs:
-            return 0
-        groups = self._decode(msgs)
+            return None
+        return msgs, self._decode(msgs)
+
+    async def _store(self, msgs, groups) -> None:
+        """Write one decoded fetch, then acknowledge it (AckPolicy.ALL: one ack for all)."""
         if groups:
             try:
                 await asyncio.to_thread(self._write_groups, groups)
@@ -233,9 +237,16 @@ class TelemetryIngest:
                         self.rejected += 1
                         self.last_error = str(exc2)[:500]
                         log.error("telemetry batch on %s rejected: %s", m.subject, exc2)
-        await msgs[-1].ack()  # AckPolicy.ALL: acknowledges every message up to this one
+        await msgs[-1].ack()
         self.messages += len(msgs)
-        return len(msgs)
+
+    async def drain_once(self, timeout: float | None = None) -> int:
+        """Fetch one batch and store it; the number of bus messages handled (0 when idle)."""
+        got = await self._fetch(timeout)
+        if got is None:
+            return 0
+        await self._store(*got)
+        return len(got[0])
 
     def _decode(self, msgs, count: bool = True) -> dict:
         groups: dict[str, tuple[list, list, dict]] = {}
@@ -270,15 +281,42 @@ class TelemetryIngest:
             self.duplicates[kind] += len(ids) - inserted
 
     async def _run(self) -> None:
-        while not self._stopping:
+        """Two stages: fetching and decoding the next batch overlaps with DuckDB writing the
+        previous one (the write runs in a thread and releases the GIL inside DuckDB). The
+        queue of PIPELINE_DEPTH decoded fetches bounds memory; order (and so the ack-all
+        semantics) is kept because there is exactly one writer."""
+        queue: asyncio.Queue = asyncio.Queue(PIPELINE_DEPTH)
+        writer = asyncio.get_running_loop().create_task(self._write_loop(queue), name="telemetry-writer")
+        try:
+            while not self._stopping:
+                try:
+                    got = await self._fetch()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # bus down (Snake restarting): wait and go on
+                    self.last_error = str(exc)[:500]
+                    log.debug("telemetry fetch failed: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if got is not None:
+                    await queue.put(got)
+        finally:
+            writer.cancel()
             try:
-                await self.drain_once()
+                await writer
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _write_loop(self, queue: asyncio.Queue) -> None:
+        while True:
+            msgs, groups = await queue.get()
+            try:
+                await self._store(msgs, groups)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # bus down (Snake restarting): wait and go on
+            except Exception as exc:  # ack failed (bus down): the batch is redelivered, the key dedups it
                 self.last_error = str(exc)[:500]
-                log.debug("telemetry fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
+                log.debug("telemetry store/ack failed: %s", exc)
 
     def apply_retention(self, now: float | None = None) -> int:
         """Delete rows older than the retention window; returns rows deleted."""
