@@ -695,6 +695,18 @@ class Wal:
                 self._forget_unreadable(seg, wanted, {r.seq for r in out})
         return out
 
+    def locate(self, seq: int):
+        """(segment file name, byte offset) of a committed record, or None."""
+        with self._lock:
+            i = bisect_right(self._bases, seq) - 1
+            if i < 0:
+                return None
+            seg = self._segments[i]
+            k = bisect_left(seg.seqs, seq)
+            if k < len(seg.seqs) and seg.seqs[k] == seq:
+                return os.path.basename(seg.path), seg.offsets[k]
+            return None
+
     def _forget_unreadable(self, seg: _Segment, wanted: dict, got: set) -> None:
         # Bytes changed on disk since recovery: drop the lost seqs from the index so the
         # cursor is not held back by records nobody can ever ship.
