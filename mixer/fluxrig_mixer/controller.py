@@ -75,7 +75,7 @@ class Controller:
         self.nc = None
         self._subs = []
         self._hello_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
-        self._name_to_id: dict[str, str] = {}
+        self._passports: dict[str, tuple[int, bytes]] = {}  # rack_id -> last signed (serial, bytes)
         self._sweeper: asyncio.Task | None = None
         self.counters = {"hello_ok": 0, "hello_denied": 0, "hello_bad": 0, "heartbeats": 0, "heartbeat_unknown": 0}
         registry.db.ensure(PASSPORT_DDL)
@@ -147,13 +147,20 @@ class Controller:
             ),
         )
         self.registry.db.conn.execute("INSERT OR REPLACE INTO passports VALUES (?, ?, ?)", [rack.rack_id, serial, data])
+        self._passports[rack.rack_id] = (serial, data)
         if version:
             self.registry.set_target(rack.rack_id, version)
         return data
 
     def current_passport(self, rack_id: str) -> tuple[int, bytes] | None:
+        cached = self._passports.get(rack_id)
+        if cached is not None:
+            return cached
         row = self.registry.db.conn.execute("SELECT serial, data FROM passports WHERE rack_id = ?", [rack_id]).fetchone()
-        return (row[0], bytes(row[1])) if row else None
+        if row is None:
+            return None
+        self._passports[rack_id] = (row[0], bytes(row[1]))
+        return self._passports[rack_id]
 
     async def push(self, rack: RackRow, verb: str, passport: bytes | None = None, level: str | None = None, reason: str = "") -> None:
         if self.nc is None:

@@ -13,11 +13,14 @@ Contract.
 - Heartbeats are kept in memory (`heard()`): 500 Racks beating must not mean 500 writes per
   interval. `flush_liveness()` persists `last_seen` in one statement, and `sweep_silent()`
   moves Racks silent for `offline_after` intervals to `offline`.
+- The owning thread reads Racks from an in-memory cache (every write refreshes the row it
+  touched), so a heartbeat or an API list costs no query; other threads read the file.
 - Secrets (bus passwords) never leave through `RackRow.public()`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -223,16 +226,58 @@ class Registry:
         self._heard: dict[str, float] = {}  # rack_id -> monotonic time of the last heartbeat
         self._heard_wall: dict[str, float] = {}  # rack_id -> wall time (to persist)
         self._dirty: set[str] = set()
+        self._stats: dict[str, str] = {}  # rack_id -> JSON stats not yet persisted
+        self._rows: dict[str, RackRow] | None = None  # owner-thread cache, by id
+        self._names: dict[str, str] = {}  # name -> id of the Rack (not removed) holding it
 
-    # -- reads (any thread: they use the thread's cursor) ----------------------------------
+    # -- reads ---------------------------------------------------------------------------------
 
     def _cur(self):
         return self.db.cur()
 
+    def _owner(self) -> bool:
+        return threading.get_ident() == self.db._owner
+
+    def _cache(self) -> dict[str, RackRow]:
+        if self._rows is None:
+            self._rows, self._names = {}, {}
+            for r in self.db.conn.execute(f"SELECT {RackRow.COLUMNS} FROM racks").fetchall():
+                self._put(RackRow.from_row(r))
+        return self._rows
+
+    def _put(self, row: RackRow) -> None:
+        old = self._rows.get(row.rack_id)
+        if old is not None and self._names.get(old.name) == old.rack_id:
+            del self._names[old.name]
+        wall = self._heard_wall.get(row.rack_id)
+        if wall is not None:  # heard since the last flush: memory is newer than the file
+            row.last_seen = dt.datetime.fromtimestamp(wall, dt.timezone.utc)
+        if row.rack_id in self._stats:
+            row.stats = json.loads(self._stats[row.rack_id])
+        self._rows[row.rack_id] = row
+        if row.status != "removed":
+            self._names[row.name] = row.rack_id
+
+    def _refresh(self, rack_id: str) -> RackRow:
+        r = self.db.conn.execute(f"SELECT {RackRow.COLUMNS} FROM racks WHERE rack_id = ?", [rack_id]).fetchone()
+        if r is None:
+            raise RackNotFound(rack_id)
+        row = RackRow.from_row(r)
+        if self._rows is not None:
+            self._put(row)
+        return row
+
     def get(self, key: str, include_removed: bool = False) -> RackRow:
         """By id or name; a name resolves to the Rack that is not removed. RackNotFound."""
-        cur = self._cur()
-        rows = cur.execute(
+        if self._owner():
+            rows = self._cache()
+            row = rows.get(key)
+            if row is None and key in self._names:
+                row = rows[self._names[key]]
+            if row is None or (row.status == "removed" and not include_removed):
+                raise RackNotFound(key)
+            return row
+        rows = self._cur().execute(
             f"SELECT {RackRow.COLUMNS} FROM racks WHERE rack_id = ? OR (name = ? AND status <> 'removed') "
             "ORDER BY status = 'removed'",
             [key, key],
@@ -249,16 +294,15 @@ class Registry:
             return None
 
     def list(self, status: str | None = None, include_removed: bool = False) -> list[RackRow]:
-        cur = self._cur()
-        sql = f"SELECT {RackRow.COLUMNS} FROM racks"
-        args: list = []
+        if self._owner():
+            rows = self._cache().values()
+        else:
+            rows = [RackRow.from_row(r) for r in self._cur().execute(f"SELECT {RackRow.COLUMNS} FROM racks").fetchall()]
         if status:
-            sql += " WHERE status = ?"
-            args.append(status)
+            rows = [r for r in rows if r.status == status]
         elif not include_removed:
-            sql += " WHERE status <> 'removed'"
-        sql += " ORDER BY name"
-        return [RackRow.from_row(r) for r in cur.execute(sql, args).fetchall()]
+            rows = [r for r in rows if r.status != "removed"]
+        return sorted(rows, key=lambda r: (r.name, r.rack_id))
 
     def events(self, rack_id: str, limit: int = 100) -> list[dict]:
         rows = self._cur().execute(
@@ -268,8 +312,10 @@ class Registry:
         return [{"ts": r[0].isoformat(), "event": r[1], "from": r[2], "to": r[3], "detail": r[4]} for r in rows]
 
     def counts(self) -> dict[str, int]:
-        rows = self._cur().execute("SELECT status, count(*) FROM racks GROUP BY status").fetchall()
-        return {s: n for s, n in rows}
+        out: dict[str, int] = {}
+        for r in self.list(include_removed=True):
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -313,7 +359,7 @@ class Registry:
             c.rollback()
             raise
         self._heard[rack_id] = time.monotonic()
-        return self.get(rack_id)
+        return self._refresh(rack_id)
 
     def transition(self, key: str, event: str, detail: str = "") -> RackRow:
         """Apply `event` through the transition table; IllegalTransition when not allowed."""
@@ -341,7 +387,7 @@ class Registry:
         if row[0] == "removed":
             self._heard.pop(rack.rack_id, None)
         log.info("rack %s (%s): %s -> %s [%s]", rack.name, rack.rack_id, rack.status, row[0], event)
-        return self.get(rack.rack_id, include_removed=True)
+        return self._refresh(rack.rack_id)
 
     def rename(self, key: str, new_name: str) -> RackRow:
         rack = self.get(key)
@@ -356,7 +402,7 @@ class Registry:
             "INSERT INTO rack_events VALUES (now(), ?, 'rename', ?, ?, ?)",
             [rack.rack_id, rack.status, rack.status, f"{rack.name} -> {new_name}"],
         )
-        return self.get(rack.rack_id)
+        return self._refresh(rack.rack_id)
 
     def next_serial(self, rack_id: str, expires_at: float) -> int:
         row = self.db.conn.execute(
@@ -366,6 +412,9 @@ class Registry:
         ).fetchone()
         if row is None:
             raise RackNotFound(rack_id)
+        if self._rows is not None and rack_id in self._rows:
+            self._rows[rack_id].passport_serial = row[0]
+            self._rows[rack_id].passport_expires = expires_at
         return row[0]
 
     def set_target(self, rack_id: str, version: str) -> None:
@@ -375,59 +424,78 @@ class Registry:
             "THEN 'applied' ELSE 'applying' END, apply_reason = '' WHERE rack_id = ?",
             [version, version, rack_id],
         )
+        self._refresh(rack_id)
 
     def report_apply(self, rack_id: str, version: str, state: str, reason: str) -> bool:
         """Store what the Rack reports about its scenario; True when it changed something."""
-        row = self.db.conn.execute(
-            "SELECT scenario_version, apply_state, apply_reason FROM racks WHERE rack_id = ?", [rack_id]
-        ).fetchone()
-        if row is None or (row[0], row[1], row[2]) == (version, state, reason):
+        row = self.get(rack_id, include_removed=True)
+        if (row.scenario_version, row.apply_state, row.apply_reason) == (version, state, reason):
             return False
         self.db.conn.execute(
             "UPDATE racks SET scenario_version = ?, apply_state = ?, apply_reason = ?, apply_at = now() WHERE rack_id = ?",
             [version, state, reason, rack_id],
         )
+        self._refresh(rack_id)
         return True
 
     def update_info(self, rack_id: str, host: str | None = None, version: str | None = None, stats: dict | None = None) -> None:
+        """Host and version are written at once; stats (every heartbeat) are kept in memory and
+        persisted by flush_liveness."""
+        if stats is not None:
+            text = json.dumps(stats, default=str)[:8192]
+            self._stats[rack_id] = text
+            self._dirty.add(rack_id)
+            if self._rows is not None and rack_id in self._rows:
+                self._rows[rack_id].stats = json.loads(text)
         sets, args = [], []
         for col, value in (("host", host), ("version", version)):
             if value is not None:
                 sets.append(f"{col} = ?")
                 args.append(value)
-        if stats is not None:
-            sets.append("stats = ?")
-            args.append(json.dumps(stats, default=str)[:8192])
         if sets:
             self.db.conn.execute(f"UPDATE racks SET {', '.join(sets)} WHERE rack_id = ?", [*args, rack_id])
+            self._refresh(rack_id)
 
     # -- liveness ----------------------------------------------------------------------------------
 
     def heard(self, rack_id: str) -> None:
         """A heartbeat arrived (memory only; see flush_liveness)."""
+        now = time.time()
         self._heard[rack_id] = time.monotonic()
-        self._heard_wall[rack_id] = time.time()
+        self._heard_wall[rack_id] = now
         self._dirty.add(rack_id)
+        if self._rows is not None and rack_id in self._rows:
+            self._rows[rack_id].last_seen = dt.datetime.fromtimestamp(now, dt.timezone.utc)
 
     def flush_liveness(self) -> int:
-        """Persist last_seen of every Rack heard since the last flush, in one statement."""
+        """Persist last_seen and stats of every Rack heard since the last flush (two statements)."""
         if not self._dirty:
             return 0
         ids = list(self._dirty)
         self._dirty.clear()
-        values = [(i, self._heard_wall[i]) for i in ids if i in self._heard_wall]
-        self.db.conn.executemany(
-            "UPDATE racks SET last_seen = to_timestamp(?) WHERE rack_id = ?", [(t, i) for i, t in values]
-        )
-        return len(values)
+        seen = [(self._heard_wall[i], i) for i in ids if i in self._heard_wall]
+        stats = [(self._stats.pop(i), i) for i in ids if i in self._stats]
+        c = self.db.conn
+        c.begin()
+        try:
+            if seen:
+                c.executemany("UPDATE racks SET last_seen = to_timestamp(?) WHERE rack_id = ?", seen)
+            if stats:
+                c.executemany("UPDATE racks SET stats = ? WHERE rack_id = ?", stats)
+            c.commit()
+        except Exception:
+            c.rollback()
+            raise
+        for _t, i in seen:
+            self._heard_wall.pop(i, None)
+        return len(seen)
 
     def silent_racks(self, now: float | None = None) -> list[str]:
         """Ids of active Racks not heard for offline_after heartbeat intervals."""
         now = time.monotonic() if now is None else now
         limit = self.offline_after * self.heartbeat_interval
-        active = self.db.conn.execute("SELECT rack_id FROM racks WHERE status = 'active'").fetchall()
         out = []
-        for (rack_id,) in active:
+        for rack_id in [r.rack_id for r in self.list(status="active")]:
             last = self._heard.get(rack_id)
             if last is None:
                 # Not heard since this Mixer started: give it a full window from now.
@@ -439,8 +507,8 @@ class Registry:
 
     def bus_credentials(self) -> list[tuple[str, str, str, str]]:
         """(rack name, bus user, password, status) of every Rack that has a bus user."""
-        rows = self.db.conn.execute("SELECT name, bus_user, bus_password, status FROM racks").fetchall()
-        return [r for r in rows if r[3] in BUS_STATUSES]
+        return [(r.name, r.bus_user, r.bus_password, r.status) for r in self.list(include_removed=True)
+                if r.status in BUS_STATUSES]
 
     # -- settings ------------------------------------------------------------------------------------
 
