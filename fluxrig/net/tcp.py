@@ -86,6 +86,7 @@ class Connection(asyncio.Protocol):
             "peer.ip": str(peer[0]),
             "peer.port": str(peer[1]),
             "flux.source": self.ep.source_label,
+            "conn.gear": self.ep.name,  # where a kill switch for this connection is addressed
         }
         if not self.ep._admit(self):
             return
