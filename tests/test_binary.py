@@ -11,7 +11,7 @@ from helpers import ROOT, free_port, tcp_lines, wait_port
 
 BINARY = os.path.join(ROOT, "dist", "fluxrig")
 
-pytestmark = [pytest.mark.binary, pytest.mark.slow]
+pytestmark = [pytest.mark.binary, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

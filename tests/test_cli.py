@@ -25,12 +25,18 @@ def test_run_tcp_echo_then_sigterm_exits_zero(start_rack, rack_env):
     assert "fluxrig ready" in err and "stopped (drained)" in err
 
 
-def test_getting_started_runs_generator_into_sink(start_rack, rack_env):
+def test_getting_started_runs_generator_into_sink(start_rack, rack_env, tmp_path):
     import time
 
-    rack_env["FLUXRIG_TICKS"] = "3"
+    log = tmp_path / "rack.log"
+    rack_env.update(FLUXRIG_TICKS="3", FLUXRIG_LOGGING_FILENAME=str(log))
     rack = start_rack("run", "--scenario", "scenarios/getting-started.yaml")
-    time.sleep(1.5)  # three ticks 200 ms apart, plus start-up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text().count('"raw":"tick') >= 3:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # a fourth tick would show up now if count were ignored
     code, _out, err = rack.stop()
     assert code == 0
     assert err.count('"raw":"tick') == 3, err
