@@ -4,7 +4,7 @@ A request (fields under `data.iso8583.field`, MTI in `meta.iso8583.mti`) becomes
 MTI with the function digit raised (0100 -> 0110, 0200 -> 0210, 0220 -> 0230, 0800 -> 0810),
 the fields named by `echo_fields` copied, DE 39 from the first matching rule (default
 `default_code`, "00"), DE 38 an authorization code when approved. Network management (08xx)
-is answered 39=00 with DE 7, 11 and 70 echoed. The reply keeps the request's metadata
+is answered 39=00 with DE 7, 11, 32, 41 and 70 echoed when present. The reply keeps the request's metadata
 (conn.id, headers) so it goes back to the same connection, and leaves `raw` empty so a
 following codec encodes it.
 
@@ -25,7 +25,7 @@ from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 
 DEFAULT_ECHO = [2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49]
-NETWORK_ECHO = [7, 11, 70]
+NETWORK_ECHO = ["7", "11", "32", "41", "70"]
 FIELD_PATH = "data.iso8583.field.{}"
 
 RULE_SCHEMA = {
@@ -103,7 +103,7 @@ class IsoResponderGear(Gear):
             raise GearError("not_decoded", "no iso8583 fields: put a codec_iso8583 before the responder")
         rmti = response_mti(mti)
         if mti[1] == "8":  # network management: echo test, sign-on
-            out = {k: req[k] for k in ("7", "11", "70") if k in req}
+            out = {k: req[k] for k in NETWORK_ECHO if k in req}
             out["39"] = "00"
         else:
             out = {k: req[k] for k in self._echo if k in req}

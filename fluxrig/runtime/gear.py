@@ -213,6 +213,21 @@ class Gear:
             self.log.warning("gear %s: %s%s (no error wire; message %s dropped)", self.name, reason,
                              f": {detail}" if detail else "", msg.id.hex())
 
+    def io_binding(self, port: str, _depth: int = 0) -> str | None:
+        """The I/O gear this output port ends in, walking through transparent gears (codecs):
+        the gear whose link events say whether the port can deliver. None when the port fans
+        out, ends in a logic gear, or the walk exceeds 32 steps."""
+        out = self.outputs.get(port)
+        if out is None or len(out.targets) != 1 or _depth > 32:
+            return None
+        nxt = out.targets[0].gear
+        terminus = nxt.MANIFEST.terminus
+        if terminus == "io":
+            return nxt.name
+        if terminus == "transparent":
+            return nxt.io_binding("out", _depth + 1)
+        return None
+
     def metrics(self) -> dict:
         """Counters plus whatever a gear adds (connections, queue depth...)."""
         return self.counters.as_dict()
