@@ -1,0 +1,1 @@
+"""Operator tools built on the Rack's codecs and framers (load generator, ...)."""
