@@ -35,13 +35,14 @@ def _text(v) -> str:
     return str(v)
 
 
-def compile_condition(cond: dict, path: str | None = None):
-    """`f(msg) -> bool` for one condition; `path` overrides cond['field']."""
+def compile_condition(cond: dict, path: str | None = None, read=None):
+    """`f(obj) -> bool` for one condition. By default `obj` is a message and the value is read
+    from cond['field'] (or `path`); a custom `read(obj)` lets a gear test its own structures."""
     tests = [t for t in TESTS if t in cond]
     if len(tests) != 1:
         raise ValueError(f"a condition needs exactly one of {', '.join(TESTS)}")
     test, arg = tests[0], cond[tests[0]]
-    read = compile_path(path or cond["field"])
+    read = read or compile_path(path or cond["field"])
     if test == "exists":
         return lambda m: (read(m) is not None) == bool(arg)
     if test == "equals":

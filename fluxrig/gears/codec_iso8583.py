@@ -47,21 +47,34 @@ def resolve_spec(ref: str, scenario_dir: str):
     return load_spec(os.path.join(scenario_dir, ref))
 
 
-def fields_of(msg: FluxMsg, spec) -> dict:
-    """The field dict to encode from a message: aliases first, then iso8583.field.N."""
+_NUM = {str(i): i for i in range(193)}
+_STR = [str(i) for i in range(193)]
+
+
+def fields_of(msg: FluxMsg, spec, aliases=None) -> dict:
+    """The field dict to encode from a message: aliases first, then iso8583.field.N.
+
+    `aliases` is [(root, number, alias)]; only aliases whose first segment is present in
+    `data` are looked up, so a message carrying only iso8583.field.N costs nothing extra.
+    """
     fields: dict = {}
     mti = msg.meta.get("iso8583.mti")
     table = get_path(msg.data, "iso8583.field")
     if isinstance(table, dict):
         for k, v in table.items():
-            try:
-                fields[int(k)] = v
-            except (TypeError, ValueError):
-                raise GearError("encode_error", f"iso8583.field.{k} is not a field number") from None
-    for num, alias in spec.aliases.items():
-        v = get_path(msg.data, alias)
-        if v is not None:
-            fields[num] = v
+            n = _NUM.get(k)
+            if n is None:
+                raise GearError("encode_error", f"iso8583.field.{k} is not a field number 0-192")
+            fields[n] = v
+    if aliases is None:
+        aliases = [(a.split(".", 1)[0], n, a) for n, a in spec.aliases.items()]
+    data = msg.data
+    if len(data) > 1 or "iso8583" not in data:  # something besides iso8583.field: look for aliases
+        for root, num, alias in aliases:
+            if root in data:
+                v = get_path(data, alias)
+                if v is not None:
+                    fields[num] = v
     if mti:
         fields[0] = mti
     fields.pop(1, None)  # bitmaps are built from the fields present
@@ -101,6 +114,7 @@ class CodecIso8583Gear(Gear):
             "codec.protocol": str(getattr(s, "protocol", "iso8583") or "iso8583"),
         }
         self._aliases = list(s.aliases.items()) if config["aliases"] else []
+        self._alias_roots = [(a.split(".", 1)[0], n, a) for n, a in s.aliases.items()]
         self._direction = config["direction"]
         self._on_error = config["on_error"]
 
@@ -115,7 +129,7 @@ class CodecIso8583Gear(Gear):
 
     def _decode(self, msg: FluxMsg) -> None:
         fields = self.spec.decode(msg.raw)
-        table = {str(n): v for n, v in fields.items() if n > 1}
+        table = {_STR[n]: v for n, v in fields.items() if n > 1}
         data = msg.data
         iso = data.get("iso8583")
         if isinstance(iso, dict):
@@ -131,12 +145,12 @@ class CodecIso8583Gear(Gear):
         meta.update(self._stamp)
         meta["iso8583.mti"] = mti
         meta["iso8583.mti_class"] = mti[:2]
-        meta["iso8583.fields"] = ",".join(str(n) for n in fields if n > 1)
+        meta["iso8583.fields"] = ",".join(table)
         if self.log.isEnabledFor(TRACE):
             self.log.log(TRACE, "%s decoded %s", self.name, self.spec.log_safe(fields))
 
     def _encode(self, msg: FluxMsg) -> None:
-        fields = fields_of(msg, self.spec)
+        fields = fields_of(msg, self.spec, self._alias_roots)
         if 0 not in fields:
             raise Iso8583EncodeError("no MTI: set meta iso8583.mti or iso8583.field.0", field=0)
         msg.raw = self.spec.encode(fields)

@@ -20,13 +20,13 @@ import itertools
 
 from ..conditions import CONDITION_PROPERTIES, compile_condition
 from ..errors import GearError
+from ..ids import uuid7
 from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 
 DEFAULT_ECHO = [2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49]
 NETWORK_ECHO = ["7", "11", "32", "41", "70"]
-FIELD_PATH = "data.iso8583.field.{}"
 
 RULE_SCHEMA = {
     "type": "object",
@@ -65,8 +65,16 @@ def response_mti(mti: str) -> str:
     return mti[:2] + str(function + 1) + mti[3]
 
 
-def _rule_path(field) -> str:
-    return FIELD_PATH.format(field) if isinstance(field, int) or str(field).isdigit() else str(field)
+def _rule(rule: dict):
+    """A predicate over (message, request fields): field numbers read the decoded request
+    directly, other fields are message paths (meta.error.reason, ...)."""
+    field = rule.get("field")
+    if isinstance(field, int) or str(field).isdigit():
+        key = str(field)
+        pred = compile_condition(rule, read=lambda req: req.get(key))
+        return lambda msg, req: pred(req)
+    pred = compile_condition(rule, str(field))
+    return lambda msg, req: pred(msg)
 
 
 @register
@@ -83,13 +91,13 @@ class IsoResponderGear(Gear):
     def validate_config(config: dict):
         for i, rule in enumerate(config.get("rules") or []):
             try:
-                compile_condition(rule, _rule_path(rule.get("field")))
+                _rule(rule)
             except (ValueError, KeyError) as exc:
                 yield f"rules[{i}]", str(exc)
 
     def __init__(self, name, config, ctx):
         super().__init__(name, config, ctx)
-        self._rules = [(compile_condition(r, _rule_path(r["field"])), r["code"]) for r in config["rules"]]
+        self._rules = [(_rule(r), r["code"]) for r in config["rules"]]
         self._echo = [str(n) for n in config["echo_fields"]]
         self._approved = frozenset(config["approved_codes"])
         self._default = config["default_code"]
@@ -109,13 +117,19 @@ class IsoResponderGear(Gear):
             out = {k: req[k] for k in self._echo if k in req}
             code = self._default
             for cond, rcode in self._rules:
-                if cond(msg):
+                if cond(msg, req):
                     code = rcode
                     break
             out["39"] = code
             if code in self._approved:
                 out["38"] = "%06d" % (next(self._auth) % 1_000_000)
-        reply = FluxMsg(meta=dict(msg.meta), data={"iso8583": {"field": out}}, trace=msg.trace, ref_id=msg.id)
-        reply.meta["iso8583.mti"] = rmti
-        reply.meta["iso8583.mti_class"] = rmti[:2]
+        # The request becomes its reply in place: same metadata (conn.id, headers), new id,
+        # ref_id pointing at the request, no raw bytes so the next codec encodes it.
+        msg.ref_id = msg.id
+        msg.id = uuid7()
+        msg.data = {"iso8583": {"field": out}}
+        msg.raw = b""
+        msg.meta["iso8583.mti"] = rmti
+        msg.meta["iso8583.mti_class"] = rmti[:2]
+        reply = msg
         await self.emit("out", reply)

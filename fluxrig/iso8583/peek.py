@@ -16,7 +16,7 @@ __all__ = ["BadFrame", "peek", "split_header", "mirror_tpdu", "TPDU_LENGTH", "EN
 
 TPDU_LENGTH = 5
 ENCODINGS = ("ascii", "ebcdic", "bcd")
-_HEX = frozenset(b"0123456789ABCDEFabcdef")
+_HEX_DIGITS = b"0123456789ABCDEFabcdef"
 
 
 class BadFrame(RemoteProtocolError):
@@ -51,7 +51,8 @@ def peek(body: bytes, encoding: str = "ascii") -> tuple[str, int]:
     """(mti, bitmap count) if `body` plausibly starts an ISO 8583 message; BadFrame otherwise."""
     mti, pos = _mti(body, encoding)
     count = 0
-    hex_bitmap = encoding != "bcd" and len(body) >= pos + 16 and all(b in _HEX for b in body[pos:pos + 16])
+    # hex characters if the next 16 bytes are all hex digits (translate deletes hex digits)
+    hex_bitmap = encoding != "bcd" and len(body) >= pos + 16 and not body[pos:pos + 16].translate(None, _HEX_DIGITS)
     width = 16 if hex_bitmap else 8
     while True:
         chunk = body[pos:pos + width]
