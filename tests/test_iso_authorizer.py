@@ -93,3 +93,22 @@ def test_spec_round_trip_matches_pyiso8583():
     theirs, _ = iso8583.decode(frame, SPEC)
     assert ours[0] == theirs["t"] and ours[11] == theirs["11"] and ours[2] == theirs["2"]
     assert spec.encode(ours) == frame
+
+
+async def test_logged_messages_never_show_the_pan(caplog, tmp_path):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    out = tmp_path / "audit.jsonl"
+    text = authorizer_text(port).replace(
+        "wires:", f"  - {{name: audit, type: sink, config: {{mode: log}}}}\n"
+                  f"  - {{name: file, type: sink, config: {{mode: file, path: '{out}'}}}}\nwires:"
+    ) + "  - {from: decode.out, to: audit.in}\n  - {from: decode.out, to: file.in}\n"
+    async with running(text):
+        (ok,) = await exchange(port, [request("0200", "000001", **{"35": "4111111111111111=25121010000012300000"})])
+        assert ok["39"] == "00"
+    logged = caplog.text + out.read_text()
+    assert "4111111111111111" not in logged
+    assert "411111******1111" in logged
+    assert "bytes, masked>" in logged

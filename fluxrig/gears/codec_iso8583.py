@@ -10,7 +10,9 @@ fields from their aliases first, then `iso8583.field.<N>`; the bytes go to `raw`
 `on_error`: drop (count and log), reject (to `error` with `error.reason` decode_error or
 encode_error and the field and offset in `error.detail`), kill (reject, and close the
 originating connection through its I/O gear's kill switch). Values of sensitive fields
-(PAN, track data: the spec's `sensitivity`) are masked in every log line.
+(PAN, track data: the spec's `sensitivity`) are masked in every log line: decoding lists
+their data paths in meta `log.mask`, which every message logger honours (see
+fluxrig.redact), and the codec's own errors name field and offset, never a value.
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ class CodecIso8583Gear(Gear):
         }
         self._aliases = list(s.aliases.items()) if config["aliases"] else []
         self._alias_roots = [(a.split(".", 1)[0], n, a) for n, a in s.aliases.items()]
+        # data paths holding sensitive values, for `log.mask` (every logger masks them)
+        self._mask_paths = {n: [f"iso8583.field.{n}"] + ([s.aliases[n]] if n in s.aliases and config["aliases"] else [])
+                            for n in s.masked}
         self._direction = config["direction"]
         self._on_error = config["on_error"]
 
@@ -146,6 +151,9 @@ class CodecIso8583Gear(Gear):
         meta["iso8583.mti"] = mti
         meta["iso8583.mti_class"] = mti[:2]
         meta["iso8583.fields"] = ",".join(table)
+        sensitive = [p for n, paths in self._mask_paths.items() if n in fields for p in paths]
+        if sensitive:
+            meta["log.mask"] = ",".join(sensitive)
         if self.log.isEnabledFor(TRACE):
             self.log.log(TRACE, "%s decoded %s", self.name, self.spec.log_safe(fields))
 

@@ -1,7 +1,8 @@
 """`sink`: the end of a pipeline. `mode` log | stdout | file | null.
 
 `file` appends one JSON object per line (`path` required): id, ts, meta, data and raw (as
-text when it is UTF-8, else `hex:<hex>`); the file is flushed on drain and stop. `log` writes
+text when it is UTF-8, else `hex:<hex>`); the file is flushed on drain and stop. Values a
+codec marked sensitive (meta `log.mask`) are masked in every mode, and raw is then elided. `log` writes
 one INFO line per message; `stdout` prints the JSON line; `null` only counts.
 """
 
@@ -11,6 +12,7 @@ import json
 import sys
 
 from ..msg import FluxMsg
+from ..redact import log_view
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 
@@ -27,25 +29,9 @@ SCHEMA = {
 }
 
 
-def _jsonable(v):
-    if isinstance(v, (bytes, bytearray)):
-        try:
-            return bytes(v).decode("utf-8")
-        except UnicodeDecodeError:
-            return "hex:" + bytes(v).hex()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 def message_json(msg: FluxMsg) -> str:
-    """One message as a JSON line (no newline)."""
-    return json.dumps(
-        {"id": msg.id.hex(), "ts": msg.ts, "meta": msg.meta, "data": _jsonable(msg.data), "raw": _jsonable(msg.raw)},
-        separators=(",", ":"),
-    )
+    """One message as a JSON line (no newline), sensitive values masked (see fluxrig.redact)."""
+    return json.dumps(log_view(msg), separators=(",", ":"))
 
 
 @register

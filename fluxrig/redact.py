@@ -1,0 +1,47 @@
+"""Log-safe views of messages: what any gear may print about a message.
+
+Gears that learn which values are sensitive (the ISO 8583 codec, from its spec) list their
+data paths in meta `log.mask` (comma-separated). `log_view(msg)` returns a JSON-ready dict
+in which those values are masked (PAN: first six and last four digits kept) and the raw
+payload, which holds the same values in clear, is replaced by its length.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .iso8583.masking import mask_value
+from .msg import FluxMsg, get_path, set_path
+
+__all__ = ["log_view", "jsonable", "MASK_META"]
+
+MASK_META = "log.mask"
+
+
+def jsonable(v):
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            return bytes(v).decode("utf-8")
+        except UnicodeDecodeError:
+            return "hex:" + bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def log_view(msg: FluxMsg) -> dict:
+    """id, ts, meta, data and raw of `msg`, with `log.mask` paths masked."""
+    paths = msg.meta.get(MASK_META)
+    data = msg.data
+    raw = jsonable(msg.raw)
+    if paths:
+        data = copy.deepcopy(data)
+        for path in paths.split(","):
+            value = get_path(data, path)
+            if value is not None:
+                last = path.rsplit(".", 1)[-1]
+                set_path(data, path, mask_value(value, "pan" if last in ("2", "34") or "pan" in last else "sad"))
+        raw = f"<{len(msg.raw)} bytes, masked>"
+    return {"id": msg.id.hex(), "ts": msg.ts, "meta": msg.meta, "data": jsonable(data), "raw": raw}
