@@ -38,7 +38,7 @@ DUR, STR, INT, BOOL, FLOAT = "duration", "str", "int", "bool", "float"
 # section -> key -> (type, default, doc, choices or None)
 SCHEMA: dict[str, dict[str, tuple]] = {
     "base": {
-        "name": (STR, "", "Rack name; empty = derived from the host name", None),
+        "name": (STR, "", "Rack name (a-z, 0-9, _ and -); a standalone Rack without one runs every gear", None),
         "state_dir": (STR, "./data", "directory for the passport, scenario copy, WAL, lock", None),
         "state_file": (STR, "rack.flux", "passport file name inside state_dir", None),
         "scenario_file": (STR, "scenario.flux", "last applied scenario copy inside state_dir", None),

@@ -72,3 +72,17 @@ def test_parse_duration():
     for bad in ("", "5", "s", "1x", "1s2"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_example_file_lists_every_key_and_loads(tmp_path):
+    from fluxrig.cli.cmd_config import example
+    from fluxrig.config import SCHEMA
+
+    text = example()
+    p = tmp_path / "fluxrig.toml"
+    p.write_text(text)
+    cfg = load_config(str(p), environ={})
+    assert cfg.as_dict() == load_config(None, environ={}).as_dict()
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            assert f"\n{key} = " in text, f"{section}.{key}"

@@ -16,6 +16,7 @@ COMMANDS = (
     "fluxrig.cli.cmd_run",
     "fluxrig.cli.cmd_version",
     "fluxrig.cli.cmd_check",
+    "fluxrig.cli.cmd_config",
     "fluxrig.cli.cmd_scenario",
     "fluxrig.cli.cmd_gears",
     "fluxrig.cli.cmd_iso8583",
