@@ -21,7 +21,10 @@ from .config import Config
 from .errors import FluxError, ScenarioError
 from .runtime.graph import Runtime
 from .runtime.reload import ReloadError, shadow_swap
-from .scenario import Scenario, load_scenario
+from .scenario import Scenario, build_scenario, load_scenario
+
+# A joined Rack starts with no gears; the passport's scenario is shadow-swapped in.
+EMPTY_SCENARIO = Scenario(name="", version="none", gears=[], wires=[], racks=[], doc={})
 
 __all__ = ["Rack", "InstanceLocked"]
 
@@ -44,6 +47,7 @@ class Rack:
         self._lock_fd: int | None = None
         self.name = config.base.name
         self._reload_lock = asyncio.Lock()
+        self.agent = None
         self.event_listeners: list = []
 
     # -- instance lock ---------------------------------------------------------------------------
@@ -69,7 +73,8 @@ class Rack:
     # -- scenario ----------------------------------------------------------------------------------
     def load(self) -> Scenario:
         if not self.scenario_path:
-            raise FluxError("no scenario to run: pass --scenario FILE or set base.scenario in fluxrig.toml")
+            raise FluxError("no scenario to run: pass --scenario FILE, set base.scenario in fluxrig.toml, "
+                            "or join a Mixer with snake.url and snake.bootstrap_token")
         return load_scenario(self.scenario_path)
 
     async def apply_scenario(self, scenario: Scenario):
@@ -94,18 +99,50 @@ class Rack:
     def request_reload(self) -> None:
         self._reload_requested.set()
 
+    async def _apply_from_mixer(self, doc: dict, version: str) -> None:
+        """The agent's apply callback: a scenario from a verified passport. Raising refuses it;
+        the message is reported to the Mixer as the `rejected` reason."""
+        scenario = build_scenario(doc, source=None)
+        if self.agent is not None and self.agent.rack_name:
+            self.runtime.rack_name = self.agent.rack_name
+        await self.apply_scenario(scenario)
+
+    def _on_shutdown(self, reason: str = "") -> None:
+        log.warning("the Mixer asked this Rack to shut down%s", f": {reason}" if reason else "")
+        self.request_stop()
+
+    async def _start_agent(self) -> None:
+        from .agent import AgentConfig, RackAgent  # imports nats only when joined to a Mixer
+
+        self.agent = RackAgent(
+            AgentConfig.from_config(self.config),
+            self._apply_from_mixer,
+            on_shutdown=self._on_shutdown,
+            on_log_level=lambda level: logging.getLogger().setLevel(level.upper()),
+            stats=lambda: {"gears": self.runtime.metrics() if self.runtime else {}},
+        )
+        await self.agent.start()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._lock()
         try:
-            scenario = self.load()
+            joined = bool(self.config.snake.url)
+            if self.scenario_path or not joined:
+                scenario = self.load()
+            else:
+                scenario = EMPTY_SCENARIO  # the Mixer's passport brings the scenario
             self.runtime = Runtime(scenario, self.name, self.config.rack)
             await self.runtime.start()
+            if joined:
+                await self._start_agent()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-            systemd.ready(f"running {scenario.name or scenario.source} {scenario.version}")
-            log.info("fluxrig ready: scenario %s version %s", scenario.name or scenario.source, scenario.version)
+            current = self.runtime.scenario
+            systemd.ready(f"running {current.name or current.source or '-'} {current.version}")
+            log.info("fluxrig ready: scenario %s version %s%s", current.name or current.source, current.version,
+                     f" (joined to {self.config.snake.url})" if joined else "")
             watchdog = loop.create_task(self._watchdog()) if systemd.watchdog_interval() else None
             while not self._stop.is_set():
                 stop_wait = loop.create_task(self._stop.wait())
@@ -115,10 +152,15 @@ class Rack:
                 reload_wait.cancel()
                 if self._reload_requested.is_set() and not self._stop.is_set():
                     self._reload_requested.clear()
-                    await self._reload_from_file()
+                    if self.scenario_path:
+                        await self._reload_from_file()
+                    else:
+                        log.warning("SIGHUP ignored: this Rack's scenario comes from the Mixer, not a file")
             systemd.stopping()
             log.info("stopping: draining for up to %gs", self.config.rack.drain_timeout)
             clean = await self.runtime.shutdown(self.config.rack.drain_timeout)
+            if self.agent is not None:
+                await self.agent.stop()
             log.info("stopped (%s)", "drained" if clean else "drain deadline reached")
             if watchdog:
                 watchdog.cancel()
