@@ -2,13 +2,16 @@
 
 A no-op when `NOTIFY_SOCKET` is unset (not under systemd), so callers never branch on it.
 `watchdog_interval()` returns half of `WATCHDOG_USEC` (the period systemd recommends for
-keep-alives) or None.
+keep-alives) or None. systemd sets `WATCHDOG_PID` to the service's main PID; in the frozen
+one-file binary that is the PyInstaller bootloader and Python runs in its child, so there the
+parent's PID also counts as ours (the unit sets NotifyAccess=all for the same reason).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 __all__ = ["notify", "ready", "stopping", "reloading", "watchdog", "status", "watchdog_interval"]
 
@@ -49,10 +52,16 @@ def status(text: str) -> bool:
     return notify(f"STATUS={text}")
 
 
+def _own_pids() -> tuple[str, ...]:
+    if getattr(sys, "frozen", False):
+        return str(os.getpid()), str(os.getppid())
+    return (str(os.getpid()),)
+
+
 def watchdog_interval() -> float | None:
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
+    if not usec or (pid and pid not in _own_pids()):
         return None
     try:
         return int(usec) / 2_000_000

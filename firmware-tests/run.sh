@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# `make firmware-test`: build the frozen Rack for arm64 and armhf inside Debian rootfs folders
+# and smoke-test it under QEMU user mode. Prints one JSON line per architecture on stdout
+# (progress goes to stderr):
+#   {"arch", "binary_bytes", "start_to_ready_s", "idle_rss_mb", "smoke_tcp_echo",
+#    "smoke_iso8583", "smoke_serial", ...}
+#
+#   firmware-tests/run.sh [--build-only] [arm64] [armhf]      (default: both)
+#
+# Needs root (debootstrap, chroot, mounts, binfmt_misc) and the project's .venv on the host (the
+# smoke driver is host Python talking TCP and a pty to the emulated Rack). Slow the first time
+# (debootstrap, pip builds under emulation: see target-build.sh); everything is cached under
+# firmware-tests/cache/: the rootfs and the target venv until their package lists change, the
+# binary until the source tree changes. FIRMWARE_CACHE, FIRMWARE_SUITE, FIRMWARE_MIRROR override.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=firmware-tests/common.sh
+. "$here/common.sh"
+
+build_only=0
+archs=()
+for a in "$@"; do
+  case "$a" in
+    --build-only) build_only=1 ;;
+    arm64|armhf) archs+=("$a") ;;
+    *) die "usage: run.sh [--build-only] [arm64] [armhf]" ;;
+  esac
+done
+[ "${#archs[@]}" -gt 0 ] || archs=(arm64 armhf)
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot and binfmt_misc)"
+HOST_PY="${HOST_PYTHON:-$REPO_DIR/.venv/bin/python}"
+[ -x "$HOST_PY" ] || die "no host venv at $HOST_PY: run 'make install' first"
+mkdir -p "$CACHE_DIR"
+
+mounted=()
+cleanup() { local r; for r in "${mounted[@]:-}"; do [ -n "$r" ] && umount_rootfs "$r"; done; }
+trap cleanup EXIT
+
+# The source as the build sees it: tracked and untracked-but-not-ignored files of the work tree
+# (what `make binary` would build), packed deterministically so its hash says "unchanged".
+src_tar="$CACHE_DIR/src.tar"
+(cd "$REPO_DIR" && git ls-files -z -co --exclude-standard \
+  | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
+  | tar --null -T - --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$src_tar")
+src_hash="$(sha256sum "$src_tar" | cut -d' ' -f1)"
+commit="$(git -C "$REPO_DIR" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+[ -z "$(git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit-dirty"
+
+build_arch() {
+  local arch="$1" root out
+  root="$(rootfs_dir "$arch")"
+  out="$CACHE_DIR/bin-$arch"
+  if [ -x "$out/fluxrig" ] && [ "$(cat "$out/src.sha256" 2>/dev/null)" = "$src_hash" ]; then
+    log "$arch: binary cached ($out/fluxrig, source unchanged)"
+    return 0
+  fi
+  mount_rootfs "$root"; mounted+=("$root")
+  rm -rf "$root/src" && mkdir -p "$root/src" && tar -xf "$src_tar" -C "$root/src"
+  log "$arch: building inside the rootfs under QEMU (commit $commit)"
+  local t0=$SECONDS
+  $NICE chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    FLUXRIG_COMMIT="$commit" /src/firmware-tests/target-build.sh "$arch" \
+    || die "$arch: target build failed"
+  mkdir -p "$out"
+  cp "$root/src/dist/fluxrig" "$out/fluxrig"
+  echo "$src_hash" > "$out/src.sha256"
+  log "$arch: built in $((SECONDS - t0)) s: $(stat -c %s "$out/fluxrig") bytes"
+}
+
+smoke_arch() {
+  local arch="$1" root
+  root="$(rootfs_dir "$arch")"
+  mount_rootfs "$root"; mounted+=("$root")
+  # The binary and the scenarios it is tested with, where a gateway would have them.
+  install -D -m 0755 "$CACHE_DIR/bin-$arch/fluxrig" "$root/usr/local/bin/fluxrig"
+  rm -rf "$root/opt/fluxrig-smoke" && mkdir -p "$root/opt/fluxrig-smoke"
+  cp "$REPO_DIR"/scenarios/*.yaml "$here"/scenarios/*.yaml "$root/opt/fluxrig-smoke/"
+  "$HOST_PY" "$here/smoke.py" --arch "$arch" --rootfs "$root" --binary /usr/local/bin/fluxrig \
+    --scenarios /opt/fluxrig-smoke --host-binary "$CACHE_DIR/bin-$arch/fluxrig"
+}
+
+for arch in "${archs[@]}"; do
+  "$here/rootfs.sh" "$arch"
+  ensure_binfmt "$arch"
+  build_arch "$arch"
+done
+[ "$build_only" = 1 ] && exit 0
+status=0
+for arch in "${archs[@]}"; do
+  smoke_arch "$arch" || status=1
+done
+exit "$status"
