@@ -88,7 +88,7 @@ async def test_suspend_activate_remove(mixer, api, agent_factory):
     r = await api.delete("/api/v1/racks/edge-1")
     assert r.json()["status"] == "removed"
     # The removed Rack wipes its passport and enrolls again as a new pending identity.
-    await wait_for(lambda: agent.passport is not None and agent.passport.rack_id != old_id, timeout=10,
+    await wait_for(lambda: agent.passport is not None and agent.passport.rack_id != old_id, timeout=30,
                    what="re-enrollment")
     assert agent.status == "pending"
     racks = (await api.get("/api/v1/racks")).json()

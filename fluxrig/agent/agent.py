@@ -42,12 +42,13 @@ from ..passport import Passport, PassportStore, parse_public_key
 from . import protocol as P
 from . import subjects as S
 
-__all__ = ["AgentConfig", "RackAgent", "AUTH_FAILURES_BEFORE_REENROLL"]
+__all__ = ["AgentConfig", "RackAgent", "AUTH_FAILURES_BEFORE_REENROLL", "close_quietly"]
 
 log = logging.getLogger("fluxrig.agent")
 
 AUTH_FAILURES_BEFORE_REENROLL = 5
 SESSION_RECONNECT_ATTEMPTS = 5
+CLOSE_TIMEOUT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 10.0
 MIN_HEARTBEAT_S = 0.05
 REQUEST_TIMEOUT_MAX_S = 5.0
@@ -181,6 +182,7 @@ class RackAgent:
         while not self._stopping:
             try:
                 if self.passport is None:
+                    log.debug("enrolling with the bootstrap token")
                     await self._enroll()
                     backoff = self.config.reconnect_wait
                     continue
@@ -255,10 +257,7 @@ class RackAgent:
         nc, self.nc, self.js = self.nc, None, None
         self.connected.clear()
         if nc is not None:
-            try:
-                await asyncio.wait_for(nc.close(), 2)
-            except Exception:
-                pass
+            await close_quietly(nc, CLOSE_TIMEOUT_S)
 
     # -- enrollment ----------------------------------------------------------------------------
 
@@ -294,10 +293,7 @@ class RackAgent:
                 await self._maybe_apply(passport)
                 return
         finally:
-            try:
-                await nc.close()
-            except Exception:
-                pass
+            await close_quietly(nc, CLOSE_TIMEOUT_S)
 
     # -- session -------------------------------------------------------------------------------
 
@@ -321,9 +317,11 @@ class RackAgent:
         try:
             await self._heartbeat_loop(name)
         finally:
+            log.debug("leaving the bus session as rack %s", name)
             try:
-                await sub.unsubscribe()
-            except Exception:
+                # Bounded: on a dropped connection nats-py may wait for a reconnect first.
+                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+            except (Exception, asyncio.TimeoutError):
                 pass
             await self._close_nc()
 
@@ -451,6 +449,21 @@ class RackAgent:
                 log.info("scenario %s applied", passport.scenario_version)
             self.applied_version = passport.scenario_version
         self._beat_now.set()
+
+
+async def close_quietly(nc, timeout: float) -> bool:
+    """Close a nats-py connection without ever hanging: nats-py's close() can stay blocked
+    behind a reconnect loop (e.g. credentials just revoked) and does not always honour
+    cancellation, so asyncio.wait_for would wait for it forever. The close keeps running in
+    the background if it overruns. True when it finished in time."""
+    task = asyncio.ensure_future(nc.close())
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        log.debug("bus connection close still pending after %.1fs; left to finish in the background", timeout)
+        return False
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("bus connection close failed: %s", task.exception())
+    return True
 
 
 async def _maybe_await(value):

@@ -27,6 +27,7 @@ import time
 import nats
 
 from fluxrig.agent import subjects as S
+from fluxrig.agent.agent import close_quietly
 from fluxrig.errors import ConfigError, FluxError
 from fluxrig.passport import ClusterKey
 
@@ -240,7 +241,10 @@ class Mixer:
 
         app = create_app(self)
         cfg = self.cfg.api
-        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
+        # proto says TCP, and without it every keep-alive response waits ~40 ms (Nagle meets
+        # delayed ACK, because uvicorn writes headers and body separately).
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((cfg.host, cfg.port))
@@ -300,10 +304,7 @@ class Mixer:
             except Exception:
                 pass
         if self.nc is not None:
-            try:
-                await asyncio.wait_for(self.nc.close(), 5)
-            except Exception:
-                pass
+            await close_quietly(self.nc, 5.0)
             self.nc = None
         if self.snake is not None:
             await self.snake.stop()

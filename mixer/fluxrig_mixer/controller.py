@@ -46,7 +46,6 @@ LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
 # Remember recent Hello reply keys so a retried Hello is answered with the same Rack.
 HELLO_CACHE_SIZE = 4096
 HELLO_CACHE_TTL_S = 600.0
-PASSPORT_DDL = ["CREATE TABLE IF NOT EXISTS passports(rack_id VARCHAR PRIMARY KEY, serial BIGINT, data BLOB)"]
 
 
 class Controller:
@@ -78,7 +77,7 @@ class Controller:
         self._passports: dict[str, tuple[int, bytes]] = {}  # rack_id -> last signed (serial, bytes)
         self._sweeper: asyncio.Task | None = None
         self.counters = {"hello_ok": 0, "hello_denied": 0, "hello_bad": 0, "heartbeats": 0, "heartbeat_unknown": 0}
-        registry.db.ensure(PASSPORT_DDL)
+        self._heard_offline: set[str] = set()  # offline Racks heard again, persisted by the sweeper
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -146,10 +145,8 @@ class Controller:
                 serial=serial,
             ),
         )
-        self.registry.db.conn.execute("INSERT OR REPLACE INTO passports VALUES (?, ?, ?)", [rack.rack_id, serial, data])
+        self.registry.record_passport(rack.rack_id, serial, expires, data, version)
         self._passports[rack.rack_id] = (serial, data)
-        if version:
-            self.registry.set_target(rack.rack_id, version)
         return data
 
     def current_passport(self, rack_id: str) -> tuple[int, bytes] | None:
@@ -243,8 +240,12 @@ class Controller:
             return None
         self.counters["heartbeats"] += 1
         self.registry.heard(rack.rack_id)
-        if rack.status == "offline":
-            rack = self.registry.transition(rack.rack_id, "heard")
+        status = rack.status
+        if status == "offline":
+            # Answer "active" now; the sweeper persists the move for every such Rack in one
+            # transaction (a DuckDB commit is an fsync: never one per heartbeat).
+            self._heard_offline.add(rack.rack_id)
+            status = "active"
         if hb["apply"] != "none" or hb["scenario_version"]:
             if self.registry.report_apply(rack.rack_id, hb["scenario_version"], hb["apply"], hb["reason"]):
                 log.info("rack %s scenario %s: %s %s", rack.name, hb["scenario_version"], hb["apply"], hb["reason"])
@@ -257,21 +258,28 @@ class Controller:
             passport = self.issue(self.registry.get(rack.rack_id))
         elif hb["serial"] < current[0]:
             passport = current[1]
-        return P.encode_heartbeat_reply(rack.status, self.heartbeat_interval, passport)
+        return P.encode_heartbeat_reply(status, self.heartbeat_interval, passport)
 
     async def _sweep(self) -> None:
         period = max(0.1, min(self.heartbeat_interval / 2, 5.0))
         while True:
             await asyncio.sleep(period)
             try:
-                for rack_id in self.registry.silent_racks():
-                    rack = self.registry.transition(rack_id, "silent", "no heartbeat")
-                    log.warning("rack %s is offline (silent for %d heartbeat intervals)", rack.name, self.registry.offline_after)
-                self.registry.flush_liveness()
+                self.sweep_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.error("liveness sweep failed: %s", exc)
+
+    def sweep_once(self) -> None:
+        """Persist liveness: Racks heard again go back to active, silent ones go offline, and
+        last_seen/stats are written; each group in one transaction."""
+        heard, self._heard_offline = list(self._heard_offline), set()
+        self.registry.transition_many(heard, "heard")
+        silent = self.registry.silent_racks()
+        for rack in self.registry.transition_many(silent, "silent", "no heartbeat"):
+            log.warning("rack %s is offline (silent for %d heartbeat intervals)", rack.name, self.registry.offline_after)
+        self.registry.flush_liveness()
 
     # -- operator actions --------------------------------------------------------------------------
 

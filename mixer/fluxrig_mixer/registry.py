@@ -70,6 +70,7 @@ _MIGRATIONS: list[list[str]] = [
                ts TIMESTAMPTZ NOT NULL, rack_id VARCHAR NOT NULL, event VARCHAR NOT NULL,
                from_status VARCHAR, to_status VARCHAR, detail VARCHAR)""",
         "CREATE TABLE IF NOT EXISTS settings(key VARCHAR PRIMARY KEY, value VARCHAR)",
+        "CREATE TABLE IF NOT EXISTS passports(rack_id VARCHAR PRIMARY KEY, serial BIGINT, data BLOB)",
     ],
 ]
 
@@ -389,6 +390,45 @@ class Registry:
         log.info("rack %s (%s): %s -> %s [%s]", rack.name, rack.rack_id, rack.status, row[0], event)
         return self._refresh(rack.rack_id)
 
+    def transition_many(self, rack_ids: list[str], event: str, detail: str = "") -> list[RackRow]:
+        """Apply `event` to many Racks in ONE transaction (one fsync); Racks for which the
+        move is not allowed (any more) are left alone. Returns the Racks that moved."""
+        if not rack_ids:
+            return []
+        before = {}
+        for rid in rack_ids:
+            try:
+                before[rid] = self.get(rid, include_removed=True).status
+            except RackNotFound:
+                pass
+        ids = list(before)
+        c = self.db.conn
+        c.begin()
+        try:
+            moved = c.execute(
+                "UPDATE racks SET status = t.to_status, status_since = now() FROM rack_status_transitions t "
+                "WHERE racks.rack_id IN (SELECT unnest(?::VARCHAR[])) AND t.from_status = racks.status AND t.event = ? "
+                "RETURNING racks.rack_id, racks.status",
+                [ids, event],
+            ).fetchall()
+            if moved:
+                c.execute(
+                    "INSERT INTO rack_events SELECT now(), v.id, ?, v.f, v.t, ? FROM "
+                    "(SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]) AS f, unnest(?::VARCHAR[]) AS t) v",
+                    [event, detail, [m[0] for m in moved], [before[m[0]] for m in moved], [m[1] for m in moved]],
+                )
+            c.commit()
+        except Exception:
+            c.rollback()
+            raise
+        out = []
+        for rid in ids:  # refresh every one: a refused move must drop any optimistic cache state
+            out.append(self._refresh(rid))
+        moved_ids = {m[0] for m in moved}
+        if moved:
+            log.info("%d rack(s) %s [%s]", len(moved), event, ", ".join(r.name for r in out if r.rack_id in moved_ids)[:300])
+        return [r for r in out if r.rack_id in moved_ids]
+
     def rename(self, key: str, new_name: str) -> RackRow:
         rack = self.get(key)
         if not S.RACK_NAME_RE.match(new_name) or len(new_name) > S.MAX_RACK_NAME:
@@ -405,17 +445,34 @@ class Registry:
         return self._refresh(rack.rack_id)
 
     def next_serial(self, rack_id: str, expires_at: float) -> int:
-        row = self.db.conn.execute(
-            "UPDATE racks SET passport_serial = passport_serial + 1, passport_expires = ? WHERE rack_id = ? "
-            "RETURNING passport_serial",
-            [expires_at, rack_id],
-        ).fetchone()
-        if row is None:
-            raise RackNotFound(rack_id)
-        if self._rows is not None and rack_id in self._rows:
-            self._rows[rack_id].passport_serial = row[0]
+        """Reserve the next passport serial (kept in memory until `record_passport`)."""
+        row = self.get(rack_id, include_removed=True)
+        return row.passport_serial + 1
+
+    def record_passport(self, rack_id: str, serial: int, expires_at: float, data: bytes, target_version: str = "") -> None:
+        """Store a signed passport, its serial and the scenario it carries: one transaction."""
+        c = self.db.conn
+        c.begin()
+        try:
+            c.execute(
+                "UPDATE racks SET passport_serial = ?, passport_expires = ? WHERE rack_id = ?", [serial, expires_at, rack_id]
+            )
+            c.execute("INSERT OR REPLACE INTO passports VALUES (?, ?, ?)", [rack_id, serial, data])
+            if target_version:
+                c.execute(
+                    "UPDATE racks SET target_version = ?, apply_state = CASE WHEN ? = scenario_version AND "
+                    "apply_state = 'applied' THEN 'applied' ELSE 'applying' END, apply_reason = '' WHERE rack_id = ?",
+                    [target_version, target_version, rack_id],
+                )
+            c.commit()
+        except Exception:
+            c.rollback()
+            raise
+        if target_version:
+            self._refresh(rack_id)
+        elif self._rows is not None and rack_id in self._rows:
+            self._rows[rack_id].passport_serial = serial
             self._rows[rack_id].passport_expires = expires_at
-        return row[0]
 
     def set_target(self, rack_id: str, version: str) -> None:
         """The scenario version the Mixer has just sent this Rack (apply state: applying)."""
@@ -478,10 +535,20 @@ class Registry:
         c = self.db.conn
         c.begin()
         try:
+            # One statement per column over unnested lists: DuckDB's executemany runs one
+            # statement per row, far too slow for a fleet beating every few seconds.
             if seen:
-                c.executemany("UPDATE racks SET last_seen = to_timestamp(?) WHERE rack_id = ?", seen)
+                c.execute(
+                    "UPDATE racks SET last_seen = to_timestamp(v.t) FROM "
+                    "(SELECT unnest(?::DOUBLE[]) AS t, unnest(?::VARCHAR[]) AS id) v WHERE racks.rack_id = v.id",
+                    [[t for t, _i in seen], [i for _t, i in seen]],
+                )
             if stats:
-                c.executemany("UPDATE racks SET stats = ? WHERE rack_id = ?", stats)
+                c.execute(
+                    "UPDATE racks SET stats = v.s FROM "
+                    "(SELECT unnest(?::VARCHAR[]) AS s, unnest(?::VARCHAR[]) AS id) v WHERE racks.rack_id = v.id",
+                    [[t for t, _i in stats], [i for _t, i in stats]],
+                )
             c.commit()
         except Exception:
             c.rollback()

@@ -183,6 +183,8 @@ class ScenarioStore:
     def __init__(self, db):
         self.db = db
         db.ensure(DDL)
+        self._active: StoredScenario | None = None
+        self._active_loaded = False
 
     # -- import ----------------------------------------------------------------------------------
 
@@ -259,10 +261,15 @@ class ScenarioStore:
 
     def mark_active(self, stored: StoredScenario, detail: str = "") -> None:
         self.db.conn.execute("INSERT INTO scenario_activations VALUES (now(), ?, ?)", [stored.digest, detail])
+        self._active, self._active_loaded = stored, True
 
     def active(self) -> StoredScenario | None:
-        r = self.db.cur().execute("SELECT digest FROM scenario_activations ORDER BY ts DESC LIMIT 1").fetchone()
-        return self._by_digest(r[0]) if r else None
+        """The active scenario (cached: it changes only through mark_active)."""
+        if not self._active_loaded:
+            r = self.db.cur().execute("SELECT digest FROM scenario_activations ORDER BY ts DESC LIMIT 1").fetchone()
+            self._active = self._by_digest(r[0]) if r else None
+            self._active_loaded = True
+        return self._active
 
     def history(self, limit: int = 50) -> list[dict]:
         rows = self.db.cur().execute(
