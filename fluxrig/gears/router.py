@@ -23,23 +23,6 @@ from ..runtime.registry import register
 SCHEMA = {
     "type": "object",
     "properties": {
-        "field": {"type": "string", "description": "path read: raw, meta.<key>, data.<path>"},
-        "equals": {"description": "value equals (compared as text)"},
-        "not_equals": {"description": "value differs (as text)"},
-        "prefix": {"type": ["string", "array"], "description": "text starts with (one of) these"},
-        "in": {"type": "array", "description": "value is one of (as text)"},
-        "regex": {"type": "string", "description": "Python regular expression searched in the text"},
-        "exists": {"type": "boolean", "description": "field present (true) or absent (false)"},
-        "gt": {"type": "number", "description": "numeric value greater than"},
-        "lt": {"type": "number", "description": "numeric value less than"},
-    },
-    "required": ["field"],
-    "additionalProperties": False,
-}
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
         "rules": {
             "type": "array",
             "items": {
