@@ -2,15 +2,18 @@
 
 One bus message carries one *columnar* batch of records of one kind, CBOR-encoded:
 
-    {"v": 1, "kind": "logs", "rack": "<rack>", "ids": [u64, ...], "cols": {<column>: [...], ...}}
+    {"v": 1, "kind": "logs", "rack": "<rack>", "src": "<wal id>", "ids": [u64, ...],
+     "cols": {<column>: [...], ...}}
 
 Columnar, because the Mixer appends whole columns to DuckDB: decoding lists of scalars is
 ~20x cheaper than decoding one map per record, and it keeps ingest above 500k rows/s.
 
-`ids[i]` is record i's dedup id: an unsigned 64-bit integer unique per (rack, kind), e.g. the
-WAL sequence number. A record re-sent with the same id is stored once (the Mixer keys its
-tables on (rack, id)); JetStream's own dedup window (`Nats-Msg-Id`, see `batch_msg_id`)
-catches quick re-sends before they reach DuckDB.
+`ids[i]` is record i's dedup id within its source: the WAL sequence number (< 2**40). `src`
+names the source's incarnation (the WAL id, which changes when a WAL is wiped and its seqs
+restart at 1); the Mixer maps each (rack, src) to a distinct id range, so a record re-sent
+with the same (src, id) is stored once and a wiped WAL never collides with its predecessor.
+JetStream's own dedup window (`Nats-Msg-Id`, see `batch_msg_id`) catches quick re-sends
+before they reach DuckDB.
 
 Columns (OTel data model, flattened; `attrs` is a JSON object as text or None; times are
 unix nanoseconds):
@@ -33,6 +36,7 @@ __all__ = [
     "COLUMNS",
     "SEVERITY",
     "MAX_BATCH_RECORDS",
+    "MAX_RECORD_ID",
     "TelemetryFormatError",
     "encode_batch",
     "decode_batch",
@@ -43,6 +47,8 @@ __all__ = [
 BATCH_VERSION = 1
 # One bus message stays well under the Snake's max_payload (8 MiB set by the Mixer).
 MAX_BATCH_RECORDS = 10_000
+# Dedup ids are WAL sequence numbers below this; the Mixer puts the incarnation above it.
+MAX_RECORD_ID = 1 << 40
 COLUMNS: dict[str, tuple[str, ...]] = {
     "logs": ("ts", "severity", "severity_text", "body", "attrs", "trace_id", "span_id"),
     "metrics": ("ts", "name", "type", "value", "unit", "attrs"),
@@ -67,7 +73,7 @@ def severity_number(level) -> int:
     return SEVERITY.get(str(level).strip().lower(), 9)
 
 
-def encode_batch(kind: str, rack: str, records: list[dict], limit: int = MAX_BATCH_RECORDS) -> bytes:
+def encode_batch(kind: str, rack: str, records: list[dict], limit: int = MAX_BATCH_RECORDS, src: str = "") -> bytes:
     """Encode row dicts (each with "id" and the kind's columns; `attrs` may be a dict) as one
     columnar batch. Missing columns become None."""
     if kind not in COLUMNS:
@@ -85,11 +91,11 @@ def encode_batch(kind: str, rack: str, records: list[dict], limit: int = MAX_BAT
             elif c == "severity" and v is not None:
                 v = severity_number(v)
             out.append(v)
-    return cbor2.dumps({"v": BATCH_VERSION, "kind": kind, "rack": rack, "ids": ids, "cols": cols})
+    return cbor2.dumps({"v": BATCH_VERSION, "kind": kind, "rack": rack, "src": src, "ids": ids, "cols": cols})
 
 
-def decode_batch(data: bytes, limit: int = MAX_BATCH_RECORDS) -> tuple[str, str, list, dict[str, list]]:
-    """(kind, rack, ids, columns) of a batch. Column lists all have len(ids) entries; values
+def decode_batch(data: bytes, limit: int = MAX_BATCH_RECORDS) -> tuple[str, str, str, list, dict[str, list]]:
+    """(kind, rack, src, ids, columns) of a batch. Column lists all have len(ids) entries; values
     are not checked one by one (DuckDB's appender checks types at the flush)."""
     try:
         doc = cbor2.loads(data)
@@ -104,9 +110,14 @@ def decode_batch(data: bytes, limit: int = MAX_BATCH_RECORDS) -> tuple[str, str,
         raise TelemetryFormatError("missing rack", "rack")
     if not isinstance(ids, list) or not isinstance(cols, dict):
         raise TelemetryFormatError("ids must be a list and cols a map", "cols")
+    src = doc.get("src") or ""
+    if not isinstance(src, str) or len(src) > 128:
+        raise TelemetryFormatError("src must be a short text", "src")
     n = len(ids)
     if n > limit:
         raise TelemetryFormatError(f"{n} records exceed the batch limit {limit}", "ids")
+    if n and (not isinstance(ids[0], int) or not isinstance(ids[-1], int) or max(ids) >= MAX_RECORD_ID or min(ids) < 0):
+        raise TelemetryFormatError(f"ids must be integers in [0, 2**40)", "ids")
     out = {}
     for c in COLUMNS[kind]:
         col = cols.get(c)
@@ -115,7 +126,7 @@ def decode_batch(data: bytes, limit: int = MAX_BATCH_RECORDS) -> tuple[str, str,
         elif not isinstance(col, list) or len(col) != n:
             raise TelemetryFormatError(f"column must be a list of {n} values", c)
         out[c] = col
-    return kind, rack, ids, out
+    return kind, rack, src, ids, out
 
 
 def batch_msg_id(rack: str, kind: str, first_id: int, count: int) -> str:

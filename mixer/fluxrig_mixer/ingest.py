@@ -4,13 +4,19 @@ Job. A durable pull consumer on the `flux-telemetry` stream fetches up to
 `batch_max_messages` bus messages (each a columnar batch, fluxrig.agent.telemetry), groups
 their columns per kind, and writes each kind in one transaction:
 
-    appender -> stage_<kind> (temp table, no index)      bulk, never row by row
-    INSERT OR IGNORE INTO telemetry_<kind> SELECT ... FROM stage_<kind>
-    DELETE FROM stage_<kind>; COMMIT
+    appender -> telemetry_<kind>; COMMIT               bulk, never row by row
+
+and only when that commit hits the primary key (a re-sent record) does it redo the batch as
+
+    appender -> stage_<kind> (temp table, no index)
+    INSERT OR IGNORE INTO telemetry_<kind> SELECT * FROM stage_<kind>; DELETE; COMMIT
 
 then acknowledges the whole fetch with one ack (AckPolicy.ALL, in order). A crash between
 the commit and the ack re-delivers the batch; the primary key (rack, id) drops the rows
-already stored, so a record re-sent lands once. The `<rack>` token is taken from the subject
+already stored, so a record re-sent lands once. The stored id is `incarnation << 40 | seq`:
+each (rack, src) pair, src being the Rack's WAL id, gets its own incarnation number (table
+`telemetry_sources`), so a Rack whose WAL was wiped and restarted at seq 1 is not mistaken
+for a re-send of its old records. The `<rack>` token is taken from the subject
 (the bus permissions guarantee who may publish there), never from the payload.
 
 A batch that does not decode is counted and acknowledged (it never will decode); a fetch
@@ -25,13 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
+import duckdb
 import time
 from collections import defaultdict
 
 from fluxrig.agent import subjects as S
-from fluxrig.agent.telemetry import COLUMNS, TelemetryFormatError, decode_batch
+from fluxrig.agent.telemetry import COLUMNS, MAX_RECORD_ID, TelemetryFormatError, decode_batch
 
-__all__ = ["TelemetryIngest", "TELEMETRY_DDL", "STAGE_COLUMNS", "write_columns", "ensure_tables"]
+__all__ = ["TelemetryIngest", "TELEMETRY_DDL", "STAGE_COLUMNS", "TIME_COLUMN", "write_columns", "ensure_tables"]
 
 log = logging.getLogger("fluxrig.mixer.ingest")
 
@@ -39,48 +47,45 @@ CONSUMER = "mixer-ingest"
 # Decoded fetches waiting for the writer; bounds memory while overlapping fetch and write.
 PIPELINE_DEPTH = 2
 
-# (column, staging type, SQL expression that turns the staged value into the stored one)
-STAGE_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
+# (column, type) per kind. Times are unix nanoseconds (BIGINT) as sent: the appender takes the
+# batch's columns unchanged, and the queries convert only the rows they return.
+STAGE_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "logs": [
-        ("rack", "VARCHAR", "rack"),
-        ("id", "UBIGINT", "id"),
-        ("ts", "BIGINT", "make_timestamp(ts // 1000)"),
-        ("severity", "SMALLINT", "severity"),
-        ("severity_text", "VARCHAR", "severity_text"),
-        ("body", "VARCHAR", "body"),
-        ("attrs", "VARCHAR", "attrs"),
-        ("trace_id", "VARCHAR", "trace_id"),
-        ("span_id", "VARCHAR", "span_id"),
+        ("rack", "VARCHAR"),
+        ("id", "UBIGINT"),
+        ("ts", "BIGINT"),
+        ("severity", "SMALLINT"),
+        ("severity_text", "VARCHAR"),
+        ("body", "VARCHAR"),
+        ("attrs", "VARCHAR"),
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
     ],
     "metrics": [
-        ("rack", "VARCHAR", "rack"),
-        ("id", "UBIGINT", "id"),
-        ("ts", "BIGINT", "make_timestamp(ts // 1000)"),
-        ("name", "VARCHAR", "name"),
-        ("type", "VARCHAR", "type"),
-        ("value", "DOUBLE", "value"),
-        ("unit", "VARCHAR", "unit"),
-        ("attrs", "VARCHAR", "attrs"),
+        ("rack", "VARCHAR"),
+        ("id", "UBIGINT"),
+        ("ts", "BIGINT"),
+        ("name", "VARCHAR"),
+        ("type", "VARCHAR"),
+        ("value", "DOUBLE"),
+        ("unit", "VARCHAR"),
+        ("attrs", "VARCHAR"),
     ],
     "traces": [
-        ("rack", "VARCHAR", "rack"),
-        ("id", "UBIGINT", "id"),
-        ("trace_id", "VARCHAR", "trace_id"),
-        ("span_id", "VARCHAR", "span_id"),
-        ("parent_span_id", "VARCHAR", "parent_span_id"),
-        ("name", "VARCHAR", "name"),
-        ("kind", "VARCHAR", "kind"),
-        ("start", "BIGINT", "make_timestamp(start // 1000)"),
-        ("end", "BIGINT", "make_timestamp(\"end\" // 1000)"),
-        ("status", "VARCHAR", "status"),
-        ("attrs", "VARCHAR", "attrs"),
+        ("rack", "VARCHAR"),
+        ("id", "UBIGINT"),
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
+        ("parent_span_id", "VARCHAR"),
+        ("name", "VARCHAR"),
+        ("kind", "VARCHAR"),
+        ("start", "BIGINT"),
+        ("end", "BIGINT"),
+        ("status", "VARCHAR"),
+        ("attrs", "VARCHAR"),
     ],
 }
-_STORED_TYPE = {"make_timestamp": "TIMESTAMP"}
-
-
-def _stored_type(stage_type: str, expr: str) -> str:
-    return "TIMESTAMP" if expr.startswith("make_timestamp") else stage_type
+TIME_COLUMN = {"logs": "ts", "metrics": "ts", "traces": "start"}
 
 
 def _q(col: str) -> str:
@@ -89,10 +94,14 @@ def _q(col: str) -> str:
 
 TELEMETRY_DDL: list[str] = []
 for _kind, _cols in STAGE_COLUMNS.items():
-    _defs = ", ".join(f"{_q(c)} {_stored_type(t, e)}" for c, t, e in _cols)
+    _defs = ", ".join(f"{_q(c)} {t}" for c, t in _cols)
     TELEMETRY_DDL.append(
         f"CREATE TABLE IF NOT EXISTS telemetry_{_kind}({_defs}, received_at TIMESTAMPTZ DEFAULT now(), PRIMARY KEY(rack, id))"
     )
+TELEMETRY_DDL.append(
+    "CREATE TABLE IF NOT EXISTS telemetry_sources(rack VARCHAR, src VARCHAR, incarnation BIGINT, "
+    "first_seen TIMESTAMPTZ DEFAULT now(), PRIMARY KEY(rack, src))"
+)
 
 
 def ensure_tables(db) -> None:
@@ -100,25 +109,40 @@ def ensure_tables(db) -> None:
 
 
 def _ensure_stage(cur, kind: str) -> None:
-    cols = ", ".join(f"{_q(c)} {t}" for c, t, _e in STAGE_COLUMNS[kind])
+    cols = ", ".join(f"{_q(c)} {t}" for c, t in STAGE_COLUMNS[kind])
     cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage_{kind}({cols})")
 
 
 def write_columns(cur, kind: str, racks: list, ids: list, cols: dict[str, list]) -> int:
-    """Store one kind's rows (columns of equal length) through the staging table, in one
-    transaction on `cur`. Returns the number of rows actually inserted (duplicates skipped)."""
+    """Store one kind's rows (columns of equal length) in one transaction on `cur`; returns
+    the number of rows inserted (re-sent rows are skipped)."""
+    names = [c for c, _t in STAGE_COLUMNS[kind]]
+    order = names[2:]
+
+    def rows():
+        return zip(racks, ids, *(cols[c] for c in order))
+
+    cur.begin()
+    try:
+        app = cur.appender(f"telemetry_{kind}", columns=names)
+        app.append_rows(rows())
+        app.flush()
+        cur.commit()
+        return len(ids)
+    except duckdb.ConstraintException:
+        cur.rollback()  # a re-send: take the slower path that skips what is already stored
+    except Exception:
+        cur.rollback()
+        raise
     _ensure_stage(cur, kind)
-    order = [c for c, _t, _e in STAGE_COLUMNS[kind]][2:]
-    rows = zip(racks, ids, *(cols[c] for c in order))
-    exprs = ", ".join(e for _c, _t, e in STAGE_COLUMNS[kind])
-    names = ", ".join(_q(c) for c, _t, _e in STAGE_COLUMNS[kind])
+    listed = ", ".join(_q(c) for c in names)
     cur.begin()
     try:
         app = cur.appender(f"stage_{kind}")
-        app.append_rows(rows)
+        app.append_rows(rows())
         app.flush()
         inserted = cur.execute(
-            f"INSERT OR IGNORE INTO telemetry_{kind}({names}) SELECT {exprs} FROM stage_{kind}"
+            f"INSERT OR IGNORE INTO telemetry_{kind}({listed}) SELECT {listed} FROM stage_{kind}"
         ).fetchone()[0]
         cur.execute(f"DELETE FROM stage_{kind}")
         cur.commit()
@@ -156,6 +180,14 @@ class TelemetryIngest:
         self.last_error = ""
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        # (rack, src) -> incarnation; racks -> next incarnation number. New pairs are written
+        # to telemetry_sources by the writer before the rows that use them.
+        self._sources: dict[tuple[str, str], int] = {}
+        self._next_incarnation: dict[str, int] = {}
+        self._new_sources: list[tuple[str, str, int]] = []
+        for rack, src, inc in db.conn.execute("SELECT rack, src, incarnation FROM telemetry_sources").fetchall():
+            self._sources[(rack, src)] = inc
+            self._next_incarnation[rack] = max(self._next_incarnation.get(rack, 0), inc + 1)
         self._stopping = False
 
     @property
@@ -253,7 +285,7 @@ class TelemetryIngest:
         for m in msgs:
             rack = S.rack_of_subject(m.subject)
             try:
-                kind, _rack_claimed, ids, cols = decode_batch(m.data)
+                kind, _rack_claimed, src, ids, cols = decode_batch(m.data)
             except TelemetryFormatError as exc:
                 if count:
                     self.rejected += 1
@@ -264,6 +296,15 @@ class TelemetryIngest:
                     self.rejected += 1
                     self.last_error = f"{m.subject}: kind {kind} does not match the subject"
                 continue
+            inc = self._sources.get((rack, src))
+            if inc is None:
+                inc = self._next_incarnation.get(rack, 0)
+                self._next_incarnation[rack] = inc + 1
+                self._sources[(rack, src)] = inc
+                self._new_sources.append((rack, src, inc))
+            if inc:
+                base = inc * MAX_RECORD_ID
+                ids = [base + i for i in ids]
             g = groups.get(kind)
             if g is None:
                 g = groups[kind] = ([], [], {c: [] for c in COLUMNS[kind]})
@@ -275,6 +316,9 @@ class TelemetryIngest:
 
     def _write_groups(self, groups: dict) -> None:
         cur = self.db.cursor()
+        if self._new_sources:
+            new, self._new_sources = self._new_sources, []
+            cur.executemany("INSERT OR IGNORE INTO telemetry_sources(rack, src, incarnation) VALUES (?, ?, ?)", new)
         for kind, (racks, ids, cols) in groups.items():
             inserted = write_columns(cur, kind, racks, ids, cols)
             self.rows[kind] += inserted
@@ -320,15 +364,11 @@ class TelemetryIngest:
 
     def apply_retention(self, now: float | None = None) -> int:
         """Delete rows older than the retention window; returns rows deleted."""
-        cutoff = (time.time() if now is None else now) - self.retention
+        cutoff_ns = int(((time.time() if now is None else now) - self.retention) * 1e9)
         cur = self.db.cursor()
         total = 0
-        for kind in STAGE_COLUMNS:
-            col = "start" if kind == "traces" else "ts"
-            n = cur.execute(
-                f'DELETE FROM telemetry_{kind} WHERE "{col}" < make_timestamp(CAST(? * 1e6 AS BIGINT))', [cutoff]
-            ).fetchone()[0]
-            total += n
+        for kind, col in TIME_COLUMN.items():
+            total += cur.execute(f'DELETE FROM telemetry_{kind} WHERE "{col}" < ?', [cutoff_ns]).fetchone()[0]
         self.deleted_by_retention += total
         return total
 

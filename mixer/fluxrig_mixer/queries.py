@@ -59,16 +59,22 @@ def _limit(limit: int | None) -> int:
     return int(limit)
 
 
+def _ns(t: dt.datetime) -> int:
+    return int(t.replace(tzinfo=dt.timezone.utc).timestamp() * 1_000_000) * 1000
+
+
 def _window(since, until, col: str, where: list, args: list) -> None:
+    """Times are stored as unix nanoseconds: compare with the bounds converted once, so the
+    filter stays a plain integer range (zone maps apply)."""
     t0 = parse_time(since, "since")
     t1 = parse_time(until, "until")
     if t0 is None:
         t0 = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=DEFAULT_WINDOW_S)
     where.append(f'"{col}" >= ?')
-    args.append(t0)
+    args.append(_ns(t0))
     if t1 is not None:
         where.append(f'"{col}" <= ?')
-        args.append(t1)
+        args.append(_ns(t1))
 
 
 def _iso(v) -> str | None:
@@ -91,7 +97,8 @@ def query_logs(cur, *, since=None, until=None, rack=None, min_level=None, q=None
         pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         args += [pattern, pattern]
     sql = (
-        "SELECT ts, rack, severity, severity_text, body, attrs, trace_id, span_id, id FROM telemetry_logs "
+        "SELECT make_timestamp(ts // 1000), rack, severity, severity_text, body, attrs, trace_id, span_id, id "
+        "FROM telemetry_logs "
         f"WHERE {' AND '.join(where)} ORDER BY ts DESC, id DESC LIMIT ?"
     )
     rows = cur.execute(sql, [*args, _limit(limit)]).fetchall()
@@ -134,7 +141,8 @@ def query_metrics(cur, *, name=None, rack=None, since=None, until=None, bucket=N
             raise QueryError("bucket must be at least 1ms", "bucket")
         micros = int(seconds * 1e6)
         sql = (
-            "SELECT time_bucket(to_microseconds(?), ts) AS b, rack, name, count(*), avg(value), min(value), max(value), "
+            "SELECT time_bucket(to_microseconds(?), make_timestamp(ts // 1000)) AS b, rack, name, count(*), avg(value), "
+            "min(value), max(value), "
             f"sum(value), arg_max(value, ts) FROM telemetry_metrics WHERE {cond} GROUP BY b, rack, name "
             "ORDER BY b DESC, rack, name LIMIT ?"
         )
@@ -154,7 +162,7 @@ def query_metrics(cur, *, name=None, rack=None, since=None, until=None, bucket=N
             for r in rows
         ]
     sql = (
-        "SELECT ts, rack, name, type, value, unit, attrs FROM telemetry_metrics "
+        "SELECT make_timestamp(ts // 1000), rack, name, type, value, unit, attrs FROM telemetry_metrics "
         f"WHERE {cond} ORDER BY ts DESC, id DESC LIMIT ?"
     )
     rows = cur.execute(sql, [*args, _limit(limit)]).fetchall()
@@ -172,7 +180,8 @@ def query_traces(cur, *, rack=None, trace_id=None, name=None, since=None, until=
             where.append(f"{col} = ?")
             args.append(value)
     sql = (
-        'SELECT start, "end", rack, trace_id, span_id, parent_span_id, name, kind, status, attrs FROM telemetry_traces '
+        'SELECT make_timestamp(start // 1000), make_timestamp("end" // 1000), rack, trace_id, span_id, parent_span_id, '
+        "name, kind, status, attrs, (\"end\" - start) / 1e6 FROM telemetry_traces "
         f"WHERE {' AND '.join(where)} ORDER BY start DESC LIMIT ?"
     )
     rows = cur.execute(sql, [*args, _limit(limit)]).fetchall()
@@ -180,7 +189,7 @@ def query_traces(cur, *, rack=None, trace_id=None, name=None, since=None, until=
         {
             "start": _iso(r[0]),
             "end": _iso(r[1]),
-            "duration_ms": (r[1] - r[0]).total_seconds() * 1000 if r[0] and r[1] else None,
+            "duration_ms": r[10],
             "rack": r[2],
             "trace_id": r[3],
             "span_id": r[4],
