@@ -121,3 +121,17 @@ def test_shift_large_lengths():
     assert pure.crc32c_combine(c, pure.crc32c(bytes(1000)), 1000) == pure.crc32c(b"x" + bytes(1000))
     with pytest.raises(ValueError):
         pure.crc32c_shift(1, -1)
+
+
+@pytest.mark.parametrize("data,expected", GOLDEN)
+def test_sliced_pure_variant_golden(data, expected):
+    # the pure path's slicing-by-8 variant (checksum.crc32c_py) against the same vectors
+    assert pure.crc32c_sliced(data) == expected
+    assert checksum.crc32c_py(bytearray(data)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=100), st.integers(0, 2**32 - 1), st.integers(0, 7))
+def test_sliced_equals_bytewise(data, seed, skip):
+    assert pure.crc32c_sliced(data, seed) == pure.crc32c(data, seed)
+    assert pure.crc32c_sliced(memoryview(data)[skip:], seed) == pure.crc32c(data[skip:], seed)

@@ -17,6 +17,7 @@ __all__ = [
     "crc32c_shift",
     "crc32c_combine",
     "crc32c_py",
+    "crc32c_bytewise_py",
     "crc32c_c",
     "crc32c_prefix_py",
     "crc32c_prefix_c",
@@ -24,7 +25,10 @@ __all__ = [
     "BACKEND",
 ]
 
-crc32c_py = _py.crc32c
+# The pure path uses the slicing-by-8 variant (same results, about twice as fast in CPython);
+# `crc32c_bytewise_py` is the byte loop that the compiled twin is built from.
+crc32c_py = _py.crc32c_sliced
+crc32c_bytewise_py = _py.crc32c
 crc32c_prefix_py = _py.crc32c_prefix
 
 _c = speedup("crc32c")
