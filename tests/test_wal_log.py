@@ -308,3 +308,27 @@ def test_recovery_time_is_reported(tmp_path):
     t0 = time.monotonic()
     with Wal(tmp_path) as w:
         assert 0 <= w.recovery.seconds <= time.monotonic() - t0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fluxrig.wal.log import payload_seq, unwrap_payload, wrap_payload  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.binary(max_size=300))
+def test_log_payload_round_trip(seq, data):
+    p = wrap_payload(seq, data)
+    assert cbor2.loads(p) == [seq, data]  # really CBOR [seq, bytes]
+    assert payload_seq(p) == seq and unwrap_payload(p) == (seq, data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40))
+def test_log_payload_parsers_only_raise_value_error(data):
+    for parse in (payload_seq, unwrap_payload):
+        try:
+            parse(data)
+        except ValueError:
+            pass

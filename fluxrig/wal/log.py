@@ -234,6 +234,8 @@ def _cbor_head(major: int, n: int) -> bytes:
 
 def _read_head(p: bytes, i: int):
     """(major, value, next index) of the CBOR head at p[i]; ValueError if malformed."""
+    if i >= len(p):
+        raise ValueError("truncated CBOR head")
     ib = p[i]
     major, info = ib >> 5, ib & 31
     if info < 24:
@@ -262,6 +264,24 @@ def unwrap_payload(payload: bytes):
     if major != 2 or i + n != len(payload):
         raise ValueError("body is not one byte string filling the record")
     return seq, payload[i:]
+
+
+def payload_seq(payload: bytes) -> int:
+    """The seq of a log record payload without copying its body (recovery's hot path);
+    ValueError if the payload is not [uint, bytes filling the record]."""
+    if len(payload) < 3 or payload[0] != 0x82:
+        raise ValueError("not a WAL log payload")
+    head = payload[1]
+    if head < 24:  # small seq: one byte
+        seq, i = head, 2
+    else:
+        major, seq, i = _read_head(payload, 1)
+        if major != 0:
+            raise ValueError("seq is not an unsigned integer")
+    major, n, i = _read_head(payload, i)
+    if major != 2 or i + n != len(payload):
+        raise ValueError("body is not one byte string filling the record")
+    return seq
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -718,6 +738,7 @@ class Wal:
                 if k < len(seg.seqs) and seg.seqs[k] == seq:
                     del seg.seqs[k]
                     del seg.offsets[k]
+                    self._acked.discard(seq)
                     self._m["read_lost_records"] += 1
 
     # -- recovery -------------------------------------------------------------------------
@@ -833,7 +854,7 @@ class Wal:
                 kind = type(ev)
                 if kind is Record:
                     try:
-                        seq, _body = unwrap_payload(ev.payload)
+                        seq = payload_seq(ev.payload)
                     except ValueError:
                         seq = None
                     if seq is None or seq <= prev or (next_base is not None and seq >= next_base):
