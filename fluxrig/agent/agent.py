@@ -49,6 +49,9 @@ log = logging.getLogger("fluxrig.agent")
 AUTH_FAILURES_BEFORE_REENROLL = 5
 SESSION_RECONNECT_ATTEMPTS = 5
 CLOSE_TIMEOUT_S = 2.0
+# Level names the Mixer sends -> logging levels ("trace" is below DEBUG, as in fluxrig.logs).
+LOG_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
 RECONNECT_BACKOFF_MAX_S = 10.0
 MIN_HEARTBEAT_S = 0.05
 REQUEST_TIMEOUT_MAX_S = 5.0
@@ -385,14 +388,13 @@ class RackAgent:
         elif verb == S.CTRL_SHUTDOWN:
             log.warning("shutdown requested by the Mixer: %s", body["reason"])
             if self._on_shutdown is not None:
-                await _maybe_await(self._on_shutdown(body["reason"]))
+                await _call_safely("on_shutdown", self._on_shutdown, body["reason"])
         elif verb == S.CTRL_LOG_LEVEL and body["level"]:
             log.info("log level set to %s by the Mixer", body["level"])
             if self._on_log_level is not None:
-                await _maybe_await(self._on_log_level(body["level"]))
+                await _call_safely("on_log_level", self._on_log_level, body["level"])
             else:
-                level = {"trace": 5, "warning": logging.WARNING}.get(body["level"], body["level"].upper())
-                logging.getLogger("fluxrig").setLevel(level)
+                logging.getLogger("fluxrig").setLevel(LOG_LEVELS.get(body["level"], logging.INFO))
 
     # -- passports and scenarios -------------------------------------------------------------------
 
@@ -464,6 +466,14 @@ async def close_quietly(nc, timeout: float) -> bool:
     if not task.cancelled() and task.exception() is not None:
         log.debug("bus connection close failed: %s", task.exception())
     return True
+
+
+async def _call_safely(name: str, fn, *args) -> None:
+    """Run a runtime callback; its failure is logged, never allowed to kill the subscription."""
+    try:
+        await _maybe_await(fn(*args))
+    except Exception as exc:
+        log.error("%s callback failed: %s", name, exc)
 
 
 async def _maybe_await(value):
