@@ -21,7 +21,7 @@ buffer (at most one partial frame plus one fed chunk). Over it: FrameTooLarge(si
 offset), fatal: the framer raises it again on every feed until reset(); the gear closes the
 connection. Errors carry `frames`, the good frames completed before them in the same call.
 Cost: linear; a search resumes where the previous feed stopped; frames are cut with bytes
-slicing and `find`, never a Python loop per byte.
+slicing, `find` and `split`, never a Python loop per byte.
 """
 
 from __future__ import annotations
