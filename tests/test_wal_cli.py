@@ -14,7 +14,7 @@ import cbor2
 
 from fluxrig.cli.cmd_wal import inspect_wal, to_json
 from fluxrig.wal import Wal
-from fluxrig.wal.log import segment_name
+from fluxrig.wal.layout import segment_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,7 +22,8 @@ from fluxrig.wal import (
     WalRecord,
     options_from_config,
 )
-from fluxrig.wal.log import CURSOR_FILE, MIN_SEGMENT_BYTES, segment_name
+from fluxrig.wal.layout import CURSOR_FILE, segment_name
+from fluxrig.wal.log import MIN_SEGMENT_BYTES
 
 
 def seg_files(d):
@@ -313,7 +314,7 @@ def test_recovery_time_is_reported(tmp_path):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fluxrig.wal.log import payload_seq, unwrap_payload, wrap_payload  # noqa: E402
+from fluxrig.wal.layout import payload_seq, unwrap_payload, wrap_payload  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)
@@ -332,3 +333,13 @@ def test_log_payload_parsers_only_raise_value_error(data):
             parse(data)
         except ValueError:
             pass
+
+
+def test_cursor_file_codec():
+    from fluxrig.wal.layout import CURSOR_BYTES, decode_cursor, encode_cursor
+
+    data = encode_cursor(12345)
+    assert len(data) == CURSOR_BYTES == 20 and data[:8] == b"FLUXCUR\x00"
+    assert decode_cursor(data) == 12345
+    assert decode_cursor(data[:-1]) is None and decode_cursor(data + b"x") is None
+    assert decode_cursor(data[:10] + bytes([data[10] ^ 1]) + data[11:]) is None

@@ -14,7 +14,8 @@ import cbor2
 import pytest
 
 from fluxrig.wal import Wal
-from fluxrig.wal.log import CURSOR_FILE, MIN_SEGMENT_BYTES, segment_name
+from fluxrig.wal.layout import CURSOR_FILE, segment_name
+from fluxrig.wal.log import MIN_SEGMENT_BYTES
 from fluxrig.wal.record import SEGMENT_HEADER_BYTES
 
 

@@ -6,6 +6,7 @@ See fluxrig/wal/record.py (bytes on disk, scanning and resynchronisation), fluxr
 
 from fluxrig.wal.aio import DEFAULT_CURSOR_SYNC_MS, AsyncWal
 from fluxrig.wal.checksum import BACKEND as CRC32C_BACKEND
+from fluxrig.wal.errors import WalClosed, WalFailed, WalFull, WalLocked, WalReadOnly
 from fluxrig.wal.log import (
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_MAX_SIZE_BYTES,
@@ -14,16 +15,11 @@ from fluxrig.wal.log import (
     FSYNC_BATCH,
     FSYNC_NEVER,
     FSYNC_POLICIES,
-    RecoverySummary,
     Wal,
-    WalClosed,
-    WalFailed,
-    WalFull,
-    WalLocked,
-    WalReadOnly,
     WalRecord,
     options_from_config,
 )
+from fluxrig.wal.recovery import RecoverySummary
 from fluxrig.wal.record import (
     DEFAULT_MAX_RECORD_BYTES,
     Corrupt,

@@ -32,7 +32,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from fluxrig.wal.log import DEFAULT_READ_MAX_BYTES, FSYNC_BATCH, Wal, WalClosed, WalError, WalFull
+from fluxrig.wal.errors import WalClosed, WalError, WalFull
+from fluxrig.wal.log import DEFAULT_READ_MAX_BYTES, FSYNC_BATCH, Wal
 
 __all__ = ["AsyncWal", "DEFAULT_CURSOR_SYNC_MS"]
 

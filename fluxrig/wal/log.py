@@ -59,35 +59,28 @@ RecordSizeError, ConfigError for bad parameters.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 import threading
 import time
-from array import array
 from bisect import bisect_left, bisect_right
 from typing import NamedTuple
 
 import cbor2
 
 from fluxrig.errors import ConfigError
-from fluxrig.wal.checksum import BACKEND, crc32c
+from fluxrig.wal.checksum import BACKEND
+from fluxrig.wal.errors import WalClosed, WalFailed, WalFull, WalLocked, WalReadOnly
+from fluxrig.wal.layout import CURSOR_FILE, encode_cursor, segment_name, unwrap_payload, wrap_payload
 from fluxrig.wal.record import (
     DEFAULT_MAX_RECORD_BYTES,
-    RECORD_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
-    Corrupt,
     Record,
-    RecordReader,
-    SegmentHeaderError,
-    TornTail,
-    WalError,
     check_max_record_bytes,
     encode_record,
     encode_segment_header,
-    parse_segment_header,
     scan,
 )
+from fluxrig.wal.recovery import FIRST_SEQ, RecoverySummary, SegmentIndex, recover
 
 __all__ = [
     "FSYNC_ALWAYS",
@@ -125,52 +118,7 @@ DEFAULT_MAX_SIZE_BYTES = 500 * 1024 * 1024  # store.wal_max_size_mb default
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 #: One read_from() call returns at most about this many bytes of records (at least one record).
 DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024
-RECOVERY_CHUNK_BYTES = 1024 * 1024
-FIRST_SEQ = 1
-#: Smallest record on disk: header + [seq, b""] (3 bytes); bounds how many seqs a damaged
-#: tail could have held.
-_MIN_RECORD_BYTES = RECORD_HEADER_BYTES + 3
-
-SEGMENT_PREFIX, SEGMENT_SUFFIX = "wal-", ".seg"
-CURSOR_FILE, LOCK_FILE = "wal.cursor", "wal.lock"
-_CURSOR = struct.Struct(">8sQI")
-_CURSOR_MAGIC = b"FLUXCUR\x00"
 _datasync = getattr(os, "fdatasync", os.fsync)
-
-
-class WalFailed(WalError):
-    """A write or fsync failed; the Wal accepts nothing more until reopened. `op`, `path`."""
-
-    def __init__(self, op: str, path: str, cause: BaseException):
-        self.op = op
-        self.path = path
-        self.cause = cause
-        super().__init__(f"WAL {op} failed on {path}: {cause}; reopen the WAL (recovery repairs it)")
-
-
-class WalFull(WalError):
-    """More than `limit` bytes are staged and not yet written (`size` is what was asked)."""
-
-    def __init__(self, size: int, limit: int):
-        self.size = size
-        self.limit = limit
-        super().__init__(f"WAL pending bytes would reach {size}, above max_pending_bytes={limit}; wait for a commit")
-
-
-class WalClosed(WalError):
-    """The Wal was closed."""
-
-
-class WalReadOnly(WalError):
-    """The Wal was opened read-only (inspection) and cannot be written."""
-
-
-class WalLocked(WalError):
-    """Another process holds the WAL directory open for writing; `path` is its lock file."""
-
-    def __init__(self, path: str):
-        self.path = path
-        super().__init__(f"WAL {path} is locked by another process (is a Rack already running on it?)")
 
 
 class WalRecord(NamedTuple):
@@ -182,106 +130,6 @@ class WalRecord(NamedTuple):
     def decode(self):
         """The body as a Python object (it is CBOR when append() was given an object)."""
         return cbor2.loads(self.payload)
-
-
-class RecoverySummary(NamedTuple):
-    segments: int
-    records_ok: int
-    torn_bytes_truncated: int
-    corrupt_records_skipped: int
-    corrupt_bytes_skipped: int
-    segments_deleted: int
-    segments_repaired: int
-    headers_damaged: int
-    cursor: int
-    cursor_reset: bool
-    next_seq: int
-    wal_id: str
-    readonly: bool
-    seconds: float
-
-    def as_dict(self) -> dict:
-        return self._asdict()
-
-
-def segment_name(base_seq: int) -> str:
-    return f"{SEGMENT_PREFIX}{base_seq:016x}{SEGMENT_SUFFIX}"
-
-
-def _parse_segment_name(name: str):
-    if not (name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
-        return None
-    digits = name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
-    if len(digits) != 16:
-        return None
-    try:
-        return int(digits, 16)
-    except ValueError:
-        return None
-
-
-def _cbor_head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes((major << 5 | n,))
-    if n < 0x100:
-        return bytes((major << 5 | 24, n))
-    if n < 0x10000:
-        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
-
-
-def _read_head(p: bytes, i: int):
-    """(major, value, next index) of the CBOR head at p[i]; ValueError if malformed."""
-    if i >= len(p):
-        raise ValueError("truncated CBOR head")
-    ib = p[i]
-    major, info = ib >> 5, ib & 31
-    if info < 24:
-        return major, info, i + 1
-    if info > 27:
-        raise ValueError("indefinite or reserved CBOR length")
-    size = 1 << (info - 24)
-    if i + 1 + size > len(p):
-        raise ValueError("truncated CBOR head")
-    return major, int.from_bytes(p[i + 1 : i + 1 + size], "big"), i + 1 + size
-
-
-def wrap_payload(seq: int, body: bytes) -> bytes:
-    """The record payload the log writes: CBOR [seq, body-as-byte-string]."""
-    return b"\x82" + _cbor_head(0, seq) + _cbor_head(2, len(body)) + body
-
-
-def unwrap_payload(payload: bytes):
-    """(seq, body) from a log record payload; ValueError if it is not [uint, bytes]."""
-    if len(payload) < 3 or payload[0] != 0x82:
-        raise ValueError("not a WAL log payload")
-    major, seq, i = _read_head(payload, 1)
-    if major != 0:
-        raise ValueError("seq is not an unsigned integer")
-    major, n, i = _read_head(payload, i)
-    if major != 2 or i + n != len(payload):
-        raise ValueError("body is not one byte string filling the record")
-    return seq, payload[i:]
-
-
-def payload_seq(payload: bytes) -> int:
-    """The seq of a log record payload without copying its body (recovery's hot path);
-    ValueError if the payload is not [uint, bytes filling the record]."""
-    if len(payload) < 3 or payload[0] != 0x82:
-        raise ValueError("not a WAL log payload")
-    head = payload[1]
-    if head < 24:  # small seq: one byte
-        seq, i = head, 2
-    else:
-        major, seq, i = _read_head(payload, 1)
-        if major != 0:
-            raise ValueError("seq is not an unsigned integer")
-    major, n, i = _read_head(payload, i)
-    if major != 2 or i + n != len(payload):
-        raise ValueError("body is not one byte string filling the record")
-    return seq
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -297,17 +145,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _Segment:
-    __slots__ = ("base", "path", "size", "seqs", "offsets")
-
-    def __init__(self, base: int, path: str, size: int):
-        self.base = base
-        self.path = path
-        self.size = size  # committed bytes, header included
-        self.seqs = array("Q")
-        self.offsets = array("Q")
 
 
 def _check_options(fsync, batch_window_ms, segment_max_bytes, max_size_bytes, max_pending_bytes):
@@ -370,7 +207,7 @@ class Wal:
         self.readonly = readonly
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
-        self._segments: list[_Segment] = []
+        self._segments: list[SegmentIndex] = []
         self._bases: list[int] = []
         self._size = 0
         self._fd: int | None = None
@@ -396,7 +233,7 @@ class Wal:
         )  # fmt: skip
         self._m["fsync_seconds"] = 0.0
         try:
-            self.recovery = self._recover()
+            self.recovery = recover(self)
         except BaseException:
             self._release_files()
             raise
@@ -509,7 +346,7 @@ class Wal:
             offset += len(rec)
         self._flush(seg, chunk, index, offset, sync)
 
-    def _flush(self, seg: _Segment, chunk: list, index: list, end: int, sync: bool) -> None:
+    def _flush(self, seg: SegmentIndex, chunk: list, index: list, end: int, sync: bool) -> None:
         if not chunk:
             return
         _write_all(self._fd, b"".join(chunk))
@@ -527,7 +364,7 @@ class Wal:
             self._committed = index[-1][0]
             self._m["commits"] += 1
 
-    def _rotate(self, base: int, sync: bool) -> _Segment:
+    def _rotate(self, base: int, sync: bool) -> SegmentIndex:
         path = os.path.join(self.directory, segment_name(base))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         try:
@@ -541,7 +378,7 @@ class Wal:
         old, self._fd = self._fd, fd
         if old is not None:
             os.close(old)
-        seg = _Segment(base, path, SEGMENT_HEADER_BYTES)
+        seg = SegmentIndex(base, path, SEGMENT_HEADER_BYTES)
         with self._lock:
             self._segments.append(seg)
             self._bases.append(base)
@@ -624,11 +461,10 @@ class Wal:
                 return False
             path = os.path.join(self.directory, CURSOR_FILE)
             tmp = path + ".tmp"
-            head = _CURSOR.pack(_CURSOR_MAGIC, cursor, 0)[:-4]
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
-                    _write_all(fd, head + struct.pack(">I", crc32c(head)))
+                    _write_all(fd, encode_cursor(cursor))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -727,7 +563,7 @@ class Wal:
                 return os.path.basename(seg.path), seg.offsets[k]
             return None
 
-    def _forget_unreadable(self, seg: _Segment, wanted: dict, got: set) -> None:
+    def _forget_unreadable(self, seg: SegmentIndex, wanted: dict, got: set) -> None:
         # Bytes changed on disk since recovery: drop the lost seqs from the index so the
         # cursor is not held back by records nobody can ever ship.
         with self._lock:
@@ -742,149 +578,6 @@ class Wal:
                     self._m["read_lost_records"] += 1
 
     # -- recovery -------------------------------------------------------------------------
-
-    def _recover(self) -> RecoverySummary:
-        t0 = time.monotonic()
-        d = self.directory
-        if self.readonly:
-            if not os.path.isdir(d):
-                raise WalError(f"WAL directory {d} does not exist")
-        else:
-            os.makedirs(d, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise WalLocked(os.path.join(d, LOCK_FILE)) from None
-            try:
-                os.unlink(os.path.join(d, CURSOR_FILE + ".tmp"))
-            except FileNotFoundError:
-                pass
-        cursor, cursor_reset = self._read_cursor()
-        names = sorted((b, n) for n in os.listdir(d) if (b := _parse_segment_name(n)) is not None)
-        c = dict.fromkeys(("records", "torn", "corrupt", "corrupt_bytes", "deleted", "repaired", "headers"), 0)
-        wal_id = None
-        tail_damage = 0
-        rewrite_last_header = False
-        for idx, (base, name) in enumerate(names):
-            last = idx == len(names) - 1
-            next_base = None if last else names[idx + 1][0]
-            path = os.path.join(d, name)
-            if not last and cursor is not None and next_base - 1 <= cursor and not self.readonly:
-                os.unlink(path)  # every record in it is below the cursor
-                c["deleted"] += 1
-                continue
-            with open(path, "rb") as fh:
-                head = fh.read(SEGMENT_HEADER_BYTES)
-                try:
-                    h = parse_segment_header(head, name)
-                    wal_id = h.wal_id
-                    if h.base_seq != base:
-                        c["headers"] += 1
-                except SegmentHeaderError:
-                    c["headers"] += 1
-                    if len(head) < SEGMENT_HEADER_BYTES:  # creation interrupted: holds no record
-                        c["repaired"] += 1
-                        if last:
-                            rewrite_last_header = True
-                        elif not self.readonly:
-                            os.unlink(path)
-                            continue
-                seg = _Segment(base, path, SEGMENT_HEADER_BYTES)
-                valid_end, size = self._scan_segment(fh, seg, next_base, c)
-            if last:
-                tail_damage = max(size - valid_end, 0)
-            if size > valid_end and not self.readonly and not rewrite_last_header:
-                with open(path, "r+b") as fh:
-                    fh.truncate(valid_end)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            seg.size = valid_end
-            self._segments.append(seg)
-            self._bases.append(base)
-            self._size += valid_end
-        self.wal_id = wal_id or os.urandom(16)
-        max_seen = FIRST_SEQ - 1
-        for seg in self._segments:
-            max_seen = max(max_seen, seg.seqs[-1] if seg.seqs else seg.base - 1)
-        bump = -(-tail_damage // _MIN_RECORD_BYTES)  # seqs the damaged tail could have held
-        first_base = self._segments[0].base if self._segments else FIRST_SEQ
-        if cursor is None:
-            cursor = max(first_base - 1, FIRST_SEQ - 1)
-        self._cursor = self._persisted = cursor
-        self._next_seq = max(max_seen + 1 + bump, cursor + 1, FIRST_SEQ)
-        if self._segments:
-            self._next_seq = max(self._next_seq, self._segments[-1].base)
-        self._committed = self._next_seq - 1
-        if not self.readonly:
-            self._open_active(rewrite_last_header)
-            before = self._m["deleted_segments"]
-            self._delete_acked()
-            c["deleted"] += self._m["deleted_segments"] - before
-            self._m["deleted_segments"] = before
-            if self.max_size_bytes is not None and self._size > self.max_size_bytes:
-                self._enforce_cap()
-        return RecoverySummary(
-            segments=len(self._segments),
-            records_ok=c["records"],
-            torn_bytes_truncated=c["torn"],
-            corrupt_records_skipped=c["corrupt"],
-            corrupt_bytes_skipped=c["corrupt_bytes"],
-            segments_deleted=c["deleted"],
-            segments_repaired=c["repaired"],
-            headers_damaged=c["headers"],
-            cursor=self._cursor,
-            cursor_reset=cursor_reset,
-            next_seq=self._next_seq,
-            wal_id=self.wal_id.hex(),
-            readonly=self.readonly,
-            seconds=round(time.monotonic() - t0, 6),
-        )
-
-    def _scan_segment(self, fh, seg: _Segment, next_base, c: dict):
-        """Index one segment's valid records; returns (end of the last valid record, size)."""
-        reader = RecordReader(SEGMENT_HEADER_BYTES, max_record_bytes=self.max_record_bytes)
-        prev = seg.base - 1
-        valid_end = SEGMENT_HEADER_BYTES
-        size = SEGMENT_HEADER_BYTES
-        while True:
-            chunk = fh.read(RECOVERY_CHUNK_BYTES)
-            size += len(chunk)
-            for ev in reader.feed(chunk) if chunk else reader.end():
-                kind = type(ev)
-                if kind is Record:
-                    try:
-                        seq = payload_seq(ev.payload)
-                    except ValueError:
-                        seq = None
-                    if seq is None or seq <= prev or (next_base is not None and seq >= next_base):
-                        c["corrupt"] += 1  # CRC-valid but not ours or out of order
-                        c["corrupt_bytes"] += RECORD_HEADER_BYTES + len(ev.payload)
-                        continue
-                    seg.seqs.append(seq)
-                    seg.offsets.append(ev.offset)
-                    prev = seq
-                    valid_end = ev.offset + RECORD_HEADER_BYTES + len(ev.payload)
-                    c["records"] += 1
-                elif kind is Corrupt:
-                    c["corrupt"] += 1
-                    c["corrupt_bytes"] += ev.length
-                elif kind is TornTail:
-                    c["torn"] += ev.length
-            if not chunk:
-                return valid_end, size
-
-    def _read_cursor(self):
-        try:
-            with open(os.path.join(self.directory, CURSOR_FILE), "rb") as fh:
-                data = fh.read(_CURSOR.size + 1)
-        except FileNotFoundError:
-            return None, False
-        if len(data) == _CURSOR.size:
-            magic, seq, crc = _CURSOR.unpack(data)
-            if magic == _CURSOR_MAGIC and crc32c(data[:-4]) == crc:
-                return seq, False
-        return None, True  # damaged: start from the oldest record (re-sent, deduplicated upstream)
 
     def _open_active(self, rewrite_header: bool) -> None:
         if not self._segments:
