@@ -7,8 +7,11 @@ safe. Blocking file I/O lives here; `fluxrig.wal.aio.AsyncWal` drives it from as
 Directory layout::
 
     wal-<base seq, 16 hex digits>.seg   segment: 40-byte header + records (fluxrig/wal/record.py)
-    wal.cursor                          highest contiguously acknowledged seq (20 bytes + CRC)
+    wal.cursor                          highest contiguously acknowledged seq (20 bytes incl. CRC)
     wal.lock                            flock held while a writer has the WAL open
+
+(names and small codecs: fluxrig/wal/layout.py; the scan and repair on open:
+fluxrig/wal/recovery.py; errors: fluxrig/wal/errors.py.)
 
 Sequence numbers start at 1 and only grow. Each record's payload is the CBOR array
 `[seq, body]` (body a byte string), so a record keeps its number even if damage elsewhere in
