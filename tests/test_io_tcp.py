@@ -243,3 +243,13 @@ async def test_drain_pauses_reading_and_finishes_in_flight():
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
     await rt.stop()
     assert await asyncio.wait_for(r.read(), 2) == b""
+
+
+async def test_good_frames_before_a_bad_one_are_answered():
+    port = free_port()
+    async with running(echo(port, ", max_frame_bytes: 16")):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"ok1\nok2\n" + b"z" * 64)  # one read: two good frames, then an oversize one
+        assert await asyncio.wait_for(r.readline(), 3) == b"OK1\n"
+        assert await asyncio.wait_for(r.readline(), 3) == b"OK2\n"
+        assert await asyncio.wait_for(r.read(), 3) == b""

@@ -68,6 +68,7 @@ class Connection(asyncio.Protocol):
         self.last_frame = time.monotonic()
         self.partial_since = 0.0
         self.close_reason = ""
+        self.poisoned = ""  # set after a framing error: finish what was read, then close
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -98,7 +99,16 @@ class Connection(asyncio.Protocol):
             frames = self.framer.feed(data)
         except FramingError as exc:
             self.ep.counters["framing_errors"] += 1
-            self.abort(f"framing error: {exc}")
+            good = getattr(exc, "frames", None)
+            if not good:
+                self.abort(f"framing error: {exc}")
+                return
+            # Frames completed before the bad one are answered, then the connection closes.
+            self.poisoned = f"framing error: {exc}"
+            self.transport.pause_reading()
+            self.reading_paused = True
+            self.inbox.extend(good)
+            self._wake()
             return
         if self.framer.buffered:
             if not self.partial_since:
@@ -108,21 +118,22 @@ class Connection(asyncio.Protocol):
         if frames:
             self.last_frame = time.monotonic()
             self.inbox.extend(frames)
-            w = self._wakeup
-            if w is not None and not w.done():
-                w.set_result(None)
+            self._wake()
             if len(self.inbox) >= INBOX_HIGH and not self.reading_paused:
                 self.reading_paused = True
                 self.transport.pause_reading()
+
+    def _wake(self) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def eof_received(self):
         return False  # close our side too once the pump has drained what arrived
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        w = self._wakeup
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
         r = self._write_resumed
         if r is not None and not r.done():
             r.set_result(None)
@@ -153,6 +164,11 @@ class Connection(asyncio.Protocol):
                         self._cork = None
                         if cork and not self.closed:
                             self._write_now(b"".join(cork))
+                    if self.poisoned and not inbox:
+                        # close (not abort) so the replies just written still reach the peer
+                        self.ep.log.warning("%s: closing connection %s: %s", self.ep.name, self.conn_id, self.poisoned)
+                        self.close(self.poisoned)
+                        return
                     if self.reading_paused and len(inbox) <= INBOX_LOW and not self.closed and not self.ep.draining:
                         self.reading_paused = False
                         self.transport.resume_reading()
