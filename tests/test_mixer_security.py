@@ -145,3 +145,32 @@ async def test_agent_ignores_tampered_and_replayed_passports(mixer, api, agent_f
     assert agent.passport.serial == good.serial and agent.passport.scenario_version == good.scenario_version
     assert agent.applied.calls == []
     assert agent.store.load().serial == good.serial
+
+
+async def test_tls_snake(tmp_path):
+    from fluxrig.agent.agent import AgentConfig, RackAgent
+    from fluxrig_mixer.certs import init_certs
+    from mixer_fixtures import make_mixer
+
+    certs = init_certs(str(tmp_path / "certs"))
+    m = await make_mixer(tmp_path / "m", **{"snake.tls_cert_file": certs["cert_file"],
+                                           "snake.tls_key_file": certs["key_file"],
+                                           "enrollment.auto_adopt": True})
+    try:
+        assert m.snake.url.startswith("tls://")
+        applied = []
+        cfg = AgentConfig(snake_url=m.snake.url, bootstrap_token=m.bootstrap_token, state_dir=str(tmp_path / "r"),
+                          name="tls-rack", heartbeat_interval=HEARTBEAT_S, root_ca_file=certs["ca_file"],
+                          mixer_public_keys=[m.key.public_key], reconnect_wait=0.2)
+        agent = RackAgent(cfg, lambda doc, v: applied.append(v))
+        await agent.start()
+        try:
+            await wait_for(lambda: agent.status == "active" and agent.connected.is_set(), what="rack over TLS")
+        finally:
+            await agent.stop()
+        # Plain text is refused once TLS is on.
+        with pytest.raises(Exception):
+            await nats.connect(m.snake.url.replace("tls://", "nats://"), user="enroll", password="enroll",
+                               allow_reconnect=False, connect_timeout=2)
+    finally:
+        await m.stop()

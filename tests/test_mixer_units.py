@@ -1,0 +1,146 @@
+"""Sans-IO parts of the control plane: wire payloads, telemetry batches, subjects, the status
+table, the generated nats-server config, projections, passports' edge cases."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fluxrig.agent import protocol as P
+from fluxrig.agent import subjects as S
+from fluxrig.agent.telemetry import MAX_RECORD_ID, TelemetryFormatError, decode_batch, encode_batch, severity_number
+from fluxrig.errors import PassportExpired, PassportMalformed
+from fluxrig.passport import ClusterKey, Passport, decode_unverified, masked_payload, sign_passport, verify_passport
+from fluxrig_mixer.scenarios import project
+from fluxrig_mixer.snake import BusUser, rack_permissions, render_config
+from fluxrig_mixer.states import TRANSITIONS, IllegalTransition, next_status
+
+
+def test_hello_roundtrip_and_sealing():
+    sk, pk = P.new_reply_keypair()
+    h = P.decode_hello(P.encode_hello("tok", "edge-1", pk, "0.1", "host", {"site": "lab"}))
+    assert h == {"token": "tok", "name": "edge-1", "reply_key": pk, "version": "0.1", "host": "host",
+                 "labels": {"site": "lab"}}
+    sealed = P.seal(pk, b"secret passport")
+    assert P.unseal(sk, sealed) == b"secret passport"
+    other, _ = P.new_reply_keypair()
+    with pytest.raises(P.AgentProtocolError):
+        P.unseal(other, sealed)
+
+
+@pytest.mark.parametrize("data,key", [
+    (b"\xff", None),
+    (cbor2.dumps([1, 2]), None),
+    (cbor2.dumps({"v": 2}), "v"),
+    (cbor2.dumps({"v": 1, "token": "t", "reply_key": b"short"}), "reply_key"),
+    (cbor2.dumps({"v": 1, "token": 5, "reply_key": b"k" * 32}), "token"),
+])
+def test_hello_rejects_malformed(data, key):
+    with pytest.raises(P.AgentProtocolError) as e:
+        P.decode_hello(data)
+    assert e.value.key == key
+
+
+def test_heartbeat_and_ctrl_roundtrip():
+    hb = P.decode_heartbeat(P.encode_heartbeat(7, "1@abc", "rejected", "boom", 12.5, {"x": 1}))
+    assert (hb["serial"], hb["apply"], hb["reason"], hb["stats"]) == (7, "rejected", "boom", {"x": 1})
+    with pytest.raises(P.AgentProtocolError):
+        P.decode_heartbeat(cbor2.dumps({"v": 1, "apply": "exploded"}))
+    assert P.decode_heartbeat_reply(P.encode_heartbeat_reply("active", 5.0, b"pp"))["passport"] == b"pp"
+    assert P.decode_ctrl(P.encode_ctrl(level="debug"))["level"] == "debug"
+
+
+@given(st.lists(st.tuples(st.integers(0, MAX_RECORD_ID - 1), st.text(max_size=20), st.integers(1, 24)), max_size=50))
+def test_telemetry_batch_roundtrip(rows):
+    recs = [{"id": i, "ts": 1, "body": b, "severity": s, "attrs": {"k": b}} for i, b, s in rows]
+    kind, rack, src, ids, cols = decode_batch(encode_batch("logs", "r1", recs, src="w1"))
+    assert (kind, rack, src) == ("logs", "r1", "w1")
+    assert ids == [r[0] for r in rows]
+    assert cols["body"] == [r[1] for r in rows] and cols["trace_id"] == [None] * len(rows)
+
+
+def test_telemetry_batch_rejects():
+    good = cbor2.loads(encode_batch("metrics", "r1", [{"id": 1, "name": "m", "value": 1.0}]))
+    for patch, key in (({"kind": "spans"}, "kind"), ({"rack": ""}, "rack"), ({"ids": [MAX_RECORD_ID]}, "ids"),
+                       ({"cols": {"name": ["a", "b"]}}, "name"), ({"v": 9}, "v")):
+        with pytest.raises(TelemetryFormatError) as e:
+            decode_batch(cbor2.dumps({**good, **patch}))
+        assert e.value.key == key
+    assert severity_number("WARN") == 13 and severity_number("nonsense") == 9 and severity_number(99) == 24
+
+
+def test_subjects():
+    assert S.heartbeat("edge-1") == "fluxrig.agent.heartbeat.edge-1"
+    assert S.telemetry("edge-1", "logs") == "flux.telemetry.edge-1.logs"
+    assert S.rack_of_subject("flux.telemetry.edge-1.metrics") == "edge-1"
+    assert S.rack_of_subject("fluxrig.agent.heartbeat.x") == "x"
+    assert S.sanitize_rack_name(" My Host.example.com ") == "my-host-example-com"
+    assert S.sanitize_rack_name("***") == "rack"
+    for bad in ("a.b", "A", "*", ">", "", "x" * 64):
+        with pytest.raises(ValueError):
+            S.heartbeat(bad)
+
+
+def test_state_table():
+    assert next_status("r", "pending", "approve") == "active"
+    with pytest.raises(IllegalTransition) as e:
+        next_status("r", "removed", "activate")
+    assert e.value.allowed == []
+    # Every status but removed can be removed; nothing leaves removed.
+    assert {f for (f, ev) in TRANSITIONS if ev == "remove"} == {"pending", "active", "offline", "suspended"}
+    assert not [k for k in TRANSITIONS if k[0] == "removed"]
+
+
+def test_rack_permissions_and_config():
+    pub, sub = rack_permissions("edge-1", full=True)
+    assert "flux.telemetry.edge-1.>" in pub and "flux.msg.edge-1.>" in pub
+    assert all("edge-1" in p or p == S.HELLO for p in pub)
+    assert sub == ("flux.ctrl.edge-1.>", "_INBOX_edge-1.>")
+    pub2, _ = rack_permissions("edge-1", full=False)
+    assert pub2 == (S.HELLO, "fluxrig.agent.heartbeat.edge-1")
+    text = render_config(host="127.0.0.1", port=4222, store_dir="/d/js", users=[BusUser("u", 'p"w', pub, sub)],
+                         tls={"cert_file": "/c.pem", "key_file": "/k.pem", "ca_file": "/ca.pem", "verify": True})
+    assert "sync_interval: always" in text and "verify: true" in text and '"p\\"w"' in text
+
+
+def test_projection():
+    doc = {
+        "meta": {"name": "x", "version": "1"},
+        "racks": [{"name": "a"}, {"name": "b"}, {"group": "edge", "match": {"labels": {"site": "lab"}}}],
+        "gears": [{"name": "g1", "type": "t", "deploy": "a"}, {"name": "g2", "type": "t", "deploy": "b"},
+                  {"name": "g3", "type": "t"}, {"name": "g4", "type": "t", "deploy": "edge"}],
+        "wires": [{"from": "g1.out", "to": "g3.in"}, {"from": "g1.out", "to": "g2.in"}, {"from": "g4.out", "to": "g3.in"}],
+    }
+    pa = project(doc, "a")
+    assert [g["name"] for g in pa["gears"]] == ["g1", "g3"]
+    assert pa["wires"] == [{"from": "g1.out", "to": "g3.in"}]
+    assert pa["x-remote-wires"][0]["subject"] == "flux.msg.a.g1.out" and pa["racks"] == [{"name": "a"}]
+    pb = project(doc, "b", {"site": "lab"})
+    assert [g["name"] for g in pb["gears"]] == ["g2", "g3", "g4"]
+    assert {"from": "g4.out", "to": "g3.in"} in pb["wires"]
+    assert pb["x-remote-wires"][0]["direction"] == "in"
+
+
+def test_passport_expiry_and_masking():
+    key = ClusterKey.generate()
+    data = sign_passport(key, Passport("r1", "r1", "active", "u", "hunter2", issued_at=100.0, expires_at=200.0, serial=1))
+    assert verify_passport(data, [key.public_key], now=150.0).bus_password == "hunter2"
+    with pytest.raises(PassportExpired):
+        verify_passport(data, [key.public_key], now=250.0)
+    with pytest.raises(PassportMalformed):  # issued far in the future
+        verify_passport(data, [key.public_key], now=-1000.0)
+    shown = masked_payload(decode_unverified(data))
+    assert shown["bus"]["password"] == "********" and "hunter2" not in repr(shown)
+
+
+def test_cluster_key_file(tmp_path):
+    import os
+    import stat
+
+    path = str(tmp_path / "cluster.key")
+    k1 = ClusterKey.load_or_create(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert ClusterKey.load_or_create(path).public_key == k1.public_key
+    assert open(path + ".pub").read().strip() == k1.public_hex
