@@ -17,7 +17,7 @@ cdef class FieldPlan:
     cdef public int num, kind, vtype, enc, pref, ndig, pad, unknown
     cdef public Py_ssize_t plen, length, wlen, rep_len, rep_max
     cdef public object key, sub, label, padchar, padbyte
-    cdef public list len_table, parts
+    cdef public list len_table, len_str, parts
     cdef public dict tags
 
 
@@ -101,13 +101,21 @@ cdef class Codec:
     @cython.locals(n=Py_ssize_t, out=dict, num=int, pos=Py_ssize_t, f=FieldPlan, end=Py_ssize_t,
                    bm=bytes, plans=list, i=Py_ssize_t, b=int, off=int, kind=int, p=Py_ssize_t,
                    ln=Py_ssize_t, j=Py_ssize_t, c=int, s=str)
+    cdef dict _decode(self, bytes raw)
+
     cpdef dict decode(self, raw)
 
-    cdef bytes _bitmap_bytes(self, unsigned long long b1, unsigned long long b2, unsigned long long b3)
+    cdef str _bitmap_str(self, unsigned long long b1, unsigned long long b2, unsigned long long b3)
+
+    @cython.locals(msg=str)
+    cpdef bytes encode(self, fields)
+
+    @cython.locals(plans=list, f=FieldPlan)
+    cdef bint _fast_text_ok(self, dict fields) except -1
 
     @cython.locals(parts=list, b1="unsigned long long", b2="unsigned long long", b3="unsigned long long",
-                   num=int, nums=list, f=FieldPlan, plans=list, kind=int, s=str, b=bytes, ln=Py_ssize_t)
-    cpdef bytes encode(self, fields)
+                   num=int, nums=list, f=FieldPlan, plans=list, kind=int, s=str, ln=Py_ssize_t)
+    cdef str _build(self, dict fields, bint fast)
 
     @cython.locals(count=int, size=Py_ssize_t, i=Py_ssize_t)
     cdef Py_ssize_t _offset(self, list parts, unsigned long long b2, unsigned long long b3, int num)

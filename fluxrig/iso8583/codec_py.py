@@ -96,7 +96,7 @@ class FieldPlan:
     __slots__ = (
         "num", "key", "sub", "label", "kind", "vtype", "enc", "pref", "ndig", "plen",
         "length", "wlen", "pad", "padchar", "padbyte", "len_table", "parts", "tags",
-        "unknown", "rep_len", "rep_max",
+        "unknown", "rep_len", "rep_max", "len_str",
     )
 
     def __init__(self):
@@ -116,6 +116,7 @@ class FieldPlan:
         self.padchar = ""
         self.padbyte = b""
         self.len_table = None
+        self.len_str = None
         self.parts = None
         self.tags = None
         self.unknown = U_REJECT
@@ -683,6 +684,9 @@ class Codec:
                 raw = bytes(raw)
             else:
                 raise TypeError(f"decode() needs bytes, got {type(raw).__name__}")
+        return self._decode(raw)
+
+    def _decode(self, raw):
         n = len(raw)
         out = {}
         num = 0
@@ -765,26 +769,46 @@ class Codec:
 
     # -- encode ---------------------------------------------------------------------------
 
-    def _bitmap_bytes(self, b1, b2, b3):
+    def _bitmap_str(self, b1, b2, b3):
         if self.bm_hex:
-            out = b"%016X" % b1
+            out = "%016X" % b1
             if b2:
-                out = out + (b"%016X" % b2)
+                out = out + ("%016X" % b2)
             if b3:
-                out = out + (b"%016X" % b3)
+                out = out + ("%016X" % b3)
             return out
         out = b1.to_bytes(8, "big")
         if b2:
             out = out + b2.to_bytes(8, "big")
         if b3:
             out = out + b3.to_bytes(8, "big")
-        return out
+        return out.decode("latin-1")
 
     def encode(self, fields):
         """Encode one message; see the module docstring for the contract."""
         if type(fields) is not dict:
             fields = dict(fields)
-        parts = [b"", b""]
+        # The message is assembled as a str (one code point per byte): text fields on the
+        # fast paths are appended as given, and whether they were ASCII is checked once, on
+        # the whole message, instead of encoding every field separately.
+        msg = self._build(fields, True)
+        if msg.isascii():
+            return msg.encode("ascii")
+        if not self._fast_text_ok(fields):
+            self._build(fields, False)  # raises the precise error for the offending field
+        return msg.encode("latin-1")
+
+    def _fast_text_ok(self, fields):
+        plans = self.plans
+        for key, v in fields.items():
+            if type(v) is str and 0 <= key <= MAX_FIELD:
+                f = plans[key]
+                if f is not None and f.kind != K_GENERIC and not v.isascii():
+                    return False
+        return True
+
+    def _build(self, fields, fast):
+        parts = ["", ""]
         b1 = 0
         b2 = 0
         b3 = 0
@@ -798,10 +822,10 @@ class Codec:
             if v is None:
                 raise Iso8583EncodeError("the MTI (field 0) is missing", 0, None, "missing")
             f = self.mti
-            if f.kind == K_ASCII_FIXED and f.vtype == T_STRING and type(v) is str and len(v) == f.wlen:
-                parts[0] = v.encode("ascii")
+            if fast and f.kind == K_ASCII_FIXED and f.vtype == T_STRING and type(v) is str and len(v) == f.wlen:
+                parts[0] = v
             else:
-                parts[0] = _encode_field(f, v)
+                parts[0] = _encode_field(f, v).decode("latin-1")
             plans = self.plans
             for key in nums:
                 # Checked on the object first: the compiled twin holds `num` in a C int.
@@ -828,27 +852,22 @@ class Codec:
                     b2 |= _ONE << (128 - num)
                 else:
                     b3 |= _ONE << (192 - num)
-                kind = f.kind
+                kind = f.kind if fast else K_GENERIC
                 if kind == K_ASCII_FIXED and type(v) is str:
                     s = v
-                    b = s.encode("ascii")
-                    if len(b) != f.wlen or (f.vtype == T_NUMERIC and not b.isdigit()):
-                        b = _encode_field(f, v)
-                    parts.append(b)
+                    if len(s) != f.wlen or (f.vtype == T_NUMERIC and not s.isdigit()):
+                        s = _encode_field(f, v).decode("latin-1")  # pads, or raises
+                    parts.append(s)
                 elif kind == K_ASCII_VAR and type(v) is str:
                     s = v
-                    b = s.encode("ascii")
-                    ln = len(b)
-                    if ln > f.length or (f.vtype == T_NUMERIC and ln and not b.isdigit()):
-                        parts.append(_encode_field(f, v))
+                    ln = len(s)
+                    if ln > f.length or (f.vtype == T_NUMERIC and ln and not s.isdigit()):
+                        parts.append(_encode_field(f, v).decode("latin-1"))  # raises
                     else:
-                        parts.append(f.len_table[ln])
-                        parts.append(b)
+                        parts.append(f.len_str[ln])
+                        parts.append(s)
                 else:
-                    parts.append(_encode_field(f, v))
-        except UnicodeEncodeError:
-            raise Iso8583EncodeError("character outside ASCII", num, self._offset(parts, b2, b3, num),
-                                     "charset") from None
+                    parts.append(_encode_field(f, v).decode("latin-1"))
         except Iso8583EncodeError as err:
             if err.offset is None:
                 raise Iso8583EncodeError(err.detail, err.field, self._offset(parts, b2, b3, num),
@@ -858,8 +877,8 @@ class Codec:
             b2 |= _ONE << 63
         if b2:
             b1 |= _ONE << 63
-        parts[1] = self._bitmap_bytes(b1, b2, b3)
-        return b"".join(parts)
+        parts[1] = self._bitmap_str(b1, b2, b3)
+        return "".join(parts)
 
     def _offset(self, parts, b2, b3, num):
         """Bytes that precede field `num` in the message being built (for error reports)."""

@@ -82,7 +82,13 @@ def _prefix_capacity(pk, ndig):
 
 @lru_cache(maxsize=256)
 def _len_table(pk, ndig, upto):
-    return tuple(C.prefix_for(pk, ndig, i) for i in range(upto + 1))
+    # Shared by every plan with the same prefix and maximum; never mutated.
+    return [C.prefix_for(pk, ndig, i) for i in range(upto + 1)]
+
+
+@lru_cache(maxsize=256)
+def _len_str(pk, ndig, upto):
+    return [b.decode("latin-1") for b in _len_table(pk, ndig, upto)]
 
 
 def _wire_size(enc, units):
@@ -147,7 +153,8 @@ def _check_capacity(ctx, f, loc):
 
 def _set_len_table(f):
     if f.pref != C.P_FIXED and f.length <= LEN_TABLE_LIMIT:
-        f.len_table = list(_len_table(f.pref, f.ndig, f.length))
+        f.len_table = _len_table(f.pref, f.ndig, f.length)
+        f.len_str = _len_str(f.pref, f.ndig, f.length)
 
 
 def build_field(ctx, num, d, loc, key=None, sub=None, parent_enc=None, depth=0, in_tlv=False):
