@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import emit  # noqa: E402
-from fluxrig.wal import AsyncWal  # noqa: E402
+from fluxrig.wal import AsyncWal, WalFull  # noqa: E402
 from fluxrig.wal.checksum import BACKEND  # noqa: E402
 from fluxrig.wal.log import _datasync  # noqa: E402
 
@@ -110,7 +110,11 @@ async def producer(d: str, seconds: float, **opts) -> float:
         while time.perf_counter() - t0 < seconds:
             fut = None
             for i in range(CHUNK):
-                fut = wal.append_nowait(bodies[i & 63])
+                try:
+                    fut = wal.append_nowait(bodies[i & 63])
+                except WalFull:  # the writer is behind: wait for its commit (backpressure)
+                    await wal.flush()
+                    fut = wal.append_nowait(bodies[i & 63])
             lasts.append(fut)
             n += CHUNK
             await asyncio.sleep(0)

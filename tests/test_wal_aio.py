@@ -111,3 +111,14 @@ async def test_failed_commit_fails_the_futures(tmp_path):
         wal.wal._fd = None
     with Wal(tmp_path) as w:
         assert w.recovery.records_ok == 1
+
+
+async def test_batch_window_is_cut_short_by_a_burst(tmp_path):
+    async with await AsyncWal.open(tmp_path, fsync="batch", max_pending_bytes=20000) as wal:
+        wal.wal.batch_window = 30.0  # a window no test would wait out
+        futs = [wal.append_nowait(rec(i)) for i in range(40)]  # ~9 KB: under half the limit
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in futs)
+        futs += [wal.append_nowait(rec(i)) for i in range(40, 50)]  # crosses half: commit now
+        done, _ = await asyncio.wait(futs, timeout=10)
+        assert len(done) == 50 and wal.metrics()["wal_full"] == 0

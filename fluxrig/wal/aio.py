@@ -9,7 +9,8 @@ future resolves exactly when the record is acknowledged per the policy (see flux
 * `always` -- the committer starts a commit as soon as a record is staged; records staged while
   that fsync runs go in the next one (group commit: N concurrent appenders, ~1 fsync per round).
 * `batch` -- the committer waits out the window, counted from the first staged record, then
-  commits everything staged.
+  commits everything staged; it cuts the wait short once half of `max_pending_bytes` is staged,
+  so a burst is written in big batches instead of being refused.
 * `never` -- like `always`, without the fsync.
 
 Reads (`read_from`) run on a second executor thread, so a long fsync never delays the shipper's
@@ -52,7 +53,7 @@ class AsyncWal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: deque = deque()  # (seq, future) in seq order
         self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
+        self._cut = asyncio.Event()  # ends a batch window early: close(), or a big backlog
         self._commit_round: asyncio.Future | None = None
         self._last_cursor_sync = 0.0
         self._cursor_timer = None
@@ -87,10 +88,13 @@ class AsyncWal:
         Raises WalFull, RecordSizeError, WalFailed, WalClosed synchronously."""
         if self._closing:
             raise WalClosed(f"WAL {self.wal.directory} is closing")
-        seq = self.wal.stage(payload)
+        wal = self.wal
+        seq = wal.stage(payload)
         fut = self._loop.create_future()
         self._waiters.append((seq, fut))
         self._wake.set()
+        if wal.pending_bytes * 2 >= wal.max_pending_bytes:
+            self._cut.set()
         return fut
 
     async def append(self, payload) -> int:
@@ -193,11 +197,13 @@ class AsyncWal:
                 if wal.fsync == FSYNC_BATCH and not self._closing:
                     first = wal.first_staged_at
                     delay = wal.batch_window - (time.monotonic() - first) if first is not None else 0.0
-                    if delay > 0:
+                    if delay > 0 and not self._cut.is_set():
                         try:
-                            await asyncio.wait_for(self._stop.wait(), delay)
+                            await asyncio.wait_for(self._cut.wait(), delay)
                         except asyncio.TimeoutError:
                             pass
+                if not self._closing:
+                    self._cut.clear()
                 await self._commit(loop)
             if wal.cursor != wal.persisted_cursor and (
                 self._closing or time.monotonic() - self._last_cursor_sync >= self.cursor_sync
@@ -252,7 +258,7 @@ class AsyncWal:
         if self._cursor_timer is not None:
             self._cursor_timer.cancel()
             self._cursor_timer = None
-        self._stop.set()
+        self._cut.set()
         self._wake.set()
         if self._task is not None:
             try:

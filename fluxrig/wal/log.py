@@ -266,6 +266,10 @@ class Wal:
         return len(self._staged)
 
     @property
+    def pending_bytes(self) -> int:
+        return self._staged_bytes
+
+    @property
     def failed(self) -> WalFailed | None:
         return self._failed
 
