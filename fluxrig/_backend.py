@@ -61,7 +61,7 @@ def backend_name() -> str:
     if PURE_PYTHON:
         return "pure"
     # Import the hot modules so the answer reflects them, not just what happened to load.
-    for mod in ("fluxrig.framing", "fluxrig.iso8583"):
+    for mod in ("fluxrig.framing", "fluxrig.iso8583", "fluxrig.wal.checksum"):
         try:
             importlib.import_module(mod)
         except ImportError:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 from . import systemd
 from .config import Config
@@ -48,6 +49,9 @@ class Rack:
         self.name = config.base.name
         self._reload_lock = asyncio.Lock()
         self.agent = None
+        self.wal = None
+        self.telemetry = None
+        self.shipper = None
         self.event_listeners: list = []
 
     # -- instance lock ---------------------------------------------------------------------------
@@ -86,6 +90,11 @@ class Rack:
 
     def _telemetry_event(self, event: dict) -> None:
         log.info("event %s", json.dumps(event, separators=(",", ":")))
+        if self.telemetry is not None and event.get("event") == "reload":
+            end = time.time_ns()
+            start = end - int(float(event.get("duration_ms") or 0) * 1e6)
+            attrs = {k: v for k, v in event.items() if k != "event"}
+            self.telemetry.event("reload", attrs, start, end, bool(event.get("ok")))
         for listener in self.event_listeners:
             try:
                 listener(event)
@@ -122,6 +131,38 @@ class Rack:
             stats=lambda: {"gears": self.runtime.metrics() if self.runtime else {}},
         )
         await self.agent.start()
+        if not self.config.telemetry.disabled:
+            await self._start_telemetry()
+
+    async def _start_telemetry(self) -> None:
+        """Logs, metrics and traces go to the WAL first; the shipper drains it to the Snake."""
+        from .agent.shipper import TelemetryShipper
+        from .telemetry import Telemetry
+        from .wal import AsyncWal
+        from .wal.log import options_from_config
+
+        self.wal = await AsyncWal.open(os.path.join(self.config.store_dir, "wal"), **options_from_config(self.config))
+        rec = self.wal.recovery
+        if rec.get("corrupt_records_skipped") or rec.get("torn_bytes_truncated"):
+            log.warning("telemetry WAL recovered: %s", rec)
+
+        def snapshot():
+            m = dict(self.runtime.metrics()) if self.runtime else {}
+            m["_wal"] = self.wal.metrics()
+            return m
+
+        self.telemetry = Telemetry(self.wal, snapshot, self.config.telemetry.batch_interval)
+        await self.telemetry.start()
+        self.shipper = TelemetryShipper(self.wal, self.agent, rate=self.config.telemetry.ship_rate or None)
+        await self.shipper.start()
+
+    async def _stop_telemetry(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.stop()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
+        if self.wal is not None:
+            await self.wal.close()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -159,6 +200,7 @@ class Rack:
             systemd.stopping()
             log.info("stopping: draining for up to %gs", self.config.rack.drain_timeout)
             clean = await self.runtime.shutdown(self.config.rack.drain_timeout)
+            await self._stop_telemetry()
             if self.agent is not None:
                 await self.agent.stop()
             log.info("stopped (%s)", "drained" if clean else "drain deadline reached")

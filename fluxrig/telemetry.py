@@ -1,0 +1,150 @@
+"""The Rack's telemetry producers: logs, metrics and traces written to the WAL first.
+
+Records are CBOR maps `{"kind": "logs"|"metrics"|"traces", ...columns}` (columns in
+fluxrig.agent.telemetry.COLUMNS, times in unix ns); the TelemetryShipper publishes them to
+the Snake and acknowledges them in the WAL only once JetStream has them on disk.
+
+* `WalLogHandler`: every log record at or above its level becomes a `logs` record. Called
+  from any thread; appends happen on the event loop. The hot path never waits on it: when
+  the WAL's write buffer is full the record is counted in `dropped` and the caller goes on.
+* `MetricsReporter`: every `interval` seconds, each gear's counters (`flux.gear.messages_in`,
+  `messages_out`, `errors`, `dropped`, plus what a gear adds, e.g. connections) become
+  `metrics` records, with the WAL's own health (`flux.wal.*`).
+* `Telemetry.event(...)`: Rack events (a reload) as a log record plus a `traces` span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from .agent.telemetry import SEVERITY
+from .ids import uuid7
+
+__all__ = ["Telemetry", "WalLogHandler", "MetricsReporter"]
+
+log = logging.getLogger("fluxrig.telemetry")
+
+
+class WalLogHandler(logging.Handler):
+    def __init__(self, wal, loop: asyncio.AbstractEventLoop, level: int = logging.INFO):
+        super().__init__(level)
+        self.wal = wal
+        self.loop = loop
+        self.dropped = 0
+        self.written = 0
+        self._busy = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self._busy, "on", False) or record.name.startswith("fluxrig.wal"):
+            return  # never log about logging into the WAL from inside the WAL
+        try:
+            doc = {
+                "kind": "logs",
+                "ts": int(record.created * 1e9),
+                "severity": SEVERITY.get(record.levelname.lower(), 9),
+                "severity_text": record.levelname,
+                "body": record.getMessage(),
+                "attrs": {"logger": record.name},
+                "trace_id": "",
+                "span_id": "",
+            }
+        except Exception:
+            self.handleError(record)
+            return
+        if record.exc_info:
+            doc["attrs"]["exception"] = logging.Formatter().formatException(record.exc_info)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self._append(doc)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._append, doc)
+
+    def _append(self, doc: dict) -> None:
+        self._busy.on = True
+        try:
+            self.wal.append_nowait(doc)
+            self.written += 1
+        except Exception:  # WalFull, closed, failed: telemetry gives way, traffic does not
+            self.dropped += 1
+        finally:
+            self._busy.on = False
+
+
+class MetricsReporter:
+    def __init__(self, wal, snapshot, interval: float):
+        self.wal = wal
+        self.snapshot = snapshot  # () -> {gear: {counter: value}}
+        self.interval = interval
+        self.dropped = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-metrics")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+    def report(self) -> int:
+        ts = time.time_ns()
+        n = 0
+        for gear, counters in self.snapshot().items():
+            for name, value in counters.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                prefix = "flux.wal." if gear == "_wal" else "flux.gear."
+                doc = {"kind": "metrics", "ts": ts, "name": prefix + name, "type": "gauge",
+                       "value": float(value), "unit": "1", "attrs": {} if gear == "_wal" else {"gear": gear}}
+                try:
+                    self.wal.append_nowait(doc)
+                    n += 1
+                except Exception:
+                    self.dropped += 1
+        return n
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.report()
+
+
+class Telemetry:
+    """Owns the producers of one Rack; `event()` for Rack-level events."""
+
+    def __init__(self, wal, snapshot, interval: float, level: int = logging.INFO):
+        self.wal = wal
+        self.handler = WalLogHandler(wal, asyncio.get_running_loop(), level)
+        self.metrics = MetricsReporter(wal, snapshot, interval)
+
+    async def start(self) -> None:
+        logging.getLogger().addHandler(self.handler)
+        await self.metrics.start()
+
+    async def stop(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        await self.metrics.stop()
+
+    def event(self, name: str, attrs: dict, start_ns: int, end_ns: int, ok: bool = True) -> None:
+        """One span for a Rack-level operation (a reload): start, end, status, attributes."""
+        # "kind" is the record type for the shipper, so the span kind is not carried
+        doc = {"kind": "traces", "trace_id": uuid7().hex(), "span_id": uuid7().hex()[:16], "parent_span_id": "",
+               "name": name, "start": start_ns, "end": end_ns, "status": "ok" if ok else "error", "attrs": attrs}
+        try:
+            self.wal.append_nowait(doc)
+        except Exception:
+            self.metrics.dropped += 1
+
+    def stats(self) -> dict:
+        return {"logs_written": self.handler.written, "logs_dropped": self.handler.dropped,
+                "metrics_dropped": self.metrics.dropped}
