@@ -791,7 +791,13 @@ class Codec:
         # The message is assembled as a str (one code point per byte): text fields on the
         # fast paths are appended as given, and whether they were ASCII is checked once, on
         # the whole message, instead of encoding every field separately.
-        msg = self._build(fields, True)
+        try:
+            msg = self._build(fields, True)
+        except Iso8583EncodeError:
+            # A text field's charset is only checked at the end on the fast path; the generic
+            # pass checks in field order, so the error names the first offending field.
+            self._build(fields, False)
+            raise
         if msg.isascii():
             return msg.encode("ascii")
         if not self._fast_text_ok(fields):
