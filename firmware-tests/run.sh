@@ -33,12 +33,16 @@ HOST_PY="${HOST_PYTHON:-$REPO_DIR/.venv/bin/python}"
 mkdir -p "$CACHE_DIR"
 
 mounted=()
-cleanup() { local r; for r in "${mounted[@]:-}"; do [ -n "$r" ] && umount_rootfs "$r"; done; }
+src_tar="$(mktemp "$CACHE_DIR/src.XXXXXX.tar")"  # per run: two runs (one per arch) may overlap
+cleanup() {
+  local r
+  for r in "${mounted[@]:-}"; do [ -n "$r" ] && umount_rootfs "$r"; done
+  rm -f "$src_tar"
+}
 trap cleanup EXIT
 
 # The source as the build sees it: tracked and untracked-but-not-ignored files of the work tree
 # (what `make binary` would build), packed deterministically so its hash says "unchanged".
-src_tar="$CACHE_DIR/src.tar"
 (cd "$REPO_DIR" && git ls-files -z -co --exclude-standard \
   | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
   | tar --null -T - --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$src_tar")
@@ -56,10 +60,19 @@ build_arch() {
   fi
   mount_rootfs "$root"; mounted+=("$root")
   rm -rf "$root/src" && mkdir -p "$root/src" && tar -xf "$src_tar" -C "$root/src"
+  # pip inside the rootfs trusts what the host trusts (a build machine behind a TLS-inspecting
+  # proxy has that proxy's CA in its own bundle, not in the rootfs's fresh ca-certificates).
+  local host_ca="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
+  local ca_env=()
+  if [ -f "$host_ca" ]; then
+    cp "$host_ca" "$root/etc/ssl/certs/fluxrig-host-ca.crt"
+    ca_env=(PIP_CERT=/etc/ssl/certs/fluxrig-host-ca.crt SSL_CERT_FILE=/etc/ssl/certs/fluxrig-host-ca.crt)
+  fi
   log "$arch: building inside the rootfs under QEMU (commit $commit)"
   local t0=$SECONDS
   $NICE chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
-    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "${ca_env[@]}" \
+    PIP_DEFAULT_TIMEOUT="${PIP_DEFAULT_TIMEOUT:-120}" \
     FLUXRIG_COMMIT="$commit" /src/firmware-tests/target-build.sh "$arch" \
     || die "$arch: target build failed"
   mkdir -p "$out"
@@ -75,7 +88,8 @@ smoke_arch() {
   # The binary and the scenarios it is tested with, where a gateway would have them.
   install -D -m 0755 "$CACHE_DIR/bin-$arch/fluxrig" "$root/usr/local/bin/fluxrig"
   rm -rf "$root/opt/fluxrig-smoke" && mkdir -p "$root/opt/fluxrig-smoke"
-  cp "$REPO_DIR"/scenarios/*.yaml "$here"/scenarios/*.yaml "$root/opt/fluxrig-smoke/"
+  cp "$REPO_DIR"/scenarios/*.yaml "$root/opt/fluxrig-smoke/"
+  if compgen -G "$here/scenarios/*.yaml" >/dev/null; then cp "$here"/scenarios/*.yaml "$root/opt/fluxrig-smoke/"; fi
   "$HOST_PY" "$here/smoke.py" --arch "$arch" --rootfs "$root" --binary /usr/local/bin/fluxrig \
     --scenarios /opt/fluxrig-smoke --host-binary "$CACHE_DIR/bin-$arch/fluxrig"
 }

@@ -5,8 +5,9 @@
   units name the installed location, the test points it at an executable that exists here.
 * A real Rack (from source, and the frozen one-file binary) under a real AF_UNIX datagram
   NOTIFY_SOCKET with WATCHDOG_USEC/WATCHDOG_PID set the way systemd sets them: READY=1 once the
-  scenario answers, WATCHDOG=1 keep-alives, then SIGTERM to the main PID only (KillMode=mixed)
-  gives STOPPING=1 and exit 0.
+  scenario answers, WATCHDOG=1 keep-alives, SIGHUP to the main PID (ExecReload=) gives
+  RELOADING=1 then READY=1, and SIGTERM to the main PID only (KillMode=mixed) gives STOPPING=1
+  and exit 0.
 
 `systemd-analyze` comes from Debian's `systemd` package; `systemd/install-test-tools.sh`
 installs it (run by `make test` before the suite).
@@ -173,6 +174,10 @@ def _run_under_notify(tmp_path, cmd: list[str], rack_env: dict) -> tuple[int, in
         for _ in range(2):
             wd_pid, _fields = listener.wait_for("WATCHDOG", WATCHDOG_USEC / 1e6 * 5)
             assert wd_pid == ready_pid
+        # ExecReload= sends SIGHUP to the main PID: RELOADING=1, then READY=1 again.
+        proc.send_signal(signal.SIGHUP)
+        listener.wait_for("RELOADING", 10)
+        listener.wait_for("READY", 10)
         # KillMode=mixed: SIGTERM to the main PID only.
         proc.send_signal(signal.SIGTERM)
         stop_pid, _fields = listener.wait_for("STOPPING", 10)
