@@ -40,6 +40,28 @@ spec:
             - {tag: 9F02, type: Numeric, length: 12}
             - {tag: 9F36, type: Binary, length: 2}
       70: {type: String, length: 3, enc: ASCII, prefix: ASCII.Fixed, padding: {type: Left, pad: '0'}}
+      0: {padding: {type: Left, pad: "0"}}
+      54:
+        subfields:
+          layout: positional
+          repeat: {length: 20, max: 6}
+          parts:
+            - {from: 1, to: 2}
+            - {from: 3, to: 4}
+            - {from: 5, to: 7}
+            - {from: 8, to: 8}
+            - {from: 9, to: 20}
+      104:
+        type: Composite
+        length: 999
+        enc: ASCII
+        prefix: ASCII.LLL
+        subfields:
+          layout: tlv
+          unknown_tags: preserve
+          parts:
+            - {tag: '01', type: String, length: 20}
+            - {tag: 1A, type: String, length: 99}
   messages:
     catalog:
       "0200": {name: Financial Request, flow: request, pairs_with: "0210", response_timeout: 30s}
@@ -59,13 +81,39 @@ spec:
     39: {alias: resp_code, values_ref: resp}
     41: {alias: terminal_id}
     43: {alias: merchant_name, sensitivity: pii}
+    4:
+      name: "Amount, Transaction"
+      alias: txn_amount
+      format: {kind: amount, currency_field: 49}
+      messages:
+        - {mti: ["0200"], usage: mandatory}
+        - {mti: ["0210"], usage: mandatory, response_value: modified}
+    14: {sensitivity: chd, format: {kind: date, layout: YYMM}, scope: public}
+    52: {scope: private, log_mask: true, sensitivity: sad, crypto: {role: pin_block}}
+    54:
+      meaning: "Repeating amount groups."
+      subfields:
+        layout: positional
+        parts:
+          - {name: Account type}
+          - {name: Amount type}
+          - {name: Currency code}
+          - name: Sign
+            validValues: {closed: true, values: {C: {name: Credit}, D: {name: Debit}}}
+          - {name: Amount}
+    104: {alias: txn_specific, subfields: {layout: tlv, parts: [{tag: '01', name: Customer}, {tag: 1A, name: Fleet}]}}
     55:
       alias: icc
       subfields:
         layout: tlv
         parts: [{tag: 9F02, name: Amount, alias: icc_amount}]
+  validation_policy: {unlisted: optional}
   checks:
     - {mti: ["0200"], name: "credential", assert: "present(2) || present(35)", severity: reject}
+  x-fluxrig-simulation:
+    mix: [{use: "0200", weight: 1}]
+  x-fluxrig-observability:
+    dimensions: [mti, resp_code]
 """
 
 
@@ -113,6 +161,10 @@ def test_v2_document_merges_wire_fields_over_the_base(impl, v2_path):
     assert back[3] == {"1": "00", "2": "10", "3": "20"}                              # positional upgrade
     assert back[55] == {"9F02": "000000001000", "9F36": b"\x00\x8a", "5F2A": b"\x08\x58"}  # unknown kept
     assert b"9F02" not in raw and bytes.fromhex("9F020C") + b"000000001000" in raw  # tags binary, values ASCII
+    groups = [{"1": "10", "2": "01", "3": "858", "4": "C", "5": "000000001000"}]
+    extra = spec.decode(spec.encode({0: "200", 54: groups, 104: {"01": "CUST", "1A": "FLEET", "C1": b"?"}}))
+    assert extra == {0: "0200", 54: groups, 104: {"01": "CUST", "1A": "FLEET", "C1": b"?"}}
+    assert spec.sensitivity[14] == "chd" and spec.sensitivity[52] == "sad" and spec.aliases[4] == "txn_amount"
     with pytest.raises(Iso8583EncodeError) as ei:
         spec.encode({0: "0200", 35: "not a track"})
     assert ei.value.field == 35 and ei.value.reason == "track2"
