@@ -22,6 +22,9 @@ Contract:
   decode(encode(f)) == f for every f whose values are already in decoded form (full-length
   padded values, upper-case hex).
 
+This module is deliberately one compile unit (primitives, composites and the codec) so the
+twin runs composites compiled too; that is why it is longer than most modules.
+
 Lengths follow the moov vocabulary: a field's `length` counts value units (characters for
 String/Numeric/Track2, bytes for Binary/Hex, content bytes for composites) and a length
 prefix carries that unit count; the wire size depends on the encoding (BCD packs two digits a

@@ -292,10 +292,9 @@ def _build_composite(ctx, num, d, loc, key, sub, parent_enc, depth, in_tlv):
         ok = _moov_form(ctx, f, subs, d.get("tag"), loc, prefix_sub, penc, depth)
     if not ok:
         return None
-    if f.vtype == C.T_COMPOSITE and f.pref == C.P_FIXED and not in_tlv:
+    if f.vtype == C.T_COMPOSITE and f.pref == C.P_FIXED and not in_tlv and not f.rep_len:
         size = _group_size(f)
-        expect = f.rep_len if f.rep_len else f.length
-        if size is not None and size != expect and not f.rep_len:
+        if size is not None and size != f.length:
             ctx.problems.append(f"{loc}: parts add up to {size} bytes, the field is fixed at {f.length}")
             return None
     if f.rep_len:
