@@ -11,6 +11,10 @@ backend (`mod` is fluxrig.iso8583.codec_py or its compiled twin). Accepted vocab
   type     String | Numeric | Binary | Hex | Track2 | Bitmap | Composite
   enc      ASCII | EBCDIC (code page 037) | BCD | Binary | HexToASCII
   prefix   <ASCII|BCD|Binary|EBCDIC|Hex>.<Fixed|L|LL|LLL|LLLL>
+           on the wire, for a value of N units and k = number of L's:
+             ASCII.L..LLLL   k decimal digits ("05")        EBCDIC.L..LLLL  k digits 0xF0-0xF9
+             BCD.L..LLLL     ceil(k/2) bytes of BCD (0x05)   Binary.L..LLLL  k bytes, big-endian
+             Hex.L..LLLL     2k upper-case hex characters of N (moov's current Hex prefixer)
   padding  {type: Left|Right|None, pad: "<one character>"}   (character types only; applied on
            encode up to `length`, never stripped on decode)
   subfields  fluxrig authoring form {layout: positional|tlv, parts: [...], unknown_tags,
