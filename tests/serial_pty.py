@@ -1,0 +1,113 @@
+"""A fake serial device for tests: a real pseudo-terminal pair behind a device link.
+
+`PtyDevice(link)` opens a pty (os.openpty), puts the slave in raw mode (termios, as a serial
+port with no line discipline) and points the symlink `link` at the slave: the gear opens
+`link` like /dev/ttyUSB0 (or /dev/serial/by-id/...). The test plays the device on the master
+side. `unplug()` removes the link and closes the master (the gear's reads then fail with EIO,
+as with an unplugged USB adapter); `PtyDevice(link)` again is the device plugged back in (a new
+pty, so a new /dev/pts/N).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import tty
+
+
+class PtyDevice:
+    def __init__(self, link: str):
+        self.link = str(link)
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)  # no echo, no CR/LF translation, no signals: a raw line
+        os.set_blocking(self.master, False)
+        self.slave_name = os.ttyname(self.slave)
+        if os.path.lexists(self.link):
+            os.unlink(self.link)
+        os.symlink(self.slave_name, self.link)
+        self.buf = bytearray()
+        self.closed = False
+
+    # -- the device talks ------------------------------------------------------------------
+    async def write(self, data: bytes, timeout: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(bytes(data))
+        deadline = loop.time() + timeout
+        while view:
+            try:
+                n = os.write(self.master, view)
+            except BlockingIOError:
+                n = 0
+            view = view[n:]
+            if view:
+                if loop.time() > deadline:
+                    raise TimeoutError("the gear does not read the pty")
+                await asyncio.sleep(0.001)
+
+    # -- the device listens ----------------------------------------------------------------
+    def _read_now(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not chunk:
+                return
+            self.buf += chunk
+
+    async def read_exactly(self, n: int, timeout: float = 5.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.buf) < n:
+            self._read_now()
+            if len(self.buf) >= n:
+                break
+            if loop.time() > deadline:
+                raise TimeoutError(f"read {len(self.buf)} of {n} bytes: {bytes(self.buf)[:80]!r}")
+            await asyncio.sleep(0.002)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def read_for(self, seconds: float) -> bytes:
+        """Everything the gear writes within `seconds`."""
+        await asyncio.sleep(seconds)
+        self._read_now()
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+    async def read_timed(self, n: int, timeout: float = 5.0) -> list[tuple[float, bytes]]:
+        """(monotonic time, chunk) for each read until n bytes came: to measure gaps."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        got: list[tuple[float, bytes]] = []
+        total = 0
+        while total < n:
+            try:
+                chunk = os.read(self.master, 65536)
+            except BlockingIOError:
+                chunk = b""
+            if chunk:
+                got.append((time.monotonic(), chunk))
+                total += len(chunk)
+                continue
+            if loop.time() > deadline:
+                raise TimeoutError(f"read {total} of {n} bytes")
+            await asyncio.sleep(0.0005)
+        return got
+
+    # -- unplug ----------------------------------------------------------------------------
+    def unplug(self) -> None:
+        """The adapter is pulled: its node vanishes and the line hangs up."""
+        if self.closed:
+            return
+        self.closed = True
+        if os.path.lexists(self.link):
+            os.unlink(self.link)
+        os.close(self.master)
+        os.close(self.slave)
+
+    def close(self) -> None:
+        self.unplug()
