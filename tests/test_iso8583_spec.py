@@ -271,12 +271,14 @@ def test_error_classes_say_whose_fault():
 
 def test_pyiso8583_dicts_import():
     from iso8583.specs import default, default_ascii
-    wire = from_pyiso8583(default)
+    doc = from_pyiso8583(default)
+    wire = doc["fields"]
+    assert load_spec(doc).decode(load_spec(default).encode({0: "0800", 70: "301"})) == {0: "0800", 70: "301"}
     assert wire[1] == {"type": "Bitmap", "length": 8, "enc": "Binary", "prefix": "Binary.Fixed"}
     assert wire[2]["type"] == "String" and wire[2]["enc"] == "ASCII" and wire[2]["prefix"] == "ASCII.LL"
     assert wire[52] == {"length": 8, "description": "PIN", "type": "Hex", "enc": "Binary", "prefix": "ASCII.Fixed"}
     assert 65 not in wire
-    assert from_pyiso8583(default_ascii)[1]["enc"] == "HexToASCII"
+    assert from_pyiso8583(default_ascii)["fields"][1]["enc"] == "HexToASCII"
     spec = load_spec(default)
     assert spec.id == "pyiso8583" and len(spec.hash) == 12
     custom = dict(default, h={"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 5})

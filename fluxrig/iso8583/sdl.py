@@ -474,7 +474,8 @@ def _pyiso(spec, text, where, problems):
 
 
 def from_pyiso8583(spec: dict) -> dict:
-    """Translate a pyiso8583 spec dict into moov-vocabulary wire fields ({int: definition}).
+    """Translate a pyiso8583 spec dict into a moov wire document `{"name", "fields"}` that
+    `load_spec` accepts (`load_spec(pyiso_dict)` does the same in one step).
 
     Mapping: data_enc ascii -> String/ASCII, latin-1 -> String/Binary, cp037 -> String/EBCDIC,
     b -> Hex/Binary (bytes) or String/BCD (len_count nibbles); len_type 0 -> Fixed, else
@@ -485,4 +486,4 @@ def from_pyiso8583(spec: dict) -> dict:
     res = _pyiso(spec, "", "pyiso8583", problems)
     if problems:
         raise SpecError(problems, "pyiso8583")
-    return res.wire
+    return {"name": res.name, "fields": res.wire}
