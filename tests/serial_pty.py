@@ -15,6 +15,80 @@ import os
 import time
 import tty
 
+import yaml
+
+from fluxrig.runtime import Gear, Manifest, register
+
+_EMPTY = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@register
+class SerialFeedGear(Gear):
+    """Test source: the test pushes messages with `await gear.push(raw)`."""
+
+    MANIFEST = Manifest("test_serial_feed", "pushes messages given by the test", inputs=(), schema=_EMPTY)
+
+    async def push(self, raw: bytes, **meta) -> None:
+        from fluxrig.msg import FluxMsg
+
+        await self.emit("out", FluxMsg(raw=raw, meta=dict(meta)))
+
+
+@register
+class SerialCatchGear(Gear):
+    """Test sink: keeps what arrives on `in` (frames) and `in_err` (the error port)."""
+
+    MANIFEST = Manifest("test_serial_catch", "collects messages", inputs=("in", "in_err"), outputs=(),
+                        schema=_EMPTY)
+
+    def __init__(self, name, config, ctx):
+        super().__init__(name, config, ctx)
+        self.got: dict[str, list] = {"in": [], "in_err": []}
+
+    async def process(self, port, msg):
+        self.got[port].append(msg)
+
+    async def wait(self, n: int, port: str = "in", timeout: float = 5.0) -> list:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.got[port]) < n:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{len(self.got[port])} of {n} messages on {port}: "
+                                   f"{[m.raw[:40] for m in self.got[port]]}")
+            await asyncio.sleep(0.002)
+        return self.got[port]
+
+
+def serial_scenario(port: str, **config) -> str:
+    """feed -> ser.in; ser.out -> catch.in; ser.error -> catch.in_err."""
+    doc = {
+        "meta": {"version": "1"},
+        "gears": [
+            {"name": "feed", "type": "test_serial_feed"},
+            {"name": "ser", "type": "io_serial", "config": {"port": port, **config}},
+            {"name": "catch", "type": "test_serial_catch"},
+        ],
+        "wires": [
+            {"from": "feed.out", "to": "ser.in"},
+            {"from": "ser.out", "to": "catch.in"},
+            {"from": "ser.error", "to": "catch.in_err"},
+        ],
+    }
+    return yaml.safe_dump(doc)
+
+
+async def wait_until(cond, timeout: float = 5.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+async def wait_up(gear, timeout: float = 5.0) -> None:
+    await wait_until(lambda: gear.link is not None, timeout, f"{gear.name} to open its device")
+
 
 class PtyDevice:
     def __init__(self, link: str):
@@ -44,6 +118,15 @@ class PtyDevice:
                 if loop.time() > deadline:
                     raise TimeoutError("the gear does not read the pty")
                 await asyncio.sleep(0.001)
+
+    async def write_each_byte(self, data: bytes, gear, timeout: float = 5.0) -> None:
+        """One byte at a time, each read by the gear before the next is written: every
+        possible split point of the stream is exercised."""
+        for b in data:
+            link = gear.link
+            before = link.bytes_in
+            await self.write(bytes([b]))
+            await wait_until(lambda: link.bytes_in > before or link.lost, timeout, "the gear to read a byte")
 
     # -- the device listens ----------------------------------------------------------------
     def _read_now(self) -> None:

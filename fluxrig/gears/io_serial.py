@@ -239,6 +239,7 @@ class IoSerialGear(Gear):
         self._successor: IoSerialGear | None = None
         self.released = asyncio.Event()
         self.down_reason = "not opened yet"
+        self._link_state = ""
         self.stats = Counter(bytes_in=0, bytes_out=0, frames_in=0, frames_out=0, opens=0, reconnects=0,
                              open_failures=0, write_timeouts=0, down_errors=0, queue_dropped=0, emit_dropped=0)
         self.fault_counts: Counter = Counter()
@@ -334,7 +335,8 @@ class IoSerialGear(Gear):
                     self.log.warning("%s: %s; retrying every %.1fs up to %.1fs", self.name, reason, wait,
                                      self.reconnect_max)
                     self.down_reason = reason
-                    self._link_event("conn.down", "", reason)
+                    if self._link_state != "conn.down":  # a loss already said so
+                        self._link_event("conn.down", "", reason)
                     failing = True
                 else:
                     self.log.debug("%s: %s", self.name, reason)
@@ -410,6 +412,7 @@ class IoSerialGear(Gear):
             pass
 
     def _link_event(self, cmd: str, conn_id: str, reason: str) -> None:
+        self._link_state = cmd
         args = {"conn_id": conn_id, "port": self.settings.port}
         if reason:
             args["reason"] = reason
