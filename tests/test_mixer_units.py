@@ -55,20 +55,28 @@ def test_heartbeat_and_ctrl_roundtrip():
 @given(st.lists(st.tuples(st.integers(0, MAX_RECORD_ID - 1), st.text(max_size=20), st.integers(1, 24)), max_size=50))
 def test_telemetry_batch_roundtrip(rows):
     recs = [{"id": i, "ts": 1, "body": b, "severity": s, "attrs": {"k": b}} for i, b, s in rows]
-    kind, rack, src, ids, cols = decode_batch(encode_batch("logs", "r1", recs, src="w1"))
-    assert (kind, rack, src) == ("logs", "r1", "w1")
+    data = encode_batch("logs", "r1", recs, src="w1")
+    assert data.count(b"\n") == len(rows)
+    ids, out = decode_batch(data, "logs")
     assert ids == [r[0] for r in rows]
-    assert cols["body"] == [r[1] for r in rows] and cols["trace_id"] == [None] * len(rows)
+    assert [o["body"] for o in out] == [r[1] for r in rows] and all(o["trace_id"] is None for o in out)
+    assert [o["attrs"] for o in out] == [{"k": r[1]} for r in rows]
 
 
 def test_telemetry_batch_rejects():
-    good = cbor2.loads(encode_batch("metrics", "r1", [{"id": 1, "name": "m", "value": 1.0}]))
-    for patch, key in (({"kind": "spans"}, "kind"), ({"rack": ""}, "rack"), ({"ids": [MAX_RECORD_ID]}, "ids"),
-                       ({"cols": {"name": ["a", "b"]}}, "name"), ({"v": 9}, "v")):
+    with pytest.raises(ValueError):
+        encode_batch("spans", "r1", [])
+    with pytest.raises(ValueError):
+        encode_batch("logs", "r1", [{"id": MAX_RECORD_ID}])
+    for data, key in ((b'{"id": -1}\n', "id"), (b'{"ts": 1}\n', "id"), (b"[1]\n", None), (b"{oops\n", None)):
         with pytest.raises(TelemetryFormatError) as e:
-            decode_batch(cbor2.dumps({**good, **patch}))
+            decode_batch(data, "logs")
         assert e.value.key == key
     assert severity_number("WARN") == 13 and severity_number("nonsense") == 9 and severity_number(99) == 24
+    # attrs given as JSON text travel as an object; non-JSON text is wrapped.
+    _ids, rows = decode_batch(encode_batch("metrics", "r", [{"id": 1, "attrs": '{"a":1}'}, {"id": 2, "attrs": "x"}]),
+                              "metrics")
+    assert rows[0]["attrs"] == {"a": 1} and rows[1]["attrs"] == {"text": "x"}
 
 
 def test_subjects():

@@ -41,6 +41,7 @@ from ..errors import EnrollmentDenied, FluxError, PassportError
 from ..passport import Passport, PassportStore, parse_public_key
 from . import protocol as P
 from . import subjects as S
+from .telemetry import SRC_HEADER
 
 __all__ = ["AgentConfig", "RackAgent", "AUTH_FAILURES_BEFORE_REENROLL", "close_quietly"]
 
@@ -170,13 +171,22 @@ class RackAgent:
             self._task = None
         await self._close_nc()
 
-    async def publish_telemetry(self, kind: str, batch: bytes, msg_id: str | None = None, timeout: float = 5.0):
-        """Publish one encoded telemetry batch to JetStream and return the PubAck; raises when
-        not connected or not acknowledged (the caller keeps the records in its WAL)."""
+    async def publish_telemetry(
+        self, kind: str, batch: bytes, msg_id: str | None = None, timeout: float = 5.0, src: str = ""
+    ):
+        """Publish one encoded telemetry batch (fluxrig.agent.telemetry) to JetStream and return
+        the PubAck; raises when not connected or not acknowledged (the caller keeps the records
+        in its WAL). `src` names the records' source incarnation (the WAL id)."""
         if self.js is None or self.passport is None or not self.connected.is_set():
             raise FluxError("not connected to the Snake")
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        return await self.js.publish(S.telemetry(self.passport.rack_name, kind), batch, timeout=timeout, headers=headers)
+        headers = {}
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        if src:
+            headers[SRC_HEADER] = src
+        return await self.js.publish(
+            S.telemetry(self.passport.rack_name, kind), batch, timeout=timeout, headers=headers or None
+        )
 
     # -- main loop -----------------------------------------------------------------------------
 

@@ -143,7 +143,7 @@ class TelemetryShipper:
         for kind, rows in groups.items():
             data = encode_batch(kind, rack, rows, src=src)
             msg_id = f"{src}-" + batch_msg_id(rack, kind, rows[0]["id"], len(rows))
-            await self.agent.publish_telemetry(kind, data, msg_id=msg_id, timeout=self.publish_timeout)
+            await self.agent.publish_telemetry(kind, data, msg_id=msg_id, timeout=self.publish_timeout, src=src)
             self.batches += 1
         self.wal.ack_many(r.seq for r in records)
         self.shipped += sum(len(v) for v in groups.values())

@@ -1,22 +1,25 @@
 """Telemetry batches on `flux.telemetry.<rack>.logs|metrics|traces`: the wire format, sans-IO.
 
-One bus message carries one *columnar* batch of records of one kind, CBOR-encoded:
+One bus message carries one batch of records of one kind as newline-delimited JSON (one
+object per record, each line ending in "\\n"), plus two NATS headers:
 
-    {"v": 1, "kind": "logs", "rack": "<rack>", "src": "<wal id>", "ids": [u64, ...],
-     "cols": {<column>: [...], ...}}
+    Flux-Src: <the source's incarnation, e.g. the Rack's WAL id>
+    Nats-Msg-Id: <src>-<rack>.<kind>.<first id>.<count>   (JetStream's duplicate window)
 
-Columnar, because the Mixer appends whole columns to DuckDB: decoding lists of scalars is
-~20x cheaper than decoding one map per record, and it keeps ingest above 500k rows/s.
+Why NDJSON and not CBOR: the Mixer hands a whole fetch of batches to DuckDB's own JSON
+reader (C++, parallel), which stores ~3x more rows per second than any Python-side decode
+followed by the appender; the Rack pays one json.dumps per record, which it can afford at
+telemetry rates. The kind and the rack come from the subject (the bus permissions vouch for
+it), never from the payload.
 
-`ids[i]` is record i's dedup id within its source: the WAL sequence number (< 2**40). `src`
-names the source's incarnation (the WAL id, which changes when a WAL is wiped and its seqs
-restart at 1); the Mixer maps each (rack, src) to a distinct id range, so a record re-sent
-with the same (src, id) is stored once and a wiped WAL never collides with its predecessor.
-JetStream's own dedup window (`Nats-Msg-Id`, see `batch_msg_id`) catches quick re-sends
-before they reach DuckDB.
+Every line carries `id`: the record's dedup id within its source, the WAL sequence number
+(< 2**40). The Mixer maps each (rack, Flux-Src) to its own id range, so a record re-sent with
+the same (src, id) is stored once and a wiped WAL (new src, seqs from 1) never collides with
+its predecessor. Lines without an integer `id` are dropped; a value of the wrong type becomes
+NULL.
 
-Columns (OTel data model, flattened; `attrs` is a JSON object as text or None; times are
-unix nanoseconds):
+Fields per kind (OTel data model, flattened; times are unix nanoseconds; `attrs` a JSON
+object):
 
     logs     ts, severity (OTel number 1-24), severity_text, body, attrs, trace_id, span_id
     metrics  ts, name, type (gauge|counter|histogram|updown), value (float), unit, attrs
@@ -27,16 +30,14 @@ from __future__ import annotations
 
 import json
 
-import cbor2
-
 from ..errors import RemoteProtocolError
 
 __all__ = [
-    "BATCH_VERSION",
     "COLUMNS",
     "SEVERITY",
     "MAX_BATCH_RECORDS",
     "MAX_RECORD_ID",
+    "SRC_HEADER",
     "TelemetryFormatError",
     "encode_batch",
     "decode_batch",
@@ -44,11 +45,11 @@ __all__ = [
     "severity_number",
 ]
 
-BATCH_VERSION = 1
 # One bus message stays well under the Snake's max_payload (8 MiB set by the Mixer).
 MAX_BATCH_RECORDS = 10_000
 # Dedup ids are WAL sequence numbers below this; the Mixer puts the incarnation above it.
 MAX_RECORD_ID = 1 << 40
+SRC_HEADER = "Flux-Src"
 COLUMNS: dict[str, tuple[str, ...]] = {
     "logs": ("ts", "severity", "severity_text", "body", "attrs", "trace_id", "span_id"),
     "metrics": ("ts", "name", "type", "value", "unit", "attrs"),
@@ -57,13 +58,15 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 # OTel severity numbers of the start of each range.
 SEVERITY = {"trace": 1, "debug": 5, "info": 9, "warn": 13, "warning": 13, "error": 17, "fatal": 21, "critical": 21}
 
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
+
 
 class TelemetryFormatError(RemoteProtocolError):
-    """A telemetry batch is malformed; `key` names the column or field at fault."""
+    """A telemetry batch is malformed; `key` names the field at fault and `offset` the line."""
 
-    def __init__(self, message: str, key: str | None = None):
+    def __init__(self, message: str, key: str | None = None, offset: int | None = None):
         self.key = key
-        super().__init__(f"{message} (key {key!r})" if key else message)
+        super().__init__(f"{message} (key {key!r})" if key else message, offset)
 
 
 def severity_number(level) -> int:
@@ -74,59 +77,60 @@ def severity_number(level) -> int:
 
 
 def encode_batch(kind: str, rack: str, records: list[dict], limit: int = MAX_BATCH_RECORDS, src: str = "") -> bytes:
-    """Encode row dicts (each with "id" and the kind's columns; `attrs` may be a dict) as one
-    columnar batch. Missing columns become None."""
+    """NDJSON bytes for row dicts (each with "id" and any of the kind's fields; `attrs` a
+    dict or JSON text, `severity` a number or level name). `rack` and `src` are not part of
+    the payload (the subject and the Flux-Src header carry them); they are accepted so the
+    call reads like what it publishes."""
     if kind not in COLUMNS:
         raise ValueError(f"unknown telemetry kind {kind!r}; use one of {', '.join(COLUMNS)}")
     if len(records) > limit:
         raise ValueError(f"{len(records)} records exceed the batch limit {limit}")
-    cols: dict[str, list] = {c: [] for c in COLUMNS[kind]}
-    ids = []
+    fields = COLUMNS[kind]
+    lines = []
     for r in records:
-        ids.append(int(r["id"]))
-        for c, out in cols.items():
-            v = r.get(c)
-            if c == "attrs" and v is not None and not isinstance(v, str):
-                v = json.dumps(v, separators=(",", ":"), default=str)
-            elif c == "severity" and v is not None:
+        rid = r["id"]
+        if not isinstance(rid, int) or not 0 <= rid < MAX_RECORD_ID:
+            raise ValueError(f"record id {rid!r} is not an integer in [0, 2**40)")
+        row = {"id": rid}
+        for f in fields:
+            v = r.get(f)
+            if v is None:
+                continue
+            if f == "attrs" and isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    v = {"text": v}
+            elif f == "severity":
                 v = severity_number(v)
-            out.append(v)
-    return cbor2.dumps({"v": BATCH_VERSION, "kind": kind, "rack": rack, "src": src, "ids": ids, "cols": cols})
+            row[f] = v
+        lines.append(_dumps(row))
+    return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-def decode_batch(data: bytes, limit: int = MAX_BATCH_RECORDS) -> tuple[str, str, str, list, dict[str, list]]:
-    """(kind, rack, src, ids, columns) of a batch. Column lists all have len(ids) entries; values
-    are not checked one by one (DuckDB's appender checks types at the flush)."""
-    try:
-        doc = cbor2.loads(data)
-    except Exception as exc:
-        raise TelemetryFormatError(f"not CBOR: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != BATCH_VERSION:
-        raise TelemetryFormatError("not a telemetry batch (v != 1)", "v")
-    kind, rack, ids, cols = doc.get("kind"), doc.get("rack"), doc.get("ids"), doc.get("cols")
+def decode_batch(data: bytes, kind: str, limit: int = MAX_BATCH_RECORDS) -> tuple[list, list[dict]]:
+    """(ids, rows) of a batch, checked line by line: for tests and tools. The Mixer does not
+    call this; DuckDB reads the bytes itself."""
     if kind not in COLUMNS:
         raise TelemetryFormatError(f"unknown kind {kind!r}", "kind")
-    if not isinstance(rack, str) or not rack:
-        raise TelemetryFormatError("missing rack", "rack")
-    if not isinstance(ids, list) or not isinstance(cols, dict):
-        raise TelemetryFormatError("ids must be a list and cols a map", "cols")
-    src = doc.get("src") or ""
-    if not isinstance(src, str) or len(src) > 128:
-        raise TelemetryFormatError("src must be a short text", "src")
-    n = len(ids)
-    if n > limit:
-        raise TelemetryFormatError(f"{n} records exceed the batch limit {limit}", "ids")
-    if n and (not isinstance(ids[0], int) or not isinstance(ids[-1], int) or max(ids) >= MAX_RECORD_ID or min(ids) < 0):
-        raise TelemetryFormatError(f"ids must be integers in [0, 2**40)", "ids")
-    out = {}
-    for c in COLUMNS[kind]:
-        col = cols.get(c)
-        if col is None:
-            col = [None] * n
-        elif not isinstance(col, list) or len(col) != n:
-            raise TelemetryFormatError(f"column must be a list of {n} values", c)
-        out[c] = col
-    return kind, rack, src, ids, out
+    ids, rows = [], []
+    for n, line in enumerate(bytes(data).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise TelemetryFormatError(f"line {n + 1} is not JSON: {exc}", offset=n) from None
+        if not isinstance(row, dict):
+            raise TelemetryFormatError(f"line {n + 1} is not an object", offset=n)
+        rid = row.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < MAX_RECORD_ID:
+            raise TelemetryFormatError(f"line {n + 1}: id must be an integer in [0, 2**40)", "id", n)
+        ids.append(rid)
+        rows.append({f: row.get(f) for f in COLUMNS[kind]})
+        if len(ids) > limit:
+            raise TelemetryFormatError(f"more than {limit} records", "id", n)
+    return ids, rows
 
 
 def batch_msg_id(rack: str, kind: str, first_id: int, count: int) -> str:

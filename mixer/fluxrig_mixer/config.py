@@ -78,7 +78,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "telemetry": {
         "retention": (DUR, "168h", "telemetry rows older than this are deleted", None),
         "retention_interval": (DUR, "5m", "how often old rows are deleted", None),
-        "batch_max_messages": (INT, 256, "bus messages fetched per ingest batch", None),
+        "batch_max_messages": (INT, 32, "bus messages per ingest fetch (x batch size must stay well under 256 MiB)", None),
         "flush_interval": (DUR, "200ms", "longest wait for a batch to fill before it is written", None),
     },
 }

@@ -1,27 +1,30 @@
 """Telemetry ingest: `flux.telemetry.<rack>.logs|metrics|traces` from JetStream into DuckDB.
 
 Job. A durable pull consumer on the `flux-telemetry` stream fetches up to
-`batch_max_messages` bus messages (each a columnar batch, fluxrig.agent.telemetry), groups
-their columns per kind, and writes each kind in one transaction:
+`batch_max_messages` bus messages (each an NDJSON batch, fluxrig.agent.telemetry), groups
+their payloads by (kind, rack, source), writes each group's bytes to one spool file, and in
+one transaction per fetch lets DuckDB's own JSON reader load them:
 
-    appender -> telemetry_<kind>; COMMIT               bulk, never row by row
+    INSERT INTO telemetry_<kind> SELECT m.rack, j.id + m.base, ...
+    FROM read_json([<spool files>], columns=..., filename=true) j JOIN (<file -> rack, base>) m
 
-and only when that commit hits the primary key (a re-sent record) does it redo the batch as
+Bulk and in C++, never row by row in Python: this is what keeps ingest above the Python
+appender's rate. A fetch that hits the primary key (a re-send) is redone with INSERT OR
+IGNORE. Then the whole fetch is acknowledged with one ack (AckPolicy.ALL, in
+order). A crash between the commit and the ack re-delivers the fetch; the primary key
+(rack, id) drops the rows already stored, so a record re-sent lands once. The stored id is
+`incarnation << 40 | seq`: each (rack, src) pair, src being the Flux-Src header (the Rack's
+WAL id), gets its own incarnation number (table `telemetry_sources`), so a Rack whose WAL was
+wiped and restarted at seq 1 is not mistaken for a re-send of its old records. The kind and
+the `<rack>` come from the subject (the bus permissions guarantee who may publish there),
+never from the payload.
 
-    appender -> stage_<kind> (temp table, no index)
-    INSERT OR IGNORE INTO telemetry_<kind> SELECT * FROM stage_<kind>; DELETE; COMMIT
-
-then acknowledges the whole fetch with one ack (AckPolicy.ALL, in order). A crash between
-the commit and the ack re-delivers the batch; the primary key (rack, id) drops the rows
-already stored, so a record re-sent lands once. The stored id is `incarnation << 40 | seq`:
-each (rack, src) pair, src being the Rack's WAL id, gets its own incarnation number (table
-`telemetry_sources`), so a Rack whose WAL was wiped and restarted at seq 1 is not mistaken
-for a re-send of its old records. The `<rack>` token is taken from the subject
-(the bus permissions guarantee who may publish there), never from the payload.
-
-A batch that does not decode is counted and acknowledged (it never will decode); a fetch
-whose write fails is retried message by message so one bad batch cannot block the others.
-Retention deletes rows older than `telemetry.retention` every `retention_interval`.
+A payload that is not NDJSON is counted and acknowledged (it never will load); values of the
+wrong type are loaded as NULL (DuckDB's ignore_errors) and lines without an id are dropped
+(counted in `dropped`). A fetch whose write fails is retried message by message so one bad
+batch cannot block the others. Retention deletes rows older than `telemetry.retention`
+every `retention_interval`. Spool files live in `spool_dir` (RAM-backed /dev/shm when
+present) only for the duration of one write.
 
 DuckDB work runs in a worker thread with its own cursor, so the event loop (API, heartbeats)
 keeps running while a batch is written.
@@ -30,16 +33,20 @@ keeps running while a batch is written.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-
-import duckdb
+import os
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 
-from fluxrig.agent import subjects as S
-from fluxrig.agent.telemetry import COLUMNS, MAX_RECORD_ID, TelemetryFormatError, decode_batch
+import duckdb
 
-__all__ = ["TelemetryIngest", "TELEMETRY_DDL", "STAGE_COLUMNS", "TIME_COLUMN", "write_columns", "ensure_tables"]
+from fluxrig.agent import subjects as S
+from fluxrig.agent.telemetry import MAX_RECORD_ID, SRC_HEADER
+
+__all__ = ["TelemetryIngest", "TELEMETRY_DDL", "STAGE_COLUMNS", "TIME_COLUMN", "load_ndjson", "ensure_tables"]
 
 log = logging.getLogger("fluxrig.mixer.ingest")
 
@@ -108,48 +115,46 @@ def ensure_tables(db) -> None:
     db.ensure(TELEMETRY_DDL)
 
 
-def _ensure_stage(cur, kind: str) -> None:
-    cols = ", ".join(f"{_q(c)} {t}" for c, t in STAGE_COLUMNS[kind])
-    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage_{kind}({cols})")
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
-def write_columns(cur, kind: str, racks: list, ids: list, cols: dict[str, list]) -> int:
-    """Store one kind's rows (columns of equal length) in one transaction on `cur`; returns
-    the number of rows inserted (re-sent rows are skipped)."""
+def _json_columns(kind: str) -> str:
+    """The read_json `columns` struct: every field but rack (from the subject)."""
+    return "{" + ", ".join(f"{_sql_str(c)}: {_sql_str(t)}" for c, t in STAGE_COLUMNS[kind][1:]) + "}"
+
+
+_SELECT_EXPR = {
+    # A missing or unparsable time becomes the time the Mixer stored the row.
+    "ts": "coalesce(j.ts, epoch_ns(current_timestamp))",
+    "start": "coalesce(j.start, epoch_ns(current_timestamp))",
+}
+
+
+def load_ndjson(cur, kind: str, files: list[tuple[str, str, int]], ignore_duplicates: bool) -> int:
+    """Load spool files [(path, rack, id base)] of one kind into telemetry_<kind> with ONE
+    statement (inside the caller's transaction); returns the rows inserted.
+
+    One statement per fetch, not per file: DuckDB then writes large row groups straight to
+    the database file instead of through its WAL, several times faster for a file-backed
+    database. Plain INSERT unless `ignore_duplicates`: INSERT OR IGNORE costs ~40% more, so it
+    is only used to redo a fetch that hit the primary key (a re-send)."""
     names = [c for c, _t in STAGE_COLUMNS[kind]]
-    order = names[2:]
+    exprs = ["m.rack", "j.id + m.base"] + [_SELECT_EXPR.get(c, "j." + _q(c)) for c in names[2:]]
+    paths = "[" + ", ".join(_sql_str(p) for p, _r, _b in files) + "]"
+    mapping = ", ".join(f"({_sql_str(p)}, {_sql_str(r)}, {int(b)})" for p, r, b in files)
+    verb = "INSERT OR IGNORE INTO" if ignore_duplicates else "INSERT INTO"
+    sql = (
+        f"{verb} telemetry_{kind}({', '.join(_q(c) for c in names)}) "
+        f"SELECT {', '.join(exprs)} FROM read_json({paths}, format='newline_delimited', columns={_json_columns(kind)}, "
+        "ignore_errors=true, filename=true, maximum_object_size=16777216) j "
+        f"JOIN (VALUES {mapping}) m(f, rack, base) ON j.filename = m.f WHERE j.id IS NOT NULL"
+    )
+    return cur.execute(sql).fetchone()[0]
 
-    def rows():
-        return zip(racks, ids, *(cols[c] for c in order))
 
-    cur.begin()
-    try:
-        app = cur.appender(f"telemetry_{kind}", columns=names)
-        app.append_rows(rows())
-        app.flush()
-        cur.commit()
-        return len(ids)
-    except duckdb.ConstraintException:
-        cur.rollback()  # a re-send: take the slower path that skips what is already stored
-    except Exception:
-        cur.rollback()
-        raise
-    _ensure_stage(cur, kind)
-    listed = ", ".join(_q(c) for c in names)
-    cur.begin()
-    try:
-        app = cur.appender(f"stage_{kind}")
-        app.append_rows(rows())
-        app.flush()
-        inserted = cur.execute(
-            f"INSERT OR IGNORE INTO telemetry_{kind}({listed}) SELECT {listed} FROM stage_{kind}"
-        ).fetchone()[0]
-        cur.execute(f"DELETE FROM stage_{kind}")
-        cur.commit()
-    except Exception:
-        cur.rollback()
-        raise
-    return inserted
+def _spool_root() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 class TelemetryIngest:
@@ -163,6 +168,7 @@ class TelemetryIngest:
         retention: float = 7 * 86400.0,
         retention_interval: float = 300.0,
         durable: str = CONSUMER,
+        spool_dir: str | None = None,
     ):
         self.db = db
         self.batch_max_messages = batch_max_messages
@@ -172,7 +178,9 @@ class TelemetryIngest:
         self.durable = durable
         ensure_tables(db)
         self.rows: dict[str, int] = defaultdict(int)
-        self.duplicates: dict[str, int] = defaultdict(int)
+        self.duplicates: dict[str, int] = defaultdict(int)  # lines not stored: re-sends and lines without an id
+        self.spool_dir = tempfile.mkdtemp(prefix="fluxrig-ingest-", dir=spool_dir or _spool_root())
+        self._spool_seq = itertools.count()
         self.messages = 0
         self.rejected = 0
         self.write_errors = 0
@@ -237,6 +245,7 @@ class TelemetryIngest:
             except Exception:
                 pass
             self._sub = None
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     async def _fetch(self, timeout: float | None = None):
         """One fetch from the consumer, decoded: (messages, groups) or None when idle."""
@@ -281,48 +290,68 @@ class TelemetryIngest:
         return len(got[0])
 
     def _decode(self, msgs, count: bool = True) -> dict:
-        groups: dict[str, tuple[list, list, dict]] = {}
+        """Group payloads by (kind, rack, id base) without parsing them: DuckDB will."""
+        groups: dict[tuple[str, str, int], list[bytes]] = {}
         for m in msgs:
             rack = S.rack_of_subject(m.subject)
-            try:
-                kind, _rack_claimed, src, ids, cols = decode_batch(m.data)
-            except TelemetryFormatError as exc:
+            kind = m.subject.rsplit(".", 1)[-1]
+            data = m.data
+            if rack is None or kind not in STAGE_COLUMNS or not data.lstrip()[:1] == b"{":
                 if count:
                     self.rejected += 1
-                    self.last_error = f"{m.subject}: {exc}"
+                    self.last_error = f"{m.subject}: not an NDJSON telemetry batch"
                 continue
-            if rack is None or m.subject.rsplit(".", 1)[-1] != kind:
-                if count:
-                    self.rejected += 1
-                    self.last_error = f"{m.subject}: kind {kind} does not match the subject"
-                continue
+            src = (m.headers or {}).get(SRC_HEADER, "")[:128]
             inc = self._sources.get((rack, src))
             if inc is None:
                 inc = self._next_incarnation.get(rack, 0)
                 self._next_incarnation[rack] = inc + 1
                 self._sources[(rack, src)] = inc
                 self._new_sources.append((rack, src, inc))
-            if inc:
-                base = inc * MAX_RECORD_ID
-                ids = [base + i for i in ids]
-            g = groups.get(kind)
-            if g is None:
-                g = groups[kind] = ([], [], {c: [] for c in COLUMNS[kind]})
-            g[0].extend([rack] * len(ids))
-            g[1].extend(ids)
-            for c, col in g[2].items():
-                col.extend(cols[c])
+            if not data.endswith(b"\n"):
+                data = data + b"\n"
+            groups.setdefault((kind, rack, inc * MAX_RECORD_ID), []).append(data)
         return groups
 
     def _write_groups(self, groups: dict) -> None:
+        """One transaction per fetch: a spool file per group, one INSERT per kind."""
         cur = self.db.cursor()
         if self._new_sources:
             new, self._new_sources = self._new_sources, []
             cur.executemany("INSERT OR IGNORE INTO telemetry_sources(rack, src, incarnation) VALUES (?, ?, ?)", new)
-        for kind, (racks, ids, cols) in groups.items():
-            inserted = write_columns(cur, kind, racks, ids, cols)
-            self.rows[kind] += inserted
-            self.duplicates[kind] += len(ids) - inserted
+        by_kind: dict[str, list[tuple[str, str, int]]] = {}
+        lines: dict[str, int] = defaultdict(int)
+        paths = []
+        try:
+            for (kind, rack, base), payloads in groups.items():
+                path = os.path.join(self.spool_dir, f"{next(self._spool_seq)}.ndjson")
+                with open(path, "wb") as fh:
+                    fh.writelines(payloads)
+                paths.append(path)
+                by_kind.setdefault(kind, []).append((path, rack, base))
+                lines[kind] += sum(p.count(b"\n") for p in payloads)
+            for ignore in (False, True):
+                cur.begin()
+                try:
+                    inserted = {kind: load_ndjson(cur, kind, files, ignore) for kind, files in by_kind.items()}
+                    cur.commit()
+                    break
+                except duckdb.ConstraintException:
+                    cur.rollback()  # a re-send in this fetch: redo it skipping what is stored
+                    if ignore:
+                        raise
+                except Exception:
+                    cur.rollback()
+                    raise
+        finally:
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        for kind, n in inserted.items():
+            self.rows[kind] += n
+            self.duplicates[kind] += max(0, lines[kind] - n)
 
     async def _run(self) -> None:
         """Two stages: fetching and decoding the next batch overlaps with DuckDB writing the

@@ -52,6 +52,7 @@ log = logging.getLogger("fluxrig.mixer.snake")
 MIXER_USER = "mixer"
 # Large enough for a telemetry batch of MAX_BATCH_RECORDS and a passport with a big projection.
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+MAX_PENDING_BYTES = 256 * 1024 * 1024
 # A child that stays up this long resets the restart backoff to its first step.
 STABLE_AFTER_S = 10.0
 
@@ -156,6 +157,9 @@ def render_config(
         'server_name: "fluxrig-snake"',
         f"listen: {_q(f'{host}:{port}')}",
         f"max_payload: {max_payload}",
+        "# Outbound buffer per client before the server drops it as a slow consumer: one ingest",
+        "# fetch (telemetry.batch_max_messages x batch size) must fit with room to spare.",
+        f"max_pending: {MAX_PENDING_BYTES}",
         "jetstream {",
         f"  store_dir: {_q(store_dir)}",
         "  # Durability: fsync every write before acknowledging it. An ack from this server means",
