@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard mixer/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
 	FLUXRIG_REQUIRE_EXTENSIONS=1 $(BIN)/pip install -q --no-build-isolation -e '.[test,speed,binary]'
-	if [ -f mixer/pyproject.toml ]; then $(BIN)/pip install -q --no-build-isolation -e mixer; fi
+	$(BIN)/pip install -q --no-build-isolation -e 'mixer[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
