@@ -39,13 +39,16 @@ class SerialCatchGear(Gear):
     """Test sink: keeps what arrives on `in` (frames) and `in_err` (the error port)."""
 
     MANIFEST = Manifest("test_serial_catch", "collects messages", inputs=("in", "in_err"), outputs=(),
-                        schema=_EMPTY)
+                        schema={"type": "object", "properties": {"delay": {"type": "number", "default": 0}},
+                                "additionalProperties": False})
 
     def __init__(self, name, config, ctx):
         super().__init__(name, config, ctx)
         self.got: dict[str, list] = {"in": [], "in_err": []}
 
     async def process(self, port, msg):
+        if self.config.get("delay"):
+            await asyncio.sleep(self.config["delay"])  # a slow consumer: backpressure tests
         self.got[port].append(msg)
 
     async def wait(self, n: int, port: str = "in", timeout: float = 5.0) -> list:
@@ -59,14 +62,14 @@ class SerialCatchGear(Gear):
         return self.got[port]
 
 
-def serial_scenario(port: str, **config) -> str:
+def serial_scenario(port: str, catch_delay: float = 0, **config) -> str:
     """feed -> ser.in; ser.out -> catch.in; ser.error -> catch.in_err."""
     doc = {
         "meta": {"version": "1"},
         "gears": [
             {"name": "feed", "type": "test_serial_feed"},
             {"name": "ser", "type": "io_serial", "config": {"port": port, **config}},
-            {"name": "catch", "type": "test_serial_catch"},
+            {"name": "catch", "type": "test_serial_catch", "config": {"delay": catch_delay}},
         ],
         "wires": [
             {"from": "feed.out", "to": "ser.in"},

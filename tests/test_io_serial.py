@@ -95,6 +95,21 @@ async def test_every_framing_both_directions_split_at_every_byte(framing, link, 
         assert metrics["bytes_in"] == 2 * sum(map(len, wire))
 
 
+async def test_slow_consumer_pauses_reading_and_loses_nothing(link, device, monkeypatch):
+    import fluxrig.gears.io_serial as io_serial
+
+    monkeypatch.setattr(io_serial, "INBOX_HIGH", 64)
+    monkeypatch.setattr(io_serial, "INBOX_LOW", 8)
+    lines = [b"line %05d" % i for i in range(600)]
+    async with running(serial_scenario(link, catch_delay=0.0005), env={}) as rt:
+        ser, catch = rt.gears["ser"], rt.gears["catch"]
+        await wait_up(ser)
+        await device.write(b"".join(x + b"\n" for x in lines), timeout=20)
+        await catch.wait(len(lines), timeout=20)
+        assert [m.raw for m in catch.got["in"]] == lines
+        assert ser.metrics()["read_pauses"] >= 1 and ser.link is not None and not ser.link.paused
+
+
 async def test_modbus_bad_crc_goes_to_error_and_later_frames_survive(link, device):
     good = bytes.fromhex("01030000000AC5CD")  # read 10 holding registers from slave 1
     assert crc16_modbus(good[:-2]).to_bytes(2, "little") == good[-2:]
@@ -469,3 +484,25 @@ wires:
     print(f"\n115200-baud run: {sent} bytes each way, {len(lines)} lines, {duration:.2f} s, "
           f"{achieved:.0f} B/s (line rate {rate:.0f} B/s), lost 0")
     assert achieved >= 0.97 * rate
+
+
+UVLOOP_CASES = [
+    ("modbus_crc", lambda link, dev: test_modbus_bad_crc_goes_to_error_and_later_frames_survive(link, dev)),
+    ("idle_gap", lambda link, dev: test_every_framing_both_directions_split_at_every_byte("idle_gap", link, dev)),
+    ("slip", lambda link, dev: test_every_framing_both_directions_split_at_every_byte("slip", link, dev)),
+    ("replug", lambda link, dev: test_unplug_and_replug_by_removing_and_recreating_the_device_link(link, dev)),
+    ("write_timeout", lambda link, dev: test_write_timeout_when_the_device_does_not_drain(link, dev)),
+]
+
+
+@pytest.mark.parametrize("case", [c for c, _ in UVLOOP_CASES])
+def test_under_uvloop(case, tmp_path):
+    """`fluxrig run` uses uvloop when installed: its add_reader/add_writer and timers too."""
+    uvloop = pytest.importorskip("uvloop")
+    link = str(tmp_path / "ttyUV0")
+    dev = PtyDevice(link)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(dict(UVLOOP_CASES)[case](link, dev))
+    finally:
+        dev.close()

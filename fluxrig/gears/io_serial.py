@@ -241,7 +241,7 @@ class IoSerialGear(Gear):
         self.down_reason = "not opened yet"
         self._link_state = ""
         self.stats = Counter(bytes_in=0, bytes_out=0, frames_in=0, frames_out=0, opens=0, reconnects=0,
-                             open_failures=0, write_timeouts=0, down_errors=0, queue_dropped=0, emit_dropped=0)
+                             open_failures=0, read_pauses=0, write_timeouts=0, down_errors=0, queue_dropped=0, emit_dropped=0)
         self.fault_counts: Counter = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -345,7 +345,12 @@ class IoSerialGear(Gear):
                 continue
             failing = False
             wait = self.reconnect_wait
-            await self._run_link(port)
+            try:
+                await self._run_link(port)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not leave the device closed for good
+                self.log.exception("%s: the link to %s failed; reopening", self.name, self.settings.port)
             if not self._stopping:
                 await self._sleep(self.reconnect_wait)
 
@@ -444,7 +449,8 @@ class IoSerialGear(Gear):
             inbox.append((meta, item))
         self._wake.set()
         link = self.link
-        if len(inbox) >= INBOX_HIGH and link is not None:
+        if len(inbox) >= INBOX_HIGH and link is not None and not link.paused:
+            self.stats["read_pauses"] += 1
             link.pause()
 
     def _arm_timer(self) -> None:

@@ -154,8 +154,10 @@ class Ingress:
             return out
         try:
             frames = self.framer.poll(now)
-        except FramingError as exc:
-            self._fail(exc, b"", now, out)
+        except BadFrame as exc:
+            self._bad_frame(exc, out)
+        except FramingError as exc:  # fatal errors are raised by feed, never first by poll
+            self._fatal(exc, b"", 0, now, out)
         else:
             self._emit(frames, out)
         return out
@@ -187,44 +189,56 @@ class Ingress:
 
     def _feed(self, data: bytes, now: float, out: list) -> None:
         framer = self.framer
+        # `chunk` is what this call gave the framer, from stream offset `chunk_start`: what a
+        # fatal error leaves to resynchronise on. (Before a chunk a stream framer holds at most
+        # the start of one frame, so nothing after an error's offset lies outside the chunk.)
+        chunk, chunk_start = data, self._fed
+        self._fed += len(data)
         while True:
-            start = self._fed
-            self._fed += len(data)
             try:
                 frames = framer.feed(data, now) if self.timed else framer.feed(data)
+            except BadFrame as exc:
+                self._bad_frame(exc, out)
+                if self.timed:
+                    return  # the framer kept the later bytes for poll()
+                data = b""  # a stream framer may hold complete frames after the bad one
+                continue
             except FramingError as exc:
-                rest = self._fail(exc, data, now, out, start)
-                if rest is None:
+                rest = self._fatal(exc, chunk, chunk_start, now, out)
+                if not rest:
                     return
+                chunk, chunk_start = rest, self._fed
+                self._fed += len(rest)
                 data = rest
                 continue
             self._emit(frames, out)
             return
 
-    def _fail(self, exc: FramingError, data: bytes, now: float, out: list, start: int = 0):
-        """Report `exc`; returns bytes still to feed (b"" = re-parse the buffer), or None."""
+    def _bad_frame(self, exc: BadFrame, out: list) -> None:
+        """Recoverable: the framer dropped one frame and resynchronised by itself."""
+        self._emit(exc.frames, out)
+        self.faults += 1
+        out.append(_fault(exc, bytes(exc.frame[:FAULT_SAMPLE_BYTES]), False))
+
+    def _fatal(self, exc: FramingError, chunk: bytes, chunk_start: int, now: float, out: list) -> bytes:
+        """Report `exc`, reset the framer, start resynchronising on what follows the bad
+        frame's start in `chunk`; returns the bytes after the restart point (b"" if none)."""
         self._emit(getattr(exc, "frames", None), out)
         self.faults += 1
-        if isinstance(exc, BadFrame):
-            out.append(_fault(exc, bytes(exc.frame[:FAULT_SAMPLE_BYTES]), False))
-            # The framer resynchronised by itself; a stream framer may hold complete frames
-            # after the bad one: feed(b"") parses them. A timed one keeps them for poll().
-            return None if self.timed else b""
         offset = getattr(exc, "offset", None)
-        cut = max(0, offset - start) if isinstance(offset, int) else 0
-        cut = min(cut, len(data))
-        out.append(_fault(exc, bytes(data[cut : cut + FAULT_SAMPLE_BYTES]), True))
+        cut = max(0, offset - chunk_start) if isinstance(offset, int) else 0
+        cut = min(cut, len(chunk))
+        out.append(_fault(exc, bytes(chunk[cut : cut + FAULT_SAMPLE_BYTES]), True))
         self.framer.reset()
         self._fed = 0
         self._resyncing = True
         self._tail = b""
         self._last = now
-        rest = data[cut:]
-        if self._kind == _KEEP_FROM and isinstance(offset, int) and offset >= start:
+        rest = chunk[cut:]
+        if self._kind == _KEEP_FROM and isinstance(offset, int) and offset >= chunk_start and rest:
             rest = rest[1:]  # the marker that started the bad frame: look for the next one
             self.discarded += 1
-        rest = self._skip(rest, now)
-        return rest if rest else None
+        return self._skip(rest, now)
 
     def _skip(self, data: bytes, now: float) -> bytes:
         """Discard resync input; returns what follows the restart point ("" while resyncing)."""
