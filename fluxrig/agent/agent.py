@@ -191,6 +191,13 @@ class RackAgent:
     # -- main loop -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            # Also when cancelled without stop(): never leave a nats-py client running behind.
+            await self._close_nc()
+
+    async def _loop(self) -> None:
         backoff = self.config.reconnect_wait
         while not self._stopping:
             try:
