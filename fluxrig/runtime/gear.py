@@ -221,6 +221,8 @@ class Gear:
         if out is None or len(out.targets) != 1 or _depth > 32:
             return None
         nxt = out.targets[0].gear
+        if nxt is None:  # the guaranteed lane: another Rack's gear, always "available" here
+            return None
         terminus = nxt.MANIFEST.terminus
         if terminus == "io":
             return nxt.name

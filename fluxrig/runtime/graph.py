@@ -7,8 +7,9 @@ propagates: the graph never runs half-built.
 
 Wires: a 1:1 joint becomes a `DirectTarget` (fused call chain) when `rack.fuse_sync_chains`
 is on, any other joint a bounded `Lane` (see lane.py). Gears on other Racks (`deploy`) are
-skipped; wires that need the guaranteed lane are refused with a clear error until the
-Rack is joined to the Snake.
+skipped; wires to or from them, and wires marked `lane: guaranteed`, go through the bus
+(see bus.py), which only a Rack joined to a Mixer has: standalone, they are refused with a
+clear error.
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ class _Defaults:
 class Runtime:
     """One running graph. `await build()`, `await start()`, later `await shutdown()`."""
 
-    def __init__(self, scenario: Scenario, rack_name: str = "", rack_config=None, control: ControlBus | None = None):
+    def __init__(self, scenario: Scenario, rack_name: str = "", rack_config=None, control: ControlBus | None = None,
+                 bus=None):
         self.scenario = scenario
         self.rack_name = rack_name
         self.rack_config = rack_config or _Defaults()
         self.control = control or ControlBus()
+        # The guaranteed lane (fluxrig.runtime.bus); None for a standalone Rack.
+        self.bus = bus
         self.gears: dict[str, Gear] = {}
         self.lanes: list = []
         self.state = "new"
@@ -84,18 +88,13 @@ class Runtime:
         object, so messages queued in it survive a reload.
         """
         rc = self.rack_config
-        local = [w for w in scenario.wires if w.src.gear in gears and w.dst.gear in gears]
-        for w in scenario.wires:
-            touches_us = w.src.gear in gears or w.dst.gear in gears
-            if touches_us and (w not in local or w.lane == "guaranteed"):
-                raise FluxError(
-                    f"wire {w.src} -> {w.dst} needs the guaranteed lane (another Rack, or lane: guaranteed), "
-                    "which is not built yet: run these gears on one Rack with hot wires"
-                )
+        local = [w for w in scenario.wires
+                 if w.src.gear in gears and w.dst.gear in gears and w.lane != "guaranteed"]
+        targets: dict[tuple[str, str], list] = {}
+        lanes: dict[tuple, object] = {}
+        self._plan_guaranteed(scenario, gears, local, targets, lanes, reuse or {})
         fan_out = Counter((w.src.gear, w.src.port) for w in local)
         fan_in = Counter((w.dst.gear, w.dst.port) for w in local)
-        targets: dict[tuple[str, str], list] = {}
-        lanes: dict[tuple[str, str], Lane] = {}
         for w in local:
             dst_gear = gears[w.dst.gear]
             key = (w.dst.gear, w.dst.port)
@@ -112,6 +111,39 @@ class Runtime:
                     lanes[key] = target
             targets.setdefault((w.src.gear, w.src.port), []).append(target)
         return targets, lanes
+
+    def _rack_of(self, scenario: Scenario, ep) -> str:
+        if ep.rack:
+            return ep.rack
+        spec = scenario.gear(ep.gear)
+        return (spec.deploy if spec and spec.deploy else None) or self.rack_name or "local"
+
+    def _plan_guaranteed(self, scenario, gears, local, targets, lanes, reuse) -> None:
+        """Wires to or from another Rack, or marked `lane: guaranteed`, go through the bus:
+        an outbound target per source subject, an inbound source per (subject, input port)."""
+        for w in scenario.wires:
+            if w in local or (w.src.gear not in gears and w.dst.gear not in gears):
+                continue
+            if self.bus is None:
+                raise FluxError(
+                    f"wire {w.src} -> {w.dst} needs the guaranteed lane (another Rack, or lane: guaranteed): "
+                    "join this Rack to a Mixer (snake.url) to run it"
+                )
+            subject = f"flux.msg.{self._rack_of(scenario, w.src)}.{w.src.gear}.{w.src.port}"
+            if w.src.gear in gears:
+                key = ("bus-out", subject)
+                target = lanes.get(key) or reuse.get(key) or self.bus.outbound(subject)
+                lanes[key] = target
+                bucket = targets.setdefault((w.src.gear, w.src.port), [])
+                if target not in bucket:
+                    bucket.append(target)
+            if w.dst.gear in gears:
+                consumer = f"{self._rack_of(scenario, w.dst)}.{w.dst.gear}.{w.dst.port}.{w.src.gear}.{w.src.port}"
+                key = ("bus-in", consumer)
+                old = reuse.get(key)
+                dst_gear = gears[w.dst.gear]
+                lanes[key] = old if old is not None and old.gear is dst_gear else \
+                    self.bus.inbound(subject, consumer, dst_gear, w.dst.port)
 
     @staticmethod
     def apply_wiring(gears: dict[str, Gear], targets: dict) -> None:

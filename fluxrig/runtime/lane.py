@@ -55,6 +55,13 @@ class DirectTarget:
         self.gear = gear
         self.port = port
 
+    @property
+    def key(self) -> tuple:
+        return (self.gear.name, self.port)
+
+    def start(self) -> None:
+        return None
+
     async def put(self, msg: FluxMsg) -> None:
         await deliver(self.gear, self.port, msg)
 
@@ -80,6 +87,10 @@ class Lane:
         self.send_timeout = send_timeout
         self.task: asyncio.Task | None = None
         self.max_depth = 0
+
+    @property
+    def key(self) -> tuple:
+        return (self.gear.name, self.port)
 
     def start(self) -> None:
         if self.task is None:

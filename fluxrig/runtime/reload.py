@@ -102,7 +102,7 @@ async def shadow_swap(rt: Runtime, new: Scenario) -> ReloadReport:
         for name in rebuilt + added:
             fresh[name] = rt.make_gear(specs[name])
         gears = {name: (rt.gears[name] if name in kept else fresh[name]) for name in specs}
-        old_lanes = {(lane.gear.name, lane.port): lane for lane in rt.lanes}
+        old_lanes = {lane.key: lane for lane in rt.lanes}
         targets, lanes = rt.plan_wiring(new, gears, reuse=old_lanes)
     except Exception as exc:
         raise fail(f"cannot build the new graph: {exc}") from exc

@@ -1,0 +1,100 @@
+"""The guaranteed lane's contract with the runtime, and an in-memory implementation.
+
+A wire to or from a gear on another Rack, or marked `lane: guaranteed`, crosses the bus on
+subject `flux.msg.<source rack>.<gear>.<port>`. The runtime asks its bus for
+
+* `outbound(subject)`: a target with `async put(msg)` (returns once the message is safe:
+  for the Snake, written to the Rack's lane WAL; it is then published with the dedup id
+  `<flux id>-<hops>-<subject>` and forgotten only after the JetStream ack);
+* `inbound(subject, consumer, gear, port)`: a source delivering what arrives on `subject` to
+  `gear` on `port`, through a durable consumer named `consumer`, acknowledging each message
+  after the gear has processed it.
+
+Both also have `key`, `gear` (None for outbound), `start()`, `depth()`, `join()` and
+`close()`, like hot-lane queues, so the runtime starts, drains and reuses them the same way
+across reloads. `MemoryBus` keeps the whole contract inside one process (several Runtimes
+standing for several Racks); messages are CBOR round-tripped as on the wire.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ..msg import FluxMsg
+from .gear import Gear
+from .lane import Lane
+
+__all__ = ["MemoryBus", "dedup_id"]
+
+
+def dedup_id(msg: FluxMsg, subject: str) -> str:
+    """The JetStream Nats-Msg-Id of a message on a subject (the Go original's form)."""
+    return f"{msg.id.hex()}-{len(msg.path)}-{subject}"
+
+
+class _MemoryOutbound:
+    gear = None
+
+    def __init__(self, bus: "MemoryBus", subject: str):
+        self.bus = bus
+        self.subject = subject
+        self.key = ("bus-out", subject)
+        self.published = 0
+
+    async def put(self, msg: FluxMsg) -> None:
+        wire = msg.to_cbor()
+        self.published += 1
+        for source in list(self.bus.sources[self.subject]):
+            await source.lane.put(FluxMsg.from_cbor(wire))
+
+    def start(self) -> None:
+        return None
+
+    def depth(self) -> int:
+        return 0
+
+    async def join(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _MemoryInbound:
+    def __init__(self, bus: "MemoryBus", subject: str, consumer: str, gear: Gear, port: str):
+        self.bus = bus
+        self.subject = subject
+        self.consumer = consumer
+        self.gear = gear
+        self.port = port
+        self.key = ("bus-in", consumer)
+        self.lane = Lane(gear, port, 1024, 5.0)
+
+    def start(self) -> None:
+        self.lane.start()
+        if self not in self.bus.sources[self.subject]:
+            self.bus.sources[self.subject].append(self)
+
+    def depth(self) -> int:
+        return self.lane.depth()
+
+    async def join(self) -> None:
+        await self.lane.join()
+
+    def close(self) -> None:
+        if self in self.bus.sources[self.subject]:
+            self.bus.sources[self.subject].remove(self)
+        self.lane.close()
+
+
+class MemoryBus:
+    """Subjects to in-process consumers; what is published with no consumer is dropped."""
+
+    def __init__(self):
+        self.sources: dict[str, list[_MemoryInbound]] = defaultdict(list)
+
+    def outbound(self, subject: str) -> _MemoryOutbound:
+        return _MemoryOutbound(self, subject)
+
+    def inbound(self, subject: str, consumer: str, gear: Gear, port: str) -> _MemoryInbound:
+        return _MemoryInbound(self, subject, consumer, gear, port)
