@@ -42,8 +42,11 @@ cleanup() {
 trap cleanup EXIT
 
 # The source as the build sees it: tracked and untracked-but-not-ignored files of the work tree
-# (what `make binary` would build), packed deterministically so its hash says "unchanged".
-(cd "$REPO_DIR" && git ls-files -z -co --exclude-standard \
+# (what `make binary` would build), limited to what goes into the Rack binary (so a change to the
+# tests or the Mixer does not cost an emulated rebuild), packed deterministically so its hash
+# says "unchanged".
+BUILD_INPUTS=(setup.py pyproject.toml README.md fluxrig packaging firmware-tests/target-build.sh)
+(cd "$REPO_DIR" && git ls-files -z -co --exclude-standard -- "${BUILD_INPUTS[@]}" \
   | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
   | tar --null -T - --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$src_tar")
 src_hash="$(sha256sum "$src_tar" | cut -d' ' -f1)"

@@ -7,23 +7,32 @@
 # Choices per architecture (PyPI wheels as of 2026-11, see ../shared/reference/anchors.md §6):
 #   arm64  every dependency has a manylinux aarch64 wheel, PyInstaller included (prebuilt
 #          bootloader); uvloop (optional extra) too. A plain venv, nothing from Debian.
-#   armhf  no armv7 wheel for PyNaCl or PyInstaller and none for uvloop: the venv sees Debian's
-#          python3-nacl (+ python3-cffi-backend) through --system-site-packages; pip builds
-#          PyInstaller from its sdist, which compiles the bootloader with the target's gcc and
-#          zlib; cbor2 and PyYAML compile from their sdists; uvloop is left out (optional; libuv
-#          under emulation costs tens of minutes) and the Rack runs on the asyncio loop.
+#   armhf  no armv7 wheel for PyNaCl, cbor2, PyInstaller or uvloop. The venv sees Debian's
+#          python3-nacl (+ python3-cffi-backend) and python3-cbor2 (5.4, with its C extension)
+#          through --system-site-packages: cbor2 6.x builds with Rust, which a gateway build
+#          root should not need. pip builds PyInstaller from its sdist, compiling the bootloader
+#          with the target's gcc and zlib; PyYAML builds from its sdist (pure, no libyaml);
+#          uvloop is left out (optional; libuv under emulation costs tens of minutes) and the
+#          Rack runs on the stock asyncio loop.
 # The venv is cached inside the rootfs; a stamp holds the requirement set it was made from.
 set -euo pipefail
 arch="${1:?usage: target-build.sh arm64|armhf}"
 VENV=/opt/fluxrig-venv
-COMMON=("setuptools>=68" "wheel" "Cython>=3.0" "pyinstaller>=6.0" "nats-py>=2.6" "cbor2>=5.4"
-        "pyserial>=3.5" "PyYAML>=6.0")
+COMMON=("setuptools>=68" "wheel" "Cython>=3.0" "pyinstaller>=6.0" "nats-py>=2.6" "pyserial>=3.5"
+        "PyYAML>=6.0")
 case "$arch" in
-  arm64) VENV_ARGS=(); EXTRA=("pynacl>=1.5" "uvloop>=0.19") ;;
-  armhf) VENV_ARGS=(--system-site-packages); EXTRA=() ;;
+  arm64) VENV_ARGS=(); EXTRA=("cbor2>=5.4" "pynacl>=1.5" "uvloop>=0.19"); DEBIAN=() ;;
+  armhf) VENV_ARGS=(--system-site-packages); EXTRA=(); DEBIAN=(python3-cbor2) ;;
   *) echo "unknown architecture $arch" >&2; exit 2 ;;
 esac
-want="$arch ${VENV_ARGS[*]:-} ${COMMON[*]} ${EXTRA[*]:-}"
+want="$arch ${VENV_ARGS[*]:-} ${COMMON[*]} ${EXTRA[*]:-} debian:${DEBIAN[*]:-}"
+
+if [ "${#DEBIAN[@]}" -gt 0 ] && ! dpkg-query -W -f='${Status}' "${DEBIAN[@]}" 2>/dev/null | grep -q "install ok installed"; then
+  echo "[target $arch] apt-get install ${DEBIAN[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${DEBIAN[@]}" >&2
+fi
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.fluxrig-reqs" 2>/dev/null)" != "$want" ]; then
   echo "[target $arch] creating $VENV (pip installs; slow under emulation, cached afterwards)" >&2
@@ -31,10 +40,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.fluxrig-reqs" 2>/dev/null)" !
   python3 -m venv "${VENV_ARGS[@]}" "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
   # --no-binary is not needed: where no wheel exists pip builds the sdist with the local gcc.
-  "$VENV/bin/pip" install -q --disable-pip-version-check "${COMMON[@]}" "${EXTRA[@]}"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
   if [ "$arch" = armhf ]; then
-    # Debian's PyNaCl must be what the frozen binary bundles.
-    "$VENV/bin/python" -c 'import nacl, nacl.bindings, sys; assert nacl.__file__.startswith("/usr/lib/python3/"), nacl.__file__'
+    # Debian's PyNaCl and cbor2 must be what the frozen binary bundles.
+    "$VENV/bin/python" -c 'import nacl.bindings, cbor2; assert all(m.__file__.startswith("/usr/lib/python3/") for m in (nacl.bindings, cbor2)), (nacl.bindings.__file__, cbor2.__file__)'
   fi
   echo "$want" > "$VENV/.fluxrig-reqs"
 fi
