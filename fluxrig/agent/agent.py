@@ -22,8 +22,9 @@ Lifecycle.
    changed name or bus user restarts the session, status `removed` wipes the passport and
    re-enrolls, a new scenario version is applied and reported on the next heartbeat (sent
    at once).
-3. Credentials refused `AUTH_FAILURES_BEFORE_REENROLL` times in a row while the server is
-   reachable: the Mixer no longer knows this Rack, so wipe and enroll again.
+3. Credentials refused `AUTH_FAILURES_BEFORE_REENROLL` times over at least
+   `AUTH_REVOKED_AFTER_S` while the server is reachable: the Mixer no longer knows this Rack,
+   so wipe and enroll again.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ __all__ = ["AgentConfig", "RackAgent", "AUTH_FAILURES_BEFORE_REENROLL", "close_q
 log = logging.getLogger("fluxrig.agent")
 
 AUTH_FAILURES_BEFORE_REENROLL = 5
+# ...spread over at least this long: a just-enrolled Rack may dial before the Snake's reload.
+AUTH_REVOKED_AFTER_S = 5.0
 SESSION_RECONNECT_ATTEMPTS = 5
 CLOSE_TIMEOUT_S = 2.0
 # Level names the Mixer sends -> logging levels ("trace" is below DEBUG, as in fluxrig.logs).
@@ -131,6 +134,7 @@ class RackAgent:
         self._beat_now = asyncio.Event()
         self._session_end = asyncio.Event()
         self._auth_failures = 0
+        self._auth_failing_since = 0.0
         self._apply_lock = asyncio.Lock()
         self.connected = asyncio.Event()
 
@@ -240,6 +244,8 @@ class RackAgent:
             errors.append(exc)
             text = str(exc).lower()
             if "authorization" in text or "authentication" in text:
+                if not self._auth_failures:
+                    self._auth_failing_since = time.monotonic()
                 self._auth_failures += 1
             log.debug("snake: %s", exc)
 
@@ -321,7 +327,7 @@ class RackAgent:
         try:
             nc = await self._connect(passport.bus_user, passport.bus_password, S.inbox_prefix(passport.rack_name), True)
         except FluxError:
-            if self._auth_failures >= AUTH_FAILURES_BEFORE_REENROLL:
+            if self._credentials_revoked():
                 log.error("the Snake refused this rack's credentials %d times: enrolling again", self._auth_failures)
                 self._forget()
                 return
@@ -356,7 +362,7 @@ class RackAgent:
                     log.debug("heartbeat failed: %s", exc)
             if self.nc is not None and self.nc.is_closed:
                 raise FluxError("bus connection closed")
-            if self._auth_failures >= AUTH_FAILURES_BEFORE_REENROLL:
+            if self._credentials_revoked():
                 log.error("credentials refused after reconnecting: enrolling again")
                 self._forget()
                 return
@@ -442,6 +448,12 @@ class RackAgent:
                 await _maybe_await(self._on_status(passport.status))
             except Exception as exc:
                 log.error("on_status callback failed: %s", exc)
+
+    def _credentials_revoked(self) -> bool:
+        """Refused often enough and for long enough: not a Snake still reloading its users, but
+        a Mixer that no longer knows this Rack."""
+        return (self._auth_failures >= AUTH_FAILURES_BEFORE_REENROLL
+                and time.monotonic() - self._auth_failing_since >= AUTH_REVOKED_AFTER_S)
 
     def _forget(self) -> None:
         log.warning("rack %s removed or unknown to the Mixer: passport wiped, enrolling again",

@@ -193,6 +193,7 @@ class Mixer:
             heartbeat_interval=cfg.enrollment.heartbeat_interval,
             passport_ttl=cfg.enrollment.passport_ttl,
             reload_users=self.snake.reload,
+            wait_user=lambda user, password: self.snake.wait_user(user, password, tls=self._client_tls()),
         )
         try:
             await self.snake.start(self.controller.bus_users())

@@ -61,6 +61,7 @@ class Controller:
         heartbeat_interval: float = 30.0,
         passport_ttl: float = 30 * 86400.0,
         reload_users=None,
+        wait_user=None,
     ):
         self.registry = registry
         self.scenarios = scenarios
@@ -71,6 +72,7 @@ class Controller:
         self.heartbeat_interval = heartbeat_interval
         self.passport_ttl = passport_ttl
         self._reload_users = reload_users  # async callable(list[BusUser])
+        self._wait_user = wait_user  # async callable(user, password) -> bool: reload took effect
         self.nc = None
         self._subs = []
         self._hello_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
@@ -202,6 +204,8 @@ class Controller:
             while len(self._hello_cache) > HELLO_CACHE_SIZE:
                 self._hello_cache.popitem(last=False)
             await self.users_changed()
+            if self._wait_user is not None and not await self._wait_user(rack.bus_user, rack.bus_password):
+                log.warning("the Snake has not accepted rack %s's new bus user yet; it will retry", rack.name)
         self.counters["hello_ok"] += 1
         passport = self.issue(rack)
         return P.encode_hello_reply(

@@ -190,6 +190,10 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+async def _ignore_error(exc) -> None:
+    pass
+
+
 def _pdeathsig_preexec():  # pragma: no cover - runs in the child
     # Linux: the child gets SIGTERM if the Mixer dies without stopping it, so a crashed Mixer
     # never leaves an orphan nats-server holding the port.
@@ -371,6 +375,23 @@ class SnakeSupervisor:
         if self._proc and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGHUP)
             self.reloads += 1
+
+    async def wait_user(self, user: str, password: str, timeout: float = 3.0, tls=None) -> bool:
+        """Dial as `user` until the server accepts it (a reload has taken effect); False on
+        timeout. Used before telling a Rack its new credentials."""
+        import nats
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                nc = await nats.connect(self.url, user=user, password=password, tls=tls, allow_reconnect=False,
+                                        connect_timeout=1, max_reconnect_attempts=0, error_cb=_ignore_error)
+            except Exception:
+                await asyncio.sleep(0.02)
+                continue
+            await nc.close()
+            return True
+        return False
 
     async def stop(self) -> None:
         self._stopping = True
