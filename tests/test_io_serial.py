@@ -243,12 +243,16 @@ async def test_link_repointed_at_another_device_is_noticed(link, device):
             other.close()
 
 
-async def test_device_absent_at_start_then_plugged_in(link):
-    async with running(serial_scenario(link, reconnect_wait="50ms", reconnect_max="100ms"), env={}) as rt:
+async def test_device_absent_at_start_then_plugged_in_with_backoff(link):
+    async with running(serial_scenario(link, reconnect_wait="50ms", reconnect_max="400ms"), env={}) as rt:
         ser, catch = rt.gears["ser"], rt.gears["catch"]
         seen = events_of(rt)
         await wait_until(lambda: seen, what="the first conn.down")
         assert seen[0]["cmd"] == "conn.down" and "cannot open" in seen[0]["args"]["reason"]
+        await asyncio.sleep(0.8)
+        # attempts at about 0, 0.05, 0.15, 0.35, 0.75 s: doubling waits, not one every 50 ms
+        assert 3 <= ser.metrics()["open_failures"] <= 6, ser.metrics()["open_failures"]
+        assert [e["cmd"] for e in seen] == ["conn.down"]  # said once, not per attempt
         dev = PtyDevice(link)
         try:
             await wait_up(ser, 3)
@@ -304,10 +308,14 @@ async def test_write_timeout_when_the_device_does_not_drain(link, device):
         assert err.meta["error.reason"] == "write_timeout" and "write_timeout" in err.meta["error.detail"]
         assert ser.metrics()["write_timeouts"] >= 1
         assert ser.link is not None  # a slow device is not a gone device
-        device.buf.clear()
-        await device.read_for(0.05)  # drain what is there, then the line works again
+        await device.read_for(0.05)  # the device reads again: the line works again
         await feed.push(b"after")
-        await wait_until(lambda: b"after" in (device._read_now() or bytes(device.buf)))
+        got = b""
+        for _ in range(100):
+            got += await device.read_for(0.02)
+            if got.endswith(b"after"):
+                break
+        assert got.endswith(b"after")
 
 
 async def test_inter_frame_delay_spaces_frames_on_the_wire(link, device):

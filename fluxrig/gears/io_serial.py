@@ -65,6 +65,7 @@ __all__ = ["IoSerialGear", "INBOX_HIGH", "INBOX_LOW", "MAX_BAUDRATE"]
 INBOX_HIGH = 2048  # frames read and not yet emitted before reading pauses
 INBOX_LOW = 256  # ... and when it resumes
 MAX_BAUDRATE = 12_000_000  # FTDI high-speed parts; anything above is a typo
+STOP_WAIT = 1.0  # seconds stop() gives the link to close before cancelling it
 PARITIES = {"N": "none", "E": "even", "O": "odd", "M": "mark", "S": "space"}
 #: Framings whose bytes may be 0x11 / 0x13, which XON/XOFF flow control swallows.
 BINARY_FRAMINGS = ("modbus_rtu", "slip", "length_prefix", "length_prefix2", "length_prefix4", "len2_be",
@@ -230,7 +231,8 @@ class IoSerialGear(Gear):
         self._gone: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
         self._write_lock: asyncio.Lock | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._pump_task: asyncio.Task | None = None
+        self._supervisor: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._unsub = None
         self._draining = False
@@ -259,8 +261,8 @@ class IoSerialGear(Gear):
         self._write_lock = asyncio.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix=f"serial:{self.name}")
         self._unsub = self.ctx.control.subscribe(self.name, self._on_control, replay_last=False)
-        self._tasks = [loop.create_task(self._pump(), name=f"serial-pump:{self.name}"),
-                       loop.create_task(self._supervise(), name=f"serial:{self.name}")]
+        self._pump_task = loop.create_task(self._pump(), name=f"serial-pump:{self.name}")
+        self._supervisor = loop.create_task(self._supervise(), name=f"serial:{self.name}")
 
     async def drain(self, deadline: float) -> None:
         """Stop reading; emit what was read; write or report what waits for the device."""
@@ -286,16 +288,16 @@ class IoSerialGear(Gear):
             self._unsub()
             self._unsub = None
         self._cancel_timer()
-        supervisor = self._tasks[1] if len(self._tasks) > 1 else None
+        supervisor = self._supervisor
         if supervisor is not None and not supervisor.done():
             if self._gone is not None:
                 self._gone.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(supervisor), 1.5)
+            try:  # let it close the link and say conn.down; the runtime allows 2 s per stop
+                await asyncio.wait_for(asyncio.shield(supervisor), STOP_WAIT)
             except (asyncio.TimeoutError, Exception):
                 supervisor.cancel()
-        for t in self._tasks:
-            t.cancel()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
         link, self.link = self.link, None
         if link is not None:
             await link.close()
