@@ -334,6 +334,18 @@ async def test_inter_frame_delay_spaces_frames_on_the_wire(link, device):
         assert len(gaps) == 3 and min(gaps) >= 0.05, gaps
 
 
+async def test_modbus_frames_written_keep_the_framing_silence_between_them(link, device):
+    async with running(serial_scenario(link, framing="modbus_rtu", baudrate=115200, idle_gap_ms=40), env={}) as rt:
+        ser, feed = rt.gears["ser"], rt.gears["feed"]
+        await wait_up(ser)
+        reader = asyncio.ensure_future(device.read_timed(16, timeout=5))
+        await feed.push(bytes.fromhex("01030000000A"))
+        await feed.push(bytes.fromhex("01030000000A"))
+        chunks = await reader
+        assert b"".join(c for _, c in chunks) == bytes.fromhex("01030000000AC5CD") * 2
+        assert len(chunks) == 2 and chunks[1][0] - chunks[0][0] >= 0.035
+
+
 async def test_kill_switch_closes_and_reopens_with_a_new_conn_id(link, device):
     async with running(serial_scenario(link, reconnect_wait="50ms"), env={}) as rt:
         ser = rt.gears["ser"]

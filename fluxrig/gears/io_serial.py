@@ -22,7 +22,7 @@ publishes `conn.down` too. The kill switch `conn.close` (subject `<gear>`) close
 is reopened after `reconnect_wait` with a new conn.id. Writes while down: `on_down: error` sends
 them to `error` (reason device_down); `on_down: queue` keeps up to `max_queued` (oldest dropped,
 counted, and sent to `error` as queue_overflow) and writes them in order on the next open.
-Egress: `write_timeout` per frame (a device that does not drain: error, output discarded);
+Egress: `write_timeout` (a device that takes no byte for that long: error, output discarded);
 a silence of `inter_frame_delay` (and, for idle_gap / modbus_rtu, the framing gap) between
 frames, measured from when the previous frame has left the wire at the line's speed.
 
@@ -120,7 +120,9 @@ SCHEMA = {
                                    "device_down) or queue (up to max_queued, written on reconnect)"},
         "max_queued": {"type": "integer", "minimum": 1, "default": 1000,
                        "description": "on_down=queue: frames held; the oldest is dropped, counted and sent to error"},
-        "write_timeout": {**DUR, "default": "5s", "description": "longest wait for the device to take one frame"},
+        "write_timeout": {**DUR, "default": "5s",
+                          "description": "longest the device may take no byte of a frame (held off by CTS/XOFF, "
+                                         "stuck); then error write_timeout and its output is discarded"},
         "inter_frame_delay": {**DUR, "default": "0s", "description": "silence between frames written (slow devices)"},
         "reconnect_wait": {**DUR, "default": "1s", "description": "first delay before reopening (doubles per failure)"},
         "reconnect_max": {**DUR, "default": "30s", "description": "longest delay between reopen attempts"},
@@ -530,11 +532,14 @@ class IoSerialGear(Gear):
             delay = self._next_write_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+        started = time.monotonic()
         await link.write(data, self.write_timeout)
         self.stats["frames_out"] += 1
         if self._gap_out:
-            # The frame leaves the wire len * char_time after the write; the silence starts then.
-            self._next_write_at = time.monotonic() + len(data) * self.settings.char_time + self._gap_out
+            # The line was idle when the write began, so the frame has left the wire
+            # len * char_time later (the kernel buffers it); the silence starts then.
+            wire_done = max(started + len(data) * self.settings.char_time, time.monotonic())
+            self._next_write_at = wire_done + self._gap_out
 
     async def _while_down(self, msg: FluxMsg, data: bytes) -> None:
         if self.on_down == "error" or self._stopping:

@@ -20,9 +20,10 @@ an unplugged USB adapter), a hang-up (a read of nothing after readiness), or the
 vanishing / pointing at another device (`present()`, polled by the gear: udev removes the node
 of an unplugged adapter; a /dev/serial/by-id symlink may be repointed).
 
-Raises: `LinkLost` (write on a lost link), `WriteTimeout` (the device did not take a frame
-within write_timeout; what the kernel still held for it is discarded, so the next frame does
-not queue behind a dead one). `open_port` raises what pyserial raises: SerialException /
+Raises: `LinkLost` (write on a lost link), `WriteTimeout` (fd mode: the device took no byte
+for write_timeout, e.g. held off by CTS or XOFF; thread mode: pyserial's write_timeout for the
+whole write). What the kernel still held for it is discarded, so the next frame does not queue
+behind a dead one. `open_port` raises what pyserial raises: SerialException /
 OSError (absent, busy, exclusively locked: worth retrying), ValueError / NotImplementedError
 (settings the device or platform refuses, e.g. RS-485 on a port without TIOCSRS485).
 """
@@ -72,13 +73,14 @@ class LinkLost(FluxError):
 
 
 class WriteTimeout(FluxError):
-    """The device did not take a frame within `timeout` seconds; `written` of `size` bytes went."""
+    """The device stopped taking bytes for `timeout` seconds; `written` of `size` bytes went."""
 
     def __init__(self, timeout: float, written: int, size: int):
         self.timeout = timeout
         self.written = written
         self.size = size
-        super().__init__(f"device took {written} of {size} bytes in {timeout:g}s (write_timeout); rest discarded")
+        super().__init__(f"device took {written} of {size} bytes, then nothing for {timeout:g}s (write_timeout); "
+                         "rest discarded")
 
 
 def is_url(port: str) -> bool:
@@ -297,7 +299,9 @@ class SerialLink:
             view = view[n:]
             if not view:
                 return
-            if deadline is None:
+            if n or deadline is None:
+                # The timeout is for a device that takes nothing, not for a long frame on a slow
+                # line (64 KiB at 9600 baud need 68 s): every byte taken restarts it.
                 deadline = self.loop.time() + timeout
             if not await self._writable(deadline):
                 self._discard_output()
