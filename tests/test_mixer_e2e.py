@@ -3,6 +3,7 @@ activate -> telemetry queryable through the API; wrong token denied; API without
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -96,3 +97,48 @@ async def test_api_requires_token(mixer):
         assert r.status_code == 401
         r = await client.get("/openapi.json", headers={"Authorization": f"Bearer {mixer.api_token}"})
         assert r.status_code == 200 and "/api/v1/racks/{rack}/approve" in r.json()["paths"]
+
+
+async def test_retention_and_traces(mixer, api, agent_factory):
+    agent = await agent_factory("ret-1")
+    await wait_for(lambda: agent.passport is not None, what="enrolled")
+    assert (await api.post("/api/v1/racks/ret-1/approve", json={})).status_code == 200
+    await wait_for(lambda: agent.status == "active" and agent.connected.is_set(), what="active")
+    now = time.time_ns()
+    old = now - 30 * 86400 * 10**9
+    await agent.publish_telemetry("logs", encode_batch("logs", "ret-1", [
+        {"id": 1, "ts": old, "body": "ancient"}, {"id": 2, "ts": now, "body": "fresh"}]))
+    await agent.publish_telemetry("traces", encode_batch("traces", "ret-1", [
+        {"id": 1, "trace_id": "t1", "span_id": "s1", "name": "authorize", "start": now, "end": now + 2_500_000,
+         "status": "ok"}]))
+    await wait_for(lambda: mixer.ingest.stats["rows"].get("logs") == 2 and mixer.ingest.stats["rows"].get("traces") == 1,
+                   what="ingested")
+    spans = (await api.get("/api/v1/telemetry/traces", params={"trace_id": "t1"})).json()
+    assert spans[0]["name"] == "authorize" and abs(spans[0]["duration_ms"] - 2.5) < 1e-6
+    assert len((await api.get("/api/v1/telemetry/logs", params={"since": "60d"})).json()) == 2
+    deleted = mixer.ingest.apply_retention()  # default retention 7 days
+    assert deleted == 1
+    rows = (await api.get("/api/v1/telemetry/logs", params={"since": "60d"})).json()
+    assert [r["body"] for r in rows] == ["fresh"]
+    bad = await api.get("/api/v1/telemetry/logs", params={"since": "last tuesday"})
+    assert bad.status_code == 400 and "since" in bad.json()["error"]
+
+
+async def test_api_error_codes_and_auth_disabled(tmp_path):
+    from mixer_fixtures import make_mixer
+
+    m = await make_mixer(tmp_path / "open", **{"api.auth_disabled_dangerously": True})
+    try:
+        async with httpx.AsyncClient(base_url=m.api_url) as client:
+            assert (await client.get("/api/v1/racks")).status_code == 200  # open, as configured
+            assert (await client.post("/api/v1/racks/ghost/approve", json={})).status_code == 404
+            assert (await client.get("/api/v1/scenarios/active")).status_code == 404
+            r = await client.post("/api/v1/scenarios/import", params={"format": "toml"},
+                                  content='[meta]\nname = "t"\nversion = "1"\n')
+            assert r.status_code == 200 and r.json()["status"] == "imported"
+            raw = await client.get("/api/v1/scenarios/t", params={"raw": "true"})
+            assert raw.headers["content-type"].startswith("application/toml") and 'name = "t"' in raw.text
+            assert (await client.get("/api/v1/scenarios/nope")).status_code == 404
+    finally:
+        await m.stop()
+    assert not os.path.exists(tmp_path / "open" / "api-token")
