@@ -3,7 +3,8 @@ once, deduplicated at the Mixer, never losing what the WAL acknowledged.
 
 Record convention. The runtime appends telemetry to its AsyncWal as CBOR maps
 `{"kind": "logs"|"metrics"|"traces", <the kind's columns>}` (columns in
-fluxrig.agent.telemetry.COLUMNS; `ts`/`start`/`end` in unix ns; `attrs` a dict or JSON text).
+fluxrig.agent.telemetry.COLUMNS; `ts`/`start`/`end` in unix ns; `attrs` a dict or JSON text;
+a span's own kind, since `kind` is taken, goes in `span_kind`).
 The WAL seq is the record's dedup id and the WAL id its source incarnation.
 
 Loop. Read up to `batch_records` committed records after the last shipped seq, group them by
@@ -137,6 +138,8 @@ class TelemetryShipper:
                 self.undecodable += 1
                 continue
             row = {c: body.get(c) for c in COLUMNS[kind]}
+            if kind == "traces":  # "kind" names the record type here; the span's kind is span_kind
+                row["kind"] = body.get("span_kind")
             row["id"] = r.seq
             groups.setdefault(kind, []).append(row)
         src = self.wal.wal_id
