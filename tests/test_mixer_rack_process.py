@@ -1,6 +1,7 @@
 """The real Rack process (`fluxrig run` with snake.url) under a real Mixer: enroll -> approve
--> activate tcp-echo -> traffic through the Rack -> a new version reaches it -> the Mixer
-shows each step; then the Rack restarts with the Mixer gone and still serves (passport)."""
+-> activate tcp-echo -> traffic through the Rack -> its logs and gear metrics queryable
+through the API -> a new version reaches it; then the Rack restarts with the Mixer gone and
+still serves (passport)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ async def test_real_rack_process(mixer, api, tmp_path):
     conf = tmp_path / "fluxrig.toml"
     conf.write_text(
         f'[base]\nname = "edge-proc"\nstate_dir = "{tmp_path / "rack"}"\n'
-        f'[rack]\nheartbeat_interval = "200ms"\ndrain_timeout = "2s"\n'
+        f'[rack]\nheartbeat_interval = "200ms"\ndrain_timeout = "2s"\n[telemetry]\nbatch_interval = "200ms"\n'
         f'[snake]\nurl = "{mixer.snake.url}"\nbootstrap_token = "{mixer.bootstrap_token}"\n'
         f'mixer_public_key = "{mixer.key.public_hex}"\n'
     )
@@ -77,6 +78,17 @@ async def test_real_rack_process(mixer, api, tmp_path):
             return s["version"] == version and s["apply_state"] == "applied"
         await wait_for(applied, timeout=20, what="tcp-echo applied by the Rack")
         assert await _echo(echo_port, b"hello mixer") == b"HELLO MIXER\n"
+
+        # The Rack's own telemetry (WAL -> shipper -> JetStream -> DuckDB) is queryable.
+        async def rack_logs():
+            return (await api.get("/api/v1/telemetry/logs", params={"rack": "edge-proc", "limit": 500})).json()
+        await wait_for(rack_logs, timeout=20, what="Rack logs in DuckDB")
+
+        async def gear_metrics():
+            rows = (await api.get("/api/v1/telemetry/metrics", params={"rack": "edge-proc", "name": "flux.gear.*",
+                                                                        "limit": 1000})).json()
+            return [r for r in rows if r["value"] and r["value"] > 0]
+        await wait_for(gear_metrics, timeout=20, what="gear metrics counting the echoed line")
 
         # A scenario the Rack cannot run is rejected and reported; the old one keeps serving.
         bad = text.replace("version: 1.0.0", "version: 1.0.1").replace("value: \"{{ raw | upper }}\"",
