@@ -143,8 +143,9 @@ class Rack:
 
         self.wal = await AsyncWal.open(os.path.join(self.config.store_dir, "wal"), **options_from_config(self.config))
         rec = self.wal.recovery
-        if rec.get("corrupt_records_skipped") or rec.get("torn_bytes_truncated"):
-            log.warning("telemetry WAL recovered: %s", rec)
+        if rec.corrupt_records_skipped or rec.torn_bytes_truncated or rec.headers_damaged:
+            log.warning("telemetry WAL repaired itself: %d corrupt records skipped, %d torn bytes cut",
+                        rec.corrupt_records_skipped, rec.torn_bytes_truncated)
 
         def snapshot():
             m = dict(self.runtime.metrics()) if self.runtime else {}
@@ -157,12 +158,14 @@ class Rack:
         await self.shipper.start()
 
     async def _stop_telemetry(self) -> None:
-        if self.shipper is not None:
-            await self.shipper.stop()
-        if self.telemetry is not None:
-            await self.telemetry.stop()
-        if self.wal is not None:
-            await self.wal.close()
+        shipper, telemetry, wal = self.shipper, self.telemetry, self.wal
+        self.shipper = self.telemetry = self.wal = None
+        if shipper is not None:
+            await shipper.stop()
+        if telemetry is not None:
+            await telemetry.stop()
+        if wal is not None:
+            await wal.close()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -182,7 +185,7 @@ class Rack:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             current = self.runtime.scenario
             systemd.ready(f"running {current.name or current.source or '-'} {current.version}")
-            log.info("fluxrig ready: scenario %s version %s%s", current.name or current.source, current.version,
+            log.info("fluxrig ready: scenario %s version %s%s", current.name or current.source or "-", current.version,
                      f" (joined to {self.config.snake.url})" if joined else "")
             watchdog = loop.create_task(self._watchdog()) if systemd.watchdog_interval() else None
             while not self._stop.is_set():
@@ -207,6 +210,13 @@ class Rack:
             if watchdog:
                 watchdog.cancel()
             return 0
+        except BaseException:
+            # A failed start must not leave the agent's connection or the WAL's writer thread
+            # behind: they would keep the process alive after the error is reported.
+            await self._stop_telemetry()
+            if self.agent is not None:
+                await self.agent.stop()
+            raise
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
