@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from ..config import DUR, SCHEMA, load_config
+from ..config import DUR, SCHEMA
 from ..durations import format_duration
-from ..errors import FluxError
+from .common import config_or_report
 
 
 def register(sub) -> None:
@@ -49,10 +48,8 @@ def run(args) -> int:
     if args.example:
         print(example())
         return 0
-    try:
-        cfg = load_config(args.config)
-    except FluxError as exc:
-        print(f"fluxrig: configuration error: {exc}", file=sys.stderr)
+    cfg = config_or_report(args.config)
+    if cfg is None:
         return 2
     values = cfg.as_dict()
     if "snake" in values and values["snake"].get("bootstrap_token"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from ..config import load_config
 from ..errors import FluxError
 from ..logs import setup_logging
+from .common import config_or_report
 
 
 def register(sub) -> None:
@@ -37,10 +37,8 @@ def _event_loop_policy() -> None:
 def run(args) -> int:
     from ..rack import Rack
 
-    try:
-        cfg = load_config(args.config)
-    except FluxError as exc:
-        print(f"fluxrig: configuration error: {exc}", file=sys.stderr)
+    cfg = config_or_report(args.config)
+    if cfg is None:
         return 2
     lg = cfg.logging
     setup_logging(lg.level, lg.format, lg.filename, lg.trace, lg.debug)
@@ -69,10 +67,8 @@ def reload_cmd(args) -> int:
     import os
     import signal
 
-    try:
-        cfg = load_config(args.config)
-    except FluxError as exc:
-        print(f"fluxrig: configuration error: {exc}", file=sys.stderr)
+    cfg = config_or_report(args.config)
+    if cfg is None:
         return 2
     lock = os.path.join(cfg.base.state_dir, ".lock")
     try:
