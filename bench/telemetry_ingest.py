@@ -104,12 +104,13 @@ async def run(args) -> dict:
         while (await js.stream_info("flux-telemetry")).state.messages < len(batches):
             await asyncio.sleep(0.05)
         db = Database(os.path.join(tmp, "mixer.duckdb"))
-        ingest = TelemetryIngest(db, batch_max_messages=args.fetch, flush_interval=0.05)
+        ingest = TelemetryIngest(db, batch_max_messages=args.fetch, batch_max_bytes=args.write_bytes, flush_interval=0.2)
         start = time.perf_counter()
         await ingest.start(js)
         while ingest.rows["logs"] + ingest.duplicates["logs"] < args.rows:
             await asyncio.sleep(0.002)
         elapsed = time.perf_counter() - start
+        write_s = ingest.write_seconds
         stored = db.conn.execute("SELECT count(*) FROM telemetry_logs").fetchone()[0]
         # Re-send the first batch: every row must be dropped as a duplicate.
         rack, data = batches[0]
@@ -135,6 +136,8 @@ async def run(args) -> dict:
             "rows_per_message": args.batch,
             "messages": len(batches),
             "fetch_batch_messages": args.fetch,
+            "write_batch_bytes": args.write_bytes,
+            "duckdb_write_share": round(write_s / elapsed, 3),
             "resent_batch_dropped_as_duplicates": resent_dropped and stored_after == stored,
             "columns": list(COLUMNS["logs"]),
         }
@@ -147,7 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=5000, help="rows per bus message")
     p.add_argument("--racks", type=int, default=8)
-    p.add_argument("--fetch", type=int, default=32, help="bus messages per ingest fetch (telemetry.batch_max_messages)")
+    p.add_argument("--fetch", type=int, default=64, help="bus messages per pull (telemetry.batch_max_messages)")
+    p.add_argument("--write-bytes", type=int, default=32 * 1024 * 1024,
+                   help="pulls gathered per DuckDB write (telemetry.batch_max_bytes)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))

@@ -215,6 +215,7 @@ class Mixer:
             self.ingest = TelemetryIngest(
                 self.db,
                 batch_max_messages=t.batch_max_messages,
+                batch_max_bytes=t.batch_max_bytes,
                 flush_interval=t.flush_interval,
                 retention=t.retention,
                 retention_interval=t.retention_interval,

@@ -78,8 +78,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "telemetry": {
         "retention": (DUR, "168h", "telemetry rows older than this are deleted", None),
         "retention_interval": (DUR, "5m", "how often old rows are deleted", None),
-        "batch_max_messages": (INT, 32, "bus messages per ingest fetch (x batch size must stay well under 256 MiB)", None),
-        "flush_interval": (DUR, "200ms", "longest wait for a batch to fill before it is written", None),
+        "batch_max_messages": (INT, 64, "bus messages per pull (x batch size must stay well under 256 MiB)", None),
+        "batch_max_bytes": (INT, 32 * 1024 * 1024, "pulls are gathered into one DuckDB write up to this size", None),
+        "flush_interval": (DUR, "200ms", "longest wait for a write to fill before it is made", None),
     },
 }
 
