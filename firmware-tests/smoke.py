@@ -11,7 +11,7 @@ ELF to qemu-<arch>-static), shares the host's network namespace, and is driven f
   * iso8583-authorizer: an 0800 and an 0200 from pyiso8583 come back 0810/00 and 0210/00;
   * serial echo: a pty pair made on the host; the Rack opens the slave through the rootfs's
     bind-mounted /dev/pts (needs the io_serial gear and scenarios/serial-echo.yaml here).
-Prints one JSON line. start_to_ready_s and idle_rss_mb come from the authorizer run (tcp-echo if
+Prints one JSON line; exits 1 unless all three smoke tests passed. start_to_ready_s and idle_rss_mb come from the authorizer run (tcp-echo if
 that scenario is missing) and are *emulated* figures: RSS is that of the qemu processes that
 host the bootloader and its Python child, so it includes the emulator; qemu_baseline_rss_mb
 (qemu running `sleep`) is reported so the guest share can be estimated. Never read them as
@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+import tty
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
@@ -85,6 +86,7 @@ def smoke_serial(t: Target, gears: set[str], notes: dict) -> bool:
         notes["serial"] = "no serial-echo.yaml scenario"
         return False
     master, slave = os.openpty()
+    tty.setraw(slave)  # no echo of our own bytes before the Rack has opened and configured the line
     dev = os.ttyname(slave)  # /dev/pts/N, the same node inside the rootfs (bind-mounted /dev/pts)
     # The probe port only proves the Rack is up; the serial path is what is tested.
     port = free_port()
@@ -92,17 +94,20 @@ def smoke_serial(t: Target, gears: set[str], notes: dict) -> bool:
     try:
         proc, _t = t.run_scenario("serial-echo", {"FLUXRIG_SERIAL_DEVICE": dev,
                                                   "FLUXRIG_ECHO_BIND": f"127.0.0.1:{port}"}, port)
-        os.write(master, b"serial smoke\n")
-        got, deadline = b"", time.monotonic() + SERIAL_TIMEOUT_S
+        # io_serial opens its device in the background: resend until the echo comes back.
         os.set_blocking(master, False)
-        while b"\n" not in got and time.monotonic() < deadline:
+        got, deadline, next_send = b"", time.monotonic() + SERIAL_TIMEOUT_S, 0.0
+        while b"SERIAL SMOKE\n" not in got and time.monotonic() < deadline:
+            if time.monotonic() >= next_send:
+                os.write(master, b"serial smoke\n")
+                next_send = time.monotonic() + 3.0
             try:
                 got += os.read(master, 256)
             except BlockingIOError:
                 time.sleep(0.05)
-        ok = got.strip() == b"SERIAL SMOKE"
+        ok = b"SERIAL SMOKE\n" in got
         if not ok:
-            notes["serial"] = f"read {got!r}"
+            notes["serial"] = f"read {got[-200:]!r}"
         return ok
     except Exception as exc:
         notes["serial"] = f"{type(exc).__name__}: {exc}"
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         result["notes"] = notes
     print(json.dumps(result), flush=True)
-    return 0 if result["smoke_tcp_echo"] else 1
+    return 0 if all(result[k] for k in ("smoke_tcp_echo", "smoke_iso8583", "smoke_serial")) else 1
 
 
 if __name__ == "__main__":
