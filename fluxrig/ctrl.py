@@ -47,6 +47,7 @@ import cbor2
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from .agent import subjects as S
 from .errors import FluxError
 from .passport import CLOCK_SKEW_S, ClusterKey
 
@@ -84,11 +85,9 @@ __all__ = [
 
 CTRL_FORMAT = 1
 CTRL_SIGNING_CONTEXT = b"fluxrig/ctrl/v1\x00"
-CMD_KILL = "kill"
-CMD_REVIVE = "revive"
-CMD_GEAR_STOP = "gear-stop"
-CMD_CONN_CLOSE = "conn-close"
-COMMANDS = (CMD_KILL, CMD_REVIVE, CMD_GEAR_STOP, CMD_CONN_CLOSE)
+# The command names are the subject verbs (one list, in fluxrig/agent/subjects.py).
+CMD_KILL, CMD_REVIVE, CMD_GEAR_STOP, CMD_CONN_CLOSE = S.CTRL_COMMANDS
+COMMANDS = S.CTRL_COMMANDS
 # A command is a few hundred bytes; anything much larger is not one (and is not decoded).
 MAX_COMMAND_BYTES = 4096
 MAX_REASON_CHARS = 500

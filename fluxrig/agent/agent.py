@@ -4,7 +4,10 @@ Contract with the runtime. The runtime builds `RackAgent(config, apply, ...)` an
 `start()`; `apply(doc: dict, version: str)` is awaited with a scenario projection taken from
 a passport that verified, and must raise to refuse it (the message of the exception becomes
 the `rejected` reason shown by the Mixer). Optional callbacks: `on_shutdown(reason)`,
-`on_log_level(level)`, `on_status(status)`, `stats()` -> dict sent with each heartbeat.
+`on_log_level(level)`, `on_status(status)`, `stats()` -> dict sent with each heartbeat,
+`on_command(verb, data)` for the kill switch verbs (S.CTRL_COMMANDS): the raw signed command,
+verified by the callee (fluxrig/killswitch.py); a heartbeat follows at once so the Mixer
+learns the outcome. `reapply()` applies the passport's scenario again (after a revive).
 
 Sovereign continuity. At start the agent loads the stored passport (`<state_dir>/rack.flux`)
 and, if it verifies against the pinned key and carries a scenario, applies it at once,
@@ -109,7 +112,8 @@ class _SessionEnd(Exception):
 
 
 class RackAgent:
-    def __init__(self, config: AgentConfig, apply, *, on_shutdown=None, on_log_level=None, on_status=None, stats=None):
+    def __init__(self, config: AgentConfig, apply, *, on_shutdown=None, on_log_level=None, on_status=None, stats=None,
+                 on_command=None):
         if not config.snake_url:
             raise FluxError("snake.url is empty: a standalone Rack has no agent")
         self.config = config
@@ -118,6 +122,7 @@ class RackAgent:
         self._on_log_level = on_log_level
         self._on_status = on_status
         self._stats = stats
+        self._on_command = on_command
         self.store = PassportStore(config.state_dir, config.state_file, list(config.mixer_public_keys))
         self.passport: Passport | None = None
         self.applied_version = ""
@@ -401,6 +406,13 @@ class RackAgent:
 
     async def _on_ctrl(self, msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
+        if verb in S.CTRL_COMMANDS:  # signed commands: never decoded as a plain ctrl map
+            if self._on_command is None:
+                log.warning("control command %s ignored: this Rack has no kill switch handler", verb)
+                return
+            await _call_safely("on_command", self._on_command, verb, msg.data)
+            self._beat_now.set()
+            return
         try:
             body = P.decode_ctrl(msg.data)
         except P.AgentProtocolError as exc:
@@ -462,6 +474,13 @@ class RackAgent:
         self.passport = None
         self._auth_failures = 0
         self._session_end.set()
+
+    async def reapply(self) -> None:
+        """Apply the current passport's scenario again, even if its version already ran (the
+        runtime was emptied by a kill switch and is now revived)."""
+        if self.passport is not None:
+            self.apply_state = "none"
+            await self._maybe_apply(self.passport)
 
     async def _maybe_apply(self, passport: Passport) -> None:
         if passport.status not in ("active", "offline") or passport.scenario is None:

@@ -7,7 +7,8 @@ Subject planes (ARCHITECTURE §7). Rack names are the `<rack>` token: they match
     fluxrig.agent.heartbeat.<rack>         Rack -> Mixer request (liveness + apply reports)
     flux.telemetry.<rack>.logs|metrics|traces   Rack -> JetStream stream flux-telemetry
     flux.msg.<rack>.<gear>.<port>          guaranteed lane, JetStream stream flux-msg
-    flux.ctrl.<rack>.<verb>                Mixer -> Rack (reload, passport, shutdown, log-level)
+    flux.ctrl.<rack>.<verb>                Mixer -> Rack (reload, passport, shutdown, log-level;
+                                           signed kill switch commands: CTRL_COMMANDS, fluxrig/ctrl.py)
 
 Each Rack's replies come back on its own inbox prefix `_INBOX_<rack>` so its bus user may
 subscribe to its replies and to nobody else's.
@@ -26,6 +27,7 @@ __all__ = [
     "ENROLL_USER",
     "ENROLL_INBOX",
     "CTRL_VERBS",
+    "CTRL_COMMANDS",
     "RACK_NAME_RE",
     "MAX_RACK_NAME",
     "heartbeat",
@@ -52,6 +54,12 @@ CTRL_PASSPORT = "passport"
 CTRL_SHUTDOWN = "shutdown"
 CTRL_LOG_LEVEL = "log-level"
 CTRL_VERBS = (CTRL_RELOAD, CTRL_PASSPORT, CTRL_SHUTDOWN, CTRL_LOG_LEVEL)
+# Kill switch verbs: the message is a signed command (fluxrig/ctrl.py), never a plain ctrl map.
+CTRL_KILL = "kill"
+CTRL_REVIVE = "revive"
+CTRL_GEAR_STOP = "gear-stop"
+CTRL_CONN_CLOSE = "conn-close"
+CTRL_COMMANDS = (CTRL_KILL, CTRL_REVIVE, CTRL_GEAR_STOP, CTRL_CONN_CLOSE)
 RACK_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 MAX_RACK_NAME = 63
 

@@ -201,6 +201,20 @@ class Runtime:
             log.warning("gear %s did not stop cleanly: %s", gear.name, exc)
         gear.state = "stopped"
 
+    async def stop_gear(self, name: str) -> bool:
+        """Stop one gear now, the rest of the graph running on (the kill switch). Every port
+        feeding it is unwired first, so senders count what they would send it as dropped
+        instead of calling a stopped gear. Idempotent; False when no such gear runs here."""
+        gear = self.gears.get(name)
+        if gear is None:
+            return False
+        for g in self.gears.values():
+            for out in g.outputs.values():
+                if any(getattr(t, "gear", None) is gear for t in out.targets):
+                    out.targets = [t for t in out.targets if getattr(t, "gear", None) is not gear]
+        await self._stop_gear(gear)
+        return True
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting, finish in-flight work within `timeout`; True if everything finished."""
         if self.state != "running":
