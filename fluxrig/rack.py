@@ -20,9 +20,10 @@ import time
 from . import systemd
 from .config import Config
 from .errors import FluxError, ScenarioError
+from .logs import TRACE
 from .runtime.graph import Runtime
 from .runtime.reload import ReloadError, shadow_swap
-from .scenario import Scenario, build_scenario, load_scenario
+from .scenario import Scenario, load_scenario
 
 # A joined Rack starts with no gears; the passport's scenario is shadow-swapped in.
 EMPTY_SCENARIO = Scenario(name="", version="none", gears=[], wires=[], racks=[], doc={})
@@ -52,6 +53,8 @@ class Rack:
         self.wal = None
         self.telemetry = None
         self.shipper = None
+        self.bus = None  # the guaranteed lane (fluxrig.agent.lanes.JetStreamBus) when joined
+        self.lane_wal = None
         self.event_listeners: list = []
 
     # -- instance lock ---------------------------------------------------------------------------
@@ -111,14 +114,24 @@ class Rack:
     async def _apply_from_mixer(self, doc: dict, version: str) -> None:
         """The agent's apply callback: a scenario from a verified passport. Raising refuses it;
         the message is reported to the Mixer as the `rejected` reason."""
-        scenario = build_scenario(doc, source=None)
+        from .agent.lanes import scenario_from_projection
+
         if self.agent is not None and self.agent.rack_name:
             self.runtime.rack_name = self.agent.rack_name
+        scenario = scenario_from_projection(doc, self.runtime.rack_name, source=None)
         await self.apply_scenario(scenario)
 
     def _on_shutdown(self, reason: str = "") -> None:
         log.warning("the Mixer asked this Rack to shut down%s", f": {reason}" if reason else "")
         self.request_stop()
+
+    @staticmethod
+    def _set_log_level(level: str) -> None:
+        """`set_log_level` from the Mixer: trace, debug, info, warning or error."""
+        value = TRACE if level.lower() == "trace" else logging.getLevelName(level.upper())
+        if not isinstance(value, int):
+            raise FluxError(f"unknown log level {level!r}: use trace, debug, info, warning or error")
+        logging.getLogger().setLevel(value)
 
     async def _start_agent(self) -> None:
         from .agent import AgentConfig, RackAgent  # imports nats only when joined to a Mixer
@@ -127,12 +140,33 @@ class Rack:
             AgentConfig.from_config(self.config),
             self._apply_from_mixer,
             on_shutdown=self._on_shutdown,
-            on_log_level=lambda level: logging.getLogger().setLevel(level.upper()),
-            stats=lambda: {"gears": self.runtime.metrics() if self.runtime else {}},
+            on_log_level=self._set_log_level,
+            stats=lambda: {"gears": self.runtime.metrics() if self.runtime else {},
+                           "lanes": self.bus.metrics() if self.bus else {}},
         )
+        await self._start_lanes()  # before agent.start(): it may apply a stored passport at once
         await self.agent.start()
         if not self.config.telemetry.disabled:
             await self._start_telemetry()
+
+    async def _start_lanes(self) -> None:
+        """The guaranteed lane: its own WAL at <store_dir>/lanes and a JetStreamBus the runtime uses."""
+        from .agent.lanes import JetStreamBus, open_lane_wal
+
+        self.lane_wal = await open_lane_wal(self.config)
+        mb = self.config.store.wal_max_size_mb
+        self.bus = JetStreamBus(self.agent, self.lane_wal, send_timeout=self.config.rack.lane_send_timeout,
+                                max_backlog_bytes=mb * 1024 * 1024 if mb > 0 else None)
+        self.bus.start()
+        self.runtime.bus = self.bus
+
+    async def _stop_lanes(self) -> None:
+        bus, wal = self.bus, self.lane_wal
+        self.bus = self.lane_wal = None
+        if bus is not None:
+            await bus.close()
+        if wal is not None:
+            await wal.close()
 
     async def _start_telemetry(self) -> None:
         """Logs, metrics and traces go to the WAL first; the shipper drains it to the Snake."""
@@ -203,6 +237,7 @@ class Rack:
             systemd.stopping()
             log.info("stopping: draining for up to %gs", self.config.rack.drain_timeout)
             clean = await self.runtime.shutdown(self.config.rack.drain_timeout)
+            await self._stop_lanes()
             await self._stop_telemetry()
             if self.agent is not None:
                 await self.agent.stop()
@@ -213,6 +248,7 @@ class Rack:
         except BaseException:
             # A failed start must not leave the agent's connection or the WAL's writer thread
             # behind: they would keep the process alive after the error is reported.
+            await self._stop_lanes()
             await self._stop_telemetry()
             if self.agent is not None:
                 await self.agent.stop()
