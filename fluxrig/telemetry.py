@@ -137,9 +137,10 @@ class Telemetry:
 
     def event(self, name: str, attrs: dict, start_ns: int, end_ns: int, ok: bool = True) -> None:
         """One span for a Rack-level operation (a reload): start, end, status, attributes."""
-        # "kind" is the record type for the shipper, so the span kind is not carried
-        doc = {"kind": "traces", "trace_id": uuid7().hex(), "span_id": uuid7().hex()[:16], "parent_span_id": "",
-               "name": name, "start": start_ns, "end": end_ns, "status": "ok" if ok else "error", "attrs": attrs}
+        # "kind" is the record type for the shipper; the span's own kind goes in span_kind
+        doc = {"kind": "traces", "span_kind": "internal", "trace_id": uuid7().hex(), "span_id": uuid7().hex()[:16],
+               "parent_span_id": "", "name": name, "start": start_ns, "end": end_ns,
+               "status": "ok" if ok else "error", "attrs": attrs}
         try:
             self.wal.append_nowait(doc)
         except Exception:
