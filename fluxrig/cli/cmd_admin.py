@@ -1,16 +1,19 @@
 """Operator commands against the Mixer API: `fluxrig admin racks ...`, `fluxrig logs`,
-`fluxrig metrics`, `fluxrig admin topology`.
+`fluxrig metrics`, `fluxrig admin topology`, and the kill switch: `fluxrig admin racks
+kill|revive`, `fluxrig admin gears stop`, `fluxrig admin conn close`.
 
 All of them take --api-url/--api-token (or FLUXRIG_API_URL/FLUXRIG_API_TOKEN) and --json.
-Destructive actions (suspend, remove, shutdown) ask for confirmation unless -f/--force; an
-answer other than y/yes, or end of input, means no. Exit codes: 0 done, 1 refused by the
-Mixer (message printed), 3 Mixer unreachable, 4 not confirmed.
+Destructive actions (suspend, remove, shutdown, kill, gear stop, connection close) ask for
+confirmation unless -f/--force; an answer other than y/yes, or end of input, means no. Exit
+codes: 0 done, 1 refused by the Mixer or by the Rack (message printed), 3 Mixer unreachable,
+4 not confirmed, 5 kill switch command sent but the Rack did not confirm it in time.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from urllib.parse import quote
 
 from .mixer_api import add_api_args, print_table, run_api_command
 
@@ -30,11 +33,11 @@ def _emit(args, data, columns=None) -> int:
     return 0
 
 
-def _confirm(args, action: str, rack: str) -> bool:
+def _confirm(args, action: str, rack: str, what: str = "") -> bool:
     if getattr(args, "force", False):
         return True
     try:
-        answer = input(f"{action} rack {rack}? [y/N] ")
+        answer = input(f"{action} {what + ' on ' if what else ''}rack {rack}? [y/N] ")
     except EOFError:
         answer = ""
     return answer.strip().lower() in ("y", "yes")
@@ -83,6 +86,56 @@ def _action(verb: str, confirm: bool):
         return 0
 
     return run
+
+
+EXIT_UNCONFIRMED = 5
+
+
+def _command(verb: str, confirm: bool):
+    """A kill switch command: the Mixer signs and sends it, then waits for the Rack's word."""
+
+    def run(client, args) -> int:
+        what = {"stop": f"gear {getattr(args, 'gear', '')}", "close": f"connection {getattr(args, 'conn_id', '')}"}
+        if confirm and not _confirm(args, verb, args.rack, what.get(verb, "")):
+            print("not confirmed; nothing done", file=sys.stderr)
+            return 4
+        body = {"reason": args.reason, "ttl": args.ttl, "wait": args.wait}
+        rack = quote(args.rack, safe="")
+        if verb == "stop":
+            path = f"/api/v1/racks/{rack}/gears/{quote(args.gear, safe='')}/stop"
+        elif verb == "close":
+            path = f"/api/v1/racks/{rack}/connections/{quote(args.conn_id, safe='')}/close"
+            body["gear"] = args.gear or ""
+        else:
+            path = f"/api/v1/racks/{rack}/{verb}"
+        out = client.post(path, body)
+        status = out.get("status")
+        if args.json:
+            _emit(args, out)
+        else:
+            cmd = out.get("command") or {}
+            detail = (out.get("outcome") or {}).get("detail", "")
+            if status == "sent":
+                print(f"rack {out.get('rack')}: {cmd.get('cmd')} sent, not confirmed within {args.wait:g}s "
+                      f"(the Rack may be offline; the command stays valid for {args.ttl:g}s)")
+            else:
+                print(f"rack {out.get('rack')}: {cmd.get('cmd')} {status}: {detail}")
+        if status == "applied":
+            return 0
+        return EXIT_UNCONFIRMED if status == "sent" else 1
+
+    return run
+
+
+def _command_args(p, confirm: bool) -> None:
+    p.add_argument("--reason", default="operator request", help="why (logged by the Rack, kept in the audit trail)")
+    p.add_argument("--ttl", type=float, default=60.0,
+                   help="seconds the signed command stays valid (default 60, at most 600): a Rack whose clock "
+                        "is ahead of the Mixer's by more refuses it as expired")
+    p.add_argument("--wait", type=float, default=5.0,
+                   help="seconds to wait for the Rack to confirm (default 5; 0 = send and return)")
+    if confirm:
+        p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
 
 
 def _topology(client, args) -> int:
@@ -137,7 +190,7 @@ def register(subparsers) -> None:
     )
     asub = admin.add_subparsers(dest="admin_command", metavar="SUBCOMMAND")
     admin.set_defaults(func=lambda a: (admin.print_help(), 2)[1])
-    racks = asub.add_parser("racks", help="list, approve, suspend, activate, remove, shut down Racks",
+    racks = asub.add_parser("racks", help="list, approve, suspend, activate, remove, shut down, kill, revive Racks",
                             description="Rack registry operations. RACK is a rack name or id.")
     rsub = racks.add_subparsers(dest="racks_command", metavar="ACTION")
     racks.set_defaults(func=lambda a: (racks.print_help(), 2)[1])
@@ -166,6 +219,40 @@ def register(subparsers) -> None:
     p = _leaf(rsub, "log-level", "change a Rack's log level at runtime", _action("log-level", False))
     p.add_argument("rack")
     p.add_argument("level", choices=["trace", "debug", "info", "warning", "error"])
+    p = _leaf(rsub, "kill", "kill switch: stop every gear of a Rack now and refuse new traffic, until revived",
+              _command("kill", True),
+              "Kill switch for a whole Rack. The Mixer signs the command; the Rack stops every gear (connections "
+              "and listeners closed), runs none until revived, also across restarts, and keeps reporting. "
+              "Exit 0 when the Rack confirmed, 1 when it refused, 5 when it did not answer in time.")
+    p.add_argument("rack", help="rack name or id")
+    _command_args(p, True)
+    p = _leaf(rsub, "revive", "undo a kill (and gear stops): the Rack runs its scenario again",
+              _command("revive", False))
+    p.add_argument("rack", help="rack name or id")
+    _command_args(p, False)
+
+    gears = asub.add_parser("gears", help="kill switch for one gear", description="Gear operations on one Rack.")
+    gsub = gears.add_subparsers(dest="gears_command", metavar="ACTION")
+    gears.set_defaults(func=lambda a: (gears.print_help(), 2)[1])
+    p = _leaf(gsub, "stop", "stop one gear of a Rack now (until `racks revive` or a Rack restart)",
+              _command("stop", True),
+              "Stop one gear: its sockets and connections close, messages to it are dropped and counted. It "
+              "stays stopped across scenario reloads until `fluxrig admin racks revive RACK` or a Rack restart.")
+    p.add_argument("rack", help="rack name or id")
+    p.add_argument("gear", help="gear name as in the scenario")
+    _command_args(p, True)
+
+    conn = asub.add_parser("conn", help="kill switch for one connection", description="Connection operations.")
+    csub = conn.add_subparsers(dest="conn_command", metavar="ACTION")
+    conn.set_defaults(func=lambda a: (conn.print_help(), 2)[1])
+    p = _leaf(csub, "close", "close one connection on a Rack (its conn.id, as in logs and message metadata)",
+              _command("close", True),
+              "Close one TCP connection or serial link by its conn.id (meta conn.id of its messages, also in "
+              "the Rack's logs). The peer may reconnect; to refuse it, stop the gear.")
+    p.add_argument("rack", help="rack name or id")
+    p.add_argument("conn_id", help="the connection's conn.id")
+    p.add_argument("--gear", help="the gear holding it (meta conn.gear); default: ask every gear")
+    _command_args(p, True)
     _leaf(asub, "topology", "Mixer, Snake, active scenario and where each gear runs", _topology)
 
     logs = _leaf(subparsers, "logs", "query Rack logs stored by the Mixer",

@@ -7,7 +7,12 @@ constant time; a missing or wrong token gets 401. That includes /docs, /openapi.
 
 Errors are JSON `{"error": "...", "problems": [...]}`: 400 bad input (invalid scenario, bad
 filter), 401 no/wrong token, 404 unknown Rack or scenario, 409 a transition the state machine
-refuses, a taken name, or a scenario whose projections do not validate, 413 body too large.
+refuses, a taken name, or a scenario whose projections do not validate, 413 body too large,
+503 the Snake is unreachable from the Mixer (a kill switch command was not sent).
+
+Kill switch (commands.py): POST /api/v1/racks/{rack}/kill, /revive, /gears/{gear}/stop and
+/connections/{conn_id}/close sign a command, send it and wait up to `wait` seconds for the
+Rack to confirm: `status` is applied, refused, failed or sent (unconfirmed).
 
 Route handlers that change state run on the event loop (the registry's thread); telemetry
 queries run in the thread pool, each thread with its own DuckDB cursor.
@@ -26,7 +31,10 @@ from pydantic import BaseModel
 
 from fluxrig.errors import FluxError, ScenarioError
 
+from fluxrig.ctrl import CMD_CONN_CLOSE, CMD_GEAR_STOP, CMD_KILL, CMD_REVIVE, DEFAULT_COMMAND_TTL_S
+
 from ._version import __version__
+from .commands import DEFAULT_WAIT_S, CommandNotAllowed, SnakeUnavailable, send_command
 from .controller import LOG_LEVELS
 from .queries import QueryError, query_logs, query_metrics, query_traces
 from .registry import NameConflict, RackNotFound
@@ -46,6 +54,16 @@ class LogLevelBody(BaseModel):
 
 class ShutdownBody(BaseModel):
     reason: str = "operator request"
+
+
+class CommandBody(BaseModel):
+    reason: str = "operator request"
+    ttl: float = DEFAULT_COMMAND_TTL_S  # seconds the signed command stays valid
+    wait: float = DEFAULT_WAIT_S  # seconds to wait for the Rack's confirmation (0 = do not wait)
+
+
+class ConnCloseBody(CommandBody):
+    gear: str = ""  # the gear holding the connection; empty = every gear of the Rack
 
 
 def _problem_list(exc: ScenarioError) -> list[dict]:
@@ -82,8 +100,10 @@ def create_app(mixer) -> FastAPI:
     async def _flux(_req: Request, exc: FluxError):
         if isinstance(exc, (RackNotFound, ScenarioNotFound)):
             code = 404
-        elif isinstance(exc, (IllegalTransition, NameConflict)):
+        elif isinstance(exc, (IllegalTransition, NameConflict, CommandNotAllowed)):
             code = 409
+        elif isinstance(exc, SnakeUnavailable):
+            code = 503
         else:
             code = 400
         body = {"error": str(exc)}
@@ -156,6 +176,33 @@ def create_app(mixer) -> FastAPI:
             raise HTTPException(400, f"unknown level {body.level!r}; use one of {', '.join(LOG_LEVELS)}")
         row = await mixer.controller.set_log_level(rack, body.level)
         return {"status": "ok", "rack": row.name, "level": body.level}
+
+    # -- kill switch (signed commands, commands.py) ------------------------------------------------------
+
+    def _cmd_args(body: CommandBody | None) -> dict:
+        body = body or CommandBody()
+        return {"reason": body.reason, "ttl": body.ttl, "wait": body.wait}
+
+    @app.post("/api/v1/racks/{rack}/kill", tags=["kill switch"], dependencies=guarded)
+    async def kill_rack(rack: str, body: CommandBody | None = None):
+        """Stop every gear of the Rack and refuse new traffic, across restarts, until revived."""
+        return await send_command(mixer, rack, CMD_KILL, **_cmd_args(body))
+
+    @app.post("/api/v1/racks/{rack}/revive", tags=["kill switch"], dependencies=guarded)
+    async def revive_rack(rack: str, body: CommandBody | None = None):
+        """Clear a kill (and stopped gears): the Rack runs its passport's scenario again."""
+        return await send_command(mixer, rack, CMD_REVIVE, **_cmd_args(body))
+
+    @app.post("/api/v1/racks/{rack}/gears/{gear}/stop", tags=["kill switch"], dependencies=guarded)
+    async def stop_gear(rack: str, gear: str, body: CommandBody | None = None):
+        """Stop one gear (until revive or a Rack restart)."""
+        return await send_command(mixer, rack, CMD_GEAR_STOP, gear=gear, **_cmd_args(body))
+
+    @app.post("/api/v1/racks/{rack}/connections/{conn_id}/close", tags=["kill switch"], dependencies=guarded)
+    async def close_connection(rack: str, conn_id: str, body: ConnCloseBody | None = None):
+        """Close one connection (its conn.id) on the gear named, or on whichever gear holds it."""
+        return await send_command(mixer, rack, CMD_CONN_CLOSE, conn_id=conn_id, gear=body.gear if body else "",
+                                  **_cmd_args(body))
 
     # -- scenarios -------------------------------------------------------------------------------------
 
