@@ -33,6 +33,7 @@ from fluxrig.agent import subjects as S
 from fluxrig.errors import FluxError, ScenarioError
 from fluxrig.passport import ClusterKey, Passport, sign_passport
 
+from .lanes import LaneConsumers
 from .registry import RackRow, Registry
 from .scenarios import ScenarioStore, StoredScenario, project
 from .snake import BusUser, rack_permissions
@@ -78,6 +79,7 @@ class Controller:
         self._hello_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._passports: dict[str, tuple[int, bytes]] = {}  # rack_id -> last signed (serial, bytes)
         self._sweeper: asyncio.Task | None = None
+        self.lanes: LaneConsumers | None = None
         self.counters = {"hello_ok": 0, "hello_denied": 0, "hello_bad": 0, "heartbeats": 0, "heartbeat_unknown": 0}
         self._heard_offline: set[str] = set()  # offline Racks heard again, persisted by the sweeper
 
@@ -89,8 +91,13 @@ class Controller:
         self._subs.append(await nc.subscribe(S.HELLO, queue="mixer", cb=self._on_hello))
         self._subs.append(await nc.subscribe(f"{S.HEARTBEAT_PREFIX}.*", queue="mixer", cb=self._on_heartbeat))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="liveness-sweeper")
+        # Guaranteed lane: the in-<rack> consumers follow the active scenario (lanes.py).
+        self.lanes = LaneConsumers(nc.jetstream(), self.registry, self.scenarios)
+        self.lanes.start()
 
     async def detach(self) -> None:
+        if self.lanes is not None:
+            await self.lanes.stop()
         if self._sweeper:
             self._sweeper.cancel()
             try:
@@ -354,6 +361,11 @@ class Controller:
         """Make `stored` the active scenario and send every runnable Rack its projection."""
         self.check_activation(stored)
         self.scenarios.mark_active(stored)
+        if self.lanes is not None:
+            try:  # before the Racks hear of it, so their first publishes have a consumer
+                await self.lanes.sync()
+            except Exception:
+                pass  # logged by sync(); its reconcile loop retries
         sent = []
         for rack in self.runnable_racks():
             passport = self.issue(rack)

