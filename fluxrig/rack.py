@@ -5,6 +5,12 @@ is running, keeps the watchdog fed, and waits. SIGTERM or SIGINT drain the graph
 `rack.drain_timeout` then exit 0; SIGHUP (or `fluxrig reload`) re-reads the scenario file and
 shadow-swaps it in (see runtime/reload.py): unchanged gears keep running. Signal
 handlers only post a request to the loop; the work happens in `run()`.
+
+Kill switch (fluxrig/killswitch.py): signed commands from the Mixer arrive through the agent
+(`_on_command`); the Rack is their `KillTarget`. A kill stops every gear at once and leaves
+an empty graph running (agent, WAL and telemetry carry on, so the Mixer can still see and
+revive it); the killed state is on disk, so `run()` starts no gear while it is set, and
+`apply_scenario` refuses every scenario (RackKilled) until a revive.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from . import systemd
 from .config import Config
 from .errors import FluxError, ScenarioError
+from .killswitch import KillSwitch
 from .logs import TRACE
 from .runtime.graph import Runtime
 from .runtime.reload import ReloadError, shadow_swap
@@ -53,6 +60,7 @@ class Rack:
         self.wal = None
         self.telemetry = None
         self.shipper = None
+        self.killswitch: KillSwitch | None = None
         self.bus = None  # the guaranteed lane (fluxrig.agent.lanes.JetStreamBus) when joined
         self.lane_wal = None
         self.event_listeners: list = []
@@ -85,9 +93,15 @@ class Rack:
         return load_scenario(self.scenario_path)
 
     async def apply_scenario(self, scenario: Scenario):
-        """Shadow-swap the running graph to `scenario`; ReloadError leaves it unchanged."""
+        """Shadow-swap the running graph to `scenario`; ReloadError leaves it unchanged.
+        RackKilled while the kill switch is set."""
         async with self._reload_lock:
+            if self.killswitch is not None:
+                self.killswitch.raise_if_killed()
             report = await shadow_swap(self.runtime, scenario)
+            if self.killswitch is not None:
+                for name in list(self.killswitch.stopped_gears):  # a reload must not bring it back
+                    await self.runtime.stop_gear(name)
         self._telemetry_event(report.as_dict())
         return report
 
@@ -133,6 +147,48 @@ class Rack:
             raise FluxError(f"unknown log level {level!r}: use trace, debug, info, warning or error")
         logging.getLogger().setLevel(value)
 
+    # -- kill switch (KillTarget for fluxrig.killswitch) ------------------------------------------------
+    async def _on_command(self, verb: str, data: bytes) -> None:
+        agent = self.agent
+        passport = agent.passport if agent is not None else None
+        await self.killswitch.handle(verb, data, pins=agent.store.pins() if agent is not None else [],
+                                     rack_id=passport.rack_id if passport is not None else None, target=self)
+
+    async def _empty_graph(self) -> None:
+        """Stop every gear now (no drain: connections and listeners close at once) and leave an
+        empty graph running in its place. Caller holds the reload lock."""
+        old = self.runtime
+        await old.stop()
+        self.runtime = Runtime(EMPTY_SCENARIO, old.rack_name, self.config.rack, bus=old.bus)
+        await self.runtime.start()
+
+    async def kill_gears(self, reason: str) -> None:
+        async with self._reload_lock:
+            await self._empty_graph()
+        log.warning("kill switch: every gear stopped (%s); new traffic is refused until revived",
+                    reason or "no reason given")
+
+    async def revive_gears(self) -> None:
+        """A fresh graph, then the scenario again: the passport's, else the scenario file."""
+        async with self._reload_lock:
+            await self._empty_graph()
+        log.warning("kill switch: revived; starting the scenario again")
+        passport = self.agent.passport if self.agent is not None else None
+        if passport is not None and passport.scenario is not None:
+            await self.agent.reapply()
+        elif self.scenario_path:
+            await self.apply_scenario(self.load())
+
+    async def stop_gear(self, name: str) -> bool:
+        async with self._reload_lock:
+            return await self.runtime.stop_gear(name)
+
+    def close_connection(self, gear: str, conn_id: str, reason: str) -> int:
+        """Relay `conn.close` on the in-Rack control bus; returns how many gears received it."""
+        cmd = {"cmd": "conn.close", "args": {"conn_id": conn_id, "reason": reason}}
+        names = [gear] if gear else list(self.runtime.gears)
+        return sum(self.runtime.control.publish(name, cmd) for name in names)
+
     async def _start_agent(self) -> None:
         from .agent import AgentConfig, RackAgent  # imports nats only when joined to a Mixer
 
@@ -140,8 +196,9 @@ class Rack:
             AgentConfig.from_config(self.config),
             self._apply_from_mixer,
             on_shutdown=self._on_shutdown,
+            on_command=self._on_command,
             on_log_level=self._set_log_level,
-            stats=lambda: {"gears": self.runtime.metrics() if self.runtime else {},
+            stats=lambda: {"ctrl": self.killswitch.status() if self.killswitch else {}, "gears": self.runtime.metrics() if self.runtime else {},
                            "lanes": self.bus.metrics() if self.bus else {}},
         )
         await self._start_lanes()  # before agent.start(): it may apply a stored passport at once
@@ -206,7 +263,14 @@ class Rack:
         self._lock()
         try:
             joined = bool(self.config.snake.url)
-            if self.scenario_path or not joined:
+            self.killswitch = KillSwitch(self.config.base.state_dir)
+            self.killswitch.load()
+            if self.killswitch.killed is not None:
+                scenario = EMPTY_SCENARIO  # killed by the Mixer: no gear runs until revived
+                if not joined:
+                    log.error("standalone (no snake.url), nothing can revive this Rack: delete %s to run again",
+                              self.killswitch.path)
+            elif self.scenario_path or not joined:
                 scenario = self.load()
             else:
                 scenario = EMPTY_SCENARIO  # the Mixer's passport brings the scenario
