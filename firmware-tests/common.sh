@@ -90,6 +90,15 @@ umount_rootfs() {
   done
 }
 
+# Refuse to delete a rootfs that still has something mounted inside: /dev is a bind mount of the
+# host's, and rm -rf through it would wipe the host's device nodes.
+assert_unmounted() {
+  local root; root="$(readlink -f "$1")"
+  if awk -v r="$root/" 'index($2, r) == 1 { found = 1 } END { exit !found }' /proc/mounts; then
+    die "something is still mounted under $root; not deleting it"
+  fi
+}
+
 in_rootfs() {
   # Run a command inside the rootfs as root with a clean, predictable environment.
   local root="$1"; shift

@@ -25,6 +25,7 @@ fi
 need_host_tools
 ensure_binfmt "$arch"
 umount_rootfs "$root"
+assert_unmounted "$root"
 rm -rf "$root"
 mkdir -p "$root"
 log "$arch: debootstrap $SUITE (first stage, host side)"
