@@ -18,22 +18,14 @@ after that fsync; `never` leaves flushing to the OS (a power cut loses what the 
 from __future__ import annotations
 
 import os
-import sys
-from types import SimpleNamespace
 
-from .durations import parse_duration
 from .errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .settings import BOOL, DUR, FLOAT, INT, STR, Settings, defaults, read_env, read_toml
 
 __all__ = ["SCHEMA", "Config", "load_config", "DEFAULT_CONFIG_NAME"]
 
 DEFAULT_CONFIG_NAME = "fluxrig.toml"
 
-DUR, STR, INT, BOOL, FLOAT = "duration", "str", "int", "bool", "float"
 
 # section -> key -> (type, default, doc, choices or None)
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -93,67 +85,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _coerce(section: str, key: str, value, from_env: bool):
-    kind, _default, _doc, choices = SCHEMA[section][key]
-    where = f"{section}.{key}"
-    if kind == DUR:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not from_env:
-            raise ConfigError(f"durations need a unit, write e.g. \"{value}s\" (got {value!r})", where)
-        try:
-            value = parse_duration(str(value))
-        except ValueError as exc:
-            raise ConfigError(str(exc), where) from None
-    elif kind == BOOL:
-        if isinstance(value, str):
-            low = value.strip().lower()
-            if low in _TRUE:
-                value = True
-            elif low in _FALSE:
-                value = False
-            else:
-                raise ConfigError(f"expected true/false, got {value!r}", where)
-        elif not isinstance(value, bool):
-            raise ConfigError(f"expected true/false, got {value!r}", where)
-    elif kind == INT:
-        if isinstance(value, str) and from_env:
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise ConfigError(f"expected an integer, got {value!r}", where) from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {value!r}", where)
-        if value < 0:
-            raise ConfigError(f"must not be negative, got {value}", where)
-    elif kind == FLOAT:
-        try:
-            value = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            value = None
-        if value is None or value < 0:
-            raise ConfigError("expected a non-negative number", where)
-    else:
-        if not isinstance(value, str):
-            raise ConfigError(f"expected a string, got {value!r}", where)
-    if choices and value not in choices:
-        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", where)
-    return value
-
-
-class Config:
+class Config(Settings):
     """Resolved configuration: `cfg.rack.drain_timeout` (seconds), `cfg.source` (file or None)."""
 
-    def __init__(self, values: dict[str, dict], source: str | None):
-        self.source = source
-        self._values = values
-        for section, keys in values.items():
-            setattr(self, section, SimpleNamespace(**keys))
-
-    def as_dict(self) -> dict[str, dict]:
-        return {s: dict(k) for s, k in self._values.items()}
+    SECRET_KEYS = frozenset({("snake", "bootstrap_token")})
 
     @property
     def store_dir(self) -> str:
@@ -163,43 +98,12 @@ class Config:
 def load_config(path: str | None = None, environ: dict | None = None) -> Config:
     """Defaults, then the TOML file at `path` (if given), then FLUXRIG_* variables."""
     env = os.environ if environ is None else environ
-    values = {s: {k: None for k in keys} for s, keys in SCHEMA.items()}
-    for s, keys in SCHEMA.items():
-        for k, spec in keys.items():
-            values[s][k] = _coerce(s, k, spec[1], from_env=True) if spec[0] == DUR else spec[1]
+    values = defaults(SCHEMA)
     if path:
-        try:
-            with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        for section, body in doc.items():
-            if section not in SCHEMA:
-                raise ConfigError(f"unknown section [{section}] in {path}; known: {', '.join(SCHEMA)}", section)
-            if not isinstance(body, dict):
-                raise ConfigError(f"[{section}] must be a table", section)
-            for key, value in body.items():
-                if key not in SCHEMA[section]:
-                    raise ConfigError(
-                        f"unknown key in {path}; known keys of [{section}]: {', '.join(SCHEMA[section])}",
-                        f"{section}.{key}",
-                    )
-                values[section][key] = _coerce(section, key, value, from_env=False)
-    for name, value in env.items():
-        if not name.startswith("FLUXRIG_"):
-            continue
-        rest = name[8:].lower()
-        if rest in ("trace", "debug"):
-            values["logging"][rest] = _coerce("logging", rest, value, from_env=True)
-            continue
-        section, _, key = rest.partition("_")
-        if section not in SCHEMA or not key:
-            continue
-        if key not in SCHEMA[section]:
-            raise ConfigError(f"environment variable {name} names an unknown key", f"{section}.{key}")
-        values[section][key] = _coerce(section, key, value, from_env=True)
+        read_toml(SCHEMA, path, values)
+    # FLUXRIG_* variables whose first word is not a section (FLUXRIG_PURE_PYTHON, ...) are not config
+    read_env(SCHEMA, env, "FLUXRIG_", values, unknown_sections_are_errors=False,
+             aliases={"trace": "logging.trace", "debug": "logging.debug"})
     if values["store"]["wal_fsync_window"] > 0.1:
         raise ConfigError("the batch window must be at most 100ms", "store.wal_fsync_window")
     return Config(values, path)

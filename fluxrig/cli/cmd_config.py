@@ -6,6 +6,7 @@ import json
 
 from ..config import DUR, SCHEMA
 from ..durations import format_duration
+from ..settings import example_toml
 from .common import config_or_report
 
 
@@ -33,15 +34,7 @@ def _toml_value(kind: str, value) -> str:
 
 
 def example() -> str:
-    lines = ["# fluxrig.toml: every key with its default. Environment: FLUXRIG_<SECTION>_<KEY>.", ""]
-    for section, keys in SCHEMA.items():
-        lines.append(f"[{section}]")
-        for key, (kind, default, doc, choices) in keys.items():
-            extra = f" ({' | '.join(choices)})" if choices else ""
-            lines.append(f"# {doc}{extra}")
-            lines.append(f"{key} = {_toml_value(kind, default)}")
-        lines.append("")
-    return "\n".join(lines)
+    return example_toml(SCHEMA, "# fluxrig.toml: every key with its default. Environment: FLUXRIG_<SECTION>_<KEY>.")
 
 
 def run(args) -> int:
@@ -51,9 +44,7 @@ def run(args) -> int:
     cfg = config_or_report(args.config)
     if cfg is None:
         return 2
-    values = cfg.as_dict()
-    if "snake" in values and values["snake"].get("bootstrap_token"):
-        values["snake"]["bootstrap_token"] = "********"
+    values = cfg.as_dict(redact=True)
     if args.json:
         print(json.dumps(values, indent=2))
         return 0

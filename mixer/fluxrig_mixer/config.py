@@ -15,22 +15,14 @@ Secrets (`api.auth_token`) are never printed by `as_dict(redact=True)`.
 from __future__ import annotations
 
 import os
-import sys
-from types import SimpleNamespace
 
-from fluxrig.durations import parse_duration
 from fluxrig.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from fluxrig.settings import BOOL, DUR, INT, STR, Settings, defaults, example_toml, read_env, read_toml
 
 __all__ = ["SCHEMA", "MixerConfig", "load_config", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "defaults_toml"]
 
 DEFAULT_CONFIG_NAME = "fluxrig-mixer.toml"
 ENV_PREFIX = "FLUXRIG_MIXER_"
-DUR, STR, INT, BOOL = "duration", "str", "int", "bool"
 SECRET_KEYS = {("api", "auth_token")}
 
 # section -> key -> (type, default, doc, choices or None)
@@ -84,114 +76,27 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _coerce(section: str, key: str, value, from_env: bool):
-    kind, _default, _doc, choices = SCHEMA[section][key]
-    where = f"{section}.{key}"
-    if kind == DUR:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not from_env:
-            raise ConfigError(f'durations need a unit, write e.g. "{value}s" (got {value!r})', where)
-        try:
-            value = parse_duration(str(value))
-        except ValueError as exc:
-            raise ConfigError(str(exc), where) from None
-    elif kind == BOOL:
-        if isinstance(value, str) and from_env:
-            low = value.strip().lower()
-            if low not in _TRUE | _FALSE:
-                raise ConfigError(f"expected true/false, got {value!r}", where)
-            value = low in _TRUE
-        elif not isinstance(value, bool):
-            raise ConfigError(f"expected true/false, got {value!r}", where)
-    elif kind == INT:
-        if isinstance(value, str) and from_env:
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise ConfigError(f"expected an integer, got {value!r}", where) from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {value!r}", where)
-        if value < 0:
-            raise ConfigError(f"must not be negative, got {value}", where)
-    elif not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {value!r}", where)
-    if choices and value not in choices:
-        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", where)
-    return value
-
-
-class MixerConfig:
+class MixerConfig(Settings):
     """Resolved configuration: `cfg.api.port`, `cfg.snake.stream_max_age` (seconds)."""
 
-    def __init__(self, values: dict[str, dict], source: str | None):
-        self.source = source
-        self._values = values
-        for section, keys in values.items():
-            setattr(self, section, SimpleNamespace(**keys))
+    SECRET_KEYS = frozenset(SECRET_KEYS)
 
     def as_dict(self, redact: bool = True) -> dict[str, dict]:
-        out = {}
-        for section in self._values:
-            ns = getattr(self, section)
-            out[section] = {}
-            for key in self._values[section]:
-                value = getattr(ns, key)
-                if redact and (section, key) in SECRET_KEYS and value:
-                    value = "********"
-                out[section][key] = value
-        return out
+        return super().as_dict(redact)
 
     def path(self, *parts: str) -> str:
         """A path inside base.state_dir."""
         return os.path.join(self.base.state_dir, *parts)
 
 
-def _defaults() -> dict[str, dict]:
-    return {
-        s: {k: (_coerce(s, k, spec[1], from_env=True) if spec[0] == DUR else spec[1]) for k, spec in keys.items()}
-        for s, keys in SCHEMA.items()
-    }
-
-
 def load_config(path: str | None = None, environ: dict | None = None, overrides: dict | None = None) -> MixerConfig:
     """Defaults, then the TOML file at `path`, then FLUXRIG_MIXER_* variables, then
     `overrides` ({"section.key": value}, already typed: used for command-line flags)."""
     env = os.environ if environ is None else environ
-    values = _defaults()
+    values = defaults(SCHEMA)
     if path:
-        try:
-            with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        for section, body in doc.items():
-            if section not in SCHEMA:
-                raise ConfigError(f"unknown section [{section}] in {path}; known: {', '.join(SCHEMA)}", section)
-            if not isinstance(body, dict):
-                raise ConfigError(f"[{section}] must be a table", section)
-            for key, value in body.items():
-                if key not in SCHEMA[section]:
-                    raise ConfigError(
-                        f"unknown key in {path}; known keys of [{section}]: {', '.join(SCHEMA[section])}",
-                        f"{section}.{key}",
-                    )
-                values[section][key] = _coerce(section, key, value, from_env=False)
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        rest = name[len(ENV_PREFIX):].lower()
-        section = next((s for s in SCHEMA if rest.startswith(s + "_")), None)
-        if section is None:
-            raise ConfigError(f"environment variable {name} names no section ({', '.join(SCHEMA)})", rest)
-        key = rest[len(section) + 1:]
-        if key not in SCHEMA[section]:
-            raise ConfigError(f"environment variable {name} names an unknown key", f"{section}.{key}")
-        values[section][key] = _coerce(section, key, value, from_env=True)
+        read_toml(SCHEMA, path, values)
+    read_env(SCHEMA, env, ENV_PREFIX, values, unknown_sections_are_errors=True)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in SCHEMA or key not in SCHEMA[section]:
@@ -212,18 +117,4 @@ def load_config(path: str | None = None, environ: dict | None = None, overrides:
 
 def defaults_toml() -> str:
     """A commented fluxrig-mixer.toml with every key at its default."""
-    lines = ["# fluxrig-mixer.toml: every key with its default. Durations need a unit (ms, s, m, h)."]
-    for section, keys in SCHEMA.items():
-        lines.append("")
-        lines.append(f"[{section}]")
-        for key, (kind, default, doc, choices) in keys.items():
-            extra = f" (one of: {', '.join(choices)})" if choices else ""
-            lines.append(f"# {doc}{extra}")
-            if kind == BOOL:
-                rendered = "true" if default else "false"
-            elif kind == INT:
-                rendered = str(default)
-            else:
-                rendered = '"' + str(default).replace('"', '\\"') + '"'
-            lines.append(f"{key} = {rendered}")
-    return "\n".join(lines) + "\n"
+    return example_toml(SCHEMA, "# fluxrig-mixer.toml: every key with its default. Durations need a unit (ms, s, m, h).")
