@@ -198,7 +198,8 @@ class Rack:
             on_shutdown=self._on_shutdown,
             on_command=self._on_command,
             on_log_level=self._set_log_level,
-            stats=lambda: {"ctrl": self.killswitch.status() if self.killswitch else {}, "gears": self.runtime.metrics() if self.runtime else {},
+            stats=lambda: {"ctrl": self.killswitch.status() if self.killswitch else {},
+                           "gears": self.runtime.metrics() if self.runtime else {},
                            "lanes": self.bus.metrics() if self.bus else {}},
         )
         await self._start_lanes()  # before agent.start(): it may apply a stored passport at once

@@ -1,0 +1,252 @@
+"""Kill switch end to end: a real Rack process (`fluxrig run`) joined to a real Mixer.
+
+Unsigned, forged (unpinned key and bad signature) and expired commands are ignored and
+counted; a signed conn-close closes one connection, gear-stop stops one gear, kill stops the
+whole Rack and refuses new connections, also after a Rack restart, until revived; a revive
+captured on the bus and replayed after a restart is refused (the nonce is kept on disk); the
+CLI speaks to the same routes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import cbor2
+
+from fluxrig import ctrl as C
+from fluxrig.agent import protocol as P
+from fluxrig.passport import ClusterKey
+from mixer_fixtures import *  # noqa: F401,F403
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RACK = "ks-rack"
+
+SCENARIO = """
+meta: {name: ks, version: "%s"}
+gears:
+  - name: gateway
+    type: io_tcp
+    config: {mode: server, bind: "127.0.0.1:%d", framing: delimiter, delimiter_append: true}
+  - name: whoami
+    type: map
+    config:
+      ops:
+        - {set: raw, value: "OK {{ meta.conn.id }}"}
+wires:
+  - {from: gateway.out, to: whoami.in}
+  - {from: whoami.out, to: gateway.in}
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Conn:
+    """One persistent client connection; `ask()` returns the conn id the Rack answers with."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "Conn":
+        return cls(*await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2))
+
+    async def ask(self) -> str:
+        self.writer.write(b"who\n")
+        await self.writer.drain()
+        line = await asyncio.wait_for(self.reader.readline(), 3)
+        assert line.startswith(b"OK "), line
+        return line[3:].strip().decode()
+
+    async def closed_by_peer(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 3) == b""
+        except (ConnectionError, OSError):
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _refused(port: int) -> bool:
+    try:
+        c = await Conn.open(port)
+    except (ConnectionRefusedError, OSError):
+        return True
+    c.close()
+    return False
+
+
+async def _serving(port: int) -> bool:
+    try:
+        c = await Conn.open(port)
+        try:
+            return bool(await c.ask())
+        finally:
+            c.close()
+    except (OSError, AssertionError, asyncio.TimeoutError):
+        return False
+
+
+async def _start_rack(conf: str):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+
+async def _stop(proc) -> bytes:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    except asyncio.TimeoutError:
+        proc.kill()
+        _, err = await proc.communicate()
+    return err or b""
+
+
+async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
+    port = _free_port()
+    conf = tmp_path / "fluxrig.toml"
+    conf.write_text(
+        f'[base]\nname = "{RACK}"\nstate_dir = "{tmp_path / "rack"}"\n'
+        f'[rack]\nheartbeat_interval = "200ms"\ndrain_timeout = "2s"\n[telemetry]\nbatch_interval = "500ms"\n'
+        f'[snake]\nurl = "{mixer.snake.url}"\nbootstrap_token = "{mixer.bootstrap_token}"\n'
+        f'mixer_public_key = "{mixer.key.public_hex}"\nreconnect_wait = "200ms"\n'
+    )
+    seen: list[tuple[str, bytes]] = []
+
+    async def record(msg):
+        seen.append((msg.subject, msg.data))
+    sub = await mixer.nc.subscribe(f"flux.ctrl.{RACK}.>", cb=record)
+
+    async def rack():
+        return (await api.get(f"/api/v1/racks/{RACK}")).json()
+
+    async def ctrl():
+        return (await rack()).get("stats", {}).get("ctrl") or {}
+
+    proc = await _start_rack(str(conf))
+    errs = []
+    try:
+        await wait_for(lambda: _ok(api.get(f"/api/v1/racks/{RACK}")), timeout=20, what="the Rack enrolled")
+        assert (await api.post(f"/api/v1/racks/{RACK}/approve", json={})).status_code == 200
+        r = await api.post("/api/v1/scenarios/import", params={"activate": "true"}, content=SCENARIO % ("1", port))
+        assert r.status_code == 200, r.text
+        await wait_for(lambda: _serving(port), timeout=20, what="scenario running on the Rack")
+        rack_id = (await rack())["id"]
+        a, b = await Conn.open(port), await Conn.open(port)
+        id_a, id_b = await a.ask(), await b.ask()
+        assert id_a != id_b
+
+        # -- refused: unsigned, unpinned key, bad signature, expired ------------------------------
+        other = ClusterKey.generate()
+        unpinned = C.sign_command(other, C.new_command(C.CMD_KILL, rack_id, RACK, reason="forged"))
+        env = cbor2.loads(C.sign_command(mixer.key, C.new_command(C.CMD_KILL, rack_id, RACK, reason="tamper")))
+        body = cbor2.loads(env["payload"])
+        body["args"]["reason"] = "tampered"
+        bad_sig = cbor2.dumps({"payload": cbor2.dumps(body), "signature": env["signature"]})
+        expired = C.sign_command(mixer.key, C.new_command(C.CMD_KILL, rack_id, RACK, reason="late",
+                                                          now=time.time() - 120, ttl=60))
+        for data in (P.encode_ctrl(reason="kill me"), unpinned, bad_sig, expired):
+            await mixer.nc.publish(f"flux.ctrl.{RACK}.kill", data)
+        await mixer.nc.flush()
+
+        async def four_refused():
+            c = await ctrl()
+            return c.get("refused") == 4 and c
+        c = await wait_for(four_refused, timeout=10, what="4 refusals reported")
+        assert c["refused_by"] == {"unsigned": 1, "pin": 1, "signature": 1, "expired": 1}
+        assert c["accepted"] == 0 and not c["killed"]
+        assert await a.ask() == id_a and await b.ask() == id_b  # nothing happened
+
+        # -- one connection ------------------------------------------------------------------------
+        r = await api.post(f"/api/v1/racks/{RACK}/connections/{id_a}/close",
+                           json={"gear": "gateway", "reason": "fraud on terminal"})
+        assert r.status_code == 200 and r.json()["status"] == "applied", r.text
+        assert await a.closed_by_peer()
+        assert await b.ask() == id_b
+
+        # -- one gear ------------------------------------------------------------------------------
+        r = await api.post(f"/api/v1/racks/{RACK}/gears/gateway/stop", json={"reason": "maintenance"})
+        assert r.status_code == 200 and r.json()["status"] == "applied", r.text
+        assert r.json()["killswitch"]["stopped_gears"] == ["gateway"]
+        assert await b.closed_by_peer()
+        assert await _refused(port)
+        r = await api.post(f"/api/v1/racks/{RACK}/gears/nosuch/stop", json={})
+        assert r.json()["status"] == "applied" and "no gear" in r.json()["outcome"]["detail"]
+
+        # -- revive (its bytes are kept for the replay below) --------------------------------------
+        r = await api.post(f"/api/v1/racks/{RACK}/revive", json={})
+        assert r.status_code == 200 and r.json()["status"] == "applied", r.text
+        revive_nonce = r.json()["command"]["nonce"]
+        await wait_for(lambda: _serving(port), timeout=10, what="serving after revive")
+
+        # -- the whole Rack, through a restart ------------------------------------------------------
+        r = await api.post(f"/api/v1/racks/{RACK}/kill", json={"reason": "incident 42"})
+        assert r.status_code == 200 and r.json()["status"] == "applied", r.text
+        assert r.json()["killswitch"]["killed"] and r.json()["killswitch"]["reason"] == "incident 42"
+        assert await _refused(port)
+        errs.append(await _stop(proc))
+        assert proc.returncode == 0, errs[-1].decode()[-2000:]
+        proc = await _start_rack(str(conf))
+
+        async def restarted_killed():
+            c = await ctrl()
+            return c.get("killed") and c.get("accepted") == 0 and c.get("refused") == 0  # a fresh process
+        await wait_for(restarted_killed, timeout=20, what="restarted Rack reports killed")
+        assert await _refused(port)
+        s = (await rack())["scenario"]
+        assert s["apply_state"] == "rejected" and "kill" in s["reason"], s
+
+        # -- replay of the earlier, genuine revive: refused even after the restart -----------------
+        old_revive = [d for subj, d in seen if subj.endswith(".revive")
+                      and cbor2.loads(cbor2.loads(d)["payload"])["nonce"].hex() == revive_nonce]
+        assert len(old_revive) == 1
+        await mixer.nc.publish(f"flux.ctrl.{RACK}.revive", old_revive[0])
+        await mixer.nc.flush()
+
+        async def replay_refused():
+            return (await ctrl()).get("refused_by", {}).get("replayed") == 1
+        await wait_for(replay_refused, timeout=10, what="replayed revive refused")
+        await asyncio.sleep(0.5)
+        assert await _refused(port) and (await ctrl())["killed"]
+
+        # -- revive through the CLI ----------------------------------------------------------------
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fluxrig.cli.main", "admin", "racks", "revive", RACK, "--reason", "all clear",
+            "--api-url", mixer.api_url, "--api-token", mixer.api_token, env=dict(os.environ, PYTHONPATH=ROOT),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(cli.communicate(), 30)
+        assert cli.returncode == 0, (out + err).decode()
+        assert b"revive applied" in out, out
+        await wait_for(lambda: _serving(port), timeout=10, what="serving after the CLI revive")
+        s = (await rack())["scenario"]
+        await wait_for(lambda: _applied(api), timeout=10, what="apply state back to applied")
+        events = [e["event"] for e in (await rack())["events"]]
+        assert {"ctrl.kill", "ctrl.revive", "ctrl.gear-stop", "ctrl.conn-close"} <= set(events)
+    finally:
+        await sub.unsubscribe()
+        errs.append(await _stop(proc))
+    assert proc.returncode == 0, errs[-1].decode()[-2000:]
+    if os.environ.get("KS_DEBUG"):
+        print(b"\n=====\n".join(errs).decode())
+
+
+async def _ok(coro) -> bool:
+    r = await coro
+    return r.status_code == 200
+
+
+async def _applied(api) -> bool:
+    s = (await api.get(f"/api/v1/racks/{RACK}")).json()["scenario"]
+    return s["apply_state"] == "applied"
