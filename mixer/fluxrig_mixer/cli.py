@@ -1,6 +1,7 @@
 """`fluxrig-mixer`: run the control plane and its helpers.
 
     fluxrig-mixer serve -c fluxrig-mixer.toml [--auto-adopt] [--scenario FILE]
+    fluxrig-mixer up [-c FILE] [--api-port N] [--snake-port N] [--echo-port N] [--iso-port N] [--no-rack]
     fluxrig-mixer certs init [-c FILE] [--host NAME ...] [--client NAME ...] [--force]
     fluxrig-mixer config defaults | check -c FILE
     fluxrig-mixer version
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("-c", "--config", help="configuration file")
     gc.set_defaults(func=_cmd_config_check)
     g.set_defaults(func=lambda a: (g.print_help(), 2)[1])
+
+    from .up import register as register_up
+
+    register_up(sub)
 
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=_cmd_version)
