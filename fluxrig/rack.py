@@ -200,7 +200,8 @@ class Rack:
             on_log_level=self._set_log_level,
             stats=lambda: {"ctrl": self.killswitch.status() if self.killswitch else {},
                            "gears": self.runtime.metrics() if self.runtime else {},
-                           "lanes": self.bus.metrics() if self.bus else {}},
+                           "lanes": self.bus.metrics() if self.bus else {},
+                           "telemetry": self._telemetry_stats()},
         )
         await self._start_lanes()  # before agent.start(): it may apply a stored passport at once
         await self.agent.start()
@@ -225,6 +226,15 @@ class Rack:
             await bus.close()
         if wal is not None:
             await wal.close()
+
+    def _telemetry_stats(self) -> dict:
+        """For the heartbeat: how far the shipper is behind the WAL (the backlog after an outage)."""
+        if self.shipper is None or self.wal is None:
+            return {}
+        st = self.shipper.stats
+        return {"backlog": st["backlog"], "shipped": st["shipped"], "publish_failures": st["publish_failures"],
+                "undecodable": st["undecodable"], "wal_committed_seq": self.wal.committed_seq,
+                "wal_cursor": self.wal.cursor}
 
     async def _start_telemetry(self) -> None:
         """Logs, metrics and traces go to the WAL first; the shipper drains it to the Snake."""
