@@ -253,3 +253,43 @@ async def test_edge_cut_off_waits_in_its_wal_and_flows_on_rejoin(tmp_path, snake
         await edge.stop()
         await hub.stop()
         await proxy.cut()
+
+
+async def test_serial_to_mixer_scenario_with_a_pty(tmp_path, snake_mixer, monkeypatch):
+    """scenarios/serial-to-mixer.yaml as shipped: a pty plays the field device on Rack
+    `field-gw`; every frame lands once, in order, stamped, in the hub's JSON-lines store."""
+    from serial_pty import PtyDevice
+
+    link = tmp_path / "ttyFIELD"
+    out = tmp_path / "frames.jsonl"
+    monkeypatch.setenv("FLUXRIG_SERIAL_PORT", str(link))
+    monkeypatch.setenv("FLUXRIG_STORE_PATH", str(out))
+    monkeypatch.setenv("FLUXRIG_SITE", "site-7")
+    device = PtyDevice(link)
+    gw = RackRunner(rack_config(tmp_path, "field-gw", snake_mixer.snake.url, snake_mixer))
+    hub = RackRunner(rack_config(tmp_path, "hub", snake_mixer.snake.url, snake_mixer))
+    try:
+        await gw.start()
+        await hub.start()
+        with open(os.path.join(ROOT, "scenarios", "serial-to-mixer.yaml"), encoding="utf-8") as fh:
+            await activate(snake_mixer, fh.read(), [gw, hub])
+        info = await snake_mixer.js.consumer_info(S.STREAM_MSG, "in-hub")
+        assert sorted(info.config.filter_subjects or [info.config.filter_subject]) == [
+            "flux.msg.field-gw.meter.error", "flux.msg.field-gw.stamp.out"]
+        meter = gw.rack.runtime.gears["meter"]
+        await wait_for(lambda: meter.link is not None, timeout=5, what="io_serial opened the pty")
+        n = 200
+        for i in range(1, n + 1):
+            await device.write(f"reading {i}\r\n".encode())
+            if i % 50 == 0:
+                await asyncio.sleep(0.01)
+        await wait_for(lambda: len(sink_lines(out)) >= n, timeout=20, what="every frame in the central store")
+        await asyncio.sleep(0.3)
+        lines = sink_lines(out)
+        assert [line["raw"] for line in lines] == [f"reading {i}" for i in range(1, n + 1)]
+        assert len({line["id"] for line in lines}) == n
+        assert all(line["meta"]["site"] == "site-7" and line["meta"]["flux.source"] == "io_serial" for line in lines)
+    finally:
+        await gw.stop()
+        await hub.stop()
+        device.close()
