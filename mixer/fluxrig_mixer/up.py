@@ -191,6 +191,16 @@ def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
                               flag) from None
 
 
+async def _listening(bind: str, timeout: float = 0.5) -> bool:
+    host, _, port = bind.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(_loopback(host), int(port)), timeout)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def _loopback(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host
 
@@ -468,7 +478,9 @@ class Up:
             name = name or _rack_name_from_passport(self.rack_state)
             row = self.mixer.registry.find(name) if name else None
             if row is not None and row.status == "active" and row.scenario_version == self.stored.version:
-                if row.apply_state == "applied":
+                # The registry row may be left from the last run (same state dir): only the
+                # ports answering prove that this Rack process has applied it.
+                if row.apply_state == "applied" and all(await asyncio.gather(*map(_listening, self.binds.values()))):
                     return name
                 if row.apply_state == "rejected":
                     raise FluxError(f"the local Rack {name} rejected {self.stored.version}: {row.apply_reason}")
@@ -491,7 +503,8 @@ class Up:
             "",
             f"  Mixer API   {api}   (OpenAPI UI at {api}/docs)",
             f"  API token   {token}   (kept in {token_file})" if token else "  API token   none (auth disabled)",
-            f"  Snake       {m.snake.url}",
+            f"  Snake       {m.snake.url}   (more Racks: snake.url = this host, bootstrap_token from "
+            f"{os.path.join(self.state_dir, 'bootstrap-token')})",
             f"  Scenario    {self.stored.name} {self.stored.version} ({', '.join(SCENARIO_FILES)})",
         ]
         if rack_name:
