@@ -499,7 +499,8 @@ class Up:
         auth = f"--api-url {api} --api-token {token}"
         lines = [
             "",
-            "fluxrig-mixer up: the Standard tier is running (Ctrl-C or SIGTERM stops the Rack, then the Mixer)",
+            "fluxrig-mixer up: the Standard tier is running (Ctrl-C or SIGTERM stops "
+            + ("the Rack, then the Mixer)" if rack_name else "the Mixer)"),
             "",
             f"  Mixer API   {api}   (OpenAPI UI at {api}/docs)",
             f"  API token   {token}   (kept in {token_file})" if token else "  API token   none (auth disabled)",
