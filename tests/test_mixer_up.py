@@ -59,6 +59,21 @@ def _children(pid: int) -> dict[int, str]:
     return out
 
 
+def _procs_mentioning(text: str) -> dict[int, str]:
+    """Live processes whose command line contains `text` (e.g. a state dir)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd and _alive(int(entry)):
+                out[int(entry)] = cmd
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -210,6 +225,7 @@ def test_up_standard_tier(tmp_path):
         assert err.index("stopping the local Rack") < err.index("stopping the Mixer"), err
         leftovers = {p: c for p, c in known.items() if _alive(p)}
         assert not leftovers, leftovers
+        assert not _procs_mentioning(str(state)), _procs_mentioning(str(state))
         for port in (api_port, snake_port, echo_port, iso_port):
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -256,3 +272,15 @@ def test_merge_names_a_clash():
         merge_scenarios([("a/tcp-echo.yaml", echo), ("b/again.yaml", clash)])
     text = str(err.value)
     assert "'gateway' is also defined in tcp-echo.yaml" in text and "again.yaml" in text
+
+
+def test_up_gives_up_cleanly_when_the_rack_is_not_ready(tmp_path):
+    state = tmp_path / "state"
+    r = subprocess.run(
+        [sys.executable, "-m", "fluxrig_mixer.cli", "up", "--state-dir", str(state), "--ready-timeout", "1ms",
+         *[a for flag in ("--api-port", "--snake-port", "--echo-port", "--iso-port") for a in (flag, str(_free_port()))]],
+        capture_output=True, text=True, timeout=40, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "not ready after" in r.stderr and "ready" not in r.stdout
+    assert r.stderr.index("stopping the local Rack") < r.stderr.index("stopping the Mixer")
+    assert not _procs_mentioning(str(state)), _procs_mentioning(str(state))

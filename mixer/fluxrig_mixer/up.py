@@ -27,6 +27,7 @@ Contract.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import logging
@@ -69,7 +70,7 @@ READY_POLL_S = 0.1
 RACK_ENV_OWNED = (
     "FLUXRIG_BASE_NAME", "FLUXRIG_BASE_STATE_DIR", "FLUXRIG_BASE_SCENARIO", "FLUXRIG_STORE_DIR",
     "FLUXRIG_SNAKE_URL", "FLUXRIG_SNAKE_BOOTSTRAP_TOKEN", "FLUXRIG_SNAKE_MIXER_PUBLIC_KEY",
-    "FLUXRIG_SNAKE_ROOT_CA_FILE", "FLUXRIG_CONFIG",
+    "FLUXRIG_SNAKE_ROOT_CA_FILE", "FLUXRIG_CONFIG", "FLUXRIG_RACK_DRAIN_TIMEOUT",
 )
 
 
@@ -459,7 +460,8 @@ class Up:
             root_ca = s.tls_ca_file or (default_ca if os.path.exists(default_ca) else "")
         _write_private(self.rack_conf, rack_toml(
             name=self.args.rack_name, state_dir=self.rack_state, snake_url=self.mixer.snake.url,
-            token=self.mixer.bootstrap_token, mixer_key=self.mixer.key.public_hex, root_ca=root_ca))
+            token=self.mixer.bootstrap_token, mixer_key=self.mixer.key.public_hex, root_ca=root_ca,
+            drain_timeout=self.args.drain_timeout))
 
     async def _activate(self) -> None:
         m = self.mixer
@@ -471,8 +473,8 @@ class Up:
 
     async def _wait_rack_ready(self) -> str:
         """The Rack's name once it is active and reports the scenario applied; FluxError if it
-        rejects it or READY_TIMEOUT_S passes."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        rejects it or args.ready_timeout passes."""
+        deadline = time.monotonic() + self.args.ready_timeout
         name, row = None, None
         while time.monotonic() < deadline:
             name = name or _rack_name_from_passport(self.rack_state)
@@ -486,7 +488,8 @@ class Up:
                     raise FluxError(f"the local Rack {name} rejected {self.stored.version}: {row.apply_reason}")
             await asyncio.sleep(READY_POLL_S)
         state = f"status {row.status}, scenario {row.scenario_version or '-'} {row.apply_state}" if row else "not enrolled"
-        raise FluxError(f"the local Rack is not ready after {READY_TIMEOUT_S:.0f}s ({state}); see its output above")
+        raise FluxError(f"the local Rack is not ready after {self.args.ready_timeout:g}s ({state}); "
+                        "see its output above")
 
     def _banner(self, rack_name: str | None) -> str:
         m, fx = self.mixer, _fluxrig_cli()
@@ -552,7 +555,7 @@ class Up:
                     await self._serve()
             finally:
                 if self.rack is not None:
-                    log.info("stopping the local Rack (drain up to %gs)", RACK_DRAIN_TIMEOUT_S)
+                    log.info("stopping the local Rack (drain up to %gs)", self.args.drain_timeout)
                     code = await self.rack.stop()
                     if code not in (0, None, -signal.SIGTERM) and self.exit_code == 0 and self.signals < 2:
                         log.warning("the local Rack exited with code %s", code)
@@ -571,7 +574,7 @@ class Up:
             _clear_stale_passport(self.rack_state, self.mixer.registry, self.mixer.key.public_hex)
             self.rack = RackSupervisor(
                 rack_command(self.rack_conf), self._rack_env(), self.args.rack_name,
-                stop_timeout=RACK_DRAIN_TIMEOUT_S + RACK_STOP_MARGIN_S, on_give_up=self._give_up)
+                stop_timeout=self.args.drain_timeout + RACK_STOP_MARGIN_S, on_give_up=self._give_up)
             await self.rack.start()
             try:
                 rack_name = await self._until_stop(self._wait_rack_ready())
@@ -623,6 +626,15 @@ def _cmd_up(args) -> int:
     return asyncio.run(Up(cfg, args, doc, text, binds).run())
 
 
+def _duration(text: str) -> float:
+    from fluxrig.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(sub) -> None:
     """Add the `up` subcommand to the `fluxrig-mixer` parser."""
     p = sub.add_parser(
@@ -650,6 +662,12 @@ def register(sub) -> None:
     p.add_argument("--echo-port", type=int, help="TCP echo port (default: $FLUXRIG_ECHO_BIND, else 9000)")
     p.add_argument("--iso-port", type=int, help="ISO 8583 authorizer port (default: $FLUXRIG_ISO_BIND, else 8583)")
     p.add_argument("--rack-name", default=DEFAULT_RACK_NAME, help=f"name of the local Rack (default {DEFAULT_RACK_NAME})")
+    p.add_argument("--drain-timeout", type=_duration, default=RACK_DRAIN_TIMEOUT_S, metavar="DURATION",
+                   help=f"how long the local Rack may drain on stop before it is killed "
+                   f"(default {RACK_DRAIN_TIMEOUT_S:g}s; e.g. 500ms, 30s)")
+    p.add_argument("--ready-timeout", type=_duration, default=READY_TIMEOUT_S, metavar="DURATION",
+                   help=f"give up (exit 1) if the local Rack has not applied the scenario by then "
+                   f"(default {READY_TIMEOUT_S:g}s)")
     p.add_argument("--no-rack", action="store_true",
                    help="run only the Mixer with the scenario active; print how to start a Rack for it")
     p.add_argument("--scenarios", metavar="DIR",
