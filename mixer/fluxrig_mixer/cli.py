@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fluxrig-mixer",
         description="fluxrig Mixer: registry, enrollment, signed passports, scenario distribution, "
         "telemetry in DuckDB and the control API, around a supervised nats-server (the Snake).",
-        epilog="Start with `fluxrig-mixer serve`; the bootstrap token for Racks is printed on first start.",
+        epilog="Try it with `fluxrig-mixer up` (a Mixer plus a local Rack with demo scenarios); run a hub with "
+        "`fluxrig-mixer serve`, whose first start prints the bootstrap token for Racks.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
