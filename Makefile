@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: all install build demo demo-standalone test test-compiled test-pure bench binary clean firmware-test soak help
+.PHONY: all install build demo demo-standalone test test-compiled test-pure bench binary clean firmware-test help
 
 all: build
 
 help:
-	@echo "make demo          run the tcp-echo scenario (try: printf 'hi\\n' | python3 -c ... or nc 127.0.0.1 9000)"
+	@echo "make demo          Mixer (API 8090, Snake 4222) + a local Rack: tcp-echo on 9000, ISO 8583 authorizer on 8583"
+	@echo "make demo-standalone  the Rack alone with tcp-echo on 127.0.0.1:9000"
 	@echo "make test          install everything, build the Cython twins, run the suite compiled then pure"
 	@echo "make bench         run the benchmarks (JSON lines)"
 	@echo "make binary        build dist/fluxrig (PyInstaller, one file, accelerated build required)"
@@ -30,12 +31,14 @@ build: $(STAMP)
 	FLUXRIG_REQUIRE_EXTENSIONS=1 $(BIN)/python setup.py -q build_ext --inplace
 	FLUXRIG_REQUIRE_ACCELERATED=1 $(BIN)/fluxrig version
 
+# The Standard tier: a Mixer (API 8090, Snake 4222) and a local Rack running tcp-echo (9000) and
+# the ISO 8583 authorizer (8583); it prints the API token and what to try.
 demo: build
-	@echo
-	@echo "fluxrig demo: tcp-echo on 127.0.0.1:9000 (Ctrl-C to stop)."
-	@echo "  try it from another terminal:  nc 127.0.0.1 9000   then type a line: it comes back upper-cased"
-	@echo
-	FLUXRIG_BASE_STATE_DIR=./data $(BIN)/fluxrig run --scenario scenarios/tcp-echo.yaml
+	$(BIN)/fluxrig-mixer up --state-dir ./data/demo
+
+# The Rack alone, no Mixer: tcp-echo on 127.0.0.1:9000.
+demo-standalone: build
+	FLUXRIG_BASE_STATE_DIR=./data/standalone $(BIN)/fluxrig run --scenario scenarios/tcp-echo.yaml
 
 test: build test-compiled test-pure
 
