@@ -223,7 +223,7 @@ class DelimiterFramer(StreamFramer):
                 if n > maxb and max(map(len, frames)) > maxb:
                     raise self._oversize_part(frames, base, dl, maxb)
                 if self.strip_cr and work.find(b"\r") >= 0:
-                    frames = [f[:-1] if f.endswith(b"\r") else f for f in frames]
+                    frames = [f[:len(f) - 1] if f.endswith(b"\r") else f for f in frames]
             content = len(rest)
             pos = n - content
             scan = pos
@@ -266,7 +266,7 @@ class DelimiterFramer(StreamFramer):
             if len(parts[i]) > maxb:
                 frames = parts[:i]
                 if self.strip_cr:
-                    frames = [f[:-1] if f.endswith(b"\r") else f for f in frames]
+                    frames = [f[:len(f) - 1] if f.endswith(b"\r") else f for f in frames]
                 return self._fail(FrameTooLarge(len(parts[i]), maxb, offset), frames)
             offset += len(parts[i]) + dl
         raise AssertionError("no part over the limit")
