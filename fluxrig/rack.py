@@ -234,7 +234,7 @@ class Rack:
         st = self.shipper.stats
         return {"backlog": st["backlog"], "shipped": st["shipped"], "publish_failures": st["publish_failures"],
                 "undecodable": st["undecodable"], "wal_committed_seq": self.wal.committed_seq,
-                "wal_cursor": self.wal.cursor}
+                "wal_cursor": self.wal.cursor, "at": round(time.time(), 3)}
 
     async def _start_telemetry(self) -> None:
         """Logs, metrics and traces go to the WAL first; the shipper drains it to the Snake."""
