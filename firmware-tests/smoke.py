@@ -13,8 +13,9 @@ ELF to qemu-<arch>-static), shares the host's network namespace, and is driven f
     bind-mounted /dev/pts (needs the io_serial gear and scenarios/serial-echo.yaml here).
 Prints one JSON line; exits 1 unless all three smoke tests passed. start_to_ready_s and idle_rss_mb come from the authorizer run (tcp-echo if
 that scenario is missing) and are *emulated* figures: RSS is that of the qemu processes that
-host the bootloader and its Python child, so it includes the emulator; qemu_baseline_rss_mb
-(qemu running `sleep`) is reported so the guest share can be estimated. Never read them as
+host the bootloader and its Python child, so it includes the emulator; guest_rss_estimate_mb
+leaves out QEMU's own mappings (binary, host heap, translated-code buffer; see
+guest_rss_estimate_mb) and qemu_baseline_rss_mb is qemu running `sleep`, for scale. Never read them as
 native ARM numbers (anchors.md §8: performance is measured on real ARM hardware).
 """
 
@@ -31,7 +32,7 @@ import tty
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
 from _common import free_port  # noqa: E402
-from footprint import echo_smoke, iso_smoke, start_until_ready, stop, tree_rss_mb  # noqa: E402
+from footprint import echo_smoke, iso_smoke, process_tree, start_until_ready, stop, tree_rss_mb  # noqa: E402
 
 START_TIMEOUT_S = 120.0  # an emulated one-file unpack + interpreter start on a busy 2-core box
 IDLE_SETTLE_S = 3.0
@@ -66,6 +67,32 @@ class Target:
         data = json.loads(out.stdout)
         items = data if isinstance(data, list) else data.get("gears", data)
         return {g["type"] if isinstance(g, dict) else g for g in items}
+
+
+HOST_ONLY_MAPPINGS = ("[heap]", "[stack]", "[vvar]", "[vdso]", "[vsyscall]")
+
+
+def guest_rss_estimate_mb(pid: int) -> float:
+    """RSS of one emulated process minus what is visibly QEMU's own: its binary, its host heap and
+    stack, and the translated-code buffer (the one anonymous rwx mapping; 20-30 MB once a Python
+    program has run). What is left is the guest's memory plus small QEMU allocations, so it is
+    an upper estimate of what the same binary would use natively."""
+    total = 0
+    name = perms = ""
+    try:
+        with open(f"/proc/{pid}/smaps") as fh:
+            for line in fh:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                    perms, name = head[1], (head[5] if len(head) > 5 else "")
+                elif head[0] == "Rss:":
+                    qemu = ("qemu-" in name and name.endswith("-static")) or name in HOST_ONLY_MAPPINGS \
+                        or (perms == "rwxp" and not name)
+                    if not qemu:
+                        total += int(head[1])
+    except OSError:
+        return 0.0
+    return total / 1024
 
 
 def qemu_baseline_mb(rootfs: str) -> float:
@@ -160,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 time.sleep(IDLE_SETTLE_S)
                 total, parts = tree_rss_mb(proc.pid)
+                guest = sum(guest_rss_estimate_mb(p) for p in process_tree(proc.pid))
                 result.update(start_to_ready_s=round(start, 2), idle_rss_mb=round(total, 1),
-                              rss_parts_mb=[round(p, 1) for p in parts], figures_scenario="iso8583-authorizer")
+                              rss_parts_mb=[round(p, 1) for p in parts], guest_rss_estimate_mb=round(guest, 1),
+                              figures_scenario="iso8583-authorizer")
                 result["smoke_iso8583"], detail = iso_smoke(port, timeout=30)
                 if not result["smoke_iso8583"]:
                     notes["iso8583"] = detail
