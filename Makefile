@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: all install build demo demo-standalone test test-compiled test-pure bench binary clean firmware-test help
+.PHONY: all install build demo demo-standalone test test-tools test-compiled test-pure bench binary binary-mixer footprint clean firmware-test firmware-clean help
 
 all: build
 
@@ -40,7 +40,11 @@ demo: build
 demo-standalone: build
 	FLUXRIG_BASE_STATE_DIR=./data/standalone $(BIN)/fluxrig run --scenario scenarios/tcp-echo.yaml
 
-test: build test-compiled test-pure
+test: build test-tools test-compiled test-pure
+
+# systemd-analyze for the unit-file tests (Debian's systemd package when missing)
+test-tools:
+	systemd/install-test-tools.sh
 
 test-compiled:
 	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider
@@ -57,8 +61,18 @@ bench: build
 binary: build
 	FLUXRIG_REQUIRE_EXTENSIONS=1 PYTHON=$(BIN)/python packaging/build.sh fluxrig
 
-firmware-test:
+binary-mixer: build
+	FLUXRIG_REQUIRE_EXTENSIONS=1 PYTHON=$(BIN)/python packaging/build.sh fluxrig-mixer
+
+footprint: binary
+	$(BIN)/python bench/footprint.py --json
+
+# arm64 + armhf Rack builds in cached Debian rootfs under QEMU user mode (slow; not in `make test`)
+firmware-test: install
 	firmware-tests/run.sh
+
+firmware-clean:
+	firmware-tests/clean.sh
 
 clean:
 	rm -rf build dist *.egg-info fluxrig/_speedups/*.so fluxrig/_speedups/*.c .pytest_cache

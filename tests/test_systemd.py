@@ -213,8 +213,6 @@ def test_frozen_rack_notifies_from_its_child(tmp_path, rack_env):
 
 
 @pytest.mark.mixer
-@pytest.mark.xfail(strict=False, reason="the Mixer does not send sd_notify yet (READY=1/WATCHDOG=1 asked of "
-                                        "mixer/fluxrig_mixer/app.py in issue 8); fluxrig-mixer.service is Type=notify")
 def test_mixer_notifies_ready_and_stops_on_sigterm(tmp_path):
     pytest.importorskip("fluxrig_mixer")
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), PYTHONPATH=ROOT)

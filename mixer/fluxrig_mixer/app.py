@@ -26,6 +26,7 @@ import time
 
 import nats
 
+from fluxrig import systemd
 from fluxrig.agent import subjects as S
 from fluxrig.agent.agent import close_quietly
 from fluxrig.errors import ConfigError, FluxError
@@ -340,11 +341,23 @@ class Mixer:
             f"fluxrig-mixer ready: API {self.api_url} (OpenAPI at /docs), Snake {self.snake.url}, "
             f"state {self.state_dir}. Ctrl-C stops."
         )
+        systemd.ready(f"API {self.api_url}, Snake {self.snake.url}")
+        watchdog = loop.create_task(self._watchdog()) if systemd.watchdog_interval() else None
         try:
             await self._stop_event.wait()
         finally:
+            systemd.stopping()
+            if watchdog is not None:
+                watchdog.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             log.info("stopping")
             await self.stop()
         return 0
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half of WatchdogSec while the event loop is alive."""
+        period = systemd.watchdog_interval() or 10.0
+        while True:
+            systemd.watchdog()
+            await asyncio.sleep(period)
