@@ -98,7 +98,11 @@ class Rack:
         async with self._reload_lock:
             if self.killswitch is not None:
                 self.killswitch.raise_if_killed()
-            report = await shadow_swap(self.runtime, scenario)
+            if self.bus is not None:  # the guaranteed lane fetches nothing mid-swap
+                async with self.bus.hold():
+                    report = await shadow_swap(self.runtime, scenario)
+            else:
+                report = await shadow_swap(self.runtime, scenario)
             if self.killswitch is not None:
                 for name in list(self.killswitch.stopped_gears):  # a reload must not bring it back
                     await self.runtime.stop_gear(name)

@@ -326,3 +326,40 @@ async def test_serial_to_mixer_scenario_with_a_pty(tmp_path, snake_mixer, monkey
         await gw.stop()
         await hub.stop()
         device.close()
+
+
+TAPPED = """
+meta: {{name: lane, version: "2"}}
+racks: [{{name: edge}}, {{name: hub}}]
+gears:
+  - {{name: gen, type: generator, deploy: edge,
+     config: {{count: {count}, interval: {interval}, template: {{raw: "m{{{{ seq }}}}"}}}}}}
+  - {{name: tap, type: map, deploy: hub, config: {{ops: [{{set: meta.tapped, value: "yes"}}]}}}}
+  - {{name: store, type: sink, deploy: hub, config: {{mode: file, path: "{path}"}}}}
+wires:
+  - {{from: gen.out, to: tap.in}}
+  - {{from: tap.out, to: store.in}}
+"""
+
+
+async def test_reload_rewiring_the_receiving_side_mid_stream(tmp_path, snake_mixer, two_racks):
+    """A new version puts a map between the wire and the hub's sink while the edge keeps
+    sending: the subject now feeds tap.in (a new input) instead of store.in (retired). No
+    message may reach both, none may be lost; after the swap every message is tapped."""
+    edge, hub = two_racks
+    out = tmp_path / "store.jsonl"
+    n = 800
+    await activate(snake_mixer, LANE.format(version=1, count=n, interval="2ms", path=out), [edge, hub])
+    await wait_for(lambda: len(sink_lines(out)) >= 150, timeout=15, what="traffic flowing")
+    stored, _ = snake_mixer.scenarios.import_text(TAPPED.format(count=n, interval="2ms", path=out))
+    await snake_mixer.controller.activate_scenario(stored)
+    await wait_for(lambda: hub.rack.agent.applied_version == stored.version, timeout=10, what="hub reloaded")
+    assert hub.rack.agent.apply_state == "applied", hub.rack.agent.apply_reason
+    assert edge.rack.runtime.gears["gen"].state == "started"  # unchanged on the edge: kept, still sending
+    await wait_for(lambda: len(sink_lines(out)) >= n, timeout=30, what="every message across the reload")
+    await asyncio.sleep(0.3)
+    lines = sink_lines(out)
+    assert_once(lines, n, ordered=False)
+    tapped = [line["meta"].get("tapped") == "yes" for line in lines]
+    assert 0 < tapped.index(True) and all(tapped[tapped.index(True):])  # one cut-over, then all tapped
+    assert hub.rack.bus.metrics()["stale_acked"] == 0

@@ -31,6 +31,8 @@ sees each message once. A message on a subject with no registered input is NAKed
 (`stale_nak_delay`: a reload may be registering it) and, after `stale_after_deliveries`
 deliveries, acknowledged and counted in `stale_acked` (stale wiring at the Mixer). The loop
 waits for `agent.connected`, rebinds after a new bus session, and backs off on errors.
+Fetching pauses while inputs drain (`join`) and during a reload (`hold()`, used by the Rack
+around its shadow swap), so a message never reaches both an input and its replacement.
 
 Order. Per input, messages are processed in stream order. Publishes are pipelined, so after a
 lost connection a record whose publish was lost can be stored after later records of the same
@@ -45,6 +47,7 @@ Raises: LaneFull from `put` (backlog cap), WalFailed/WalClosed from the lane WAL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import OrderedDict, deque
@@ -343,6 +346,18 @@ class JetStreamBus:
                 await asyncio.wait_for(nc.flush(), 1.0)
             except Exception:
                 pass
+
+    @contextlib.asynccontextmanager
+    async def hold(self):
+        """No fetching while inside (a reload): a new input and the old one it replaces are
+        both registered until the swap retires the old one, and a message fetched meanwhile
+        would reach both. Messages wait in JetStream; what inputs already hold is processed."""
+        self._holds += 1
+        try:
+            yield self
+        finally:
+            self._holds -= 1
+            self._routes_changed.set()
 
     def metrics(self) -> dict:
         m = dict(self.m)
