@@ -250,3 +250,21 @@ async def _ok(coro) -> bool:
 async def _applied(api) -> bool:
     s = (await api.get(f"/api/v1/racks/{RACK}")).json()["scenario"]
     return s["apply_state"] == "applied"
+
+
+def test_big_heartbeat_stats_keep_the_kill_switch_section():
+    """Stats over the Mixer's cap used to be cut mid-JSON (the heartbeat then failed to parse);
+    now whole sections are dropped, in order, and named."""
+    import json
+
+    from fluxrig_mixer.registry import MAX_STATS_BYTES, _bounded_stats_json
+
+    stats = {"ctrl": {"killed": True, "recent": [{"detail": "x" * 200}] * 8},
+             "gears": {f"gear-{i}": {"messages_in": i, "pad": "y" * 100} for i in range(300)},
+             "telemetry": {"backlog": 7}}
+    text = _bounded_stats_json(stats)
+    doc = json.loads(text)
+    assert len(text) <= MAX_STATS_BYTES
+    assert doc["ctrl"]["killed"] and doc["telemetry"] == {"backlog": 7} and doc["_truncated"] == ["gears"]
+    small = {"ctrl": {"killed": False}}
+    assert json.loads(_bounded_stats_json(small)) == small

@@ -217,6 +217,34 @@ class RackRow:
         }
 
 
+# Heartbeat stats kept per Rack (memory and the racks.stats column).
+MAX_STATS_BYTES = 8192
+
+
+def _bounded_stats_json(stats: dict, limit: int = MAX_STATS_BYTES) -> str:
+    """JSON of `stats`, at most `limit` bytes and always valid JSON: whole top-level sections
+    are kept in order while they fit (a Rack puts its small, important ones first, e.g. the
+    kill switch state), the others are named under "_truncated". Cutting the text instead
+    would leave JSON that no longer parses."""
+    text = json.dumps(stats, default=str)
+    if len(text) <= limit:
+        return text
+    names = [str(k)[:64] for k in stats][:50]  # what may be listed as dropped: bounded
+    kept: dict = {}
+    dropped: list = []
+    size = len(json.dumps({"_truncated": names}))  # room for the list, whatever ends up in it
+    for key, value in stats.items():
+        part = json.dumps({key: value}, default=str)
+        if size + len(part) <= limit:
+            kept[key] = value
+            size += len(part)
+        elif len(dropped) < len(names):
+            dropped.append(str(key)[:64])
+    kept["_truncated"] = dropped
+    text = json.dumps(kept, default=str)
+    return text if len(text) <= limit else '{"_truncated": ["*"]}'
+
+
 class Registry:
     """Racks in the DuckDB file. Methods run on the owning thread unless they say otherwise."""
 
@@ -499,7 +527,7 @@ class Registry:
         """Host and version are written at once; stats (every heartbeat) are kept in memory and
         persisted by flush_liveness."""
         if stats is not None:
-            text = json.dumps(stats, default=str)[:8192]
+            text = _bounded_stats_json(stats)
             self._stats[rack_id] = text
             self._dirty.add(rack_id)
             if self._rows is not None and rack_id in self._rows:
