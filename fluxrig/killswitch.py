@@ -47,6 +47,7 @@ STATE_FORMAT = 1
 # the heartbeat's stats are capped in size by the Mixer.
 RECENT_RESULTS = 8
 REFUSAL_LOGS_PER_MINUTE = 60
+MAX_DETAIL_CHARS = 200
 
 
 class RackKilled(FluxError):
@@ -175,7 +176,8 @@ class KillSwitch:
         except Exception as exc:  # the command verified; the Rack could not carry it out
             log.exception("kill switch: %s failed", command.cmd)
             detail, ok = f"failed: {type(exc).__name__}: {exc}", False
-        outcome = {"nonce": command.nonce.hex(), "cmd": command.cmd, "ok": ok, "detail": detail, "at": round(now, 3)}
+        outcome = {"nonce": command.nonce.hex(), "cmd": command.cmd, "ok": ok, "detail": detail[:MAX_DETAIL_CHARS],
+                   "at": round(now, 3)}
         self.recent.append(outcome)
         return outcome
 
@@ -222,7 +224,7 @@ class KillSwitch:
             log.warning("kill switch: %s command ignored (%s): %s", verb, exc.reason, exc)
         nonce = C.peek_nonce(data)
         outcome = {"nonce": nonce.hex() if nonce else "", "cmd": verb, "ok": False,
-                   "detail": f"refused ({exc.reason}): {exc}"[:300], "at": round(now, 3)}
+                   "detail": f"refused ({exc.reason}): {exc}"[:MAX_DETAIL_CHARS], "at": round(now, 3)}
         self.recent.append(outcome)
         return outcome
 
