@@ -363,3 +363,25 @@ async def test_reload_rewiring_the_receiving_side_mid_stream(tmp_path, snake_mix
     tapped = [line["meta"].get("tapped") == "yes" for line in lines]
     assert 0 < tapped.index(True) and all(tapped[tapped.index(True):])  # one cut-over, then all tapped
     assert hub.rack.bus.metrics()["stale_acked"] == 0
+
+
+async def test_killed_receiving_gear_holds_its_messages_in_jetstream_until_revived(tmp_path, snake_mixer, two_racks):
+    """The kill switch stops the hub's sink mid-stream: what the lane still held for it goes
+    back to JetStream, nothing is fetched for it meanwhile, and after the revive every message
+    arrives once."""
+    edge, hub = two_racks
+    out = tmp_path / "store.jsonl"
+    n = 600
+    await activate(snake_mixer, LANE.format(version=1, count=n, interval="2ms", path=out), [edge, hub])
+    await wait_for(lambda: len(sink_lines(out)) >= 100, timeout=15, what="traffic flowing")
+    assert await hub.rack.stop_gear("store")
+    killed_at = len(sink_lines(out))
+    await asyncio.sleep(0.7)
+    assert len(sink_lines(out)) == killed_at
+    info = await snake_mixer.js.consumer_info(S.STREAM_MSG, "in-hub")
+    assert info.num_pending + info.num_ack_pending > 0  # waiting in the Snake, not dropped
+    await hub.rack.revive_gears()
+    await wait_for(lambda: len(sink_lines(out)) >= n, timeout=30, what="every message after the revive")
+    await asyncio.sleep(0.3)
+    assert_once(sink_lines(out), n, ordered=False)
+    assert hub.rack.bus.metrics()["stale_acked"] == 0

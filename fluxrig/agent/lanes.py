@@ -32,7 +32,10 @@ sees each message once. A message on a subject with no registered input is NAKed
 deliveries, acknowledged and counted in `stale_acked` (stale wiring at the Mixer). The loop
 waits for `agent.connected`, rebinds after a new bus session, and backs off on errors.
 Fetching pauses while inputs drain (`join`) and during a reload (`hold()`, used by the Rack
-around its shadow swap), so a message never reaches both an input and its replacement.
+around its shadow swap), so a message never reaches both an input and its replacement, and
+while every input's gear is stopped (kill switch): a killed gear's messages wait in JetStream
+(what its queue held is NAKed back) until it is revived; a killed gear among live ones misses
+what arrives meanwhile, as on a hot lane.
 
 Order. Per input, messages are processed in stream order. Publishes are pipelined, so after a
 lost connection a record whose publish was lost can be stored after later records of the same
@@ -214,6 +217,9 @@ class _Inbound:
         while True:
             msg, delivery = await q.get()
             try:
+                if gear.state == "stopped":  # the kill switch stopped it: JetStream keeps the rest
+                    bus._give_back(delivery)
+                    continue
                 await deliver(gear, port, msg)
                 self.processed += 1
                 await bus._done(delivery)
@@ -287,7 +293,7 @@ class JetStreamBus:
         self.m = dict.fromkeys((
             "appended", "published", "publish_failures", "foreign_dropped", "undecodable_records",
             "lane_full", "backlog_waits", "fetched", "delivered", "acked", "ack_failures", "duplicates",
-            "redelivered_in_progress", "unrouted_naks", "stale_acked", "undecodable_msgs", "given_back",
+            "redelivered_in_progress", "unrouted_naks", "held_naks", "stale_acked", "undecodable_msgs", "given_back",
             "fetch_errors"), 0)  # fmt: skip
         self.last_error = ""
         self._routes: dict[str, dict[str, _Inbound]] = {}  # subject -> consumer name -> source
@@ -518,7 +524,7 @@ class JetStreamBus:
     async def _puller(self) -> None:
         psub = bound = None
         while not self._closing:
-            if not self._routes or self._holds:
+            if not self._routes or self._holds or not self._live():
                 self._routes_changed.clear()
                 try:
                     await asyncio.wait_for(self._routes_changed.wait(), self.idle_wait * 4)
@@ -553,6 +559,10 @@ class JetStreamBus:
             for m in msgs:
                 await self._route(m)
 
+    def _live(self) -> bool:
+        """Some input's gear still runs (a gear stopped by the kill switch takes nothing)."""
+        return any(s.gear.state != "stopped" for routes in self._routes.values() for s in routes.values())
+
     async def _route(self, js_msg) -> None:
         headers = js_msg.headers or {}
         key = headers.get(MSG_ID_HEADER) or f"{js_msg.subject}:{js_msg.reply}"
@@ -577,7 +587,14 @@ class JetStreamBus:
                         js_msg.subject, exc)
             await self._ack(js_msg)
             return
-        sources = list(routes.values())
+        sources = [s for s in routes.values() if s.gear.state != "stopped"]
+        if not sources:  # every input here is killed: hold the message in JetStream
+            self.m["held_naks"] += 1
+            try:
+                await js_msg.nak(delay=self.stale_nak_delay)
+            except Exception:
+                self.m["ack_failures"] += 1
+            return
         delivery = _Delivery(js_msg, key, len(sources))
         self._working[key] = delivery
         for i, source in enumerate(sources):
