@@ -1,10 +1,10 @@
 """Kill switch end to end: a real Rack process (`fluxrig run`) joined to a real Mixer.
 
-Unsigned, forged (unpinned key and bad signature) and expired commands are ignored and
+Unsigned, forged (unpinned key and bad signature) and expired kill commands are ignored and
 counted; a signed conn-close closes one connection, gear-stop stops one gear, kill stops the
 whole Rack and refuses new connections, also after a Rack restart, until revived; a revive
-captured on the bus and replayed after a restart is refused (the nonce is kept on disk); the
-CLI speaks to the same routes."""
+and a kill captured on the bus and replayed later (after a restart) are refused (the nonces
+are kept on disk); the CLI speaks to the same routes."""
 
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
 
         # -- replay of the earlier, genuine revive: refused even after the restart -----------------
         old_revive = [d for subj, d in seen if subj.endswith(".revive")
-                      and cbor2.loads(cbor2.loads(d)["payload"])["nonce"].hex() == revive_nonce]
+                      and _payload(d).get("nonce", b"").hex() == revive_nonce]
         assert len(old_revive) == 1
         await mixer.nc.publish(f"flux.ctrl.{RACK}.revive", old_revive[0])
         await mixer.nc.flush()
@@ -232,6 +232,17 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         await wait_for(lambda: _serving(port), timeout=10, what="serving after the CLI revive")
         s = (await rack())["scenario"]
         await wait_for(lambda: _applied(api), timeout=10, what="apply state back to applied")
+        # -- replay of the earlier, genuine kill: refused, the Rack keeps serving -------------------
+        old_kill = [d for subj, d in seen if subj.endswith(".kill")
+                    and (_payload(d).get("args") or {}).get("reason") == "incident 42"]
+        assert len(old_kill) == 1
+        await mixer.nc.publish(f"flux.ctrl.{RACK}.kill", old_kill[0])
+        await mixer.nc.flush()
+
+        async def kill_replay_refused():
+            return (await ctrl()).get("refused_by", {}).get("replayed") == 2
+        await wait_for(kill_replay_refused, timeout=10, what="replayed kill refused")
+        assert await _serving(port) and not (await ctrl())["killed"]
         events = [e["event"] for e in (await rack())["events"]]
         assert {"ctrl.kill", "ctrl.revive", "ctrl.gear-stop", "ctrl.conn-close"} <= set(events)
     finally:
@@ -240,6 +251,12 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
     assert proc.returncode == 0, errs[-1].decode()[-2000:]
     if os.environ.get("KS_DEBUG"):
         print(b"\n=====\n".join(errs).decode())
+
+
+def _payload(data: bytes) -> dict:
+    """The signed payload of a command seen on the bus ({} for anything else)."""
+    env = cbor2.loads(data)
+    return cbor2.loads(env["payload"]) if isinstance(env, dict) and isinstance(env.get("payload"), bytes) else {}
 
 
 async def _ok(coro) -> bool:
