@@ -125,7 +125,8 @@ class Setup:
     def start_rack(self) -> Proc:
         env = _env()
         env["FLUXRIG_ECHO_BIND"] = f"127.0.0.1:{self.echo_port}"
-        return Proc([PY, "-m", "fluxrig.cli.main", "run", "-c", self.rack_conf], env, os.path.join(self.dir, "rack.log"))
+        return Proc([PY, "-m", "fluxrig.cli.main", "run", "-c", self.rack_conf], env,
+                    os.path.join(self.dir, "rack.log"))
 
     def api(self, path: str):
         req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}",
@@ -370,7 +371,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--records", type=int, default=150_000, help="backlog written during the outage (default 150000)")
-    ap.add_argument("--live-rate", type=float, default=1000.0, help="tcp-echo requests/s during the drain (default 1000)")
+    ap.add_argument("--live-rate", type=float, default=1000.0,
+                    help="tcp-echo requests/s during the drain (default 1000)")
     ap.add_argument("--dir", default=None, help="where the temporary state goes (default: a fresh dir under .)")
     ap.add_argument("--ship-rates", default=f"{DEFAULT_SHIP_RATE:g},0",
                     help="telemetry.ship_rate values to run, records/s, 0 = unlimited (default '5000,0'); the first "
@@ -381,10 +383,9 @@ def main(argv=None) -> int:
     rates = [float(r) for r in args.ship_rates.split(",") if r.strip()]
     try:
         first = asyncio.run(run_once(base, rates[0], args.records, args.live_rate))
+        why = " (the default, which bounds the drain on purpose)" if rates[0] == DEFAULT_SHIP_RATE else ""
         result = {**first, "records": args.records, "live_rate": args.live_rate, "fs": fs_type(base),
-                  "note": f"top level: telemetry.ship_rate = {rates[0]:g}"
-                          f"{' (the default, which bounds the drain on purpose)' if rates[0] == DEFAULT_SHIP_RATE else ''}"
-                          "; 'unlimited': ship_rate = 0"}
+                  "note": f"top level: telemetry.ship_rate = {rates[0]:g}{why}; 'unlimited': ship_rate = 0"}
         for rate in rates[1:]:
             key = "unlimited" if rate == 0 else f"ship_rate_{rate:g}"
             result[key] = asyncio.run(run_once(base, rate, args.records, args.live_rate))

@@ -260,7 +260,8 @@ def new_command(cmd: str, rack_id: str, rack: str = "", *, gear: str = "", conn_
     if not 0 < ttl <= MAX_COMMAND_TTL_S:
         raise CommandLifetimeTooLong(ttl, MAX_COMMAND_TTL_S)
     now = time.time() if now is None else now
-    return Command(cmd, rack_id, rack, gear, conn_id, reason[:MAX_REASON_CHARS], os.urandom(NONCE_BYTES), now, now + ttl)
+    return Command(cmd, rack_id, rack, gear, conn_id, reason[:MAX_REASON_CHARS], os.urandom(NONCE_BYTES),
+                   now, now + ttl)
 
 
 def sign_command(key: ClusterKey, command: Command) -> bytes:

@@ -21,7 +21,8 @@ def _signed(cmd=C.CMD_KILL, rack_id="r-1", key=KEY, now=NOW, ttl=60.0, **kw) -> 
 
 
 def _verify(data, nonces=None, pins=(KEY.public_key,), rack_id="r-1", now=NOW + 1, verb=None):
-    return C.verify_command(data, list(pins), rack_id, nonces if nonces is not None else C.NonceCache(), verb=verb, now=now)
+    nonces = nonces if nonces is not None else C.NonceCache()
+    return C.verify_command(data, list(pins), rack_id, nonces, verb=verb, now=now)
 
 
 def test_roundtrip_every_command():

@@ -105,7 +105,8 @@ async def test_gear_stop_conn_close_and_status(tmp_path):
     t = Recorder()
     assert (await _send(ks, C.CMD_GEAR_STOP, target=t, gear="gw", reason="m"))["detail"] == "gear gw stopped"
     assert (await _send(ks, C.CMD_GEAR_STOP, target=t, gear="nope"))["detail"].startswith("no gear 'nope'")
-    assert (await _send(ks, C.CMD_CONN_CLOSE, target=t, conn_id="c9"))["detail"].startswith("conn.close c9 delivered to 2")
+    out = await _send(ks, C.CMD_CONN_CLOSE, target=t, conn_id="c9")
+    assert out["detail"].startswith("conn.close c9 delivered to 2")
     assert ("close", "", "c9", "kill switch") in t.calls
     st = ks.status()
     assert st["stopped_gears"] == ["gw"] and st["accepted"] == 3 and len(st["recent"]) == 3

@@ -50,7 +50,8 @@ class SnakeUnavailable(FluxError):
     """The Mixer's own bus connection is down; nothing was sent."""
 
     def __init__(self, detail: str = ""):
-        super().__init__("the Snake is not reachable from the Mixer; nothing was sent" + (f": {detail}" if detail else ""))
+        super().__init__("the Snake is not reachable from the Mixer; nothing was sent"
+                         + (f": {detail}" if detail else ""))
 
 
 def _audit(mixer, rack, command: C.Command) -> None:
