@@ -204,6 +204,7 @@ class _Inbound:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, bus.inbound_capacity))
         self.task: asyncio.Task | None = None
         self.processed = 0
+        self.closed = False
 
     def start(self) -> None:
         if self.task is None:
@@ -211,20 +212,32 @@ class _Inbound:
                 self._consume(), name=f"bus-in:{self.gear.name}.{self.port}")
         self.bus._register(self)
 
+    async def put(self, msg: FluxMsg, delivery: "_Delivery") -> None:
+        """Queue one message (waits while the queue is full: the pull loop's backpressure)."""
+        if self.closed:
+            self.bus._give_back(delivery)
+            return
+        await self.queue.put((msg, delivery))
+        if self.closed:  # closed while this put waited: nobody will take it
+            self._give_back_queued()
+
     async def _consume(self) -> None:
         q = self.queue
         gear, port, bus = self.gear, self.port, self.bus
         while True:
             msg, delivery = await q.get()
+            finished = False
             try:
                 if gear.state == "stopped":  # the kill switch stopped it: JetStream keeps the rest
-                    bus._give_back(delivery)
                     continue
                 await deliver(gear, port, msg)
                 self.processed += 1
+                finished = True
                 await bus._done(delivery)
             finally:
                 q.task_done()
+                if not finished:  # stopped gear, or cancelled mid-processing: let JetStream redeliver
+                    bus._give_back(delivery)
 
     def depth(self) -> int:
         return self.queue.qsize()
@@ -240,10 +253,14 @@ class _Inbound:
             self.bus._routes_changed.set()
 
     def close(self) -> None:
+        self.closed = True
         self.bus._unregister(self)
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        self._give_back_queued()
+
+    def _give_back_queued(self) -> None:
         # What never reached the gear goes back to JetStream for the next incarnation.
         while not self.queue.empty():
             _msg, delivery = self.queue.get_nowait()
@@ -598,7 +615,7 @@ class JetStreamBus:
         delivery = _Delivery(js_msg, key, len(sources))
         self._working[key] = delivery
         for i, source in enumerate(sources):
-            await source.queue.put((msg if i == 0 else msg.copy(), delivery))
+            await source.put(msg if i == 0 else msg.copy(), delivery)
 
     async def _unrouted(self, js_msg) -> None:
         try:
