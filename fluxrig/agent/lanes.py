@@ -57,7 +57,7 @@ from collections import OrderedDict, deque
 
 import cbor2
 
-from ..errors import LaneFull, ScenarioError, ScenarioProblem
+from ..errors import FluxError, LaneFull, ScenarioError, ScenarioProblem
 from ..msg import FluxMsg
 from ..runtime.bus import dedup_id
 from ..runtime.lane import deliver
@@ -484,12 +484,14 @@ class JetStreamBus:
 
     async def _settle_oldest(self) -> None:
         seq, size, fut = self._inflight[0]
-        try:
-            await fut
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._failed(exc)
+        while not fut.done():
+            await asyncio.wait({fut}, timeout=self.idle_wait)
+            if not fut.done() and not self._can_ship():
+                # Connection lost: its acks will never come; do not wait out publish_timeout.
+                await self._failed(FluxError("disconnected from the Snake with publishes in flight"), abandon=True)
+                return
+        if fut.cancelled() or fut.exception() is not None:
+            await self._failed(fut.exception() or FluxError("publish cancelled"))
             return
         self._inflight.popleft()
         self.m["published"] += 1
@@ -499,14 +501,19 @@ class JetStreamBus:
         while self._inflight:
             await self._settle_oldest()
 
-    async def _failed(self, exc: BaseException) -> None:
-        """A publish in the window failed: let the rest finish, keep what was stored, and
-        restart from the first record that was not."""
+    async def _failed(self, exc: BaseException, abandon: bool = False) -> None:
+        """A publish in the window failed: let the rest finish (or, `abandon`, cancel what has
+        no answer yet), keep what was stored, and restart from the first record that was not.
+        Records re-sent that JetStream already had are dropped by its duplicate window."""
         window, self._inflight = list(self._inflight), deque()
-        await asyncio.gather(*(f for _s, _z, f in window), return_exceptions=True)
+        futures = [f for _s, _z, f in window]
+        if abandon:
+            for f in futures:
+                f.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
         first_failed = None
         for seq, size, fut in window:
-            if fut.exception() is None:
+            if not fut.cancelled() and fut.exception() is None:
                 self.m["published"] += 1
                 self._acked(seq, size)
                 if first_failed is not None:
