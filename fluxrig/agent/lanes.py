@@ -436,8 +436,11 @@ class JetStreamBus:
                     else:
                         await asyncio.sleep(self.idle_wait)
                     continue
-                if len(self._inflight) < self.max_inflight and wal.committed_seq >= self._next_seq:
-                    records = await wal.read_from(self._next_seq, self.max_inflight - len(self._inflight))
+                # Read in chunks (a quarter of the window at least): one executor round trip
+                # per record would cost more than the publish itself.
+                room = self.max_inflight - len(self._inflight)
+                if (room >= self.max_inflight // 4 or not self._inflight) and wal.committed_seq >= self._next_seq:
+                    records = await wal.read_from(self._next_seq, room)
                     if records:
                         self._issue(records)
                         continue
