@@ -221,14 +221,11 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         await asyncio.sleep(0.5)
         assert await _refused(port) and (await ctrl())["killed"]
 
-        # -- revive through the CLI ----------------------------------------------------------------
-        cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fluxrig.cli.main", "admin", "racks", "revive", RACK, "--reason", "all clear",
-            "--api-url", mixer.api_url, "--api-token", mixer.api_token, env=dict(os.environ, PYTHONPATH=ROOT),
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(cli.communicate(), 30)
-        assert cli.returncode == 0, (out + err).decode()
-        assert b"revive applied" in out, out
+        # -- the CLI shows it, and revives ---------------------------------------------------------
+        code, out = await _cli(mixer, "admin", "racks", "show", RACK)
+        assert code == 0 and "KILLED since" in out and "incident 42" in out, out
+        code, out = await _cli(mixer, "admin", "racks", "revive", RACK, "--reason", "all clear")
+        assert code == 0 and "revive applied" in out, out
         await wait_for(lambda: _serving(port), timeout=10, what="serving after the CLI revive")
         s = (await rack())["scenario"]
         await wait_for(lambda: _applied(api), timeout=10, what="apply state back to applied")
@@ -251,6 +248,15 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
     assert proc.returncode == 0, errs[-1].decode()[-2000:]
     if os.environ.get("KS_DEBUG"):
         print(b"\n=====\n".join(errs).decode())
+
+
+async def _cli(mixer, *args) -> tuple[int, str]:
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fluxrig.cli.main", *args, "--api-url", mixer.api_url, "--api-token", mixer.api_token,
+        env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(cli.communicate(), 30)
+    return cli.returncode, out.decode()
 
 
 def _payload(data: bytes) -> dict:

@@ -21,6 +21,7 @@ __all__ = ["register"]
 
 RACK_COLUMNS = [
     ("NAME", "name"), ("STATUS", "status"), ("SCENARIO", "scenario.version"), ("APPLY", "scenario.apply_state"),
+    ("KILLED", "stats.ctrl.killed"),
     ("HOST", "host"), ("VERSION", "version"), ("LAST SEEN", "last_seen"), ("ID", "id"),
 ]
 
@@ -57,6 +58,12 @@ def _racks_show(client, args) -> int:
     s = rack.get("scenario") or {}
     print(f"{'scenario':<13} {s.get('version') or '-'} ({s.get('apply_state')}{': ' + s['reason'] if s.get('reason') else ''})"
           f"{'; target ' + s['target'] if s.get('target') and s.get('target') != s.get('version') else ''}")
+    ks = (rack.get("stats") or {}).get("ctrl") or {}
+    if ks:
+        state = f"KILLED since {ks.get('since')}: {ks.get('reason') or '-'}" if ks.get("killed") else "not killed"
+        stopped = f"; stopped gears {', '.join(ks['stopped_gears'])}" if ks.get("stopped_gears") else ""
+        print(f"{'kill switch':<13} {state}{stopped} ({ks.get('accepted', 0)} accepted, "
+              f"{ks.get('refused', 0)} refused {ks.get('refused_by') or ''})")
     print("events:")
     print_table(rack.get("events") or [], [("TIME", "ts"), ("EVENT", "event"), ("FROM", "from"), ("TO", "to"), ("DETAIL", "detail")])
     return 0
