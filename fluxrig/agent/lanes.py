@@ -5,9 +5,9 @@ Implements the runtime's bus contract (fluxrig/runtime/bus.py) for a Rack joined
 Outbound (`outbound(subject).put(msg)`). The message is CBOR-encoded and appended to the
 Rack's *lane WAL* (an AsyncWal at `<store_dir>/lanes`, separate from the telemetry WAL;
 fsync before acknowledging unless `store.wal_fsync = never`, see `open_lane_wal`) as the
-record `[subject, dedup id, msg CBOR]`; `put` returns once the
-record is durable per that policy. That wait is the guaranteed lane's backpressure: an emitter
-never runs ahead of the disk. A publisher task ships records in WAL order to JetStream with
+record `[subject, dedup id, msg CBOR]`; `put` returns once the record is durable per that
+policy. That wait is the guaranteed lane's backpressure: an emitter never runs ahead of the
+disk. A publisher task ships records in WAL order to JetStream with
 `Nats-Msg-Id = dedup_id(msg, subject)` and at most `max_inflight` unacknowledged publishes;
 a record is acknowledged in the WAL only after its JetStream PubAck (on disk at the Snake),
 so the WAL may then delete it. While the Snake is unreachable, or the passport does not allow
@@ -41,6 +41,12 @@ Order. Per input, messages are processed in stream order. Publishes are pipeline
 lost connection a record whose publish was lost can be stored after later records of the same
 window (at most `max_inflight`): order across a Snake outage is best effort, loss and
 duplication are not.
+
+Limits of "once". A Rack killed (SIGKILL, power) after a PubAck but before its WAL cursor was
+persisted (at most `cursor_sync_ms`, 200 ms) re-sends those records on restart: JetStream
+drops them within its duplicate window (flux-msg: 120 s), the receiving Rack's LRU while it
+remembers them. A receiving Rack killed after its gear processed a message but before the
+ack gets it again (at least once). A graceful stop acks what was processed and NAKs the rest.
 
 Nothing here decides wiring: the runtime asks for targets and sources (graph.py) and the
 Mixer keeps the consumer's filter in step with the active scenario (fluxrig_mixer.lanes).
