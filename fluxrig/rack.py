@@ -193,7 +193,9 @@ class Rack:
         names = [gear] if gear else list(self.runtime.gears)
         return sum(self.runtime.control.publish(name, cmd) for name in names)
 
-    async def _start_agent(self) -> None:
+    async def _prepare_agent(self) -> None:
+        """The agent object and the guaranteed lane, before the runtime exists: a local
+        scenario with guaranteed wires then finds its bus."""
         from .agent import AgentConfig, RackAgent  # imports nats only when joined to a Mixer
 
         self.agent = RackAgent(
@@ -208,6 +210,8 @@ class Rack:
                            "telemetry": self._telemetry_stats()},
         )
         await self._start_lanes()  # before agent.start(): it may apply a stored passport at once
+
+    async def _start_agent(self) -> None:
         await self.agent.start()
         if not self.config.telemetry.disabled:
             await self._start_telemetry()
@@ -221,7 +225,8 @@ class Rack:
         self.bus = JetStreamBus(self.agent, self.lane_wal, send_timeout=self.config.rack.lane_send_timeout,
                                 max_backlog_bytes=mb * 1024 * 1024 if mb > 0 else None)
         self.bus.start()
-        self.runtime.bus = self.bus
+        if self.runtime is not None:
+            self.runtime.bus = self.bus
 
     async def _stop_lanes(self) -> None:
         bus, wal = self.bus, self.lane_wal
@@ -289,7 +294,9 @@ class Rack:
                 scenario = self.load()
             else:
                 scenario = EMPTY_SCENARIO  # the Mixer's passport brings the scenario
-            self.runtime = Runtime(scenario, self.name, self.config.rack)
+            if joined:
+                await self._prepare_agent()
+            self.runtime = Runtime(scenario, self.name, self.config.rack, bus=self.bus)
             await self.runtime.start()
             if joined:
                 await self._start_agent()
