@@ -55,8 +55,15 @@ test-pure:
 
 bench: build
 	$(BIN)/python bench/pipeline.py --json
-	@for b in bench/iso8583_codec.py bench/framing.py bench/wal.py; do \
-		[ -f $$b ] && $(BIN)/python $$b --json || true; done
+	$(BIN)/python bench/framing.py --json
+	$(BIN)/python bench/iso8583_codec.py --json
+	$(BIN)/python bench/iso8583_e2e.py --json
+	$(BIN)/python bench/reload.py --json
+	$(BIN)/python bench/wal.py --json
+	$(BIN)/python bench/outage.py --json
+	$(BIN)/python bench/guaranteed_lane.py --json
+	$(BIN)/python bench/telemetry_ingest.py --json
+	$(BIN)/python bench/fleet.py --json
 
 binary: build
 	FLUXRIG_REQUIRE_EXTENSIONS=1 PYTHON=$(BIN)/python packaging/build.sh fluxrig

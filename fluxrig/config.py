@@ -10,6 +10,10 @@ Environment: `FLUXRIG_<SECTION>_<KEY>` sets `<section>.<key>` (e.g. `FLUXRIG_RAC
 and `logging.debug`. Variables whose first word is not a section (`FLUXRIG_PURE_PYTHON`,
 `FLUXRIG_SERIAL_PORT`, ...) are not configuration and are left alone.
 
+Offline start: a Rack with a stored passport runs the passport's scenario at once, before it
+tries the Snake (the Go original's `snake.offline_start_timeout` wait is therefore not needed
+and not offered); the agent keeps reconnecting with backoff from `snake.reconnect_wait`.
+
 WAL fsync policy (`store.wal_fsync`): `always` fsyncs before each record is acknowledged;
 `batch` fsyncs once per `store.wal_fsync_window` (≤ 100 ms) and acknowledges the whole batch
 after that fsync; `never` leaves flushing to the OS (a power cut loses what the page cache held).
@@ -70,9 +74,6 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "mixer_public_key_next": (STR, "", "second pinned key, accepted during key rotation", None),
         "connect_timeout": (DUR, "10s", "dial timeout to the Snake", None),
         "reconnect_wait": (DUR, "1s", "initial reconnect backoff", None),
-        "operation_timeout": (DUR, "5s", "timeout of one bus operation", None),
-        "offline_start_timeout": (DUR, "3s", "with a passport: wait this long, then start offline", None),
-        "offline_retry_interval": (DUR, "5s", "probe period while offline", None),
         "root_ca_file": (STR, "", "CA bundle for TLS to the Snake", None),
         "tls_cert_file": (STR, "", "client certificate for mTLS", None),
         "tls_key_file": (STR, "", "client key for mTLS", None),
@@ -81,7 +82,6 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "disabled": (BOOL, False, "do not produce telemetry", None),
         "batch_interval": (DUR, "1s", "metric export period", None),
         "ship_rate": (FLOAT, 5000.0, "max telemetry records/s shipped while draining a backlog", None),
-        "max_inflight": (INT, 256, "max unacknowledged telemetry publishes", None),
     },
 }
 

@@ -131,12 +131,12 @@ def compile_template(value, extra: dict[str, Callable[[FluxMsg], Any]] | None = 
         return lambda m: [f(m) for f in fs]
     if not isinstance(value, str) or "{{" not in value:
         return lambda m, v=value: v
-    whole = _TPL.fullmatch(value.strip())
-    if whole:
-        return _compile_expr(whole.group(1), value, extra)
+    matches = list(_TPL.finditer(value))
+    if len(matches) == 1 and matches[0].group(0) == value.strip():
+        return _compile_expr(matches[0].group(1), value, extra)
     pieces: list = []
     pos = 0
-    for m in _TPL.finditer(value):
+    for m in matches:
         if m.start() > pos:
             pieces.append(value[pos : m.start()])
         pieces.append(_compile_expr(m.group(1), value, extra))

@@ -165,3 +165,12 @@ wires:
     (line,) = path.read_text().splitlines()
     doc = json.loads(line)
     assert doc["raw"] == "hex:ff00" and doc["data"]["b"] == "\x01"
+
+
+def test_two_templates_in_one_value_render_as_text():
+    from fluxrig.msg import FluxMsg
+    from fluxrig.templates import compile_template
+
+    render = compile_template("{{ meta.a }} {{ meta.b | upper }}")
+    assert render(FluxMsg(meta={"a": "x", "b": "y"})) == "x Y"
+    assert compile_template("{{ raw }}")(FluxMsg(raw=b"\x01")) == b"\x01"  # a lone template keeps its type
