@@ -18,7 +18,6 @@ import re
 import signal
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import PY, ROOT, backend, emit, free_port, spawn, stop, wait_port  # noqa: E402

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from typing import Protocol
 
+from .fileutil import write_private_atomic
 from . import ctrl as C
 from .errors import FluxError
 
@@ -71,30 +72,6 @@ class KillTarget(Protocol):
     async def stop_gear(self, name: str) -> bool: ...
 
     def close_connection(self, gear: str, conn_id: str, reason: str) -> int: ...
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temp file (0600) + fsync + rename + directory fsync: after a crash the file is either
-    the old or the new state, and the rename itself survives a power cut."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class KillSwitch:
@@ -144,7 +121,7 @@ class KillSwitch:
         doc = {"v": STATE_FORMAT, "killed": self.killed, "nonces": self.nonces.to_state()}
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            _atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode())
+            write_private_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode())
             return ""
         except OSError as exc:
             self.persist_errors += 1

@@ -38,6 +38,7 @@ import cbor2
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from .fileutil import write_private_atomic
 from .errors import (
     KeyFileError,
     PassportExpired,
@@ -172,24 +173,6 @@ def parse_public_key(text: str | bytes) -> bytes:
     return raw
 
 
-def _write_private(path: str, data: bytes) -> None:
-    """Atomic write with mode 0600 from the first byte (no window where it is world-readable)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 class ClusterKey:
     """The Mixer's Ed25519 cluster key. The file holds the 32-byte seed in hex (0600); the
     public key is written beside it as `<file>.pub` (hex) for operators to pin on Racks."""
@@ -233,7 +216,7 @@ class ClusterKey:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             key = cls.generate()
             key.path = path
-            _write_private(path, key._sk.encode().hex().encode() + b"\n")
+            write_private_atomic(path, key._sk.encode().hex().encode() + b"\n")
         pub_path = path + ".pub"
         if not os.path.exists(pub_path):
             with open(pub_path, "w") as fh:
@@ -371,8 +354,8 @@ class PassportStore:
         passport = self.verify(data, now)
         os.makedirs(self.state_dir, exist_ok=True)
         if not self.configured and not os.path.exists(self.pin_path):
-            _write_private(self.pin_path, (passport.mixer_pub_hex + "\n").encode())
-        _write_private(self.path, bytes(data))
+            write_private_atomic(self.pin_path, (passport.mixer_pub_hex + "\n").encode())
+        write_private_atomic(self.path, bytes(data))
         return passport
 
     def load(self, now: float | None = None) -> Passport | None:

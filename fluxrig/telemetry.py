@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 
+from .aiotools import cancel_and_wait
 from .agent.telemetry import SEVERITY
 from .ids import uuid7
 
@@ -88,13 +89,8 @@ class MetricsReporter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-metrics")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def report(self) -> int:
         ts = time.time_ns()

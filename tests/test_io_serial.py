@@ -2,7 +2,6 @@
 oversize frames, unplug/replug, writes while down, timeouts, pacing, validation."""
 
 import asyncio
-import os
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from fluxrig.framing import make_framer
 from fluxrig.framing.serial import crc16_modbus
 from fluxrig.runtime.reload import shadow_swap
 
-from helpers import free_port, running, scenario_from_yaml
+from helpers import running, scenario_from_yaml
 from serial_pty import PtyDevice, serial_scenario, wait_until, wait_up
 
 

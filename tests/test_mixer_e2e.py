@@ -7,7 +7,6 @@ import os
 import time
 
 import httpx
-import pytest
 
 from fluxrig.agent.telemetry import encode_batch
 from mixer_fixtures import *  # noqa: F401,F403

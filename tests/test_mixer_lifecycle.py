@@ -4,7 +4,6 @@ starts from its stored passport with no Mixer, auto-adopt hands late Racks the s
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 

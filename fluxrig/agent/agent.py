@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import ssl
 import time
 from dataclasses import dataclass, field
 
+from ..aiotools import cancel_and_wait
 from .. import _version
 from ..errors import EnrollmentDenied, FluxError, PassportError
 from ..passport import Passport, PassportStore, parse_public_key
@@ -171,13 +171,8 @@ class RackAgent:
     async def stop(self) -> None:
         self._stopping = True
         self._session_end.set()
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._close_nc()
 
     async def publish_telemetry(

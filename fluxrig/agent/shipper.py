@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 
+from ..aiotools import cancel_and_wait
 from ..errors import FluxError
 from .telemetry import COLUMNS, MAX_BATCH_RECORDS, batch_msg_id, encode_batch
 
@@ -85,13 +86,8 @@ class TelemetryShipper:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry-shipper")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def _can_ship(self) -> bool:
         a = self.agent

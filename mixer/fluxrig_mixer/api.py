@@ -36,7 +36,7 @@ from fluxrig.ctrl import CMD_CONN_CLOSE, CMD_GEAR_STOP, CMD_KILL, CMD_REVIVE, DE
 from ._version import __version__
 from .commands import DEFAULT_WAIT_S, CommandNotAllowed, SnakeUnavailable, send_command
 from .controller import LOG_LEVELS
-from .queries import QueryError, query_logs, query_metrics, query_traces
+from .queries import query_logs, query_metrics, query_traces
 from .registry import NameConflict, RackNotFound
 from .scenarios import ScenarioNotFound, project
 from .states import IllegalTransition

@@ -41,6 +41,7 @@ import time
 import yaml
 
 from fluxrig.errors import ConfigError, FluxError, ScenarioError, ScenarioProblem
+from fluxrig.fileutil import write_private_atomic
 from fluxrig.scenario import parse_scenario, validate_scenario
 
 __all__ = ["merge_scenarios", "load_standard_tier", "RackSupervisor", "rack_toml", "register", "find_scenarios_dir"]
@@ -221,13 +222,6 @@ def rack_toml(*, name: str, state_dir: str, snake_url: str, token: str, mixer_ke
     if root_ca:
         lines.append(f"root_ca_file = {q(root_ca)}")
     return "\n".join(lines) + "\n"
-
-
-def _write_private(path: str, text: str) -> None:
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def rack_command(conf: str) -> list[str]:
@@ -458,10 +452,10 @@ class Up:
         if s.tls_cert_file:
             default_ca = os.path.join(self.state_dir, "certs", "ca.pem")
             root_ca = s.tls_ca_file or (default_ca if os.path.exists(default_ca) else "")
-        _write_private(self.rack_conf, rack_toml(
+        write_private_atomic(self.rack_conf, rack_toml(
             name=self.args.rack_name, state_dir=self.rack_state, snake_url=self.mixer.snake.url,
             token=self.mixer.bootstrap_token, mixer_key=self.mixer.key.public_hex, root_ca=root_ca,
-            drain_timeout=self.args.drain_timeout))
+            drain_timeout=self.args.drain_timeout).encode())
 
     async def _activate(self) -> None:
         m = self.mixer
