@@ -93,10 +93,20 @@ class JoinedRack:
         r = await api.post("/api/v1/scenarios/import", params={"activate": "true"}, content=_scenario_text())
         assert r.status_code == 200, r.text
 
+        last = {}
+
         async def applied():
             s = (await api.get(f"/api/v1/racks/{self.name}")).json()["scenario"]
+            last.update(s)
             return s["apply_state"] == "applied"
-        await wait_for(applied, timeout=20, what="scenario applied by the Rack")
+        try:
+            await wait_for(applied, timeout=40, what="scenario applied by the Rack")
+        except AssertionError:
+            err = b""
+            if self.proc and self.proc.returncode is not None:
+                err = await self.proc.stderr.read()
+            raise AssertionError(f"scenario not applied: {last}; rack exit {self.proc.returncode}: "
+                                 f"{err.decode()[-1500:]}") from None
 
     async def stop(self) -> bytes:
         proc = self.proc
