@@ -64,8 +64,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "heartbeat_interval": (DUR, "30s", "heartbeat period towards the Mixer", None),
         "enrollment_timeout": (DUR, "15s", "how long Hello is retried before resuming offline", None),
         "enrollment_interval": (DUR, "2s", "Hello retry period", None),
-        "max_hops": (INT, 64, "max hops a message may take (loop guard)", None),
-        "max_payload_size": (INT, 2 * 1024 * 1024, "max message size in bytes", None),
+        "max_hops": (INT, 64, "max hops a message may take, checked at every emit (loop guard)", None),
+        "max_payload_size": (INT, 2 * 1024 * 1024, "max message size in bytes, checked when it crosses the Snake", None),
     },
     "snake": {
         "url": (STR, "", "NATS URL of the Mixer's Snake; empty = standalone Rack", None),

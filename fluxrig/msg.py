@@ -22,10 +22,20 @@ import cbor2
 from .errors import MessageError
 from .ids import NIL, uuid7
 
-__all__ = ["FluxMsg", "MAX_HOPS", "MAX_PAYLOAD_SIZE", "FLAG_SYNC_PROBE", "get_path", "set_path"]
+__all__ = ["FluxMsg", "MAX_HOPS", "MAX_PAYLOAD_SIZE", "FLAG_SYNC_PROBE", "get_path", "set_path", "set_limits"]
 
 MAX_HOPS = 64
 MAX_PAYLOAD_SIZE = 2 * 1024 * 1024
+# The limits in force in this process: rack.max_hops and rack.max_payload_size (set_limits).
+_limits = [MAX_HOPS, MAX_PAYLOAD_SIZE]
+
+
+def set_limits(max_hops: int, max_payload_size: int) -> None:
+    """Apply the Rack's configured limits to every message of this process."""
+    if max_hops < 1 or max_payload_size < 1:
+        raise ValueError("message limits must be positive")
+    _limits[0] = max_hops
+    _limits[1] = max_payload_size
 FLAG_SYNC_PROBE = 0x01
 HEX_PREFIX = "hex:"
 
@@ -160,10 +170,10 @@ class FluxMsg:
 
     # -- hops and copies ---------------------------------------------------------------------
     def hop(self, gear_id: bytes, port_id: bytes) -> None:
-        """Append one hop; MessageError past MAX_HOPS (a loop in the wiring)."""
+        """Append one hop; MessageError past the hop limit (a loop in the wiring)."""
         path = self.path
-        if len(path) >= MAX_HOPS:
-            raise MessageError(f"message {self.id.hex()} exceeded {MAX_HOPS} hops (a wiring loop?)")
+        if len(path) >= _limits[0]:
+            raise MessageError(f"message {self.id.hex()} exceeded {_limits[0]} hops (a wiring loop?)")
         path.append((gear_id, port_id, _time_ns()))
 
     def copy(self) -> "FluxMsg":
@@ -182,8 +192,10 @@ class FluxMsg:
         return m
 
     # -- limits and the wire form ------------------------------------------------------------
-    def validate(self, max_hops: int = MAX_HOPS, max_size: int = MAX_PAYLOAD_SIZE) -> None:
+    def validate(self, max_hops: int | None = None, max_size: int | None = None) -> None:
         """Check the Go original's limits: hops, heuristic size, UTF-8 keys and values."""
+        max_hops = _limits[0] if max_hops is None else max_hops
+        max_size = _limits[1] if max_size is None else max_size
         if len(self.path) > max_hops:
             raise MessageError(f"{len(self.path)} hops exceeds the limit of {max_hops}")
         size = len(self.raw)

@@ -28,6 +28,7 @@ from .config import Config
 from .errors import FluxError, ScenarioError
 from .killswitch import KillSwitch
 from .logs import TRACE
+from .msg import set_limits
 from .runtime.graph import Runtime
 from .runtime.reload import ReloadError, shadow_swap
 from .scenario import Scenario, load_scenario
@@ -48,6 +49,7 @@ class InstanceLocked(FluxError):
 
 class Rack:
     def __init__(self, config: Config, scenario_path: str | None = None):
+        set_limits(config.rack.max_hops, config.rack.max_payload_size)
         self.config = config
         self.scenario_path = scenario_path or config.base.scenario or None
         self.runtime: Runtime | None = None

@@ -92,3 +92,19 @@ def test_garbage_cbor_is_a_message_error():
         FluxMsg.from_cbor(b"\xff\xfe garbage")
     with pytest.raises(MessageError):
         FluxMsg.from_cbor(cbor2.dumps([1, 2]))
+
+
+def test_configured_limits_apply():
+    from fluxrig.msg import set_limits
+
+    set_limits(3, 100)
+    try:
+        m = FluxMsg(raw=b"x" * 101)
+        for _ in range(3):
+            m.hop(b"g", b"p")
+        with pytest.raises(MessageError, match="3 hops"):
+            m.hop(b"g", b"p")
+        with pytest.raises(MessageError, match="limit of 100"):
+            m.to_cbor()
+    finally:
+        set_limits(MAX_HOPS, MAX_PAYLOAD_SIZE)
