@@ -37,7 +37,6 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "name": (STR, "", "Rack name (a-z, 0-9, _ and -); a standalone Rack without one runs every gear", None),
         "state_dir": (STR, "./data", "directory for the passport, scenario copy, WAL, lock", None),
         "state_file": (STR, "rack.flux", "passport file name inside state_dir", None),
-        "scenario_file": (STR, "scenario.flux", "last applied scenario copy inside state_dir", None),
         "scenario": (STR, "", "scenario file to run standalone (same as --scenario)", None),
     },
     "logging": {
@@ -55,7 +54,6 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "rack": {
         "name_prefix": (STR, "node-", "prefix of generated Rack names", None),
-        "ip": (STR, "", "address reported to the Mixer; empty = first local IPv4", None),
         "drain_timeout": (DUR, "35s", "SIGTERM: max time to finish in-flight work before exit", None),
         "cleanup_timeout": (DUR, "2s", "max time for a gear's stop()", None),
         "lane_queue_size": (INT, 1024, "hot-lane queue depth per wire", None),
