@@ -353,6 +353,9 @@ class TcpEndpoint:
             return False
         self.connections[conn.conn_id] = conn
         self.counters["connections_total"] += 1
+        if self.mode == "server":  # the id an operator needs for `fluxrig admin conn close`
+            self.log.info("%s: connection %s from %s:%s", self.name, conn.conn_id, conn.meta.get("peer.ip"),
+                          conn.meta.get("peer.port"))
         if self.mode == "client":
             self._client_conn = conn
         if self.on_connect is not None:
