@@ -181,7 +181,9 @@ class ConductorGear(Gear):
         self._max = config["max_tickets"]
         self.open: dict[tuple, tuple] = {}  # key -> (deadline, request, return meta, port)
         self._deadlines: deque = deque()  # (deadline, key) in arrival order = deadline order (one ttl)
-        self.closed: OrderedDict = OrderedDict()  # key -> (until, reply)
+        # key -> (until, reply as CBOR). Bytes, not message objects: thousands of retained replies
+        # kept as dicts make every full garbage collection walk them (100+ ms pauses at 5k TPS).
+        self.closed: OrderedDict = OrderedDict()
         self._link_up: dict[str, bool] = {}  # port -> link state, for ports bound to an I/O gear
         self._unsubs: list = []
         self._sweeper: asyncio.Task | None = None
@@ -238,7 +240,7 @@ class ConductorGear(Gear):
         retained = self.closed.get(key)
         if retained is not None:
             self.stats["replayed"] += 1
-            reply = retained[1].copy()
+            reply = FluxMsg.from_cbor(retained[1])
             for k in RETURN_META:
                 if k in msg.meta:
                     reply.meta[k] = msg.meta[k]
@@ -278,7 +280,7 @@ class ConductorGear(Gear):
             msg.meta.pop(k, None)
         msg.meta.update(back)
         if self._retain:
-            self.closed[key] = (asyncio.get_running_loop().time() + self._retain, msg.copy())
+            self.closed[key] = (asyncio.get_running_loop().time() + self._retain, msg.to_cbor())
         await self.emit("out_response", msg)
 
     # -- time ------------------------------------------------------------------------------------
