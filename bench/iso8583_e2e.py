@@ -5,7 +5,8 @@ Phase 1: as many matched request/response pairs per second as 100 requests in fl
 Phase 2: 5,000 TPS held for --hold seconds (default 60), p99 latency and mismatches.
 Prints {"max_matched_per_s", "p99_ms_at_5000_tps", "mismatched", "timeouts", ...}.
 Targets: max_matched_per_s >= 20,000; p99 < 5 ms at 5,000 TPS with zero mismatches. The Go
-original publishes 1,000-1,800 TPS at p99 30-130 ms for its switch.
+original publishes 1,000-1,800 TPS at p99 30-130 ms for its switch: `--switch` loads our switch
+scenario (acquirer -> conductor -> issuer leg to the authorizer, two Racks) for that comparison.
 """
 
 from __future__ import annotations
@@ -30,20 +31,39 @@ def main(argv=None) -> int:
     ap.add_argument("--hold", type=float, default=60, help="phase 2 duration at --tps (default 60)")
     ap.add_argument("--tps", type=float, default=5000, help="phase 2 rate (default 5000)")
     ap.add_argument("--concurrency", type=int, default=100, help="in flight in phase 1 (default 100)")
+    ap.add_argument("--switch", action="store_true",
+                    help="load scenarios/iso8583-switch.yaml instead, with the authorizer as its issuer host "
+                         "(two Racks in their own processes)")
     args = ap.parse_args(argv)
     port = free_port()
-    tmp = tempfile.mkdtemp(prefix="fluxrig-iso-bench-")
-    env = dict(os.environ, FLUXRIG_BASE_STATE_DIR=tmp, FLUXRIG_ISO_BIND=f"127.0.0.1:{port}",
-               FLUXRIG_LOGGING_LEVEL="warning", PYTHONPATH=ROOT)
-    rack = spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", "scenarios/iso8583-authorizer.yaml"], env)
+    base = dict(os.environ, FLUXRIG_LOGGING_LEVEL="warning", PYTHONPATH=ROOT)
+    procs = []
+    if args.switch:
+        host_port = free_port()
+        procs.append(spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", "scenarios/iso8583-authorizer.yaml"],
+                           dict(base, FLUXRIG_BASE_STATE_DIR=tempfile.mkdtemp(prefix="fluxrig-iso-host-"),
+                                FLUXRIG_ISO_BIND=f"127.0.0.1:{host_port}")))
+        env = dict(base, FLUXRIG_BASE_STATE_DIR=tempfile.mkdtemp(prefix="fluxrig-iso-switch-"),
+                   FLUXRIG_ISO_BIND=f"127.0.0.1:{port}", FLUXRIG_ISSUER_A=f"127.0.0.1:{host_port}",
+                   FLUXRIG_ISSUER_B=f"127.0.0.1:{free_port()}")
+        procs.append(spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", "scenarios/iso8583-switch.yaml"], env))
+    else:
+        env = dict(base, FLUXRIG_BASE_STATE_DIR=tempfile.mkdtemp(prefix="fluxrig-iso-bench-"),
+                   FLUXRIG_ISO_BIND=f"127.0.0.1:{port}")
+        procs.append(spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", "scenarios/iso8583-authorizer.yaml"],
+                           env))
     try:
         wait_port(port)
+        if args.switch:
+            # the first requests wait for the issuer leg to come up
+            asyncio.run(run_load(f"127.0.0.1:{port}", duration=0.5, concurrency=1, timeout=10))
         target = f"127.0.0.1:{port}"
         asyncio.run(run_load(target, duration=1.0, concurrency=args.concurrency))  # warm-up
         peak = asyncio.run(run_load(target, duration=args.max_seconds, concurrency=args.concurrency))
         held = asyncio.run(run_load(target, duration=args.hold, rate=args.tps, concurrency=1000))
     finally:
-        stop(rack)
+        for p in procs:
+            stop(p)
     emit({
         "max_matched_per_s": round(peak.tps),
         "p99_ms_at_5000_tps": held.p99_ms,
@@ -54,6 +74,7 @@ def main(argv=None) -> int:
         "held_p50_ms": held.p50_ms,
         "held_max_ms": held.max_ms,
         "held_seconds": args.hold,
+        "scenario": "switch" if args.switch else "authorizer",
         "backend": backend(),
     }, args.json)
     return 0

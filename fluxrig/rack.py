@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -305,6 +306,9 @@ class Rack:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            # Objects alive now (modules, specs, the graph) live as long as the process: keep
+            # them out of the collector's scans, which otherwise grow with every import.
+            gc.freeze()
             current = self.runtime.scenario
             systemd.ready(f"running {current.name or current.source or '-'} {current.version}")
             log.info("fluxrig ready: scenario %s version %s%s", current.name or current.source or "-", current.version,
