@@ -14,7 +14,8 @@ from fluxrig.agent.agent import AgentConfig, RackAgent
 from fluxrig_mixer.app import Mixer
 from fluxrig_mixer.config import load_config
 
-__all__ = ["make_mixer", "mixer", "api", "agent_factory", "wait_for", "HEARTBEAT_S"]
+__all__ = ["make_mixer", "mixer", "api", "agent_factory", "wait_for", "HEARTBEAT_S", "start_rack_process",
+           "stop_rack_process"]
 
 HEARTBEAT_S = 0.2
 
@@ -110,3 +111,30 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def start_rack_process(conf: str, env: dict | None = None):
+    """`fluxrig run -c conf` as a subprocess (stderr captured, read it with stop_rack_process)."""
+    import os
+    import sys
+
+    from helpers import ROOT
+
+    env = dict(env or os.environ, PYTHONPATH=ROOT)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+
+async def stop_rack_process(proc, timeout: float = 20.0) -> bytes:
+    """SIGTERM (the drain path), SIGKILL after `timeout`; returns what the Rack wrote to stderr."""
+    import signal
+
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        _, err = await proc.communicate()
+    return err or b""

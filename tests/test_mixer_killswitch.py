@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import time
 
@@ -96,24 +95,6 @@ async def _serving(port: int) -> bool:
         return False
 
 
-async def _start_rack(conf: str):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf, env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-
-
-async def _stop(proc) -> bytes:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    except asyncio.TimeoutError:
-        proc.kill()
-        _, err = await proc.communicate()
-    return err or b""
-
-
 async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
     port = _free_port()
     conf = tmp_path / "fluxrig.toml"
@@ -135,7 +116,7 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
     async def ctrl():
         return (await rack()).get("stats", {}).get("ctrl") or {}
 
-    proc = await _start_rack(str(conf))
+    proc = await start_rack_process(str(conf))
     errs = []
     try:
         await wait_for(lambda: _ok(api.get(f"/api/v1/racks/{RACK}")), timeout=20, what="the Rack enrolled")
@@ -196,9 +177,9 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         assert r.status_code == 200 and r.json()["status"] == "applied", r.text
         assert r.json()["killswitch"]["killed"] and r.json()["killswitch"]["reason"] == "incident 42"
         assert await _refused(port)
-        errs.append(await _stop(proc))
+        errs.append(await stop_rack_process(proc))
         assert proc.returncode == 0, errs[-1].decode()[-2000:]
-        proc = await _start_rack(str(conf))
+        proc = await start_rack_process(str(conf))
 
         async def restarted_killed():
             c = await ctrl()
@@ -244,7 +225,7 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         assert {"ctrl.kill", "ctrl.revive", "ctrl.gear-stop", "ctrl.conn-close"} <= set(events)
     finally:
         await sub.unsubscribe()
-        errs.append(await _stop(proc))
+        errs.append(await stop_rack_process(proc))
     assert proc.returncode == 0, errs[-1].decode()[-2000:]
     if os.environ.get("KS_DEBUG"):
         print(b"\n=====\n".join(errs).decode())

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
-import sys
 
 from mixer_fixtures import *  # noqa: F401,F403
 
@@ -32,23 +30,6 @@ async def _echo(port: int, line: bytes, timeout: float = 5.0) -> bytes:
         writer.close()
 
 
-async def _start_rack(conf: str, env: dict):
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf, env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-
-
-async def _stop(proc) -> bytes:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    except asyncio.TimeoutError:
-        proc.kill()
-        _, err = await proc.communicate()
-    return err or b""
-
-
 async def test_real_rack_process(mixer, api, tmp_path):
     echo_port = _free_port()
     conf = tmp_path / "fluxrig.toml"
@@ -59,7 +40,7 @@ async def test_real_rack_process(mixer, api, tmp_path):
         f'mixer_public_key = "{mixer.key.public_hex}"\n'
     )
     env = dict(os.environ, PYTHONPATH=ROOT, FLUXRIG_ECHO_BIND=f"127.0.0.1:{echo_port}")
-    proc = await _start_rack(str(conf), env)
+    proc = await start_rack_process(str(conf), env)
     err = b""
     try:
         async def registered():
@@ -103,12 +84,12 @@ async def test_real_rack_process(mixer, api, tmp_path):
             await wait_for(reported, timeout=20, what="second version reported")
         assert await _echo(echo_port, b"still here") == b"STILL HERE\n"
     finally:
-        err = await _stop(proc)
+        err = await stop_rack_process(proc)
     assert proc.returncode == 0, err.decode()[-2000:]
 
     # Mixer gone (stop it), Rack restarts: it runs the scenario from its stored passport.
     await mixer.stop()
-    proc = await _start_rack(str(conf), env)
+    proc = await start_rack_process(str(conf), env)
     try:
         async def serving():
             try:
@@ -117,4 +98,4 @@ async def test_real_rack_process(mixer, api, tmp_path):
                 return False
         await wait_for(serving, timeout=20, what="offline start from the passport")
     finally:
-        await _stop(proc)
+        await stop_rack_process(proc)

@@ -65,7 +65,7 @@ import cbor2
 
 from ..errors import FluxError, LaneFull, ScenarioError, ScenarioProblem
 from ..msg import FluxMsg
-from ..runtime.bus import dedup_id
+from ..runtime.bus import OutboundTarget, dedup_id
 from ..runtime.lane import deliver
 from ..scenario import build_scenario
 from ..scenario.model import Endpoint, WireSpec
@@ -158,31 +158,12 @@ def scenario_from_projection(doc: dict, rack: str, source=None):
     return scenario
 
 
-class _Outbound:
-    """The target for one subject: `put` appends to the lane WAL and returns when durable."""
-
-    gear = None
-
-    def __init__(self, bus: "JetStreamBus", subject: str):
-        self.bus = bus
-        self.subject = subject
-        self.key = ("bus-out", subject)
+class _Outbound(OutboundTarget):
+    """The target for one subject: `put` appends to the lane WAL and returns when durable
+    (durable in the lane WAL counts as delivered for a drain: the publisher ships it later)."""
 
     async def put(self, msg: FluxMsg) -> None:
         await self.bus.append(self.subject, msg)
-
-    def start(self) -> None:
-        return None
-
-    def depth(self) -> int:
-        return 0
-
-    async def join(self) -> None:
-        # Durable in the lane WAL is "delivered" for a drain: the publisher ships it later.
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 class _Delivery:

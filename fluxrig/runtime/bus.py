@@ -24,7 +24,7 @@ from ..msg import FluxMsg
 from .gear import Gear
 from .lane import Lane
 
-__all__ = ["MemoryBus", "dedup_id"]
+__all__ = ["MemoryBus", "OutboundTarget", "dedup_id"]
 
 
 def dedup_id(msg: FluxMsg, subject: str) -> str:
@@ -32,20 +32,17 @@ def dedup_id(msg: FluxMsg, subject: str) -> str:
     return f"{msg.id.hex()}-{len(msg.path)}-{subject}"
 
 
-class _MemoryOutbound:
+class OutboundTarget:
+    """Base of every bus's outbound target: the lane-like surface the runtime drives (start,
+    depth, join, close) is empty because a message handed to `put` has already left the Rack's
+    hands; subclasses implement `put`."""
+
     gear = None
 
-    def __init__(self, bus: "MemoryBus", subject: str):
+    def __init__(self, bus, subject: str):
         self.bus = bus
         self.subject = subject
         self.key = ("bus-out", subject)
-        self.published = 0
-
-    async def put(self, msg: FluxMsg) -> None:
-        wire = msg.to_cbor()
-        self.published += 1
-        for source in list(self.bus.sources[self.subject]):
-            await source.lane.put(FluxMsg.from_cbor(wire))
 
     def start(self) -> None:
         return None
@@ -58,6 +55,18 @@ class _MemoryOutbound:
 
     def close(self) -> None:
         return None
+
+
+class _MemoryOutbound(OutboundTarget):
+    def __init__(self, bus: "MemoryBus", subject: str):
+        super().__init__(bus, subject)
+        self.published = 0
+
+    async def put(self, msg: FluxMsg) -> None:
+        wire = msg.to_cbor()
+        self.published += 1
+        for source in list(self.bus.sources[self.subject]):
+            await source.lane.put(FluxMsg.from_cbor(wire))
 
 
 class _MemoryInbound:
