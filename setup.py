@@ -1,30 +1,40 @@
-"""Build script for the `fluxrig` distribution: compiles the Cython twins in fluxrig/_speedups/.
+"""Build script for the `fluxrig` distribution: compiles the Cython twins, beside their sources.
 
-Each twin is compiled from the *same source* as its pure-Python original (plain typed Python
-plus a .pxd declaring C types), or from a hand-written .pyx where C buffers are needed. The
-build says aloud whether it is accelerated or pure.
+One naming for every twin (see fluxrig/_backend.py): the pure-Python original
+`<pkg>/<name>_py.py` is compiled a second time, with the C declarations of `<pkg>/<name>_c.pxd`,
+into the extension module `<pkg>.<name>_c`, which lands beside the source
+(`fluxrig/framing/core_c.cpython-311-x86_64-linux-gnu.so`). A hand-written `<pkg>/<name>_c.pyx`
+(where C buffers are needed) is compiled instead when it exists. The build says aloud whether it
+is accelerated or pure.
 
-Environment:
+Environment (the same two names the import-time switch in fluxrig/_backend.py reads):
   FLUXRIG_PURE_PYTHON=1          build nothing, install the pure-Python package only.
-  FLUXRIG_REQUIRE_EXTENSIONS=1   a failed or impossible compile is an error (CI, `make test`,
-                                 `make binary`), never a silent slow path.
+  FLUXRIG_REQUIRE_ACCELERATED=1  a failed or impossible compile is an error (CI, `make test`,
+                                 `make binary`, packaging/build.sh), never a silent slow path.
+Without the second, a machine without Cython or a C compiler still installs (pure).
 """
 
 import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# (compiled module name, source compiled, .pxd augmenting a .py source or None)
-SPEEDUPS = [
-    ("fluxrig._speedups.framing", "fluxrig/framing/core.py", "fluxrig/_speedups/framing.pxd"),
-    ("fluxrig._speedups.iso8583", "fluxrig/iso8583/codec_py.py", "fluxrig/_speedups/iso8583.pxd"),
-    ("fluxrig._speedups.crc32c", "fluxrig/wal/crc32c.py", "fluxrig/_speedups/crc32c.pxd"),
-]
+# Every twin, as its path stem: "<stem>_py.py" + "<stem>_c.pxd" -> extension "<stem>_c".
+# Keep in step with fluxrig._backend.TWINS (tests/test_backend.py checks).
+TWINS = (
+    "fluxrig/framing/core",
+    "fluxrig/iso8583/codec",
+    "fluxrig/wal/crc32c",
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_ENV = "FLUXRIG_REQUIRE_ACCELERATED"
+PURE_ENV = "FLUXRIG_PURE_PYTHON"
+# The build-time name before the two were made one; refused so a script still setting it does
+# not silently lose the guarantee it asked for.
+_RENAMED_ENV = "FLUXRIG_REQUIRE_EXTENSIONS"
+
 STAGE = os.path.join("build", "cysrc")
 
 
@@ -32,47 +42,61 @@ def _truthy(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _stage_source(module, source, pxd):
-    """Copy a .py original (and its .pxd) under the twin's module name, so Cython compiles
-    one source twice without symlinks or generated files in the tree."""
-    if source.endswith(".pyx"):
-        return source
-    parts = module.split(".")
-    target_dir = os.path.join(STAGE, *parts[:-1])
+if _truthy(_RENAMED_ENV) and not _truthy(REQUIRE_ENV):
+    raise SystemExit(f"fluxrig build: {_RENAMED_ENV} is now {REQUIRE_ENV}; set {REQUIRE_ENV}=1 instead")
+
+REQUIRED = _truthy(REQUIRE_ENV) and not _truthy(PURE_ENV)
+
+
+def _not_built(reason):
+    """A twin that cannot be built: an error in required mode, else a loud note."""
+    if REQUIRED:
+        raise SystemExit(f"fluxrig build: {reason} and {REQUIRE_ENV}=1")
+    print(f"fluxrig build: {reason}; that twin stays pure", file=sys.stderr)
+
+
+def _stage(stem):
+    """The file Cython compiles for `stem`: the hand-written .pyx, or a copy of the .py original
+    (with its .pxd) under the twin's module name, so one source is compiled twice without
+    symlinks or generated files in the tree. copy2 keeps the mtimes, so an unchanged source is
+    not translated again."""
+    pyx = stem + "_c.pyx"
+    if os.path.exists(pyx):
+        return pyx
+    source, pxd = stem + "_py.py", stem + "_c.pxd"
+    for path in (source, pxd):
+        if not os.path.exists(path):
+            _not_built(f"{path} is missing")
+            return None
+    target_dir = os.path.join(STAGE, os.path.dirname(stem))
     os.makedirs(target_dir, exist_ok=True)
-    for i in range(1, len(parts)):
+    parts = os.path.dirname(stem).split("/")
+    for i in range(1, len(parts) + 1):
         init = os.path.join(STAGE, *parts[:i], "__init__.py")
         if not os.path.exists(init):
             open(init, "w").close()
-    target = os.path.join(target_dir, parts[-1] + ".py")
-    shutil.copyfile(source, target)
-    if pxd:
-        shutil.copyfile(pxd, os.path.join(target_dir, parts[-1] + ".pxd"))
-    return target
+    name = os.path.basename(stem) + "_c"
+    shutil.copy2(source, os.path.join(target_dir, name + ".py"))
+    shutil.copy2(pxd, os.path.join(target_dir, name + ".pxd"))
+    return os.path.join(target_dir, name + ".py")
 
 
 def _extensions():
-    if _truthy("FLUXRIG_PURE_PYTHON"):
-        print("fluxrig build: pure (FLUXRIG_PURE_PYTHON set, no extension compiled)")
+    if _truthy(PURE_ENV):
+        print(f"fluxrig build: pure ({PURE_ENV} set, no extension compiled)")
         return []
     try:
         from Cython.Build import cythonize
     except ImportError:
-        if _truthy("FLUXRIG_REQUIRE_EXTENSIONS"):
-            raise SystemExit("fluxrig build: Cython is missing and FLUXRIG_REQUIRE_EXTENSIONS=1")
+        if REQUIRED:
+            raise SystemExit(f"fluxrig build: Cython is missing and {REQUIRE_ENV}=1") from None
         print("fluxrig build: pure (Cython not installed)")
         return []
-    from setuptools import Extension
-
     exts = []
-    for module, source, pxd in SPEEDUPS:
-        if not os.path.exists(source):
-            if _truthy("FLUXRIG_REQUIRE_EXTENSIONS"):
-                raise SystemExit(f"fluxrig build: source {source} for {module} is missing")
-            print(f"fluxrig build: skipping {module}: {source} not present")
-            continue
-        staged = _stage_source(module, source, pxd)
-        exts.append(Extension(module, [staged], extra_compile_args=["-O2"]))
+    for stem in TWINS:
+        staged = _stage(stem)
+        if staged is not None:
+            exts.append(Extension(stem.replace("/", ".") + "_c", [staged], extra_compile_args=["-O2"]))
     return cythonize(
         exts,
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
@@ -87,21 +111,28 @@ class BuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # compiler missing or broken
-            if _truthy("FLUXRIG_REQUIRE_EXTENSIONS"):
+            if REQUIRED:
                 raise
-            print(f"fluxrig build: pure (compiling the speedups failed: {exc})")
+            print(f"fluxrig build: pure (compiling the twins failed: {exc})")
             return
-        if self.extensions:
-            names = ", ".join(e.name for e in self.extensions)
-            print(f"fluxrig build: accelerated ({names})")
+        built = [e.name for e in self.extensions if e.name not in self._left_pure]
+        if built:
+            print(f"fluxrig build: accelerated ({', '.join(built)})")
+        if self._left_pure:
+            print(f"fluxrig build: left pure: {', '.join(self._left_pure)}")
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:
-            if _truthy("FLUXRIG_REQUIRE_EXTENSIONS"):
+            if REQUIRED:
                 raise
+            self._left_pure.append(ext.name)
             print(f"fluxrig build: {ext.name} left pure ({exc})", file=sys.stderr)
+
+    def initialize_options(self):
+        super().initialize_options()
+        self._left_pure = []
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})

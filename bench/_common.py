@@ -30,8 +30,9 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 def spawn(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:

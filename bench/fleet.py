@@ -10,6 +10,14 @@ GET /api/v1/health, GET /metrics) from a client thread, while the fleet heartbea
 same probe with the fleet silent is the baseline in the same run.
 
     python bench/fleet.py --json  ->  {"racks", "api_p50_ms", "api_p99_ms", ...}
+
+Cluster (issue 14): `--cluster N` runs the same load against N `fluxrig-mixer serve` nodes
+routed together (tests/cluster_fixtures.MixerCluster: R3 shared state, TLS routes), the
+simulated Racks spread over the nodes' Snake URLs (Hello and heartbeats then land on any
+node through the queue group), the API probe going round the nodes (each node's own API
+token), and prints the single-node figures of the same run size beside it:
+
+    python bench/fleet.py --cluster 3 --racks 10000 --json -> {"cluster": {...}, "single": {...}}
 """
 
 from __future__ import annotations
@@ -31,13 +39,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nats  # noqa: E402
 from _common import emit  # noqa: E402
 
-import nats  # noqa: E402
-
-from fluxrig.agent import protocol as P  # noqa: E402
-from fluxrig.agent import subjects as S  # noqa: E402
-from fluxrig.passport import parse_public_key, verify_passport  # noqa: E402
+from fluxrig.passport import verify_passport  # noqa: E402
+from fluxrig.wire import identity as I  # noqa: E402
+from fluxrig.wire import messages as W  # noqa: E402
+from fluxrig.wire import subjects as S  # noqa: E402
+from fluxrig.wire.bundle import read_bundle  # noqa: E402
 
 
 def free_port() -> int:
@@ -46,10 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def probe(port: int, token: str, names: list[str], seconds: float) -> dict[str, list[float]]:
-    """Sequential GETs on one keep-alive connection; latencies per route in ms."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    headers = {"Authorization": f"Bearer {token}"}
+def probe(port, token, names: list[str], seconds: float) -> dict[str, list[float]]:
+    """Sequential GETs on one keep-alive connection per node (`port`/`token` may be lists:
+    request i goes to node i % N); latencies per route in ms."""
+    ports, tokens = (port, token) if isinstance(port, list) else ([port], [token])
+    conns = [http.client.HTTPConnection("127.0.0.1", p, timeout=10) for p in ports]
     routes = ["/api/v1/racks", "/api/v1/racks/{name}", "/api/v1/health", "/metrics"]
     out: dict[str, list[float]] = {r: [] for r in routes}
     deadline = time.monotonic() + seconds
@@ -57,16 +67,18 @@ def probe(port: int, token: str, names: list[str], seconds: float) -> dict[str, 
     while time.monotonic() < deadline:
         route = routes[i % len(routes)]
         path = route.replace("{name}", random.choice(names))
+        k = (i // len(routes)) % len(conns)
         t0 = time.perf_counter()
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
+        conns[k].request("GET", path, headers={"Authorization": f"Bearer {tokens[k]}"})
+        resp = conns[k].getresponse()
         resp.read()
         out[route].append((time.perf_counter() - t0) * 1000)
         if resp.status != 200:
-            raise RuntimeError(f"GET {path}: HTTP {resp.status}")
+            raise RuntimeError(f"GET {path} on node {k}: HTTP {resp.status}")
         i += 1
         time.sleep(0.005)
-    conn.close()
+    for c in conns:
+        c.close()
     return out
 
 
@@ -79,8 +91,12 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Fleet:
-    def __init__(self, url: str, token: str, mixer_pub: bytes, n: int, interval: float):
-        self.url, self.token, self.pub, self.n, self.interval = url, token, mixer_pub, n, interval
+    def __init__(self, bundle, n: int, interval: float, urls: list[str] | None = None):
+        # The enrollment bundle (one multi-use token for the simulated fleet); TLS against its CA.
+        self.url, self.token, self.pub = list(bundle.urls), bundle.token, bundle.mixer_key_bytes[0]
+        self.urls = urls or self.url  # a cluster: Rack i uses node i % N (Hello and its connection)
+        self.tls = bundle.ssl_context()
+        self.n, self.interval = n, interval
         self.racks: list[dict] = []
         self.beats = 0
         self.beat_errors = 0
@@ -88,31 +104,45 @@ class Fleet:
         self.conns = []
 
     async def enroll(self, concurrency: int = 25) -> None:
-        nc = await nats.connect(self.url, user=S.ENROLL_USER, password=S.ENROLL_PASSWORD, inbox_prefix=S.ENROLL_INBOX)
+        ncs = [await nats.connect([u], tls=self.tls, inbox_prefix=S.ENROLL_INBOX) for u in self.urls]
         sem = asyncio.Semaphore(concurrency)
 
         async def one(i: int):
+            nc = ncs[i % len(ncs)]
             async with sem:
-                sk, pk = P.new_reply_keypair()
-                msg = await nc.request(S.HELLO, P.encode_hello(self.token, f"sim-{i:04d}", pk, "bench"), timeout=30)
-                reply = P.decode_hello_reply(msg.data)
-                passport = verify_passport(P.unseal(sk, reply["sealed"]), [self.pub])
-                self.racks.append({"name": passport.rack_name, "user": passport.bus_user,
-                                   "password": passport.bus_password, "serial": passport.serial})
+                sk, pk = W.new_reply_keypair()
+                seed = I.new_user_seed()
+                hello = W.Hello(
+                    self.token, f"sim-{i:04d}", pk, "bench", nkey=I.public_key(seed), nkey_sig=I.prove(seed, pk)
+                )
+                msg = await nc.request(S.HELLO, hello.encode(), timeout=30)
+                reply = W.HelloReply.decode(msg.data)
+                if not reply.sealed:
+                    raise RuntimeError(f"hello {i} refused: {reply.status} {reply.message}")
+                passport = verify_passport(W.unseal(sk, reply.sealed), [self.pub])
+                self.racks.append({"name": passport.rack_name, "seed": seed, "serial": passport.serial,
+                                   "url": self.urls[i % len(self.urls)]})  # fmt: skip
 
         await asyncio.gather(*(one(i) for i in range(self.n)))
-        await nc.close()
+        for nc in ncs:
+            await nc.close()
 
     async def connect(self, concurrency: int = 25) -> None:
         sem = asyncio.Semaphore(concurrency)
 
         async def one(r):
             async with sem:
-                for attempt in range(20):
+                for _attempt in range(20):
                     try:
-                        r["nc"] = await nats.connect(self.url, user=r["user"], password=r["password"],
-                                                     inbox_prefix=S.inbox_prefix(r["name"]), allow_reconnect=True,
-                                                     max_reconnect_attempts=5, reconnect_time_wait=0.2)
+                        r["nc"] = await nats.connect(
+                            [r.get("url") or self.url[0]],
+                            nkeys_seed_str=r["seed"],
+                            tls=self.tls,
+                            inbox_prefix=S.inbox_prefix(r["name"]),
+                            allow_reconnect=True,
+                            max_reconnect_attempts=5,
+                            reconnect_time_wait=0.2,
+                        )
                         return
                     except Exception:
                         await asyncio.sleep(0.2)  # the Snake may still be reloading its users
@@ -125,12 +155,14 @@ class Fleet:
         start = time.monotonic()
         while self.running:
             try:
-                msg = await r["nc"].request(S.heartbeat(r["name"]),
-                                            P.encode_heartbeat(r["serial"], apply="none", uptime=time.monotonic() - start,
-                                                               stats={"tasks": 12}), timeout=5)
-                reply = P.decode_heartbeat_reply(msg.data)
-                if reply["passport"]:
-                    r["serial"] = verify_passport(reply["passport"], [self.pub]).serial
+                msg = await r["nc"].request(
+                    S.heartbeat(r["name"]),
+                    W.Heartbeat(r["serial"], uptime=time.monotonic() - start, stats={"tasks": 12}).encode(),
+                    timeout=5,
+                )
+                reply = W.HeartbeatReply.decode(msg.data)
+                if reply.passport:
+                    r["serial"] = verify_passport(reply.passport, [self.pub]).serial
                 self.beats += 1
             except Exception:
                 self.beat_errors += 1
@@ -138,18 +170,112 @@ class Fleet:
 
 
 async def run(args) -> dict:
+    if getattr(args, "cluster", 0):
+        single = await run_single(args)
+        return {"cluster": await run_cluster(args), "single": single}
+    return await run_single(args)
+
+
+async def measure(args, fleet: Fleet, api_ports, tokens) -> dict:
+    """Enroll, connect, probe idle, beat, probe loaded: the figures (one node or several)."""
+    t0 = time.perf_counter()
+    await fleet.enroll()
+    enroll_s = time.perf_counter() - t0
+    await fleet.connect()
+    names = [r["name"] for r in fleet.racks]
+    idle = await asyncio.to_thread(probe, api_ports, tokens, names, args.seconds / 2)
+    fleet.running = True
+    beaters = [asyncio.get_running_loop().create_task(fleet.beat_forever(r)) for r in fleet.racks]
+    await asyncio.sleep(args.interval * 2)
+    beats0, t1 = fleet.beats, time.perf_counter()
+    loaded = await asyncio.to_thread(probe, api_ports, tokens, names, args.seconds)
+    hb_rate = (fleet.beats - beats0) / (time.perf_counter() - t1)
+    racks_seen = []
+    for port, token in zip(api_ports, tokens, strict=True):  # every node knows every Rack
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/api/v1/racks", headers={"Authorization": f"Bearer {token}"})
+        racks_seen.append(json.loads(c.getresponse().read()))
+    fleet.running = False
+    for t in beaters:
+        t.cancel()
+    racks = racks_seen[0]
+    all_loaded = [v for vs in loaded.values() for v in vs]
+    all_idle = [v for vs in idle.values() for v in vs]
+    return {
+        "nodes": len(api_ports),
+        "racks": len(racks),
+        "racks_per_node": [len(r) for r in racks_seen],
+        "racks_active": sum(1 for r in racks if r["status"] == "active"),
+        "api_p50_ms": pct(all_loaded, 50),
+        "api_p99_ms": pct(all_loaded, 99),
+        "idle_api_p50_ms": pct(all_idle, 50),
+        "idle_api_p99_ms": pct(all_idle, 99),
+        "api_requests": len(all_loaded),
+        "per_route_p99_ms": {k: pct(v, 99) for k, v in loaded.items()},
+        "heartbeats_per_s": round(hb_rate, 1),
+        "heartbeat_errors": fleet.beat_errors,
+        "enroll_s": round(enroll_s, 2),
+        "enroll_per_s": round(args.racks / enroll_s, 1),
+    }
+
+
+async def run_cluster(args) -> dict:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "mixer"))
+    from cluster_fixtures import MixerCluster
+
+    tmp = tempfile.mkdtemp(prefix="fluxrig-fleet-cluster-")
+    cluster = MixerCluster(
+        tmp, args.cluster, replicas=min(3, args.cluster), enrollment_toml="auto_adopt = true",
+        extra_toml='[logging]\nlevel = "warning"\n',
+    )  # fmt: skip
+    if args.interval != 1.0:
+        raise SystemExit("--cluster runs with the fixture's 1 s heartbeat interval")
+    fleet = None
+    try:
+        await asyncio.to_thread(cluster.start)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")]))
+        bundle_path = os.path.join(tmp, "fleet.bundle")
+        subprocess.run(
+            [sys.executable, "-m", "fluxrig_mixer.cli", "tokens", "create", "-c", str(cluster.nodes[0].conf),
+             "--uses", str(args.racks), "--bundle", bundle_path],
+            env=env, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        await asyncio.sleep(2.0)  # node 1's Mixer pushes its token file to the shared state (tokens.POLL_S)
+        fleet = Fleet(read_bundle(bundle_path), args.racks, args.interval, cluster.snake_urls)
+        ports = [n.api_port for n in cluster.nodes]
+        return await measure(args, fleet, ports, [n.token for n in cluster.nodes])
+    finally:
+        if fleet is not None:
+            for r in fleet.racks:
+                if r.get("nc") is not None:
+                    try:
+                        await r["nc"].close()
+                    except Exception:
+                        pass
+        await asyncio.to_thread(cluster.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def run_single(args) -> dict:
     tmp = tempfile.mkdtemp(prefix="fluxrig-fleet-bench-")
     api_port, snake_port = free_port(), free_port()
     conf = os.path.join(tmp, "fluxrig-mixer.toml")
     with open(conf, "w") as fh:
-        fh.write(f'[base]\nstate_dir = "{tmp}/data"\n[api]\nhost = "127.0.0.1"\nport = {api_port}\n'
-                 f'[snake]\nhost = "127.0.0.1"\nport = {snake_port}\n'
-                 f'[enrollment]\nauto_adopt = true\nheartbeat_interval = "{args.interval}s"\n'
-                 '[logging]\nlevel = "warning"\n')
+        fh.write(
+            f'[base]\nstate_dir = "{tmp}/data"\n[api]\nhost = "127.0.0.1"\nport = {api_port}\n'
+            f'[snake]\nhost = "127.0.0.1"\nport = {snake_port}\n'
+            f'[enrollment]\nauto_adopt = true\nheartbeat_interval = "{args.interval}s"\n'
+            '[logging]\nlevel = "warning"\n'
+        )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")]))
     prof = ["-m", "cProfile", "-o", os.environ["FLEET_PROFILE"]] if os.environ.get("FLEET_PROFILE") else []
-    proc = subprocess.Popen([sys.executable, *prof, "-m", "fluxrig_mixer.cli", "serve", "-c", conf], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *prof, "-m", "fluxrig_mixer.cli", "serve", "-c", conf],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     fleet = None
     try:
         token_path = os.path.join(tmp, "data", "api-token")
@@ -166,44 +292,14 @@ async def run(args) -> dict:
                 raise RuntimeError("the Mixer did not start")
             await asyncio.sleep(0.2)
         token = open(token_path).read().strip()
-        bootstrap = open(os.path.join(tmp, "data", "bootstrap-token")).read().strip()
-        pub = parse_public_key(open(os.path.join(tmp, "data", "cluster.key.pub")).read())
-        fleet = Fleet(f"nats://127.0.0.1:{snake_port}", bootstrap, pub, args.racks, args.interval)
-        t0 = time.perf_counter()
-        await fleet.enroll()
-        enroll_s = time.perf_counter() - t0
-        await fleet.connect()
-        names = [r["name"] for r in fleet.racks]
-        # Baseline: the same probe with the fleet registered but silent.
-        idle = await asyncio.to_thread(probe, api_port, token, names, args.seconds / 2)
-        fleet.running = True
-        beaters = [asyncio.get_running_loop().create_task(fleet.beat_forever(r)) for r in fleet.racks]
-        await asyncio.sleep(args.interval * 2)
-        beats0, t1 = fleet.beats, time.perf_counter()
-        loaded = await asyncio.to_thread(probe, api_port, token, names, args.seconds)
-        hb_rate = (fleet.beats - beats0) / (time.perf_counter() - t1)
-        c = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
-        c.request("GET", "/api/v1/racks", headers={"Authorization": f"Bearer {token}"})
-        racks = json.loads(c.getresponse().read())
-        fleet.running = False
-        for t in beaters:
-            t.cancel()
-        all_loaded = [v for vs in loaded.values() for v in vs]
-        all_idle = [v for vs in idle.values() for v in vs]
-        return {
-            "racks": len(racks),
-            "racks_active": sum(1 for r in racks if r["status"] == "active"),
-            "api_p50_ms": pct(all_loaded, 50),
-            "api_p99_ms": pct(all_loaded, 99),
-            "idle_api_p50_ms": pct(all_idle, 50),
-            "idle_api_p99_ms": pct(all_idle, 99),
-            "api_requests": len(all_loaded),
-            "per_route_p99_ms": {k: pct(v, 99) for k, v in loaded.items()},
-            "heartbeats_per_s": round(hb_rate, 1),
-            "heartbeat_errors": fleet.beat_errors,
-            "enroll_s": round(enroll_s, 2),
-            "enroll_per_s": round(args.racks / enroll_s, 1),
-        }
+        bundle_path = os.path.join(tmp, "fleet.bundle")
+        subprocess.run(
+            [sys.executable, "-m", "fluxrig_mixer.cli", "tokens", "create", "-c", conf, "--uses", str(args.racks),
+             "--bundle", bundle_path],
+            env=env, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        fleet = Fleet(read_bundle(bundle_path), args.racks, args.interval)
+        return await measure(args, fleet, [api_port], [token])
     finally:
         if fleet is not None:
             for r in fleet.racks:
@@ -226,6 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="heartbeat interval, seconds")
     p.add_argument("--seconds", type=float, default=10.0, help="probe duration under load")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cluster", type=int, default=0, help="also run N clustered nodes (issue 14) beside one node")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
     emit(result, args.json)

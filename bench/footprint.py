@@ -42,6 +42,7 @@ TARGETS = {"binary_bytes": 15 * 1024 * 1024, "idle_rss_mb": 40.0, "start_to_read
 
 # --- process tree measurement -------------------------------------------------------------------
 
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in os.listdir("/proc"):
@@ -119,6 +120,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 # --- what the smoke scenarios answer ---------------------------------------------------------
 
+
 def echo_smoke(port: int, timeout: float = 10.0) -> bool:
     async def go() -> bytes:
         r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -146,9 +148,20 @@ def iso_smoke(port: int, timeout: float = 10.0) -> tuple[bool, str]:
         return len(raw).to_bytes(2, "big") + bytes(raw)
 
     net = {"t": "0800", "7": "1127120000", "11": "000001", "41": "SMOKE001", "70": "301"}
-    auth = {"t": "0200", "2": "4111111111111111", "3": "000000", "4": "000000010000", "7": "1127120000",
-            "11": "000002", "12": "120000", "13": "1127", "37": "RRN000000001", "41": "SMOKE001",
-            "42": "MERCHANT0000001", "49": "978"}
+    auth = {
+        "t": "0200",
+        "2": "4111111111111111",
+        "3": "000000",
+        "4": "000000010000",
+        "7": "1127120000",
+        "11": "000002",
+        "12": "120000",
+        "13": "1127",
+        "37": "RRN000000001",
+        "41": "SMOKE001",
+        "42": "MERCHANT0000001",
+        "49": "978",
+    }
 
     async def go() -> list[dict]:
         r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -164,12 +177,19 @@ def iso_smoke(port: int, timeout: float = 10.0) -> tuple[bool, str]:
         a, b = asyncio.run(go())
     except Exception as exc:  # the smoke result is a verdict, not a crash of the harness
         return False, f"{type(exc).__name__}: {exc}"
-    ok = (a.get("t") == "0810" and a.get("39") == "00" and a.get("11") == "000001"
-          and b.get("t") == "0210" and b.get("39") == "00" and b.get("11") == "000002")
+    ok = (
+        a.get("t") == "0810"
+        and a.get("39") == "00"
+        and a.get("11") == "000001"
+        and b.get("t") == "0210"
+        and b.get("39") == "00"
+        and b.get("11") == "000002"
+    )
     return ok, f"{a.get('t')}/{a.get('39')} {b.get('t')}/{b.get('39')}"
 
 
 # --- native x86-64 run --------------------------------------------------------------------------
+
 
 def _scenario_path(name: str) -> str:
     return os.path.join(ROOT, "scenarios", f"{name}.yaml")
@@ -195,9 +215,15 @@ def measure(cmd: list[str], scenario: str, runs: int, tmpdir: str, timeout: floa
                 unpacked = _unpacked_bytes(tmpdir)
                 smoke = iso_smoke(port)[0] if scenario.startswith("iso8583") else echo_smoke(port)
             exits.append(stop(proc))
-    return {"start_to_ready_s": round(statistics.median(starts), 3), "start_min_s": round(min(starts), 3),
-            "idle_rss_mb": round(rss, 1), "rss_parts_mb": [round(p, 1) for p in parts],
-            "unpacked_bytes": unpacked, "smoke": smoke, "exit_codes_ok": all(c == 0 for c in exits)}
+    return {
+        "start_to_ready_s": round(statistics.median(starts), 3),
+        "start_min_s": round(min(starts), 3),
+        "idle_rss_mb": round(rss, 1),
+        "rss_parts_mb": [round(p, 1) for p in parts],
+        "unpacked_bytes": unpacked,
+        "smoke": smoke,
+        "exit_codes_ok": all(c == 0 for c in exits),
+    }
 
 
 def _unpacked_bytes(tmpdir: str) -> int:

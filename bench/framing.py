@@ -131,9 +131,10 @@ def main(argv=None) -> int:
         "frame_payload_bytes": PAYLOAD_BYTES,
         "chunk_bytes": CHUNK_BYTES,
         "frames": args.frames,
-        "compiled": F.COMPILED,
+        "backend": F.BACKEND,
         **lp,
-        "mb_per_s_compiled": None if lp["compiled_frames_per_s"] is None
+        "mb_per_s_compiled": None
+        if lp["compiled_frames_per_s"] is None
         else round(lp["compiled_frames_per_s"] * (PAYLOAD_BYTES + 2) / 1e6, 1),
         "delimiter": nl,
         "encode": enc,
@@ -142,12 +143,15 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"framing benchmark: {PAYLOAD_BYTES}-byte payloads, {CHUNK_BYTES // 1024} KiB chunks, "
-          f"{args.frames} frames, best of {args.repeat}")
+    print(
+        f"framing benchmark: {PAYLOAD_BYTES}-byte payloads, {CHUNK_BYTES // 1024} KiB chunks, "
+        f"{args.frames} frames, best of {args.repeat}"
+    )
     for name, fig in (("len2_be feed", lp), ("newline feed", nl), ("len2_be encode", enc)):
         c = fig["compiled_frames_per_s"]
-        print(f"  {name:15s} compiled {c or 0:>12,} /s   pure {fig['pure_frames_per_s']:>12,} /s   "
-              f"ratio {fig['ratio']}")
+        print(
+            f"  {name:15s} compiled {c or 0:>12,} /s   pure {fig['pure_frames_per_s']:>12,} /s   ratio {fig['ratio']}"
+        )
     print("  one frame per feed (ns per feed): " + ", ".join(f"{k} {v}" for k, v in single.items()))
     return 0
 

@@ -22,14 +22,15 @@ Per run:
    agent and shipper code; the Mixer stops; the ids in its DuckDB file are compared with the
    WAL's seqs 1..N: lost = seqs not in DuckDB, duplicated = rows beyond one per seq.
 
-The shipper's rate limit (`telemetry.ship_rate`, default 5000 records/s) bounds the drain on
-purpose, so that a backlog does not starve live traffic. The bench runs twice: with the
-default limit (the top-level figures) and with `ship_rate = 0` (unlimited, under "unlimited").
-Each run says the ship_rate it measured with.
+Configurations. The top-level figures are the Rack's DEFAULT configuration (no telemetry key
+written: since issue 11 the drain adapts, AIMD on the shipper's window against the event
+loop's lag and the publish round trip, see fluxrig/agent/publisher.py). `--ship-rates` adds
+runs with a fixed `telemetry.ship_rate` cap (records/s; 0 = the default again) under
+`ship_rate_<N>`. Each run says what it measured with (`config`).
 
-    python bench/outage.py --json
-    -> {"drain_records_per_s", "live_p99_ms", "lost", "duplicated", "ship_rate",
-        "baseline_live_p99_ms", "unlimited": {...}, ...}
+    python bench/outage.py --json [--ship-rates 5000]
+    -> {"drain_records_per_s", "live_p99_ms", "lost", "duplicated", "config",
+        "baseline_live_p99_ms", "shipper": {the shipper figures the heartbeat carries}, ...}
 
 State lives in a fresh directory under the current one (not /tmp, often tmpfs where fsync is
 free: JetStream's fsync per write is part of what is measured); `fs` names its filesystem.
@@ -59,7 +60,8 @@ from _common import PY, emit, free_port  # noqa: E402
 from wal import fs_type  # noqa: E402
 
 RACK = "outage-bench"
-DEFAULT_SHIP_RATE = 5000.0  # fluxrig.config SCHEMA telemetry.ship_rate default
+#: The Rack's heartbeat figures of its shipper quoted under "shipper" (fluxrig/mixer_link.py).
+SHIPPER_KEYS = ("window", "records_per_batch", "rtt_ms", "loop_lag_max_ms", "publish_failures")
 DRAINED_BELOW = 500  # backlog (records) under which the drain counts as done: live telemetry keeps coming
 BASELINE_S = 5.0
 OFFLINE_S = 3.0
@@ -91,7 +93,7 @@ class Proc:
 class Setup:
     """Paths, ports and configuration files of one run."""
 
-    def __init__(self, base: str, ship_rate: float):
+    def __init__(self, base: str, ship_rate: float | None):
         self.dir = tempfile.mkdtemp(prefix="outage-", dir=base)
         self.mixer_dir = os.path.join(self.dir, "mixer")
         self.rack_dir = os.path.join(self.dir, "rack")
@@ -99,18 +101,25 @@ class Setup:
         self.ship_rate = ship_rate
         self.mixer_conf = os.path.join(self.dir, "mixer.toml")
         with open(self.mixer_conf, "w") as fh:
-            fh.write(f'[base]\nstate_dir = "{self.mixer_dir}"\n[api]\nhost = "127.0.0.1"\nport = {self.api_port}\n'
-                     f'[snake]\nhost = "127.0.0.1"\nport = {self.snake_port}\n'
-                     f'[enrollment]\nauto_adopt = true\nheartbeat_interval = "200ms"\n')
+            fh.write(
+                f'[base]\nstate_dir = "{self.mixer_dir}"\n[api]\nhost = "127.0.0.1"\nport = {self.api_port}\n'
+                f'[snake]\nhost = "127.0.0.1"\nport = {self.snake_port}\n'
+                f'[enrollment]\nauto_adopt = true\nheartbeat_interval = "200ms"\n'
+            )
         self.rack_conf = os.path.join(self.dir, "fluxrig.toml")
 
-    def write_rack_conf(self, token: str, key: str) -> None:
+    @property
+    def bundle(self) -> str:
+        """The Mixer's first-start enrollment bundle (Snake URL, CA, key, single-use token)."""
+        return os.path.join(self.mixer_dir, "enroll-bundle")
+
+    def write_rack_conf(self) -> None:
+        telemetry = f"[telemetry]\nship_rate = {self.ship_rate}\n" if self.ship_rate is not None else ""
         with open(self.rack_conf, "w") as fh:
             fh.write(f'[base]\nname = "{RACK}"\nstate_dir = "{self.rack_dir}"\n'
                      f'[rack]\nheartbeat_interval = "200ms"\ndrain_timeout = "2s"\n'
-                     f'[telemetry]\nship_rate = {self.ship_rate}\n'
-                     f'[snake]\nurl = "nats://127.0.0.1:{self.snake_port}"\nbootstrap_token = "{token}"\n'
-                     f'mixer_public_key = "{key}"\nreconnect_wait = "200ms"\n')
+                     f'{telemetry}'
+                     f'[snake]\nenrollment_bundle = "{self.bundle}"\nreconnect_wait = "200ms"\n')  # fmt: skip
 
     def secret(self, name: str) -> str:
         with open(os.path.join(self.mixer_dir, name)) as fh:
@@ -125,12 +134,14 @@ class Setup:
     def start_rack(self) -> Proc:
         env = _env()
         env["FLUXRIG_ECHO_BIND"] = f"127.0.0.1:{self.echo_port}"
-        return Proc([PY, "-m", "fluxrig.cli.main", "run", "-c", self.rack_conf], env,
-                    os.path.join(self.dir, "rack.log"))
+        return Proc(
+            [PY, "-m", "fluxrig.cli.main", "run", "-c", self.rack_conf], env, os.path.join(self.dir, "rack.log")
+        )
 
     def api(self, path: str):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}",
-                                     headers={"Authorization": f"Bearer {self.secret('api-token')}"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}{path}", headers={"Authorization": f"Bearer {self.secret('api-token')}"}
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             body = resp.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
@@ -212,8 +223,16 @@ async def _prefill(wal_dir: str, n: int) -> None:
     try:
         now = time.time_ns()
         for i in range(n):
-            wal.append_nowait({"kind": "logs", "ts": now + i, "severity": 9, "severity_text": "INFO",
-                               "body": BODY, "attrs": {"gear": "gateway", "i": i}})
+            wal.append_nowait(
+                {
+                    "kind": "logs",
+                    "ts": now + i,
+                    "severity": 9,
+                    "severity_text": "INFO",
+                    "body": BODY,
+                    "attrs": {"gear": "gateway", "i": i},
+                }
+            )
             if i % 20_000 == 19_999:
                 await wal.flush()
         await wal.flush()
@@ -225,13 +244,21 @@ async def _ship_rest(s: Setup, key: bytes) -> int:
     """The Rack stopped: ship what its WAL still holds with the Rack's own agent and shipper."""
     from fluxrig.agent.agent import AgentConfig, RackAgent
     from fluxrig.agent.shipper import TelemetryShipper
+    from fluxrig.rack_requests import RequestQueue
     from fluxrig.wal import AsyncWal
 
-    async def ignore(doc, version):
-        pass
-
-    agent = RackAgent(AgentConfig(snake_url=f"nats://127.0.0.1:{s.snake_port}", state_dir=s.rack_dir, name=RACK,
-                                  mixer_public_keys=[key], heartbeat_interval=0.2, reconnect_wait=0.2), ignore)
+    # Nobody serves the request queue: only the shipper's work matters here.
+    agent = RackAgent(
+        AgentConfig(
+            snake_url="",
+            enrollment_bundle=s.bundle,  # enrolled already: its CA, URL and key
+            state_dir=s.rack_dir,
+            name=RACK,
+            heartbeat_interval=0.2,
+            reconnect_wait=0.2,
+        ),
+        RequestQueue(),
+    )
     await agent.start()
     wal = await AsyncWal.open(os.path.join(s.rack_dir, "wal"))
     shipper = TelemetryShipper(wal, agent, idle_wait=0.1, retry_wait=0.2)
@@ -257,8 +284,12 @@ def _count(s: Setup, produced: int) -> dict:
     finally:
         con.close()
     unique = set(seqs)
-    return {"lost": len(set(range(1, produced + 1)) - unique), "duplicated": len(seqs) - len(unique),
-            "stored": len(seqs), "produced": produced}
+    return {
+        "lost": len(set(range(1, produced + 1)) - unique),
+        "duplicated": len(seqs) - len(unique),
+        "stored": len(seqs),
+        "produced": produced,
+    }
 
 
 def _rows(s: Setup) -> float:
@@ -269,17 +300,20 @@ def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-async def run_once(base: str, ship_rate: float, records: int, live_rate: float) -> dict:
+async def run_once(base: str, ship_rate: float | None, records: int, live_rate: float, keep: bool = False) -> dict:
     s = Setup(base, ship_rate)
     mixer = s.start_mixer(scenario=True)
     rack = None
     try:
         await _until(lambda: s.api("/api/v1/health")["status"] == "ok", 30, "the Mixer")
-        s.write_rack_conf(s.secret("bootstrap-token"), s.secret("cluster.key.pub"))
+        s.write_rack_conf()
         key = bytes.fromhex(s.secret("cluster.key.pub"))
         rack = s.start_rack()
-        await _until(lambda: s.api(f"/api/v1/racks/{RACK}")["scenario"]["apply_state"] == "applied", 30,
-                     "the Rack running tcp-echo")
+        await _until(
+            lambda: s.api(f"/api/v1/racks/{RACK}")["scenario"]["apply_state"] == "applied",
+            30,
+            "the Rack running tcp-echo",
+        )
         # -- outage: the Mixer and its Snake go away; the backlog is written into the Rack's WAL
         mixer.stop()
         rack.stop()
@@ -335,7 +369,7 @@ async def run_once(base: str, ship_rate: float, records: int, live_rate: float) 
         mixer.stop()
         counts = _count(s, produced)
         return {
-            "ship_rate": ship_rate,
+            "config": "default (adaptive drain)" if ship_rate is None else f"telemetry.ship_rate = {ship_rate:g}",
             "drain_records_per_s": round(drained / drain_s),
             "drain_s": round(drain_s, 2),
             "landed_in_duckdb_per_s": round(drained / max(t_land - t0, 1e-9)),
@@ -349,12 +383,14 @@ async def run_once(base: str, ship_rate: float, records: int, live_rate: float) 
             "duplicated": counts["duplicated"],
             "records_produced": counts["produced"],
             "resends_dropped_by_ingest": int(resends),
+            "shipper": {k: last.get(k) for k in SHIPPER_KEYS if k in last},
         }
     finally:
         if rack is not None:
             rack.stop()
         mixer.stop()
-        shutil.rmtree(s.dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(s.dir, ignore_errors=True)
 
 
 def _can_connect(port: int) -> bool:
@@ -371,24 +407,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--records", type=int, default=150_000, help="backlog written during the outage (default 150000)")
-    ap.add_argument("--live-rate", type=float, default=1000.0,
-                    help="tcp-echo requests/s during the drain (default 1000)")
+    ap.add_argument(
+        "--live-rate", type=float, default=1000.0, help="tcp-echo requests/s during the drain (default 1000)"
+    )
     ap.add_argument("--dir", default=None, help="where the temporary state goes (default: a fresh dir under .)")
-    ap.add_argument("--ship-rates", default=f"{DEFAULT_SHIP_RATE:g},0",
-                    help="telemetry.ship_rate values to run, records/s, 0 = unlimited (default '5000,0'); the first "
-                         "gives the top-level figures, the others appear under 'unlimited' (0) or 'ship_rate_<N>'")
+    ap.add_argument("--keep", action="store_true", help="keep each run's state and logs (mixer.log, rack.log) in --dir")
+    ap.add_argument(
+        "--ship-rates",
+        default="",
+        help="extra runs with a fixed telemetry.ship_rate, records/s, comma-separated (e.g. '5000'); "
+        "the top level is always the default configuration",
+    )
     args = ap.parse_args(argv)
     base = args.dir or tempfile.mkdtemp(prefix="bench-outage-", dir=os.getcwd())
     os.makedirs(base, exist_ok=True)
     rates = [float(r) for r in args.ship_rates.split(",") if r.strip()]
     try:
-        first = asyncio.run(run_once(base, rates[0], args.records, args.live_rate))
-        why = " (the default, which bounds the drain on purpose)" if rates[0] == DEFAULT_SHIP_RATE else ""
-        result = {**first, "records": args.records, "live_rate": args.live_rate, "fs": fs_type(base),
-                  "note": f"top level: telemetry.ship_rate = {rates[0]:g}{why}; 'unlimited': ship_rate = 0"}
-        for rate in rates[1:]:
-            key = "unlimited" if rate == 0 else f"ship_rate_{rate:g}"
-            result[key] = asyncio.run(run_once(base, rate, args.records, args.live_rate))
+        first = asyncio.run(run_once(base, None, args.records, args.live_rate, args.keep))
+        result = {
+            **first,
+            "records": args.records,
+            "live_rate": args.live_rate,
+            "fs": fs_type(base),
+            "targets": {"drain_records_per_s": ">= 30000", "live_p99_ms": "<= 10"},
+        }
+        for rate in rates:
+            result[f"ship_rate_{rate:g}"] = asyncio.run(run_once(base, rate, args.records, args.live_rate, args.keep))
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)

@@ -59,7 +59,7 @@ class Client(asyncio.Protocol):
         n = 0
         pos = 0
         while len(buf) - pos >= 2:
-            size = int.from_bytes(buf[pos:pos + 2], "big")
+            size = int.from_bytes(buf[pos : pos + 2], "big")
             if len(buf) - pos - 2 < size:
                 break
             pos += 2 + size
@@ -139,10 +139,13 @@ def main(argv=None) -> int:
         fh.write(SCENARIO.format(port=rack_port))
     if loop_kind == "asyncio":
         # fluxrig run picks uvloop when importable; hide it from the Rack for a like-for-like run
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(os.path.dirname(__file__), "_no_uvloop"),
-                                                          env.get("PYTHONPATH", "")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [os.path.join(os.path.dirname(__file__), "_no_uvloop"), env.get("PYTHONPATH", "")])
+        )
     rack = spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", scenario], env)
-    raw = spawn([PY, os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw_echo_server.py"), str(raw_port), loop_kind])
+    raw = spawn(
+        [PY, os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw_echo_server.py"), str(raw_port), loop_kind]
+    )
     try:
         wait_port(rack_port)
         wait_port(raw_port)

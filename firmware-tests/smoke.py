@@ -49,16 +49,20 @@ class Target:
         return os.path.exists(os.path.join(self.rootfs, self.scenarios.lstrip("/"), f"{name}.yaml"))
 
     def cmd(self, *args: str, env: dict | None = None) -> list[str]:
-        base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": f"{self.state}/tmp",
-                "FLUXRIG_BASE_STATE_DIR": f"{self.state}/data"}
+        base = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "TMPDIR": f"{self.state}/tmp",
+            "FLUXRIG_BASE_STATE_DIR": f"{self.state}/data",
+        }
         base.update(env or {})
-        return ["chroot", self.rootfs, "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base.items()),
-                self.binary, *args]
+        return ["chroot", self.rootfs, "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base.items()), self.binary, *args]
 
     def run_scenario(self, name: str, bind_env: dict, port: int):
         path = f"{self.scenarios}/{name}.yaml"
-        return start_until_ready(self.cmd("run", "--scenario", path, env=bind_env), dict(os.environ), port,
-                                 START_TIMEOUT_S)
+        return start_until_ready(
+            self.cmd("run", "--scenario", path, env=bind_env), dict(os.environ), port, START_TIMEOUT_S
+        )
 
     def gears(self) -> set[str]:
         out = subprocess.run(self.cmd("gears", "list", "--json"), capture_output=True, text=True, timeout=120)
@@ -86,8 +90,11 @@ def guest_rss_estimate_mb(pid: int) -> float:
                 if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
                     perms, name = head[1], (head[5] if len(head) > 5 else "")
                 elif head[0] == "Rss:":
-                    qemu = ("qemu-" in name and name.endswith("-static")) or name in HOST_ONLY_MAPPINGS \
+                    qemu = (
+                        ("qemu-" in name and name.endswith("-static"))
+                        or name in HOST_ONLY_MAPPINGS
                         or (perms == "rwxp" and not name)
+                    )
                     if not qemu:
                         total += int(head[1])
     except OSError:
@@ -119,8 +126,9 @@ def smoke_serial(t: Target, gears: set[str], notes: dict) -> bool:
     port = free_port()
     proc = None
     try:
-        proc, _t = t.run_scenario("serial-echo", {"FLUXRIG_SERIAL_DEVICE": dev,
-                                                  "FLUXRIG_ECHO_BIND": f"127.0.0.1:{port}"}, port)
+        proc, _t = t.run_scenario(
+            "serial-echo", {"FLUXRIG_SERIAL_DEVICE": dev, "FLUXRIG_ECHO_BIND": f"127.0.0.1:{port}"}, port
+        )
         # io_serial opens its device in the background: resend until the echo comes back.
         os.set_blocking(master, False)
         got, deadline, next_send = b"", time.monotonic() + SERIAL_TIMEOUT_S, 0.0
@@ -157,13 +165,20 @@ def main(argv: list[str] | None = None) -> int:
 
     t = Target(args.rootfs, args.binary, args.scenarios)
     notes: dict[str, str] = {}
-    result = {"arch": args.arch, "binary_bytes": os.path.getsize(args.host_binary), "start_to_ready_s": None,
-              "idle_rss_mb": None, "smoke_tcp_echo": False, "smoke_iso8583": False, "smoke_serial": False}
+    result = {
+        "arch": args.arch,
+        "binary_bytes": os.path.getsize(args.host_binary),
+        "start_to_ready_s": None,
+        "idle_rss_mb": None,
+        "smoke_tcp_echo": False,
+        "smoke_iso8583": False,
+        "smoke_serial": False,
+    }
 
     version = subprocess.run(t.cmd("version", "--json"), capture_output=True, text=True, timeout=120)
     if version.returncode == 0:
         info = json.loads(version.stdout)
-        result["version"] = {k: info.get(k) for k in ("version", "commit", "build_date", "backend")}
+        result["version"] = {k: info.get(k) for k in ("version", "commit", "build_date", "backend", "backends")}
     else:
         notes["version"] = version.stderr.strip()[-300:]
 
@@ -188,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(IDLE_SETTLE_S)
                 total, parts = tree_rss_mb(proc.pid)
                 guest = sum(guest_rss_estimate_mb(p) for p in process_tree(proc.pid))
-                result.update(start_to_ready_s=round(start, 2), idle_rss_mb=round(total, 1),
-                              rss_parts_mb=[round(p, 1) for p in parts], guest_rss_estimate_mb=round(guest, 1),
-                              figures_scenario="iso8583-authorizer")
+                result.update(
+                    start_to_ready_s=round(start, 2),
+                    idle_rss_mb=round(total, 1),
+                    rss_parts_mb=[round(p, 1) for p in parts],
+                    guest_rss_estimate_mb=round(guest, 1),
+                    figures_scenario="iso8583-authorizer",
+                )
                 result["smoke_iso8583"], detail = iso_smoke(port, timeout=30)
                 if not result["smoke_iso8583"]:
                     notes["iso8583"] = detail

@@ -60,4 +60,6 @@ print(f"[target] {platform.machine()} python {sys.version.split()[0]}: {have}")
 PY
 
 cd /src
-PYTHON="$VENV/bin/python" packaging/build.sh fluxrig >&2
+# The accelerated build is required on the target too: a twin that does not compile under the
+# target's gcc stops the build instead of freezing a pure binary.
+FLUXRIG_REQUIRE_ACCELERATED=1 PYTHON="$VENV/bin/python" packaging/build.sh fluxrig >&2

@@ -24,9 +24,10 @@ from __future__ import annotations
 import os
 
 from .errors import ConfigError
-from .settings import BOOL, DUR, FLOAT, INT, STR, Settings, defaults, read_env, read_toml
+from .settings import BOOL, DUR, FLOAT, INT, STR, URLS, Settings, check_ranges, defaults, read_env, read_toml
+from .wire.vocab import LogLevel
 
-__all__ = ["SCHEMA", "Config", "load_config", "DEFAULT_CONFIG_NAME"]
+__all__ = ["SCHEMA", "RANGES", "Config", "load_config", "DEFAULT_CONFIG_NAME"]
 
 DEFAULT_CONFIG_NAME = "fluxrig.toml"
 
@@ -40,7 +41,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "scenario": (STR, "", "scenario file to run standalone (same as --scenario)", None),
     },
     "logging": {
-        "level": (STR, "info", "minimum log level", ("trace", "debug", "info", "warning", "error")),
+        "level": (STR, "info", "minimum log level", tuple(LogLevel)),
         "format": (STR, "text", "log line format on stderr", ("text", "json")),
         "filename": (STR, "", "also write logs to this file (empty = stderr only)", None),
         "trace": (BOOL, False, "enable TRACE (per-message, PAN-masked) logging", None),
@@ -63,30 +64,116 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "enrollment_timeout": (DUR, "15s", "how long Hello is retried before resuming offline", None),
         "enrollment_interval": (DUR, "2s", "Hello retry period", None),
         "max_hops": (INT, 64, "max hops a message may take, checked at every emit (loop guard)", None),
-        "max_payload_size": (INT, 2 * 1024 * 1024, "max message size in bytes, checked when it crosses the Snake", None),
+        "health_listen": (
+            STR,
+            "",
+            "host:port of the HTTP health endpoint an L4 balancer checks (GET /health, /health/<group>: "
+            "200 = send traffic, 503 = not); plain HTTP, nothing secret; empty = off (fluxrig/balancer.py)",
+            None,
+        ),
+        "max_payload_size": (
+            INT,
+            2 * 1024 * 1024,
+            "max message size in bytes, checked when it crosses the Snake",
+            None,
+        ),
     },
     "snake": {
-        "url": (STR, "", "NATS URL of the Mixer's Snake; empty = standalone Rack", None),
-        "bootstrap_token": (STR, "", "one-time enrollment token printed by the Mixer", None),
-        "mixer_public_key": (STR, "", "pinned Mixer Ed25519 public key (hex); empty = trust on first use", None),
+        "url": (
+            URLS,
+            "",
+            "NATS URL(s) of the Mixer's Snake: one, a comma list or a list (a cluster's nodes; the Rack also "
+            "uses the servers the cluster advertises); empty = standalone Rack",
+            None,
+        ),
+        "enrollment_bundle": (
+            STR,
+            "",
+            "enrollment bundle from the Mixer (`fluxrig-mixer tokens create`): a file path or the "
+            "fluxrig-enroll-v1:... string; gives the Snake URLs, its CA, the Mixer key and a token",
+            None,
+        ),
+        "bootstrap_token": (STR, "", "enrollment token (the bundle carries one; this overrides it)", None),
+        "mixer_public_key": (
+            STR,
+            "",
+            "pinned Mixer Ed25519 public key (hex); the bundle carries it; without either enrolling is "
+            "refused unless trust_on_first_use = true",
+            None,
+        ),
+        "trust_on_first_use": (
+            BOOL,
+            False,
+            "INSECURE: with no pinned key, trust whichever Mixer answers first (logged at every start)",
+            None,
+        ),
+        "insecure_plaintext": (
+            BOOL,
+            False,
+            "INSECURE: allow a nats:// (plain text) Snake URL; tokens and passports cross readable",
+            None,
+        ),
         "mixer_public_key_next": (STR, "", "second pinned key, accepted during key rotation", None),
         "connect_timeout": (DUR, "10s", "dial timeout to the Snake", None),
         "reconnect_wait": (DUR, "1s", "initial reconnect backoff", None),
-        "root_ca_file": (STR, "", "CA bundle for TLS to the Snake", None),
+        "root_ca_file": (STR, "", "CA bundle for TLS to the Snake (the enrollment bundle carries it)", None),
         "tls_cert_file": (STR, "", "client certificate for mTLS", None),
         "tls_key_file": (STR, "", "client key for mTLS", None),
     },
     "telemetry": {
         "disabled": (BOOL, False, "do not produce telemetry", None),
         "batch_interval": (DUR, "1s", "metric export period", None),
-        "ship_rate": (FLOAT, 5000.0, "max telemetry records/s shipped while draining a backlog", None),
+        "ship_rate": (
+            FLOAT,
+            0.0,
+            "fixed cap on telemetry records/s shipped (a backlog after an outage drains at "
+            "most this fast); 0 = adaptive: as fast as live traffic allows (see ship_lag_budget)",
+            None,
+        ),
+        "ship_lag_budget": (
+            DUR,
+            "5ms",
+            "adaptive drain: the shipper halves its window whenever the event loop runs "
+            "later than this (live traffic waits that long); raise it to drain faster, lower it to "
+            "protect live latency; 0 = ignore the loop",
+            None,
+        ),
+        "ship_rtt_budget": (
+            DUR,
+            "250ms",
+            "adaptive drain: the shipper halves its window whenever a publish takes "
+            "longer than this to be acknowledged by the Snake; 0 = ignore",
+            None,
+        ),
+        "ship_max_inflight": (INT, 16, "max telemetry batches awaiting the Snake's acknowledgement at once", None),
+        "ship_batch_records": (INT, 1000, "max telemetry records per published batch (1-10000)", None),
     },
 }
+
+
+# Bounds beyond each key's type (settings.py already bounds every port, duration and integer).
+# Checked after every layer; the error names the key. (low, high), None = open.
+RANGES: dict[str, tuple] = {
+    "store.wal_max_size_mb": (1, 1024 * 1024),
+    "rack.drain_timeout": (0.0, 3600.0),
+    "rack.cleanup_timeout": (0.0, 600.0),
+    "rack.lane_queue_size": (1, 1_000_000),
+    "rack.lane_send_timeout": (0.0, 3600.0),
+    "rack.heartbeat_interval": (0.01, 86400.0),
+    "rack.enrollment_timeout": (0.0, 86400.0),
+    "rack.enrollment_interval": (0.01, 3600.0),
+    "rack.max_hops": (1, 1024),
+    "rack.max_payload_size": (1024, 64 * 1024 * 1024),
+    "snake.connect_timeout": (0.1, 3600.0),
+    "snake.reconnect_wait": (0.01, 3600.0),
+    "telemetry.batch_interval": (0.01, 86400.0),
+}
+
 
 class Config(Settings):
     """Resolved configuration: `cfg.rack.drain_timeout` (seconds), `cfg.source` (file or None)."""
 
-    SECRET_KEYS = frozenset({("snake", "bootstrap_token")})
+    SECRET_KEYS = frozenset({("snake", "bootstrap_token"), ("snake", "enrollment_bundle")})
 
     @property
     def store_dir(self) -> str:
@@ -100,8 +187,22 @@ def load_config(path: str | None = None, environ: dict | None = None) -> Config:
     if path:
         read_toml(SCHEMA, path, values)
     # FLUXRIG_* variables whose first word is not a section (FLUXRIG_PURE_PYTHON, ...) are not config
-    read_env(SCHEMA, env, "FLUXRIG_", values, unknown_sections_are_errors=False,
-             aliases={"trace": "logging.trace", "debug": "logging.debug"})
+    read_env(
+        SCHEMA,
+        env,
+        "FLUXRIG_",
+        values,
+        unknown_sections_are_errors=False,
+        aliases={"trace": "logging.trace", "debug": "logging.debug"},
+    )
+    check_ranges(values, RANGES)
     if values["store"]["wal_fsync_window"] > 0.1:
         raise ConfigError("the batch window must be at most 100ms", "store.wal_fsync_window")
+    tel = values["telemetry"]
+    if not 1 <= tel["ship_batch_records"] <= 10_000:
+        raise ConfigError("must be in 1..10000", "telemetry.ship_batch_records")
+    if tel["ship_max_inflight"] < 1:
+        raise ConfigError("must be at least 1", "telemetry.ship_max_inflight")
+    if tel["ship_rate"] < 0:
+        raise ConfigError("must be 0 (adaptive) or a positive records/s cap", "telemetry.ship_rate")
     return Config(values, path)

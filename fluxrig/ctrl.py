@@ -1,6 +1,7 @@
-"""Signed control commands (the kill switch): format, signing and verification, sans-IO.
+"""Signed control commands (kill switch, shutdown, log level): format, signing and verification, sans-IO.
 
-The Mixer sends a command on `flux.ctrl.<rack>.<verb>`; the Rack acts on it only when it
+The Mixer sends a command on `flux.ctrl.<rack>.<verb>` (every verb of CommandVerb: kill,
+revive, gear-stop, conn-close, shutdown, log-level, saf); the Rack acts on it only when it
 verifies. Bus permissions already keep other Racks off that subject, but a Rack must not
 have to trust the bus: a command is signed by the Mixer's Ed25519 cluster key (the key that
 signs passports, fluxrig.passport.ClusterKey) and checked against the Rack's pinned key(s).
@@ -12,13 +13,23 @@ Format. A CBOR map `{"payload": bytes, "signature": bytes}` (the passport's enve
     cmd         one of COMMANDS, and equal to the subject's <verb>
     rack_id     the target Rack's id: a command for another Rack never verifies here
     rack        the target's name when signed (informational: names change on rename)
-    args        {"gear": str, "conn_id": str, "reason": str}
+    args        {"gear": str, "conn_id": str, "reason": str, "level": str, "serial": int,
+                 "op": str, "saga": str}
+                `level` for log-level (a LogLevel); `serial` for kill and revive: the Mixer's
+                kill-state serial, which orders them (a Rack ignores one older than the state
+                it has; 0 = unordered, from a Mixer before level-triggered kill state); `op`
+                (a SafOp) and `saga` (a reversal id, for show, retry and park) for saf, whose
+                `gear` optionally names one conductor
     nonce       NONCE_BYTES random bytes: a command is accepted at most once
     issued_at, expires_at    unix seconds; lifetime at most MAX_COMMAND_TTL_S
     mixer_pub   the 32-byte key that signed
 
 `signature` is Ed25519 over CTRL_SIGNING_CONTEXT + payload. The context differs from the
 passport's, so a passport signature can never pass as a command signature or the reverse.
+
+Freshness is judged by the caller's `now` and `skew`: the Rack passes the Mixer's time as it
+learned it from signed heartbeat replies and the error window (fluxrig/timesync.py), so its
+own clock does not matter once synced.
 
 Verification (`verify_command`) refuses, with a CommandRefused subclass whose `reason` is a
 short word: too big or not an envelope (`malformed`), no signature (`unsigned`), a key that
@@ -44,12 +55,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import cbor2
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 
-from .agent import subjects as S
 from .errors import FluxError
 from .passport import CLOCK_SKEW_S, ClusterKey
+from .wire.envelope import EnvelopeErrors, open_envelope, sign_envelope
+from .wire.vocab import CommandVerb, LogLevel, SafOp
 
 __all__ = [
     "CTRL_FORMAT",
@@ -59,6 +69,11 @@ __all__ = [
     "CMD_REVIVE",
     "CMD_GEAR_STOP",
     "CMD_CONN_CLOSE",
+    "CMD_SHUTDOWN",
+    "CMD_LOG_LEVEL",
+    "CMD_SAF",
+    "SAF_OPS",
+    "KILL_STATE_COMMANDS",
     "MAX_COMMAND_BYTES",
     "MAX_REASON_CHARS",
     "DEFAULT_COMMAND_TTL_S",
@@ -81,13 +96,21 @@ __all__ = [
     "sign_command",
     "verify_command",
     "peek_nonce",
+    "RefusalLog",
+    "REFUSAL_LOGS_PER_MINUTE",
 ]
 
 CTRL_FORMAT = 1
 CTRL_SIGNING_CONTEXT = b"fluxrig/ctrl/v1\x00"
-# The command names are the subject verbs (one list, in fluxrig/agent/subjects.py).
-CMD_KILL, CMD_REVIVE, CMD_GEAR_STOP, CMD_CONN_CLOSE = S.CTRL_COMMANDS
-COMMANDS = S.CTRL_COMMANDS
+# The command names are the subject verbs (one list: fluxrig.wire.vocab.CommandVerb).
+CMD_KILL, CMD_REVIVE, CMD_GEAR_STOP, CMD_CONN_CLOSE, CMD_SHUTDOWN, CMD_LOG_LEVEL, CMD_SAF = CommandVerb
+SAF_OPS = tuple(SafOp)
+# A reversal id is a UUIDv7 in hex (32 characters); a little room for other id formats.
+MAX_SAGA_ID_CHARS = 64
+COMMANDS = tuple(CommandVerb)
+# The verbs that set the level-triggered kill state (ordered by `serial`; the Mixer re-sends
+# the desired one in heartbeat replies until the Rack reports it).
+KILL_STATE_COMMANDS = (CMD_KILL, CMD_REVIVE)
 # A command is a few hundred bytes; anything much larger is not one (and is not decoded).
 MAX_COMMAND_BYTES = 4096
 MAX_REASON_CHARS = 500
@@ -97,6 +120,10 @@ DEFAULT_COMMAND_TTL_S = 60.0
 # The nonce cache holds each nonce for the command's lifetime, so the lifetime is capped.
 MAX_COMMAND_TTL_S = 600.0
 DEFAULT_NONCE_CAPACITY = 4096
+# Refused control messages are logged at most this often (then one line says how many were not).
+REFUSAL_LOGS_PER_MINUTE = 60
+# Kill-state serials are a BIGINT on the Mixer.
+MAX_SERIAL = 2**63
 
 
 # -- errors (typed, structured: `reason` word, `key` for malformed payload keys) ----------------
@@ -132,8 +159,10 @@ class CommandKeyNotPinned(CommandRefused):
     def __init__(self, presented: str, pinned: list[str]):
         self.presented = presented
         self.pinned = list(pinned)
-        super().__init__(f"signed by key {presented[:16]}..., which is not pinned "
-                         f"(pinned: {', '.join(p[:16] + '...' for p in pinned) or 'none'})")
+        super().__init__(
+            f"signed by key {presented[:16]}..., which is not pinned "
+            f"(pinned: {', '.join(p[:16] + '...' for p in pinned) or 'none'})"
+        )
 
 
 class CommandForged(CommandRefused):
@@ -218,14 +247,27 @@ class Command:
     issued_at: float = 0.0
     expires_at: float = 0.0
     mixer_pub: bytes = b""
+    level: str = ""
+    serial: int = 0
+    op: str = ""
+    saga: str = ""
 
     def to_payload(self) -> dict:
+        args = {"gear": self.gear, "conn_id": self.conn_id, "reason": self.reason}
+        if self.level:
+            args["level"] = self.level
+        if self.serial:
+            args["serial"] = int(self.serial)
+        if self.op:
+            args["op"] = self.op
+        if self.saga:
+            args["saga"] = self.saga
         return {
             "v": CTRL_FORMAT,
             "cmd": self.cmd,
             "rack_id": self.rack_id,
             "rack": self.rack,
-            "args": {"gear": self.gear, "conn_id": self.conn_id, "reason": self.reason},
+            "args": args,
             "nonce": self.nonce,
             "issued_at": float(self.issued_at),
             "expires_at": float(self.expires_at),
@@ -234,18 +276,51 @@ class Command:
 
     def summary(self) -> dict:
         """A JSON-friendly view (for logs, heartbeats and API answers)."""
-        out = {"cmd": self.cmd, "rack": self.rack, "nonce": self.nonce.hex(), "reason": self.reason,
-               "issued_at": self.issued_at, "expires_at": self.expires_at}
+        out = {
+            "cmd": self.cmd,
+            "rack": self.rack,
+            "nonce": self.nonce.hex(),
+            "reason": self.reason,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+        }
         if self.gear:
             out["gear"] = self.gear
         if self.conn_id:
             out["conn_id"] = self.conn_id
+        if self.level:
+            out["level"] = self.level
+        if self.serial:
+            out["serial"] = self.serial
+        if self.op:
+            out["op"] = self.op
+        if self.saga:
+            out["saga"] = self.saga
         return out
 
 
-def _check_args(cmd: str, gear: str, conn_id: str) -> None:
+def _check_args(cmd: str, gear: str, conn_id: str, level: str = "", serial: int = 0, op: str = "",
+                saga: str = "") -> None:  # fmt: skip
     if cmd not in COMMANDS:
         raise CommandMalformed(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}", "cmd")
+    if cmd == CMD_SAF:
+        if op not in SAF_OPS:
+            raise CommandMalformed(f"saf op {op!r} is not one of {', '.join(SAF_OPS)}", "args.op")
+        if op != SafOp.LIST and not saga:
+            raise CommandMalformed(f"saf {op} names no reversal", "args.saga")
+        if len(saga) > MAX_SAGA_ID_CHARS:
+            raise CommandMalformed(f"longer than {MAX_SAGA_ID_CHARS}", "args.saga")
+    elif op or saga:
+        raise CommandMalformed(f"{cmd} takes no saf op or reversal id", "args.op" if op else "args.saga")
+    if cmd == CMD_LOG_LEVEL:
+        try:
+            LogLevel.parse(level)
+        except ValueError as exc:
+            raise CommandMalformed(str(exc), "args.level") from None
+    elif level:
+        raise CommandMalformed(f"{cmd} takes no level", "args.level")
+    if serial and cmd not in KILL_STATE_COMMANDS:
+        raise CommandMalformed(f"{cmd} takes no kill-state serial", "args.serial")
     if cmd == CMD_GEAR_STOP and not gear:
         raise CommandMalformed("gear-stop names no gear", "args.gear")
     if cmd == CMD_CONN_CLOSE and not conn_id:
@@ -253,50 +328,57 @@ def _check_args(cmd: str, gear: str, conn_id: str) -> None:
         raise CommandMalformed("conn-close names no connection", "args.conn_id")
 
 
-def new_command(cmd: str, rack_id: str, rack: str = "", *, gear: str = "", conn_id: str = "", reason: str = "",
-                ttl: float = DEFAULT_COMMAND_TTL_S, now: float | None = None) -> Command:
+def new_command(
+    cmd: str,
+    rack_id: str,
+    rack: str = "",
+    *,
+    gear: str = "",
+    conn_id: str = "",
+    reason: str = "",
+    level: str = "",
+    serial: int = 0,
+    op: str = "",
+    saga: str = "",
+    ttl: float = DEFAULT_COMMAND_TTL_S,
+    now: float | None = None,
+) -> Command:
     """A fresh, unsigned command with a random nonce, valid for `ttl` seconds from `now`."""
-    _check_args(cmd, gear, conn_id)
+    _check_args(cmd, gear, conn_id, level, serial, op, saga)
+    level = str(LogLevel.parse(level)) if level else ""
     if not 0 < ttl <= MAX_COMMAND_TTL_S:
         raise CommandLifetimeTooLong(ttl, MAX_COMMAND_TTL_S)
     now = time.time() if now is None else now
-    return Command(cmd, rack_id, rack, gear, conn_id, reason[:MAX_REASON_CHARS], os.urandom(NONCE_BYTES),
-                   now, now + ttl)
+    return Command(
+        cmd,
+        rack_id,
+        rack,
+        gear,
+        conn_id,
+        reason[:MAX_REASON_CHARS],
+        os.urandom(NONCE_BYTES),
+        now,
+        now + ttl,
+        level=level,
+        serial=int(serial),
+        op=str(op),
+        saga=saga,
+    )
 
 
 def sign_command(key: ClusterKey, command: Command) -> bytes:
     """Envelope bytes for `command`, signed by `key` (which also becomes `mixer_pub`)."""
-    payload = cbor2.dumps(replace(command, mixer_pub=key.public_key).to_payload())
-    return cbor2.dumps({"payload": payload, "signature": key.sign(CTRL_SIGNING_CONTEXT + payload)})
+    return sign_envelope(key.sign, CTRL_SIGNING_CONTEXT, replace(command, mixer_pub=key.public_key).to_payload())
 
 
 # -- verification --------------------------------------------------------------------------------
 
-
-def _open(data) -> tuple[bytes, bytes, dict]:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CommandMalformed("a command must be bytes")
-    if len(data) > MAX_COMMAND_BYTES:
-        raise CommandMalformed(f"{len(data)} bytes exceeds MAX_COMMAND_BYTES={MAX_COMMAND_BYTES}")
-    try:
-        env = cbor2.loads(bytes(data))
-    except Exception as exc:  # cbor2 raises several types for garbage
-        raise CommandMalformed(f"not CBOR: {exc}") from None
-    if not isinstance(env, dict):
-        raise CommandMalformed("not an envelope {payload, signature}")
-    if not env.get("signature"):
-        raise CommandUnsigned("no signature: commands must be signed by the Mixer")
-    payload, signature = env.get("payload"), env["signature"]
-    if set(env) != {"payload", "signature"} or not isinstance(payload, bytes) or not isinstance(signature, bytes) \
-            or len(signature) != 64:
-        raise CommandMalformed("not an envelope {payload: bytes, signature: 64 bytes}")
-    try:
-        body = cbor2.loads(payload)
-    except Exception as exc:
-        raise CommandMalformed(f"payload is not CBOR: {exc}") from None
-    if not isinstance(body, dict):
-        raise CommandMalformed("payload is not a map")
-    return payload, signature, body
+_ERRORS = EnvelopeErrors(
+    malformed=CommandMalformed,
+    unsigned=CommandUnsigned,
+    not_pinned=CommandKeyNotPinned,
+    forged=CommandForged,
+)
 
 
 def _field(doc: dict, key: str, kind, limit: int | None = None):
@@ -323,8 +405,14 @@ def _parse(body: dict) -> Command:
     gear = _field(args, "gear", str, MAX_NAME_CHARS) if args.get("gear") is not None else ""
     conn_id = _field(args, "conn_id", str, MAX_NAME_CHARS) if args.get("conn_id") is not None else ""
     reason = _field(args, "reason", str, MAX_REASON_CHARS) if args.get("reason") is not None else ""
+    level = _field(args, "level", str, MAX_NAME_CHARS) if args.get("level") is not None else ""
+    serial = _field(args, "serial", int) if args.get("serial") is not None else 0
+    op = _field(args, "op", str, MAX_NAME_CHARS) if args.get("op") is not None else ""
+    saga = _field(args, "saga", str, MAX_SAGA_ID_CHARS) if args.get("saga") is not None else ""
+    if not 0 <= serial < MAX_SERIAL:
+        raise CommandMalformed(f"must be in [0, {MAX_SERIAL})", "args.serial")
     cmd = _field(body, "cmd", str, MAX_NAME_CHARS)
-    _check_args(cmd, gear, conn_id)
+    _check_args(cmd, gear, conn_id, level, serial, op, saga)
     return Command(
         cmd=cmd,
         rack_id=_field(body, "rack_id", str, MAX_NAME_CHARS),
@@ -336,6 +424,10 @@ def _parse(body: dict) -> Command:
         issued_at=float(_field(body, "issued_at", (int, float))),
         expires_at=float(_field(body, "expires_at", (int, float))),
         mixer_pub=mixer_pub,
+        level=level,
+        serial=serial,
+        op=op,
+        saga=saga,
     )
 
 
@@ -353,7 +445,7 @@ def verify_command(
     data,
     pinned: list[bytes] | tuple[bytes, ...],
     rack_id: str,
-    nonces: "NonceCache",
+    nonces: NonceCache,
     *,
     verb: str | None = None,
     now: float | None = None,
@@ -367,14 +459,9 @@ def verify_command(
     CommandRefused subclass (see the module docstring); the nonce cache is changed only
     when the command is accepted.
     """
-    payload, signature, body = _open(data)
-    command = _parse(body)
-    if command.mixer_pub not in pinned:
-        raise CommandKeyNotPinned(command.mixer_pub.hex(), [k.hex() for k in pinned])
-    try:
-        VerifyKey(command.mixer_pub).verify(CTRL_SIGNING_CONTEXT + payload, signature)
-    except BadSignatureError:
-        raise CommandForged("signature does not verify (forged or tampered)") from None
+    env = open_envelope(data, max_bytes=MAX_COMMAND_BYTES, errors=_ERRORS)
+    command = _parse(env.body)
+    env.verify(pinned, CTRL_SIGNING_CONTEXT, errors=_ERRORS)
     if command.rack_id != rack_id:
         raise CommandWrongRack(command.rack_id, rack_id)
     if verb is not None and verb != command.cmd:
@@ -440,10 +527,44 @@ class NonceCache:
         return {"floor": self.floor, "seen": [[n.hex(), i, e] for n, (i, e) in self._seen.items()]}
 
     @classmethod
-    def from_state(cls, state: dict, capacity: int = DEFAULT_NONCE_CAPACITY) -> "NonceCache":
+    def from_state(cls, state: dict, capacity: int = DEFAULT_NONCE_CAPACITY) -> NonceCache:
         cache = cls(capacity)
         cache.floor = float(state.get("floor") or 0.0)
         for item in (state.get("seen") or [])[-capacity:]:
             nonce, issued, expires = item
             cache._seen[bytes.fromhex(nonce)] = (float(issued), float(expires))
         return cache
+
+
+class RefusalLog:
+    """Refused control messages: counted by reason, logged at WARNING at most `per_minute`
+    times a minute, then one line with how many were not logged (an attacker flooding a
+    control subject cannot flood the journal, nor the telemetry it is shipped in)."""
+
+    __slots__ = ("logger", "what", "per_minute", "clock", "refused", "refused_by", "_window")
+
+    def __init__(self, logger, what: str, per_minute: int = REFUSAL_LOGS_PER_MINUTE, clock=time.monotonic):
+        self.logger = logger
+        self.what = what
+        self.per_minute = per_minute
+        self.clock = clock
+        self.refused = 0
+        self.refused_by: dict[str, int] = {}
+        self._window = (float("-inf"), 0)  # (minute start, refusals logged in it)
+
+    def note(self, verb: str, reason: str, detail) -> None:
+        self.refused += 1
+        self.refused_by[reason] = self.refused_by.get(reason, 0) + 1
+        now = self.clock()
+        start, logged = self._window
+        if not 0.0 <= now - start < 60.0:  # a new minute (or the clock went back)
+            if logged > self.per_minute:
+                self.logger.warning("%s: %d more refusals were not logged", self.what, logged - self.per_minute)
+            start, logged = now, 0
+        logged += 1
+        self._window = (start, logged)
+        if logged <= self.per_minute:
+            self.logger.warning("%s: %s ignored (%s): %s", self.what, verb, reason, detail)
+
+    def status(self) -> dict:
+        return {"refused": self.refused, "refused_by": dict(self.refused_by)}

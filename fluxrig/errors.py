@@ -21,6 +21,16 @@ __all__ = [
     "FrameTooLarge",
     "FramingError",
     "NotBuiltYet",
+    "PassportError",
+    "PassportMalformed",
+    "PassportSignatureInvalid",
+    "PassportPinMismatch",
+    "PassportExpired",
+    "PassportStale",
+    "KeyFileError",
+    "EnrollmentDenied",
+    "MixerApiError",
+    "HealthcheckFailed",
 ]
 
 
@@ -181,6 +191,18 @@ class PassportExpired(PassportError):
         super().__init__(f"expired {now - expires_at:.0f}s ago (expires_at={expires_at:.0f})", path)
 
 
+class PassportStale(PassportError):
+    """A passport whose `serial` is not above the stored one (`current`) for the same Rack:
+    passports are ordered by serial, never by their time stamps (an older one replayed)."""
+
+    reason = "stale"
+
+    def __init__(self, serial: int, current: int, path: str | None = None):
+        self.serial = serial
+        self.current = current
+        super().__init__(f"serial {serial} is not newer than the stored passport's serial {current}", path)
+
+
 class KeyFileError(FluxError):
     """A key file (cluster key, pin file) is missing, unreadable or not a key; `path` names it."""
 
@@ -206,3 +228,13 @@ class MixerApiError(FluxError):
         self.status = status
         self.url = url
         super().__init__(message)
+
+
+# --- healthcheck (fluxrig/health.py, `fluxrig healthcheck`) ---------------------------------------
+class HealthcheckFailed(FluxError):
+    """The Rack did not answer its health socket; `path` names the socket, `reason` says why."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")

@@ -1,7 +1,15 @@
-"""Logging set-up for the Rack: level, text or JSON lines, a TRACE level below DEBUG.
+"""Logging set-up for the Rack: level, text or JSON lines, a TRACE level below DEBUG; card
+numbers masked in every log line; a per-key rate limiter for lines a peer can provoke.
 
 Per-message logging is TRACE and guarded by `isEnabledFor`; PAN-like values are masked by
-the gears that know which fields hold them (ISO 8583 sensitivity in the spec).
+the gears that know which fields hold them (ISO 8583 sensitivity in the spec). As a last line
+of defence, every log record's message (whatever handler formats it: stderr, file, the
+telemetry WAL shipped to the Mixer) has its Luhn-valid runs of 13-19 digits masked
+(first six, last four kept): the record factory is replaced once, at import.
+
+`LogLimiter(log, burst, window)` lets at most `burst` lines per key (a connection id) and
+`gear_burst` per limiter (the gear) through in each `window` seconds; the rest are counted and
+the next line let through, or `flush()`, says how many were suppressed.
 """
 
 from __future__ import annotations
@@ -11,10 +19,99 @@ import logging
 import sys
 import time
 
-__all__ = ["TRACE", "setup_logging"]
+from .iso8583.masking import mask_card_numbers
+from .wire.vocab import TRACE_LEVEL, LogLevel
 
-TRACE = 5
+__all__ = [
+    "TRACE",
+    "JsonFormatter",
+    "MaskingFormatter",
+    "setup_logging",
+    "LogLimiter",
+    "MaskingLogRecord",
+    "install_masking",
+]
+
+TRACE = TRACE_LEVEL
 logging.addLevelName(TRACE, "TRACE")
+
+
+class MaskingLogRecord(logging.LogRecord):
+    """A LogRecord whose message never carries a card number in clear."""
+
+    def getMessage(self) -> str:
+        return mask_card_numbers(super().getMessage())
+
+
+def install_masking() -> None:
+    """Make every new log record a MaskingLogRecord (idempotent; keeps a custom factory's class
+    only if it already masks)."""
+    current = logging.getLogRecordFactory()
+    if getattr(current, "_fluxrig_masking", False):
+        return
+
+    def factory(*args, **kwargs):
+        rec = current(*args, **kwargs)
+        if type(rec) is logging.LogRecord:
+            rec.__class__ = MaskingLogRecord
+        return rec
+
+    factory._fluxrig_masking = True
+    logging.setLogRecordFactory(factory)
+
+
+install_masking()
+
+
+class LogLimiter:
+    """Rate-limit log lines per key and per owner (see the module docstring)."""
+
+    def __init__(self, log: logging.Logger, *, burst: int = 5, gear_burst: int = 50, window: float = 10.0):
+        self.log = log
+        self.burst = burst
+        self.gear_burst = gear_burst
+        self.window = window
+        self._start = time.monotonic()
+        self._used = 0
+        self._per_key: dict = {}
+        self.suppressed = 0  # lines not written since the last summary
+        self.suppressed_total = 0
+
+    def _roll(self, now: float) -> None:
+        if now - self._start >= self.window:
+            self._start = now
+            self._used = 0
+            self._per_key.clear()
+
+    def allow(self, key=None) -> bool:
+        now = time.monotonic()
+        self._roll(now)
+        n = self._per_key.get(key, 0) if key is not None else 0
+        if self._used >= self.gear_burst or (key is not None and n >= self.burst):
+            self.suppressed += 1
+            self.suppressed_total += 1
+            return False
+        self._used += 1
+        if key is not None:
+            if len(self._per_key) < 4 * self.gear_burst:  # bounded: keys are peers
+                self._per_key[key] = n + 1
+        return True
+
+    def log_line(self, level: int, key, msg: str, *args) -> None:
+        """Log `msg % args` at `level` unless `key` (or the owner) is over its budget."""
+        if not self.log.isEnabledFor(level) or not self.allow(key):
+            return
+        if self.suppressed:
+            msg = msg + " (%d similar lines suppressed)"
+            args = (*args, self.suppressed)
+            self.suppressed = 0
+        self.log.log(level, msg, *args)
+
+    def flush(self, name: str = "") -> None:
+        """Say how many lines were suppressed, once the window they fell in is over."""
+        if self.suppressed and time.monotonic() - self._start >= self.window:
+            self.log.warning("%s: %d log lines suppressed in the last %gs", name, self.suppressed, self.window)
+            self.suppressed = 0
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,19 +123,26 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = mask_card_numbers(self.formatException(record.exc_info))
         return json.dumps(doc, separators=(",", ":"))
 
 
-def setup_logging(level: str = "info", fmt: str = "text", filename: str = "", trace: bool = False, debug: bool = False) -> None:
-    lvl = TRACE if trace else logging.DEBUG if debug else {"trace": TRACE}.get(level, None)
-    if lvl is None:
-        lvl = getattr(logging, level.upper(), logging.INFO)
+class MaskingFormatter(logging.Formatter):
+    """Text lines with card numbers masked in the traceback too."""
+
+    def formatException(self, ei) -> str:
+        return mask_card_numbers(super().formatException(ei))
+
+
+def setup_logging(
+    level: str = "info", fmt: str = "text", filename: str = "", trace: bool = False, debug: bool = False
+) -> None:
+    lvl = TRACE if trace else logging.DEBUG if debug else LogLevel.parse(level).number
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    formatter = (
+        JsonFormatter() if fmt == "json" else MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if filename:

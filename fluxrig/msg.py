@@ -36,6 +36,8 @@ def set_limits(max_hops: int, max_payload_size: int) -> None:
         raise ValueError("message limits must be positive")
     _limits[0] = max_hops
     _limits[1] = max_payload_size
+
+
 FLAG_SYNC_PROBE = 0x01
 HEX_PREFIX = "hex:"
 
@@ -176,7 +178,7 @@ class FluxMsg:
             raise MessageError(f"message {self.id.hex()} exceeded {_limits[0]} hops (a wiring loop?)")
         path.append((gear_id, port_id, _time_ns()))
 
-    def copy(self) -> "FluxMsg":
+    def copy(self) -> FluxMsg:
         """An independent copy for fan-out: nested data and the hop list are not shared."""
         m = FluxMsg.__new__(FluxMsg)
         m.id = self.id
@@ -232,7 +234,7 @@ class FluxMsg:
         return cbor2.dumps(self.to_wire())
 
     @classmethod
-    def from_wire(cls, doc: dict) -> "FluxMsg":
+    def from_wire(cls, doc: dict) -> FluxMsg:
         if not isinstance(doc, dict):
             raise MessageError(f"a FluxMsg must be a CBOR map, got {type(doc).__name__}")
         try:
@@ -253,7 +255,7 @@ class FluxMsg:
         )
 
     @classmethod
-    def from_cbor(cls, blob: bytes) -> "FluxMsg":
+    def from_cbor(cls, blob: bytes) -> FluxMsg:
         try:
             doc = cbor2.loads(blob)
         except Exception as exc:  # cbor2 raises several types for bad input

@@ -5,7 +5,8 @@ Format (ARCHITECTURE §8). A passport is a CBOR map `{"payload": bytes, "signatu
 and holds:
 
     v                 format version (PASSPORT_FORMAT)
-    serial            grows with every passport the Mixer signs for this Rack (newer wins)
+    serial            grows with every passport the Mixer signs for this Rack: passports are
+                      ordered by serial alone, never by their time stamps
     rack_id, rack_name, status
     bus               {"user": <bus user name>, "password": <bus secret>}  (secret: never printed)
     scenario          the Rack's projection of the active scenario (a dict) or None
@@ -23,6 +24,16 @@ first passport that verifies and writes it beside the passport (`<state_file>.pu
 later passport must be signed by a pinned key. `verify_passport` raises a PassportError
 subclass (errors.py) and never returns an untrusted passport.
 
+Expiry and clocks (sovereign continuity). `expires_at` limits what the Mixer accepts and
+when it re-signs (at half-life, in heartbeat replies); it never stops a Rack: the Rack's
+`PassportStore` verifies signature, pin and shape but not time, so a Rack offline for months,
+or booting at 1970 without an RTC, still runs the last scenario it verified. A newer passport
+must carry a higher serial for the same Rack (`PassportStale` otherwise, whatever its time
+stamps say). `validity()` reports where the passport stands by the best time the Rack knows
+(the Mixer's, else a plausible local clock, else "unknown": fluxrig/timesync.py), for the
+heartbeat and `fluxrig status`; tools that judge a passport file on their own
+(`fluxrig keys inspect`) still call `verify_passport(check_expiry=True)`.
+
 The cluster key (Mixer side) is an Ed25519 seed stored hex-encoded in a 0600 file, with the
 public key in `<file>.pub`. Everything here is sans-IO except the small file helpers.
 """
@@ -34,18 +45,19 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-import cbor2
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
-from .fileutil import write_private_atomic
 from .errors import (
     KeyFileError,
     PassportExpired,
     PassportMalformed,
     PassportPinMismatch,
     PassportSignatureInvalid,
+    PassportStale,
 )
+from .fileutil import write_private_atomic
+from .wire.envelope import EnvelopeErrors, open_envelope, sign_envelope
+from .wire.vocab import RackStatus
 
 __all__ = [
     "PASSPORT_FORMAT",
@@ -61,6 +73,8 @@ __all__ = [
     "decode_unverified",
     "parse_public_key",
     "masked_payload",
+    "validity",
+    "PassportValidity",
 ]
 
 PASSPORT_FORMAT = 1
@@ -70,7 +84,7 @@ MAX_PASSPORT_BYTES = 4 * 1024 * 1024
 DEFAULT_PASSPORT_TTL_S = 30 * 24 * 3600.0
 # Clock skew tolerated on issued_at so a Rack with a slightly late clock still accepts.
 CLOCK_SKEW_S = 300.0
-STATUSES = ("pending", "active", "suspended", "offline", "removed")
+STATUSES = tuple(s for s in RackStatus if s not in (RackStatus.UNENROLLED, RackStatus.NEW))
 SECRET_MASK = "********"
 
 
@@ -108,7 +122,7 @@ class Passport:
         }
 
     @classmethod
-    def from_payload(cls, p: dict, path: str | None = None) -> "Passport":
+    def from_payload(cls, p: dict, path: str | None = None) -> Passport:
         if not isinstance(p, dict):
             raise PassportMalformed("payload is not a map", path)
         if p.get("v") != PASSPORT_FORMAT:
@@ -184,11 +198,11 @@ class ClusterKey:
         self.path = path
 
     @classmethod
-    def generate(cls) -> "ClusterKey":
+    def generate(cls) -> ClusterKey:
         return cls(SigningKey.generate())
 
     @classmethod
-    def load(cls, path: str) -> "ClusterKey":
+    def load(cls, path: str) -> ClusterKey:
         try:
             with open(path, "rb") as fh:
                 raw = fh.read()
@@ -208,7 +222,7 @@ class ClusterKey:
         return cls(SigningKey(seed), path)
 
     @classmethod
-    def load_or_create(cls, path: str) -> "ClusterKey":
+    def load_or_create(cls, path: str) -> ClusterKey:
         """Load the key, or create it (0600) when the file does not exist yet."""
         if os.path.exists(path):
             key = cls.load(path)
@@ -238,36 +252,21 @@ class ClusterKey:
 def sign_passport(key: ClusterKey, passport: Passport) -> bytes:
     """Envelope bytes for `passport`, with `mixer_pub` set to the signing key."""
     passport = replace(passport, mixer_pub=key.public_key)
-    payload = cbor2.dumps(passport.to_payload())
-    return cbor2.dumps({"payload": payload, "signature": key.sign(SIGNING_CONTEXT + payload)})
+    return sign_envelope(key.sign, SIGNING_CONTEXT, passport.to_payload())
 
 
-def _open_envelope(data: bytes, path: str | None) -> tuple[bytes, bytes, dict]:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise PassportMalformed("passport must be bytes", path)
-    if len(data) > MAX_PASSPORT_BYTES:
-        raise PassportMalformed(f"{len(data)} bytes exceeds MAX_PASSPORT_BYTES={MAX_PASSPORT_BYTES}", path)
-    try:
-        env = cbor2.loads(bytes(data))
-    except Exception as exc:  # cbor2 raises several types for garbage
-        raise PassportMalformed(f"not CBOR: {exc}", path) from None
-    if not isinstance(env, dict) or set(env) != {"payload", "signature"}:
-        raise PassportMalformed("not an envelope {payload, signature}", path)
-    payload, signature = env["payload"], env["signature"]
-    if not isinstance(payload, bytes) or not isinstance(signature, bytes) or len(signature) != 64:
-        raise PassportMalformed("payload must be bytes and signature 64 bytes", path)
-    try:
-        body = cbor2.loads(payload)
-    except Exception as exc:
-        raise PassportMalformed(f"payload is not CBOR: {exc}", path) from None
-    if not isinstance(body, dict):
-        raise PassportMalformed("payload is not a map", path)
-    return payload, signature, body
+def _errors(path: str | None) -> EnvelopeErrors:
+    return EnvelopeErrors(
+        malformed=lambda message, key=None: PassportMalformed(message, path, key),
+        unsigned=lambda message: PassportMalformed(message, path),
+        not_pinned=lambda presented, pinned: PassportPinMismatch(presented, pinned, path),
+        forged=lambda message: PassportSignatureInvalid(message, path),
+    )
 
 
 def decode_unverified(data: bytes, path: str | None = None) -> dict:
     """The raw payload map WITHOUT checking the signature (for `keys inspect` only)."""
-    return _open_envelope(data, path)[2]
+    return open_envelope(data, max_bytes=MAX_PASSPORT_BYTES, errors=_errors(path)).body
 
 
 def verify_passport(
@@ -283,14 +282,10 @@ def verify_passport(
     is then responsible for pinning `passport.mixer_pub`. Raises PassportMalformed,
     PassportPinMismatch, PassportSignatureInvalid or PassportExpired.
     """
-    payload, signature, body = _open_envelope(data, path)
-    passport = Passport.from_payload(body, path)
-    if pinned and passport.mixer_pub not in pinned:
-        raise PassportPinMismatch(passport.mixer_pub.hex(), [k.hex() for k in pinned], path)
-    try:
-        VerifyKey(passport.mixer_pub).verify(SIGNING_CONTEXT + payload, signature)
-    except BadSignatureError:
-        raise PassportSignatureInvalid("signature does not verify (tampered or forged)", path) from None
+    errors = _errors(path)
+    env = open_envelope(data, max_bytes=MAX_PASSPORT_BYTES, errors=errors)
+    passport = Passport.from_payload(env.body, path)
+    env.verify(pinned, SIGNING_CONTEXT, errors=errors, trust_named_key=True)
     if check_expiry:
         now = time.time() if now is None else now
         if passport.expires_at and now > passport.expires_at:
@@ -302,6 +297,37 @@ def verify_passport(
                 "issued_at",
             )
     return passport
+
+
+class PassportValidity:
+    """Where a passport stands in time (reported only: the Rack runs it in every state)."""
+
+    VALID = "valid"
+    RENEW = "renew"  # past half-life: the Mixer re-signs it in its next heartbeat reply
+    EXPIRED = "expired"  # the Mixer would not accept it any more; the Rack still runs it
+    UNKNOWN = "unknown"  # no trustworthy clock (unset, distant past) and no Mixer time yet
+
+
+def validity(passport: Passport | None, now: float | None, source: str = "local") -> dict:
+    """A small report of `passport` judged at `now` (None = no trustworthy time)."""
+    if passport is None:
+        return {"serial": 0, "state": "none", "clock": source}
+    if now is None:
+        state = PassportValidity.UNKNOWN
+    elif passport.expires_at and now > passport.expires_at:
+        state = PassportValidity.EXPIRED
+    elif passport.expires_at and now > passport.issued_at + (passport.expires_at - passport.issued_at) / 2:
+        state = PassportValidity.RENEW
+    else:
+        state = PassportValidity.VALID
+    return {
+        "serial": passport.serial,
+        "state": state,
+        "clock": source,
+        "issued_at": passport.issued_at,
+        "expires_at": passport.expires_at,
+        "expires_in_s": round(passport.expires_at - now, 1) if now is not None and passport.expires_at else None,
+    }
 
 
 def masked_payload(body: dict) -> dict:
@@ -346,12 +372,23 @@ class PassportStore:
             raise KeyFileError(str(exc), self.pin_path) from None
 
     def verify(self, data: bytes, now: float | None = None) -> Passport:
-        """Verify against the pins (TOFU when there are none) without saving anything."""
-        return verify_passport(data, self.pins(), now=now, path=self.path)
+        """Verify against the pins (TOFU when there are none) without saving anything. Time
+        is not judged (see the module docstring): `now` is accepted for older callers only."""
+        return verify_passport(data, self.pins(), path=self.path, check_expiry=False)
 
     def accept(self, data: bytes, now: float | None = None) -> Passport:
-        """Verify `data`, pin its key on first use, save it; return the Passport."""
+        """Verify `data`, pin its key on first use, save it; return the Passport. For the
+        Rack the stored passport belongs to, the serial must grow (PassportStale otherwise);
+        the very bytes stored are accepted again (a retried push)."""
         passport = self.verify(data, now)
+        stored = self.raw()
+        if stored is not None and stored != bytes(data):
+            try:
+                current = verify_passport(stored, self.pins(), path=self.path, check_expiry=False)
+            except Exception:  # a stored file that no longer verifies orders nothing
+                current = None
+            if current is not None and current.rack_id == passport.rack_id and passport.serial <= current.serial:
+                raise PassportStale(passport.serial, current.serial, self.path)
         os.makedirs(self.state_dir, exist_ok=True)
         if not self.configured and not os.path.exists(self.pin_path):
             write_private_atomic(self.pin_path, (passport.mixer_pub_hex + "\n").encode())

@@ -3,19 +3,23 @@
 Gears that learn which values are sensitive (the ISO 8583 codec, from its spec) list their
 data paths in meta `log.mask` (comma-separated). `log_view(msg)` returns a JSON-ready dict
 in which those values are masked (PAN: first six and last four digits kept) and the raw
-payload, which holds the same values in clear, is replaced by its length.
+payload, which holds the same values in clear, is replaced by its length. A frame read by an
+ISO 8583 I/O gear (meta `flux.source` iso8583) that no codec has decoded yet (no
+`codec.spec_id`) shows only its length too: its PAN is somewhere in those bytes. Every other
+raw payload shown as text has its card numbers (Luhn-valid 13-19 digit runs) masked.
 """
 
 from __future__ import annotations
 
 import copy
 
-from .iso8583.masking import mask_value
+from .iso8583.masking import mask_card_numbers, mask_value
 from .msg import FluxMsg, get_path, set_path
+from .wire import meta as M
 
 __all__ = ["log_view", "jsonable", "MASK_META"]
 
-MASK_META = "log.mask"
+MASK_META = M.LOG_MASK
 
 
 def jsonable(v):
@@ -36,6 +40,10 @@ def log_view(msg: FluxMsg) -> dict:
     paths = msg.meta.get(MASK_META)
     data = msg.data
     raw = jsonable(msg.raw)
+    if isinstance(raw, str):
+        raw = mask_card_numbers(raw)
+    if msg.raw and msg.meta.get(M.SOURCE) == "iso8583" and M.CODEC_SPEC_ID not in msg.meta:
+        raw = f"<{len(msg.raw)} bytes from an ISO 8583 link, masked until a codec decodes them>"
     if paths:
         data = copy.deepcopy(data)
         for path in paths.split(","):
@@ -44,4 +52,15 @@ def log_view(msg: FluxMsg) -> dict:
                 last = path.rsplit(".", 1)[-1]
                 set_path(data, path, mask_value(value, "pan" if last in ("2", "34") or "pan" in last else "sad"))
         raw = f"<{len(msg.raw)} bytes, masked>"
-    return {"id": msg.id.hex(), "ts": msg.ts, "meta": msg.meta, "data": jsonable(data), "raw": raw}
+    return {"id": msg.id.hex(), "ts": msg.ts, "meta": msg.meta, "data": _masked(jsonable(data)), "raw": raw}
+
+
+def _masked(v):
+    """Card numbers masked in every string of a JSON-ready value."""
+    if isinstance(v, str):
+        return mask_card_numbers(v)
+    if isinstance(v, dict):
+        return {k: _masked(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_masked(x) for x in v]
+    return v

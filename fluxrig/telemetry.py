@@ -1,7 +1,7 @@
 """The Rack's telemetry producers: logs, metrics and traces written to the WAL first.
 
 Records are CBOR maps `{"kind": "logs"|"metrics"|"traces", ...columns}` (columns in
-fluxrig.agent.telemetry.COLUMNS, times in unix ns); the TelemetryShipper publishes them to
+fluxrig.wire.telemetry.COLUMNS, times in unix ns); the TelemetryShipper publishes them to
 the Snake and acknowledges them in the WAL only once JetStream has them on disk.
 
 * `WalLogHandler`: every log record at or above its level becomes a `logs` record. Called
@@ -21,12 +21,17 @@ import threading
 import time
 
 from .aiotools import cancel_and_wait
-from .agent.telemetry import SEVERITY
 from .ids import uuid7
+from .wire.telemetry import SEVERITY
+from .wire.vocab import TelemetryKind
 
 __all__ = ["Telemetry", "WalLogHandler", "MetricsReporter"]
 
 log = logging.getLogger("fluxrig.telemetry")
+
+
+# Snapshot sections that are the Rack's own, not a gear's (their metrics carry no gear attr).
+_SECTION_PREFIX = {"_wal": "flux.wal.", "_ctrl": "flux.ctrl."}
 
 
 class WalLogHandler(logging.Handler):
@@ -43,7 +48,7 @@ class WalLogHandler(logging.Handler):
             return  # never log about logging into the WAL from inside the WAL
         try:
             doc = {
-                "kind": "logs",
+                "kind": TelemetryKind.LOGS,
                 "ts": int(record.created * 1e9),
                 "severity": SEVERITY.get(record.levelname.lower(), 9),
                 "severity_text": record.levelname,
@@ -57,6 +62,10 @@ class WalLogHandler(logging.Handler):
             return
         if record.exc_info:
             doc["attrs"]["exception"] = logging.Formatter().formatException(record.exc_info)
+        extra = getattr(record, "flux_attrs", None)  # structured attributes: log.info(..., extra={"flux_attrs": {...}})
+        if isinstance(extra, dict):
+            doc["attrs"].update({str(k): v if isinstance(v, (int, float)) else str(v) for k, v in extra.items()})
+            doc["trace_id"] = str(getattr(record, "flux_trace", "") or "")
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -99,9 +108,16 @@ class MetricsReporter:
             for name, value in counters.items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
-                prefix = "flux.wal." if gear == "_wal" else "flux.gear."
-                doc = {"kind": "metrics", "ts": ts, "name": prefix + name, "type": "gauge",
-                       "value": float(value), "unit": "1", "attrs": {} if gear == "_wal" else {"gear": gear}}
+                prefix = _SECTION_PREFIX.get(gear, "flux.gear.")
+                doc = {
+                    "kind": TelemetryKind.METRICS,
+                    "ts": ts,
+                    "name": prefix + name,
+                    "type": "gauge",
+                    "value": float(value),
+                    "unit": "1",
+                    "attrs": {} if gear in _SECTION_PREFIX else {"gear": gear},
+                }
                 try:
                     self.wal.append_nowait(doc)
                     n += 1
@@ -134,14 +150,26 @@ class Telemetry:
     def event(self, name: str, attrs: dict, start_ns: int, end_ns: int, ok: bool = True) -> None:
         """One span for a Rack-level operation (a reload): start, end, status, attributes."""
         # "kind" is the record type for the shipper; the span's own kind goes in span_kind
-        doc = {"kind": "traces", "span_kind": "internal", "trace_id": uuid7().hex(), "span_id": uuid7().hex()[:16],
-               "parent_span_id": "", "name": name, "start": start_ns, "end": end_ns,
-               "status": "ok" if ok else "error", "attrs": attrs}
+        doc = {
+            "kind": TelemetryKind.TRACES,
+            "span_kind": "internal",
+            "trace_id": uuid7().hex(),
+            "span_id": uuid7().hex()[:16],
+            "parent_span_id": "",
+            "name": name,
+            "start": start_ns,
+            "end": end_ns,
+            "status": "ok" if ok else "error",
+            "attrs": attrs,
+        }
         try:
             self.wal.append_nowait(doc)
         except Exception:
             self.metrics.dropped += 1
 
     def stats(self) -> dict:
-        return {"logs_written": self.handler.written, "logs_dropped": self.handler.dropped,
-                "metrics_dropped": self.metrics.dropped}
+        return {
+            "logs_written": self.handler.written,
+            "logs_dropped": self.handler.dropped,
+            "metrics_dropped": self.metrics.dropped,
+        }

@@ -12,7 +12,8 @@ once, at gear init, into small closures; rendering never parses.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import FluxError
 from .msg import FluxMsg
@@ -84,18 +85,22 @@ def _filter(name: str, arg: str | None, template: str) -> Callable[[Any], Any]:
     if name == "bytes":
         return lambda v: v if isinstance(v, bytes) else _text(v).encode()
     if name == "int":
+
         def to_int(v):
             try:
                 return int(_text(v).strip() or 0)
             except ValueError:
                 raise TemplateError(template, f"value {v!r} is not an integer") from None
+
         return to_int
     if name == "default":
         if arg is None:
             raise TemplateError(template, "default needs an argument: default(X)")
         fallback = arg.strip().strip("'\"")
         return lambda v: fallback if v in (None, "", b"") else v
-    raise TemplateError(template, f"unknown filter {name!r} (upper, lower, strip, hex, unhex, len, str, int, bytes, default)")
+    raise TemplateError(
+        template, f"unknown filter {name!r} (upper, lower, strip, hex, unhex, len, str, int, bytes, default)"
+    )
 
 
 def _compile_expr(expr: str, template: str, extra) -> Callable[[FluxMsg], Any]:

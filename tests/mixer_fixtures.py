@@ -9,13 +9,26 @@ import time
 
 import httpx
 import pytest
-
-from fluxrig.agent.agent import AgentConfig, RackAgent
 from fluxrig_mixer.app import Mixer
 from fluxrig_mixer.config import load_config
 
-__all__ = ["make_mixer", "mixer", "api", "agent_factory", "wait_for", "HEARTBEAT_S", "start_rack_process",
-           "stop_rack_process"]
+from fluxrig.agent.agent import AgentConfig, RackAgent
+from fluxrig.rack_requests import ApplyScenario, RequestQueue
+from fluxrig.wire import subjects as S
+
+__all__ = [
+    "bundle_for",
+    "snake_toml",
+    "rack_nats_options",
+    "make_mixer",
+    "mixer",
+    "api",
+    "agent_factory",
+    "wait_for",
+    "HEARTBEAT_S",
+    "start_rack_process",
+    "stop_rack_process",
+]
 
 HEARTBEAT_S = 0.2
 
@@ -40,6 +53,26 @@ async def make_mixer(state_dir, **overrides) -> Mixer:
     return m
 
 
+def bundle_for(mixer, token: str | None = None, url: str | None = None, **token_kw) -> str:
+    """An enrollment bundle (wire/bundle.py) for `mixer`, with `token` or a fresh single-use
+    token (`token_kw`: uses, ttl, labels, rack_name); the URL is the Snake's loopback one
+    unless `url` (e.g. a TCP proxy in front of it) is given."""
+    if token is None:
+        token, _ = mixer.tokens.create(**({"uses": 1} | token_kw))
+    return mixer.enrollment_bundle(token, [url or mixer.snake.url])
+
+
+def snake_toml(mixer, token: str | None = None, url: str | None = None, **token_kw) -> str:
+    """The `[snake]` section of a joined Rack's fluxrig.toml: the bundle, nothing else (more
+    snake keys may follow it)."""
+    return f'[snake]\nenrollment_bundle = "{bundle_for(mixer, token, url, **token_kw)}"\n'
+
+
+def rack_nats_options(agent) -> dict:
+    """nats.connect keywords that authenticate exactly as this Rack (its NKey, its TLS trust)."""
+    return {"nkeys_seed_str": agent._identity(), "tls": agent._tls()}
+
+
 @pytest.fixture
 async def mixer(tmp_path):
     m = await make_mixer(tmp_path / "mixer")
@@ -58,16 +91,35 @@ async def api(mixer):
 
 
 class Applied:
-    """Records what the agent asked the runtime to apply; can be told to refuse."""
+    """Stands in for the Rack behind an agent's RequestQueue: records the scenarios it is asked
+    to apply (can be told to refuse) and answers every other request with an empty outcome."""
 
     def __init__(self):
         self.calls: list[tuple[dict, str]] = []
         self.refuse: str | None = None
+        self.requests = RequestQueue()
+        self._task: asyncio.Task | None = None
 
-    async def __call__(self, doc: dict, version: str) -> None:
-        self.calls.append((doc, version))
-        if self.refuse:
-            raise ValueError(self.refuse)
+    def start(self) -> Applied:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _serve(self) -> None:
+        while True:
+            request = await self.requests.get()
+            outcome = getattr(request, "outcome", None)
+            if isinstance(request, ApplyScenario):
+                self.calls.append((request.doc, request.version))
+                if self.refuse:
+                    outcome.set_exception(ValueError(self.refuse))
+                    continue
+            if outcome is not None and not outcome.done():
+                outcome.set_result(None)
 
 
 @pytest.fixture
@@ -76,8 +128,8 @@ async def agent_factory(tmp_path, mixer):
 
     async def make(name: str, token: str | None = None, start: bool = True, **kw) -> RackAgent:
         cfg = AgentConfig(
-            snake_url=mixer.snake.url,
-            bootstrap_token=mixer.bootstrap_token if token is None else token,
+            snake_url="",
+            enrollment_bundle=kw.pop("enrollment_bundle", None) or bundle_for(mixer, token),
             state_dir=str(tmp_path / f"rack-{name}"),
             name=name,
             heartbeat_interval=HEARTBEAT_S,
@@ -86,8 +138,8 @@ async def agent_factory(tmp_path, mixer):
             reconnect_wait=0.2,
             **kw,
         )
-        applied = Applied()
-        agent = RackAgent(cfg, applied)
+        applied = Applied().start()
+        agent = RackAgent(cfg, applied.requests)
         agent.applied = applied
         agents.append(agent)
         if start:
@@ -97,6 +149,27 @@ async def agent_factory(tmp_path, mixer):
     yield make
     for a in agents:
         await a.stop()
+        await a.applied.stop()
+
+
+async def publish_telemetry(agent, kind: str, batch: bytes, msg_id: str | None = None, timeout: float = 5.0):
+    """Publish one telemetry batch through the agent's session (as the shipper does)."""
+    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    return await agent.publish(S.telemetry(agent.rack_name, kind), batch, headers=headers, timeout=timeout)
+
+
+async def publish_as_rack(url: str, agent, subject: str, data: bytes, timeout: float = 2.0):
+    """A JetStream publish with the Rack's own bus credentials, past the agent's own checks:
+    what the Snake's permissions allow that user, and nothing else, decides."""
+    import nats
+
+    p = agent.passport
+    nc = await nats.connect(url, **rack_nats_options(agent), inbox_prefix=S.inbox_prefix(p.rack_name),
+                            allow_reconnect=False, connect_timeout=2)  # fmt: skip
+    try:
+        return await nc.jetstream().publish(subject, data, timeout=timeout)
+    finally:
+        await nc.close()
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
@@ -122,8 +195,17 @@ async def start_rack_process(conf: str, env: dict | None = None):
 
     env = dict(env or os.environ, PYTHONPATH=ROOT)
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf, env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "fluxrig.cli.main",
+        "run",
+        "-c",
+        conf,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def stop_rack_process(proc, timeout: float = 20.0) -> bytes:
@@ -134,7 +216,7 @@ async def stop_rack_process(proc, timeout: float = 20.0) -> bytes:
         proc.send_signal(signal.SIGTERM)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         _, err = await proc.communicate()
     return err or b""

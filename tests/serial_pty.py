@@ -5,7 +5,9 @@ port with no line discipline) and points the symlink `link` at the slave: the ge
 `link` like /dev/ttyUSB0 (or /dev/serial/by-id/...). The test plays the device on the master
 side. `unplug()` removes the link and closes the master (the gear's reads then fail with EIO,
 as with an unplugged USB adapter); `PtyDevice(link)` again is the device plugged back in (a new
-pty, so a new /dev/pts/N).
+pty, so a new /dev/pts/N). The same device serves the gear's tests (through a scenario:
+`serial_scenario`, with a feed and a catch gear) and the endpoint's (a SerialEndpoint opened on
+`link` directly).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tty
 import yaml
 
 from fluxrig.runtime import Gear, Manifest, register
+
+__all__ = ["PtyDevice", "SerialFeedGear", "SerialCatchGear", "serial_scenario", "wait_until", "wait_up"]
 
 _EMPTY = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -38,9 +42,17 @@ class SerialFeedGear(Gear):
 class SerialCatchGear(Gear):
     """Test sink: keeps what arrives on `in` (frames) and `in_err` (the error port)."""
 
-    MANIFEST = Manifest("test_serial_catch", "collects messages", inputs=("in", "in_err"), outputs=(),
-                        schema={"type": "object", "properties": {"delay": {"type": "number", "default": 0}},
-                                "additionalProperties": False})
+    MANIFEST = Manifest(
+        "test_serial_catch",
+        "collects messages",
+        inputs=("in", "in_err"),
+        outputs=(),
+        schema={
+            "type": "object",
+            "properties": {"delay": {"type": "number", "default": 0}},
+            "additionalProperties": False,
+        },
+    )
 
     def __init__(self, name, config, ctx):
         super().__init__(name, config, ctx)
@@ -56,8 +68,9 @@ class SerialCatchGear(Gear):
         deadline = loop.time() + timeout
         while len(self.got[port]) < n:
             if loop.time() > deadline:
-                raise TimeoutError(f"{len(self.got[port])} of {n} messages on {port}: "
-                                   f"{[m.raw[:40] for m in self.got[port]]}")
+                raise TimeoutError(
+                    f"{len(self.got[port])} of {n} messages on {port}: {[m.raw[:40] for m in self.got[port]]}"
+                )
             await asyncio.sleep(0.002)
         return self.got[port]
 
@@ -90,6 +103,7 @@ async def wait_until(cond, timeout: float = 5.0, what: str = "condition") -> Non
 
 
 async def wait_up(gear, timeout: float = 5.0) -> None:
+    """Until `gear` (an io_serial gear or a SerialEndpoint: both have `.link`) has its device open."""
     await wait_until(lambda: gear.link is not None, timeout, f"{gear.name} to open its device")
 
 
@@ -129,7 +143,9 @@ class PtyDevice:
             link = gear.link
             before = link.bytes_in
             await self.write(bytes([b]))
-            await wait_until(lambda: link.bytes_in > before or link.lost, timeout, "the gear to read a byte")
+            await wait_until(
+                lambda link=link, before=before: link.bytes_in > before or link.lost, timeout, "the gear to read a byte"
+            )
 
     # -- the device listens ----------------------------------------------------------------
     def _read_now(self) -> None:

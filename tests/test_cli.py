@@ -10,8 +10,9 @@ from helpers import ROOT, free_port, tcp_lines, wait_port
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fluxrig.cli.main", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fluxrig.cli.main", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
 
 
 def test_run_tcp_echo_then_sigterm_exits_zero(start_rack, rack_env):

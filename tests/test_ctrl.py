@@ -26,8 +26,12 @@ def _verify(data, nonces=None, pins=(KEY.public_key,), rack_id="r-1", now=NOW + 
 
 
 def test_roundtrip_every_command():
-    for cmd, kw in ((C.CMD_KILL, {"reason": "fraud"}), (C.CMD_REVIVE, {}), (C.CMD_GEAR_STOP, {"gear": "gw"}),
-                    (C.CMD_CONN_CLOSE, {"conn_id": "abc", "gear": "gw"})):
+    for cmd, kw in (
+        (C.CMD_KILL, {"reason": "fraud"}),
+        (C.CMD_REVIVE, {}),
+        (C.CMD_GEAR_STOP, {"gear": "gw"}),
+        (C.CMD_CONN_CLOSE, {"conn_id": "abc", "gear": "gw"}),
+    ):
         c = _verify(_signed(cmd, **kw), verb=cmd)
         assert c.cmd == cmd and c.rack_id == "r-1" and c.mixer_pub == KEY.public_key
         assert c.expires_at - c.issued_at == 60.0 and len(c.nonce) == 16
@@ -64,23 +68,25 @@ def test_forged_tampered_and_unpinned_refused():
 
 def test_passport_signature_is_not_a_command_signature():
     # Same key, same envelope shape, other context: never accepted as a command.
-    data = sign_passport(KEY, Passport(rack_id="r-1", rack_name="edge", status="active", issued_at=NOW,
-                                       expires_at=NOW + 60))
+    data = sign_passport(
+        KEY, Passport(rack_id="r-1", rack_name="edge", status="active", issued_at=NOW, expires_at=NOW + 60)
+    )
     with pytest.raises(C.CommandRefused):
         _verify(data)
     body = cbor2.loads(cbor2.loads(_signed())["payload"])
     payload = cbor2.dumps(body)
     from fluxrig.passport import SIGNING_CONTEXT
+
     crossed = cbor2.dumps({"payload": payload, "signature": KEY.sign(SIGNING_CONTEXT + payload)})
     with pytest.raises(C.CommandForged):
         _verify(crossed)
 
 
 def test_unsigned_and_malformed_refused():
-    from fluxrig.agent import protocol as P
+    from fluxrig.wire.messages import CtrlMessage
 
     with pytest.raises(C.CommandUnsigned):  # a legacy, unsigned control message on a command verb
-        _verify(P.encode_ctrl(reason="kill please"))
+        _verify(CtrlMessage(reason="kill please").encode())
     body = cbor2.loads(cbor2.loads(_signed())["payload"])
     with pytest.raises(C.CommandUnsigned):
         _verify(cbor2.dumps({"payload": cbor2.dumps(body), "signature": b""}))

@@ -1,4 +1,4 @@
-"""Stream framers (fluxrig.framing.core), run against both backends: `py` and `c`.
+"""Stream framers (fluxrig.framing.core_py and its twin core_c), run against both backends: `py` and `c`.
 
 Every framer is fed whole, one byte at a time and with trailing bytes; golden bytes pin the
 ISO presets; limits and malformed prefixes raise their typed errors with the right offset.
@@ -17,7 +17,7 @@ BACKENDS = ["py", "c"]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    if request.param == "c" and not F.COMPILED:
+    if request.param == "c" and F.BACKEND != "cython":
         pytest.skip("compiled twin not loaded (pure build or FLUXRIG_PURE_PYTHON=1)")
     return request.param
 
@@ -64,8 +64,10 @@ def three_ways(make, stream):
 def test_backend_binding_is_one_of_the_two():
     assert F.DelimiterFramer in (F.DelimiterFramerPy, F.DelimiterFramerC)
     assert F.LengthPrefixFramer in (F.LengthPrefixFramerPy, F.LengthPrefixFramerC)
-    if F.COMPILED:
+    if F.BACKEND == "cython":
         assert F.DelimiterFramer is F.DelimiterFramerC
+    else:
+        assert F.DelimiterFramer is F.DelimiterFramerPy and F.DelimiterFramerC is None
 
 
 def test_newline_mode_strips_cr_lf_and_lf(backend):
@@ -85,9 +87,7 @@ def test_newline_mode_from_empty_delimiter_and_trailing_bytes(backend):
 
 
 def test_include_keeps_the_delimiter(backend):
-    frames, _ = three_ways(
-        lambda: framer(backend, "DelimiterFramer", include_delimiter=True), b"a\r\nb\n"
-    )
+    frames, _ = three_ways(lambda: framer(backend, "DelimiterFramer", include_delimiter=True), b"a\r\nb\n")
     assert frames == [b"a\r\n", b"b\n"]
 
 

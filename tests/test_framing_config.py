@@ -34,15 +34,27 @@ def test_delimiter_keys():
         }
     )
     assert (fr.delimiter, fr.position, fr.include_delimiter, fr.append, fr.max_frame_bytes) == (
-        b"\x03", "prefix", True, True, 100,
+        b"\x03",
+        "prefix",
+        True,
+        True,
+        100,
     )
     assert fr.encode(b"a") == b"\x03a"
 
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("", b"\n"), ("\r\n", b"\r\n"), ("\\r\\n", b"\r\n"), ("hex:0d0a", b"\r\n"), ("END", b"END"),
-     ("\\x02", b"\x02"), ("é", "é".encode()), (b"\x00", b"\x00")],
+    [
+        ("", b"\n"),
+        ("\r\n", b"\r\n"),
+        ("\\r\\n", b"\r\n"),
+        ("hex:0d0a", b"\r\n"),
+        ("END", b"END"),
+        ("\\x02", b"\x02"),
+        ("é", "é".encode()),
+        (b"\x00", b"\x00"),
+    ],
 )
 def test_delimiter_values(value, expected):
     assert F.make_framer({"delimiter": value}).delimiter == expected
@@ -54,8 +66,13 @@ def test_delimiter_values(value, expected):
     "config,size,endian,kind,includes",
     [
         ({"framing": "length_prefix"}, 2, "big", "binary", False),
-        ({"framing": "length_prefix", "length_size": 4, "length_endian": "little",
-          "length_includes_header": True}, 4, "little", "binary", True),
+        (
+            {"framing": "length_prefix", "length_size": 4, "length_endian": "little", "length_includes_header": True},
+            4,
+            "little",
+            "binary",
+            True,
+        ),
         ({"framing": "length_prefix2"}, 2, "big", "binary", False),
         ({"framing": "length_prefix4"}, 4, "big", "binary", False),
         ({"framing": "length_prefix2", "length_endian": "little"}, 2, "little", "binary", False),
@@ -126,8 +143,23 @@ def test_bad_config_names_the_key(config, key):
 def test_schema_fragment_shape():
     schema = F.framing_schema()
     assert set(schema["framing"]["enum"]) == set(F.FRAMINGS)
-    for name in ("delimiter", "length_prefix", "length_prefix2", "length_prefix4", "len2_be", "len2_le",
-                 "len4_be", "ascii4", "bcd2", "vap", "fixed", "slip", "idle_gap", "modbus_rtu", "none"):
+    for name in (
+        "delimiter",
+        "length_prefix",
+        "length_prefix2",
+        "length_prefix4",
+        "len2_be",
+        "len2_le",
+        "len4_be",
+        "ascii4",
+        "bcd2",
+        "vap",
+        "fixed",
+        "slip",
+        "idle_gap",
+        "modbus_rtu",
+        "none",
+    ):
         assert name in F.FRAMINGS
     for key, prop in schema.items():
         assert set(prop) <= {"type", "enum", "default", "description"}, key
@@ -144,7 +176,11 @@ def test_schema_defaults_are_what_make_framer_does():
     a = F.make_framer(defaults)
     b = F.make_framer({})
     assert (a.delimiter, a.position, a.include_delimiter, a.append, a.max_frame_bytes) == (
-        b.delimiter, b.position, b.include_delimiter, b.append, b.max_frame_bytes,
+        b.delimiter,
+        b.position,
+        b.include_delimiter,
+        b.append,
+        b.max_frame_bytes,
     )
 
 

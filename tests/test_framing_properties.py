@@ -23,8 +23,13 @@ CONFIGS = [
     {"framing": "delimiter", "delimiter_include": True},
     {"framing": "delimiter", "delimiter": "<E>", "max_frame_bytes": SMALL},
     {"framing": "delimiter", "delimiter": "\\x02", "delimiter_position": "prefix"},
-    {"framing": "delimiter", "delimiter": "ab", "delimiter_position": "prefix", "delimiter_include": True,
-     "max_frame_bytes": SMALL},
+    {
+        "framing": "delimiter",
+        "delimiter": "ab",
+        "delimiter_position": "prefix",
+        "delimiter_include": True,
+        "max_frame_bytes": SMALL,
+    },
     {"framing": "length_prefix", "length_size": 2},
     {"framing": "length_prefix", "length_size": 4, "length_endian": "little", "max_frame_bytes": SMALL},
     {"framing": "len2_be", "length_includes_header": True, "max_frame_bytes": SMALL},
@@ -40,7 +45,8 @@ CONFIGS = [
 ]
 IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in CONFIGS]
 
-needs_c = pytest.mark.skipif(not F.COMPILED, reason="compiled twin not loaded")
+COMPILED = F.BACKEND == "cython"
+needs_c = pytest.mark.skipif(not COMPILED, reason="compiled twin not loaded")
 
 
 def run(fr, chunks):
@@ -114,7 +120,7 @@ def stream_case(draw):
 @given(stream_case())
 def test_any_split_gives_the_same_frames(case):
     config, wire, cuts = case
-    for pure in (True, False) if F.COMPILED else (True,):
+    for pure in (True, False) if COMPILED else (True,):
         whole = run(F.make_framer(config, pure=pure), [wire])
         assert run(F.make_framer(config, pure=pure), split(wire, cuts)) == whole
         assert run(F.make_framer(config, pure=pure), [wire[i : i + 1] for i in range(len(wire))]) == whole
@@ -136,7 +142,7 @@ def roundtrip_case(draw):
 @given(roundtrip_case())
 def test_encode_then_feed_returns_the_payloads(case):
     config, payloads, cuts = case
-    for pure in (True, False) if F.COMPILED else (True,):
+    for pure in (True, False) if COMPILED else (True,):
         fr = F.make_framer(config, pure=pure)
         wire = b"".join(fr.encode(p) for p in payloads)
         frames, errors = run(fr, split(wire, cuts))
@@ -172,9 +178,27 @@ def step_by_step(fr, chunks):
     config=st.sampled_from(CONFIGS),
     data=st.one_of(
         st.binary(max_size=400),
-        st.lists(st.sampled_from([b"\n", b"\r\n", b"<E>", b"\x02", b"ab", b"\xc0", b"\xdb", b"\xdb\xdc",
-                                  b"\x00\x05", b"0012", b"\x00\x00", b"\x99\x99", b"hello", b"\xff"]),
-                 max_size=60).map(b"".join),
+        st.lists(
+            st.sampled_from(
+                [
+                    b"\n",
+                    b"\r\n",
+                    b"<E>",
+                    b"\x02",
+                    b"ab",
+                    b"\xc0",
+                    b"\xdb",
+                    b"\xdb\xdc",
+                    b"\x00\x05",
+                    b"0012",
+                    b"\x00\x00",
+                    b"\x99\x99",
+                    b"hello",
+                    b"\xff",
+                ]
+            ),
+            max_size=60,
+        ).map(b"".join),
     ),
     cuts=st.lists(st.integers(0, 10_000), max_size=16),
 )

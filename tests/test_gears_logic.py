@@ -4,20 +4,23 @@ import asyncio
 import json
 
 import pytest
+from helpers import running
 
 from fluxrig.msg import FluxMsg
 from fluxrig.runtime import Gear, Manifest, register
 from fluxrig.scenario import build_scenario, parse_scenario
-
-from helpers import running
 
 OUT: list = []
 
 
 @register
 class InjectGear(Gear):
-    MANIFEST = Manifest("test_inject", "pushes messages given by the test", inputs=(),
-                        schema={"type": "object", "properties": {}, "additionalProperties": False})
+    MANIFEST = Manifest(
+        "test_inject",
+        "pushes messages given by the test",
+        inputs=(),
+        schema={"type": "object", "properties": {}, "additionalProperties": False},
+    )
 
     async def push(self, msg):
         await self.emit("out", msg)
@@ -25,8 +28,13 @@ class InjectGear(Gear):
 
 @register
 class CollectGear(Gear):
-    MANIFEST = Manifest("test_collect", "collects messages", outputs=(), inputs=("in", "in_b"),
-                        schema={"type": "object", "properties": {}, "additionalProperties": False})
+    MANIFEST = Manifest(
+        "test_collect",
+        "collects messages",
+        outputs=(),
+        inputs=("in", "in_b"),
+        schema={"type": "object", "properties": {}, "additionalProperties": False},
+    )
 
     async def process(self, port, msg):
         OUT.append((self.name, port, msg))
@@ -67,7 +75,7 @@ async def test_map_ops_in_order():
 """)
     async with running(text) as rt:
         await rt.gears["src"].push(FluxMsg(raw=b"hi", meta={"conn.id": "c7"}, data={"count": "0042"}))
-        (_, _, m), = OUT
+        ((_, _, m),) = OUT
         assert m.meta["reply"] == "got hi from c7"
         assert m.raw == b"HI"
         assert m.get("bin6") == "4111111111111111"
@@ -78,13 +86,15 @@ async def test_map_ops_in_order():
 
 
 def test_map_bad_op_and_template_reported():
-    doc = parse_scenario(wired("""    type: map
+    doc = parse_scenario(
+        wired("""    type: map
     config:
       ops:
         - {set: raw}
         - {set: raw, value: "{{ raw | shout }}"}
         - {copy: raw}
-"""))
+""")
+    )
     with pytest.raises(Exception) as ei:
         build_scenario(doc, env={})
     text = str(ei.value)

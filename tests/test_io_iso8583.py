@@ -3,13 +3,14 @@
 import asyncio
 
 import pytest
+from helpers import free_port, running, scenario_from_yaml
 
 from fluxrig.iso8583.peek import BadFrame, mirror_tpdu, peek
 from fluxrig.runtime import ControlBus, Runtime
 
-from helpers import free_port, running, scenario_from_yaml
-
-MSG_0800 = b"0800" + bytes.fromhex("8220000000000000") + bytes.fromhex("0400000000000000") + b"1127120000" + b"000001" + b"301"
+MSG_0800 = (
+    b"0800" + bytes.fromhex("8220000000000000") + bytes.fromhex("0400000000000000") + b"1127120000" + b"000001" + b"301"
+)
 
 
 def echo(port, extra=""):

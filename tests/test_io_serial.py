@@ -6,14 +6,12 @@ import time
 
 import pytest
 import serial
+from helpers import running, scenario_from_yaml
+from serial_pty import PtyDevice, serial_scenario, wait_until, wait_up
 
 from fluxrig.errors import ScenarioError
 from fluxrig.framing import make_framer
 from fluxrig.framing.serial import crc16_modbus
-from fluxrig.runtime.reload import shadow_swap
-
-from helpers import running, scenario_from_yaml
-from serial_pty import PtyDevice, serial_scenario, wait_until, wait_up
 
 
 @pytest.fixture
@@ -35,15 +33,16 @@ def events_of(rt, gear="ser"):
 
 
 FRAMINGS = {
-    "delimiter": ({"framing": "delimiter", "delimiter_append": True},
-                  [b"alpha", b"b\x00\xff\xc0", b"gamma delta"]),
+    "delimiter": ({"framing": "delimiter", "delimiter_append": True}, [b"alpha", b"b\x00\xff\xc0", b"gamma delta"]),
     "length_prefix": ({"framing": "length_prefix"}, [b"alpha", b"\n\x00\xc0", b"x" * 300]),
     "fixed": ({"framing": "fixed", "fixed_size": 5}, [b"abcde", b"\x00\x01\x02\x03\x04", b"zz\nzz"]),
     "slip": ({"framing": "slip"}, [b"alpha", b"\xc0\xdb\xc0", b"end\xdb"]),
     "none": ({"framing": "none"}, [b"raw bytes \x00\xff", b"more"]),
     "idle_gap": ({"framing": "idle_gap", "idle_gap_ms": 80}, [b"alpha", b"\n\x00beta\xc0"]),
-    "modbus_rtu": ({"framing": "modbus_rtu", "idle_gap_ms": 80},
-                   [bytes.fromhex("01030000000A"), bytes.fromhex("0110000100020400010002")]),
+    "modbus_rtu": (
+        {"framing": "modbus_rtu", "idle_gap_ms": 80},
+        [bytes.fromhex("01030000000A"), bytes.fromhex("0110000100020400010002")],
+    ),
 }
 TIMED_SILENCE = 0.25  # between frames on the idle-gap framings (gap 80 ms)
 
@@ -70,7 +69,7 @@ async def test_every_framing_both_directions_split_at_every_byte(framing, link, 
             want = len(payloads) * (rounds + 1)
             if framing == "none":
                 total = sum(len(w) for w in wire) * (rounds + 1)
-                await wait_until(lambda: sum(len(m.raw) for m in catch.got["in"]) >= total)
+                await wait_until(lambda total=total: sum(len(m.raw) for m in catch.got["in"]) >= total)
             else:
                 await catch.wait(want)
         got = [m.raw for m in catch.got["in"]]
@@ -113,8 +112,9 @@ async def test_modbus_bad_crc_goes_to_error_and_later_frames_survive(link, devic
     good = bytes.fromhex("01030000000AC5CD")  # read 10 holding registers from slave 1
     assert crc16_modbus(good[:-2]).to_bytes(2, "little") == good[-2:]
     bad = good[:-1] + b"\xce"
-    async with running(serial_scenario(link, framing="modbus_rtu", baudrate=19200, parity="E",
-                                       idle_gap_ms=40), env={}) as rt:
+    async with running(
+        serial_scenario(link, framing="modbus_rtu", baudrate=19200, parity="E", idle_gap_ms=40), env={}
+    ) as rt:
         ser, catch = rt.gears["ser"], rt.gears["catch"]
         await wait_up(ser)
         for frame in (good, bad, good):
@@ -157,8 +157,9 @@ async def test_oversize_line_goes_to_error_then_framing_resumes_after_its_delimi
 
 
 async def test_oversize_length_prefix_resynchronises_on_silence(link, device):
-    async with running(serial_scenario(link, framing="length_prefix", max_frame_bytes=64,
-                                       resync_gap_ms=60), env={}) as rt:
+    async with running(
+        serial_scenario(link, framing="length_prefix", max_frame_bytes=64, resync_gap_ms=60), env={}
+    ) as rt:
         ser, catch = rt.gears["ser"], rt.gears["catch"]
         await wait_up(ser)
         await device.write(b"\x00\x03one" + b"\x03\xe8" + b"z" * 200)  # a 1000-byte frame announced
@@ -180,8 +181,7 @@ async def test_oversize_slip_and_idle_gap(link, device):
         assert (await catch.wait(1, "in_err"))[0].meta["error.reason"] == "frame_too_large"
     device2 = PtyDevice(link)
     try:
-        async with running(serial_scenario(link, framing="idle_gap", idle_gap_ms=50, max_frame_bytes=8),
-                           env={}) as rt:
+        async with running(serial_scenario(link, framing="idle_gap", idle_gap_ms=50, max_frame_bytes=8), env={}) as rt:
             catch = rt.gears["catch"]
             await wait_up(rt.gears["ser"])
             await device2.write(b"tiny")
@@ -197,8 +197,9 @@ async def test_oversize_slip_and_idle_gap(link, device):
 
 
 async def test_unplug_and_replug_by_removing_and_recreating_the_device_link(link, device):
-    async with running(serial_scenario(link, delimiter_append=True, reconnect_wait="50ms",
-                                       reconnect_max="200ms"), env={}) as rt:
+    async with running(
+        serial_scenario(link, delimiter_append=True, reconnect_wait="50ms", reconnect_max="200ms"), env={}
+    ) as rt:
         ser, catch = rt.gears["ser"], rt.gears["catch"]
         seen = events_of(rt)
         await wait_up(ser)
@@ -274,8 +275,12 @@ async def test_writes_while_down_go_to_error(link, device):
 
 
 async def test_writes_while_down_queue_bounded_oldest_dropped_counted_then_flushed(link, device):
-    async with running(serial_scenario(link, on_down="queue", max_queued=3, delimiter_append=True,
-                                       reconnect_wait="50ms", reconnect_max="100ms"), env={}) as rt:
+    async with running(
+        serial_scenario(
+            link, on_down="queue", max_queued=3, delimiter_append=True, reconnect_wait="50ms", reconnect_max="100ms"
+        ),
+        env={},
+    ) as rt:
         ser, catch, feed = rt.gears["ser"], rt.gears["catch"], rt.gears["feed"]
         await wait_up(ser)
         device.unplug()
@@ -329,7 +334,7 @@ async def test_inter_frame_delay_spaces_frames_on_the_wire(link, device):
         for t, c in chunks:
             starts.extend([t] * (len(c) // 6))
         assert b"".join(c for _, c in chunks) == b"frame0frame1frame2frame3"
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         assert len(gaps) == 3 and min(gaps) >= 0.05, gaps
 
 
@@ -377,8 +382,7 @@ async def test_reload_with_changed_config_closes_then_reopens(link, device):
     async with running(text, env={}) as rt:
         old = rt.gears["ser"]
         await wait_up(old)
-        report = await shadow_swap(rt, scenario_from_yaml(serial_scenario(link, baudrate=19200, delimiter_append=True),
-                                                           env={}))
+        report = await rt.swap(scenario_from_yaml(serial_scenario(link, baudrate=19200, delimiter_append=True), env={}))
         assert report.ok and report.rebuilt == ["ser"]
         new = rt.gears["ser"]
         assert new is not old and old.link is None
@@ -406,8 +410,9 @@ async def test_url_ports_use_the_bounded_executor_loop_and_socket(tmp_path):
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with running(serial_scenario(f"socket://127.0.0.1:{port}", delimiter_append=True,
-                                           reconnect_wait="50ms"), env={}) as rt:
+        async with running(
+            serial_scenario(f"socket://127.0.0.1:{port}", delimiter_append=True, reconnect_wait="50ms"), env={}
+        ) as rt:
             ser, catch = rt.gears["ser"], rt.gears["catch"]
             await wait_up(ser)
             await wait_until(lambda: conns)
@@ -419,8 +424,9 @@ async def test_url_ports_use_the_bounded_executor_loop_and_socket(tmp_path):
             assert await asyncio.wait_for(r.readline(), 3) == b"to tcp\n"
             first = ser.conn_id
             w.close()
-            await wait_until(lambda: len(conns) == 2 and ser.link is not None and ser.conn_id != first, 5,
-                             "the reconnect")
+            await wait_until(
+                lambda: len(conns) == 2 and ser.link is not None and ser.conn_id != first, 5, "the reconnect"
+            )
     finally:
         server.close()
         await server.wait_closed()
@@ -442,10 +448,11 @@ def test_config_validation_messages():
     assert "unknown pyserial URL scheme 'bogus'" in problems(port="bogus://x")
     assert "must not be shorter than reconnect_wait" in problems(reconnect_wait="10s", reconnect_max="1s")
     assert "fixed_size" in problems(framing="fixed")
-    assert "required" in problems(port="")  or "is required" in problems(port="")
+    assert "required" in problems(port="") or "is required" in problems(port="")
     # and a good one builds
-    scenario_from_yaml(serial_scenario("/dev/ttyUSB0", framing="modbus_rtu", baudrate=19200, parity="E",
-                                       rs485=True), env={})
+    scenario_from_yaml(
+        serial_scenario("/dev/ttyUSB0", framing="modbus_rtu", baudrate=19200, parity="E", rs485=True), env={}
+    )
 
 
 @pytest.mark.slow
@@ -498,10 +505,14 @@ wires:
     assert received == expected, (len(received), len(expected))
     assert m["frames_in"] == m["frames_out"] == len(lines)
     achieved = sent / duration
-    record_property("serial_115200", {"bytes_each_way": sent, "lines": len(lines), "seconds": round(duration, 2),
-                                      "bytes_per_s": round(achieved)})
-    print(f"\n115200-baud run: {sent} bytes each way, {len(lines)} lines, {duration:.2f} s, "
-          f"{achieved:.0f} B/s (line rate {rate:.0f} B/s), lost 0")
+    record_property(
+        "serial_115200",
+        {"bytes_each_way": sent, "lines": len(lines), "seconds": round(duration, 2), "bytes_per_s": round(achieved)},
+    )
+    print(
+        f"\n115200-baud run: {sent} bytes each way, {len(lines)} lines, {duration:.2f} s, "
+        f"{achieved:.0f} B/s (line rate {rate:.0f} B/s), lost 0"
+    )
     assert achieved >= 0.97 * rate
 
 

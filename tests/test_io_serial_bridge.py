@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, free_port, running, scenario_from_yaml, wait_port
+from serial_pty import PtyDevice, wait_until, wait_up
 
 from fluxrig.errors import FluxError
 from fluxrig.runtime import Runtime
-
-from helpers import ROOT, free_port, running, scenario_from_yaml, wait_port
-from serial_pty import PtyDevice, wait_until, wait_up
 
 BRIDGE = os.path.join(ROOT, "scenarios", "serial-tcp-bridge.yaml")
 TO_MIXER = os.path.join(ROOT, "scenarios", "serial-to-mixer.yaml")
@@ -46,8 +45,12 @@ async def round_trip(port: int, device: PtyDevice) -> None:
 
 async def test_bridge_in_process_bytes_both_ways_one_client_at_a_time(device):
     port = free_port()
-    env = {"FLUXRIG_SERIAL_PORT": device.link, "FLUXRIG_BRIDGE_PORT": str(port), "FLUXRIG_BRIDGE_HOST": "127.0.0.1",
-           "FLUXRIG_SERIAL_BAUD": "115200"}
+    env = {
+        "FLUXRIG_SERIAL_PORT": device.link,
+        "FLUXRIG_BRIDGE_PORT": str(port),
+        "FLUXRIG_BRIDGE_HOST": "127.0.0.1",
+        "FLUXRIG_SERIAL_BAUD": "115200",
+    }
     with open(BRIDGE) as fh:
         text = fh.read()
     async with running(text, env=env) as rt:
@@ -133,8 +136,13 @@ def test_bridge_as_a_rack_process(device, start_rack, rack_env):
 
 
 def test_serial_to_mixer_validates_and_waits_for_the_guaranteed_lane(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fluxrig.cli.main", "scenario", "validate", TO_MIXER],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "fluxrig.cli.main", "scenario", "validate", TO_MIXER],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "valid (serial-to-mixer" in r.stdout
     with open(TO_MIXER) as fh:

@@ -9,7 +9,7 @@ from fluxrig.net.serial_ingress import Fault, Ingress
 
 CT = 10 / 9600  # one character at 9600 8N1
 
-BACKENDS = ["py"] + (["c"] if framing.COMPILED else [])
+BACKENDS = ["py"] + (["c"] if framing.BACKEND == "cython" else [])
 
 
 def ingress(backend, **cfg):

@@ -4,10 +4,9 @@ import asyncio
 import struct
 
 import pytest
+from helpers import free_port, running, scenario_from_yaml, tcp_lines
 
 from fluxrig.runtime import ControlBus, Runtime
-
-from helpers import free_port, running, scenario_from_yaml, tcp_lines
 
 
 def echo(port, extra="", map_value="{{ raw | upper }}"):
@@ -29,6 +28,7 @@ wires:
 async def test_newline_echo_many_clients_routed_by_conn_id():
     port = free_port()
     async with running(echo(port)):
+
         async def client(i):
             lines = [f"c{i}-{j}".encode() for j in range(50)]
             got = await tcp_lines(port, lines)
@@ -93,7 +93,7 @@ async def test_max_connections():
 
 async def test_idle_timeout_enforced():
     port = free_port()
-    async with running(echo(port, ', idle_timeout: 200ms')) as rt:
+    async with running(echo(port, ", idle_timeout: 200ms")) as rt:
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"a\n")
         assert await r.readline() == b"A\n"
@@ -121,8 +121,8 @@ wires:
   - {{from: slow.out, to: gw.in}}
   - {{from: gw.error, to: errs.in}}
 """
-    import test_runtime  # noqa: F401  (registers test_recorder)
     import test_gears_logic
+    import test_runtime  # noqa: F401  (registers test_recorder)
 
     test_gears_logic.OUT.clear()
     async with running(text) as rt:
@@ -134,7 +134,7 @@ wires:
             if test_gears_logic.OUT:
                 break
             await asyncio.sleep(0.02)
-        (_, _, m), = test_gears_logic.OUT
+        ((_, _, m),) = test_gears_logic.OUT
         assert m.meta["error.reason"] == "conn_gone"
         assert rt.gears["gw"].counters.errors == 1
 

@@ -4,9 +4,9 @@ field/offset every decode error carries. Both codec twins."""
 from __future__ import annotations
 
 import pytest
+from iso8583_support import IMPLS, bitmap_for, spec_of
 
 from fluxrig.iso8583 import Iso8583DecodeError, Iso8583EncodeError, SpecError
-from iso8583_support import IMPLS, bitmap_for, spec_of
 
 BM55 = bytes([0, 0, 0, 0, 0, 0, 0x02, 0])  # field 55 only
 
@@ -17,19 +17,30 @@ def impl(request):
 
 
 def tlv_spec(impl, unknown="reject"):
-    return spec_of({55: {
-        "type": "Composite", "length": 999, "prefix": "ASCII.LLL",
-        "subfields": {"layout": "tlv", "unknown_tags": unknown, "parts": [
-            {"tag": "9F02", "type": "Numeric", "enc": "BCD", "length": 12},
-            {"tag": "82", "type": "Binary"},
-            {"tag": "5F2A", "type": "Numeric", "enc": "BCD", "length": 4},
-            {"tag": "50", "type": "String"},
-            {"tag": "9F10", "type": "Hex"},
-        ]},
-    }}, impl)
+    return spec_of(
+        {
+            55: {
+                "type": "Composite",
+                "length": 999,
+                "prefix": "ASCII.LLL",
+                "subfields": {
+                    "layout": "tlv",
+                    "unknown_tags": unknown,
+                    "parts": [
+                        {"tag": "9F02", "type": "Numeric", "enc": "BCD", "length": 12},
+                        {"tag": "82", "type": "Binary"},
+                        {"tag": "5F2A", "type": "Numeric", "enc": "BCD", "length": 4},
+                        {"tag": "50", "type": "String"},
+                        {"tag": "9F10", "type": "Hex"},
+                    ],
+                },
+            }
+        },
+        impl,
+    )
 
 
-KNOWN = bytes.fromhex("9F0206000000001000" "82021980")
+KNOWN = bytes.fromhex("9F020600000000100082021980")
 UNKNOWN = bytes.fromhex("9F3602008A")  # ATC, not declared
 
 
@@ -79,24 +90,27 @@ def test_tlv_long_form_length_and_multibyte_tags(impl):
     spec = tlv_spec(impl, "preserve")
     text = "N" * 200
     raw = spec.encode({0: "0100", 55: {"50": text, "9F8101": b"\x01"}})
-    content = b"\x50\x81\xC8" + text.encode() + bytes.fromhex("9F8101" "01" "01")
+    content = b"\x50\x81\xc8" + text.encode() + bytes.fromhex("9F81010101")
     assert raw == msg55(content)
     assert spec.decode(raw)[55] == {"50": text, "9F8101": b"\x01"}
     hexval = spec.encode({0: "0100", 55: {"9F10": "0A0B"}})
     assert hexval == msg55(bytes.fromhex("9F10020A0B"))
 
 
-@pytest.mark.parametrize("content,where", [
-    (bytes.fromhex("9F"), 0),                   # tag cut short
-    (bytes.fromhex("9F02"), 0),                 # no length
-    (bytes.fromhex("9F0280"), 2),               # indefinite length
-    (bytes.fromhex("9F028500000000010000"), 2),  # five length bytes
-    (bytes.fromhex("9F020600"), 0),             # value runs past the end
-    (bytes.fromhex("9F0281"), 2),               # long form cut short
-    (bytes.fromhex("82021980" "82021980"), 4),  # duplicate tag
-    (bytes.fromhex("9F0206000000001A00"), 3),   # invalid BCD in a declared part
-    (bytes.fromhex("9F81818101" "01" "00"), 0),  # tag longer than 4 bytes
-])
+@pytest.mark.parametrize(
+    "content,where",
+    [
+        (bytes.fromhex("9F"), 0),  # tag cut short
+        (bytes.fromhex("9F02"), 0),  # no length
+        (bytes.fromhex("9F0280"), 2),  # indefinite length
+        (bytes.fromhex("9F028500000000010000"), 2),  # five length bytes
+        (bytes.fromhex("9F020600"), 0),  # value runs past the end
+        (bytes.fromhex("9F0281"), 2),  # long form cut short
+        (bytes.fromhex("8202198082021980"), 4),  # duplicate tag
+        (bytes.fromhex("9F0206000000001A00"), 3),  # invalid BCD in a declared part
+        (bytes.fromhex("9F818181010100"), 0),  # tag longer than 4 bytes
+    ],
+)
 def test_tlv_malformed_is_a_typed_error_at_the_right_offset(impl, content, where):
     spec = tlv_spec(impl, "preserve")
     with pytest.raises(Iso8583DecodeError) as ei:
@@ -106,18 +120,48 @@ def test_tlv_malformed_is_a_typed_error_at_the_right_offset(impl, content, where
 
 
 def positional_spec(impl):
-    return spec_of({
-        3: {"type": "Numeric", "length": 6, "enc": "ASCII", "prefix": "ASCII.Fixed",
-            "subfields": {"layout": "positional", "parts": [
-                {"from": 1, "to": 2}, {"from": 3, "to": 4}, {"from": 5, "to": 6}]}},
-        48: {"type": "Composite", "length": 99, "enc": "ASCII", "prefix": "ASCII.LL",
-             "subfields": {"1": {"type": "String", "length": 2, "enc": "ASCII", "prefix": "ASCII.Fixed"},
-                           "2": {"type": "Numeric", "length": 10, "enc": "ASCII", "prefix": "ASCII.LL"}}},
-        54: {"type": "String", "length": 120, "enc": "ASCII", "prefix": "ASCII.LLL",
-             "subfields": {"layout": "positional", "repeat": {"length": 20, "max": 6}, "parts": [
-                 {"from": 1, "to": 2}, {"from": 3, "to": 4}, {"from": 5, "to": 7}, {"from": 8, "to": 8},
-                 {"from": 9, "to": 20}]}},
-    }, impl)
+    return spec_of(
+        {
+            3: {
+                "type": "Numeric",
+                "length": 6,
+                "enc": "ASCII",
+                "prefix": "ASCII.Fixed",
+                "subfields": {
+                    "layout": "positional",
+                    "parts": [{"from": 1, "to": 2}, {"from": 3, "to": 4}, {"from": 5, "to": 6}],
+                },
+            },
+            48: {
+                "type": "Composite",
+                "length": 99,
+                "enc": "ASCII",
+                "prefix": "ASCII.LL",
+                "subfields": {
+                    "1": {"type": "String", "length": 2, "enc": "ASCII", "prefix": "ASCII.Fixed"},
+                    "2": {"type": "Numeric", "length": 10, "enc": "ASCII", "prefix": "ASCII.LL"},
+                },
+            },
+            54: {
+                "type": "String",
+                "length": 120,
+                "enc": "ASCII",
+                "prefix": "ASCII.LLL",
+                "subfields": {
+                    "layout": "positional",
+                    "repeat": {"length": 20, "max": 6},
+                    "parts": [
+                        {"from": 1, "to": 2},
+                        {"from": 3, "to": 4},
+                        {"from": 5, "to": 7},
+                        {"from": 8, "to": 8},
+                        {"from": 9, "to": 20},
+                    ],
+                },
+            },
+        },
+        impl,
+    )
 
 
 def test_positional_and_moov_map_form(impl):
@@ -130,11 +174,14 @@ def test_positional_and_moov_map_form(impl):
 
 def test_positional_repeat(impl):
     spec = positional_spec(impl)
-    groups = [{"1": "10", "2": "01", "3": "858", "4": "C", "5": "000000001000"},
-              {"1": "20", "2": "02", "3": "840", "4": "D", "5": "000000000500"}]
+    groups = [
+        {"1": "10", "2": "01", "3": "858", "4": "C", "5": "000000001000"},
+        {"1": "20", "2": "02", "3": "840", "4": "D", "5": "000000000500"},
+    ]
     raw = spec.encode({0: "0200", 54: groups})
-    assert raw == b"0200" + bytes([0, 0, 0, 0, 0, 0, 0x04, 0]) + b"040" + \
-        b"1001858C000000001000" + b"2002840D000000000500"
+    assert (
+        raw == b"0200" + bytes([0, 0, 0, 0, 0, 0, 0x04, 0]) + b"040" + b"1001858C000000001000" + b"2002840D000000000500"
+    )
     assert spec.decode(raw) == {0: "0200", 54: groups}
     with pytest.raises(Iso8583DecodeError) as ei:
         spec.decode(b"0200" + bytes([0, 0, 0, 0, 0, 0, 0x04, 0]) + b"021" + b"1001858C000000001000X")
@@ -157,20 +204,37 @@ def test_positional_part_errors_name_the_subfield(impl):
 
 def test_composite_layout_problems_fail_the_load(impl):
     with pytest.raises(SpecError) as ei:
-        spec_of({3: {"type": "Numeric", "length": 6, "enc": "ASCII", "prefix": "ASCII.Fixed",
-                     "subfields": {"layout": "positional", "parts": [{"from": 1, "to": 2}, {"from": 4, "to": 6}]}},
-                 55: {"type": "Composite", "length": 999, "prefix": "ASCII.LLL",
-                      "subfields": {"layout": "tlv", "parts": [{"tag": "9F"}]}}}, impl)
+        spec_of(
+            {
+                3: {
+                    "type": "Numeric",
+                    "length": 6,
+                    "enc": "ASCII",
+                    "prefix": "ASCII.Fixed",
+                    "subfields": {"layout": "positional", "parts": [{"from": 1, "to": 2}, {"from": 4, "to": 6}]},
+                },
+                55: {
+                    "type": "Composite",
+                    "length": 999,
+                    "prefix": "ASCII.LLL",
+                    "subfields": {"layout": "tlv", "parts": [{"tag": "9F"}]},
+                },
+            },
+            impl,
+        )
     text = "\n".join(ei.value.problems)
     assert "contiguous" in text and "9F" in text
 
 
 def test_decode_errors_carry_field_offset_and_partial(impl):
-    spec = spec_of({
-        2: {"type": "String", "length": 19, "enc": "ASCII", "prefix": "ASCII.LL"},
-        3: {"type": "Numeric", "length": 6, "enc": "ASCII", "prefix": "ASCII.Fixed"},
-        4: {"type": "String", "length": 12, "enc": "ASCII", "prefix": "ASCII.Fixed"},
-    }, impl)
+    spec = spec_of(
+        {
+            2: {"type": "String", "length": 19, "enc": "ASCII", "prefix": "ASCII.LL"},
+            3: {"type": "Numeric", "length": 6, "enc": "ASCII", "prefix": "ASCII.Fixed"},
+            4: {"type": "String", "length": 12, "enc": "ASCII", "prefix": "ASCII.Fixed"},
+        },
+        impl,
+    )
     bm = bytes([0x70, 0, 0, 0, 0, 0, 0, 0])
     good = b"0200" + bm + b"044111" + b"000000" + b"000000001000"
     assert spec.decode(good) == {0: "0200", 2: "4111", 3: "000000", 4: "000000001000"}
@@ -198,6 +262,7 @@ def test_decode_errors_carry_field_offset_and_partial(impl):
 
 def test_max_message_bytes_is_a_parameter(impl):
     from fluxrig.iso8583 import load_spec
+
     spec = load_spec("moov:spec87ascii", impl=impl, max_message_bytes=64)
     raw = spec.encode({0: "0200", 43: "X" * 40, 48: "Y" * 30})
     with pytest.raises(Iso8583DecodeError) as ei:

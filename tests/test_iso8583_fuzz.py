@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from iso8583_support import HAVE_C, IMPLS
+from test_iso8583_pyiso_diff import MIXED
 
 from fluxrig.iso8583 import Iso8583DecodeError, Iso8583EncodeError, load_spec
 from fluxrig.iso8583 import codec_py as C
-from iso8583_support import HAVE_C, IMPLS
-from test_iso8583_pyiso_diff import MIXED
 
 COMPOSITE = {
     "name": "composite",
@@ -22,35 +22,85 @@ COMPOSITE = {
         0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
         1: {"type": "Bitmap", "length": 8, "enc": "Binary", "prefix": "Binary.Fixed"},
         2: {"type": "Track2", "length": 37, "enc": "BCD", "prefix": "BCD.LL"},
-        3: {"type": "Numeric", "length": 6, "enc": "ASCII", "prefix": "ASCII.Fixed",
-            "subfields": {"layout": "positional", "parts": [{"from": 1, "to": 2}, {"from": 3, "to": 6}]}},
+        3: {
+            "type": "Numeric",
+            "length": 6,
+            "enc": "ASCII",
+            "prefix": "ASCII.Fixed",
+            "subfields": {"layout": "positional", "parts": [{"from": 1, "to": 2}, {"from": 3, "to": 6}]},
+        },
         4: {"type": "Hex", "length": 99, "enc": "HexToASCII", "prefix": "Hex.L"},
         35: {"type": "Track2", "length": 37, "enc": "ASCII", "prefix": "ASCII.LL"},
-        54: {"type": "String", "length": 120, "enc": "ASCII", "prefix": "ASCII.LLL",
-             "subfields": {"layout": "positional", "repeat": {"length": 4, "max": 3},
-                           "parts": [{"from": 1, "to": 2}, {"from": 3, "to": 4}]}},
-        55: {"type": "Composite", "length": 255, "prefix": "Binary.L",
-             "subfields": {"layout": "tlv", "unknown_tags": "preserve", "parts": [
-                 {"tag": "9F02", "type": "Numeric", "enc": "BCD", "length": 12},
-                 {"tag": "82", "type": "Binary"}, {"tag": "50", "type": "String"}]}},
-        104: {"type": "Composite", "length": 999, "prefix": "ASCII.LLL",
-              "subfields": {"layout": "tlv", "unknown_tags": "reject", "parts": [
-                  {"tag": "01", "type": "String"}, {"tag": "1A", "type": "Hex"}]}},
+        54: {
+            "type": "String",
+            "length": 120,
+            "enc": "ASCII",
+            "prefix": "ASCII.LLL",
+            "subfields": {
+                "layout": "positional",
+                "repeat": {"length": 4, "max": 3},
+                "parts": [{"from": 1, "to": 2}, {"from": 3, "to": 4}],
+            },
+        },
+        55: {
+            "type": "Composite",
+            "length": 255,
+            "prefix": "Binary.L",
+            "subfields": {
+                "layout": "tlv",
+                "unknown_tags": "preserve",
+                "parts": [
+                    {"tag": "9F02", "type": "Numeric", "enc": "BCD", "length": 12},
+                    {"tag": "82", "type": "Binary"},
+                    {"tag": "50", "type": "String"},
+                ],
+            },
+        },
+        104: {
+            "type": "Composite",
+            "length": 999,
+            "prefix": "ASCII.LLL",
+            "subfields": {
+                "layout": "tlv",
+                "unknown_tags": "reject",
+                "parts": [{"tag": "01", "type": "String"}, {"tag": "1A", "type": "Hex"}],
+            },
+        },
         130: {"type": "String", "length": 5, "enc": "EBCDIC", "prefix": "EBCDIC.LL"},
     },
 }
-SPECS = {"spec87ascii": "moov:spec87ascii", "spec87hex": "moov:spec87hex", "mixed": MIXED,
-         "composite": COMPOSITE}
+SPECS = {"spec87ascii": "moov:spec87ascii", "spec87hex": "moov:spec87hex", "mixed": MIXED, "composite": COMPOSITE}
 SEEDS = {
-    "spec87ascii": [{0: "0200", 2: "4761739001010119", 3: "000000", 4: "000000010000", 11: "123456",
-                     35: "4761739001010119=25122011143804400000", 41: "TERM0001", 48: "ABC",
-                     52: bytes(8), 70: "301", 102: "ACCT"}],
+    "spec87ascii": [
+        {
+            0: "0200",
+            2: "4761739001010119",
+            3: "000000",
+            4: "000000010000",
+            11: "123456",
+            35: "4761739001010119=25122011143804400000",
+            41: "TERM0001",
+            48: "ABC",
+            52: bytes(8),
+            70: "301",
+            102: "ACCT",
+        }
+    ],
     "spec87hex": [{0: "0200", 2: "4111", 11: "000001", 48: "XYZ", 64: "ABCDEFGH", 100: "12345"}],
     "mixed": [{0: "0100", 2: "12345", 3: "001234", 4: "EBCDIC", 8: "0A0B", 9: "FF", 11: "caf\xe9", 100: "00" * 8}],
-    "composite": [{0: "0100", 2: "411111111111111=2512101", 3: {"1": "01", "2": "0000"}, 4: "0AFF",
-                   35: "4111111111111111=25121010000", 54: [{"1": "10", "2": "20"}],
-                   55: {"9F02": "000000001000", "82": b"\x19\x80", "9F36": b"\x00\x01"},
-                   104: {"01": "hello", "1A": "00FF"}, 130: "AB"}],
+    "composite": [
+        {
+            0: "0100",
+            2: "411111111111111=2512101",
+            3: {"1": "01", "2": "0000"},
+            4: "0AFF",
+            35: "4111111111111111=25121010000",
+            54: [{"1": "10", "2": "20"}],
+            55: {"9F02": "000000001000", "82": b"\x19\x80", "9F36": b"\x00\x01"},
+            104: {"01": "hello", "1A": "00FF"},
+            130: "AB",
+        }
+    ],
 }
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -92,7 +142,7 @@ def mutated(draw, seeds):
         elif op == "insert":
             raw[i:i] = draw(st.binary(min_size=1, max_size=8))
         elif op == "delete":
-            del raw[i:i + draw(st.integers(1, 8))]
+            del raw[i : i + draw(st.integers(1, 8))]
         else:  # set or clear a bitmap bit (bytes 4..19 cover binary and hex bitmaps)
             j = min(len(raw) - 1, 4 + draw(st.integers(0, 15)))
             raw[j] |= 1 << draw(st.integers(0, 7))

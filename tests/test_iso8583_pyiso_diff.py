@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from iso8583.specs import default, default_ascii
+from iso8583_support import IMPLS
 
 from fluxrig.iso8583 import load_spec
-from iso8583_support import IMPLS
 
 MIXED = {
     "h": {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 0},

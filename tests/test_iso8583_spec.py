@@ -8,11 +8,10 @@ import json
 
 import pytest
 import yaml
+from iso8583_support import IMPLS
 
 from fluxrig.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from fluxrig.iso8583 import (Iso8583DecodeError, Iso8583EncodeError, SpecError, from_pyiso8583, load_spec,
-                             mask_pan)
-from iso8583_support import IMPLS
+from fluxrig.iso8583 import Iso8583DecodeError, Iso8583EncodeError, SpecError, from_pyiso8583, load_spec, mask_pan
 
 V2 = """\
 # An acquirer dialect over the 1987 ASCII base (test fixture).
@@ -152,13 +151,20 @@ def test_v2_document_merges_wire_fields_over_the_base(impl, v2_path):
     assert set(spec.catalog) == {"0200", "0210", "0800", "0810"}
     assert spec.catalog["0800"]["class"] == "network" and spec.correlate_on == ["stan", "terminal_id"]
 
-    fields = {0: "0200", 2: "4111111111111111", 3: {"1": "00", "2": "10", "3": "20"}, 7: "521123045",
-              11: "42", 35: "4111111111111111=25121010000000000000",
-              55: {"9F02": "000000001000", "9F36": b"\x00\x8a", "5F2A": b"\x08\x58"}, 70: "1"}
+    fields = {
+        0: "0200",
+        2: "4111111111111111",
+        3: {"1": "00", "2": "10", "3": "20"},
+        7: "521123045",
+        11: "42",
+        35: "4111111111111111=25121010000000000000",
+        55: {"9F02": "000000001000", "9F36": b"\x00\x8a", "5F2A": b"\x08\x58"},
+        70: "1",
+    }
     raw = spec.encode(fields)
     back = spec.decode(raw)
     assert back[7] == "0521123045" and back[11] == "000042" and back[70] == "001"  # merged padding
-    assert back[3] == {"1": "00", "2": "10", "3": "20"}                              # positional upgrade
+    assert back[3] == {"1": "00", "2": "10", "3": "20"}  # positional upgrade
     assert back[55] == {"9F02": "000000001000", "9F36": b"\x00\x8a", "5F2A": b"\x08\x58"}  # unknown kept
     assert b"9F02" not in raw and bytes.fromhex("9F020C") + b"000000001000" in raw  # tags binary, values ASCII
     groups = [{"1": "10", "2": "01", "3": "858", "4": "C", "5": "000000001000"}]
@@ -191,11 +197,13 @@ def test_wire_source_file_beside_the_spec(impl, tmp_path):
         "  0: {type: String, length: 4, enc: BCD, prefix: BCD.Fixed}\n"
         "  1: {type: Bitmap, length: 8, enc: Binary, prefix: Binary.Fixed}\n"
         "  2: {type: String, length: 19, enc: BCD, prefix: BCD.LL}\n"
-        "  11: {type: String, length: 6, enc: BCD, prefix: BCD.Fixed}\n")
+        "  11: {type: String, length: 6, enc: BCD, prefix: BCD.Fixed}\n"
+    )
     (tmp_path / "spec.yaml").write_text(
         'spec:\n  id: tiny-bcd\n  version: "0.1.0"\n  wire:\n    source: wire/tiny.yaml\n'
-        '    fields:\n      41: {type: String, length: 8, enc: ASCII, prefix: ASCII.Fixed}\n'
-        '  fields:\n    41: {alias: tid}\n')
+        "    fields:\n      41: {type: String, length: 8, enc: ASCII, prefix: ASCII.Fixed}\n"
+        "  fields:\n    41: {alias: tid}\n"
+    )
     spec = load_spec(tmp_path / "spec.yaml", impl=impl)
     raw = spec.encode({0: "0100", 2: "4111111111111111", 11: "000001", 41: "TERM0001"})
     assert raw[:2] == b"\x01\x00" and raw.endswith(b"TERM0001")
@@ -228,35 +236,82 @@ spec:
     err = ei.value
     assert isinstance(err, ConfigError) and err.source == str(p)
     text = "\n".join(err.problems)
-    for needle in ("spec.id", "spec.version", "spec.protocol", "outside the spec's directory",
-                   "spec.fields.2.length: wire key", "log_mask: cannot be false", "already the alias",
-                   "spec.fields.3.description", "sensitivity", "enum 'nope'", "pairs_with", "flow",
-                   "correlate_on"):
+    for needle in (
+        "spec.id",
+        "spec.version",
+        "spec.protocol",
+        "outside the spec's directory",
+        "spec.fields.2.length: wire key",
+        "log_mask: cannot be false",
+        "already the alias",
+        "spec.fields.3.description",
+        "sensitivity",
+        "enum 'nope'",
+        "pairs_with",
+        "flow",
+        "correlate_on",
+    ):
         assert needle in text, needle
     assert len(err.problems) >= 12
 
 
-@pytest.mark.parametrize("source,needle", [
-    ("moov:spec99", "unknown base"),
-    ({"spec": {"id": "x", "version": "1.0.0", "wire": {"source": "wire.yaml"}}}, "has no directory"),
-    ({"spec": {"id": "x", "version": "1.0.0", "wire": {"source": "acme:1.2"}}}, "stored artefact"),
-    ({"spec": {"id": "x", "version": "1.0.0", "wire": {"format": "jpos", "source": "moov:spec87ascii"}}}, "jpos"),
-    ({"fields": {0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"}}}, "bitmap"),
-    ({"fields": {0: {"type": "String", "length": 4, "enc": "Latin9", "prefix": "ASCII.Fixed"},
-                 1: {"type": "Bitmap", "enc": "Binary"}}}, "unknown encoding"),
-    ({"fields": {0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
-                 1: {"type": "Bitmap", "enc": "Binary"},
-                 2: {"type": "String", "length": 100, "enc": "ASCII", "prefix": "ASCII.LL"}}}, "does not fit"),
-    ({"fields": {0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
-                 1: {"type": "Bitmap", "enc": "Binary"},
-                 2: {"type": "Hex", "length": 4, "enc": "BCD", "prefix": "BCD.Fixed"}}}, "cannot use encoding"),
-    ({"fields": {0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
-                 1: {"type": "Bitmap", "enc": "Binary"},
-                 2: {"type": "Numeric", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed",
-                     "padding": {"type": "Left", "pad": "X"}}}}, "pads with a digit"),
-    ("/nonexistent/spec.yaml", "cannot read"),
-    ({"hello": 1}, "not a spec document"),
-])
+@pytest.mark.parametrize(
+    "source,needle",
+    [
+        ("moov:spec99", "unknown base"),
+        ({"spec": {"id": "x", "version": "1.0.0", "wire": {"source": "wire.yaml"}}}, "has no directory"),
+        ({"spec": {"id": "x", "version": "1.0.0", "wire": {"source": "acme:1.2"}}}, "stored artefact"),
+        ({"spec": {"id": "x", "version": "1.0.0", "wire": {"format": "jpos", "source": "moov:spec87ascii"}}}, "jpos"),
+        ({"fields": {0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"}}}, "bitmap"),
+        (
+            {
+                "fields": {
+                    0: {"type": "String", "length": 4, "enc": "Latin9", "prefix": "ASCII.Fixed"},
+                    1: {"type": "Bitmap", "enc": "Binary"},
+                }
+            },
+            "unknown encoding",
+        ),
+        (
+            {
+                "fields": {
+                    0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
+                    1: {"type": "Bitmap", "enc": "Binary"},
+                    2: {"type": "String", "length": 100, "enc": "ASCII", "prefix": "ASCII.LL"},
+                }
+            },
+            "does not fit",
+        ),
+        (
+            {
+                "fields": {
+                    0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
+                    1: {"type": "Bitmap", "enc": "Binary"},
+                    2: {"type": "Hex", "length": 4, "enc": "BCD", "prefix": "BCD.Fixed"},
+                }
+            },
+            "cannot use encoding",
+        ),
+        (
+            {
+                "fields": {
+                    0: {"type": "String", "length": 4, "enc": "ASCII", "prefix": "ASCII.Fixed"},
+                    1: {"type": "Bitmap", "enc": "Binary"},
+                    2: {
+                        "type": "Numeric",
+                        "length": 4,
+                        "enc": "ASCII",
+                        "prefix": "ASCII.Fixed",
+                        "padding": {"type": "Left", "pad": "X"},
+                    },
+                }
+            },
+            "pads with a digit",
+        ),
+        ("/nonexistent/spec.yaml", "cannot read"),
+        ({"hello": 1}, "not a spec document"),
+    ],
+)
 def test_load_problems(source, needle):
     with pytest.raises(SpecError) as ei:
         load_spec(source)
@@ -271,6 +326,7 @@ def test_error_classes_say_whose_fault():
 
 def test_pyiso8583_dicts_import():
     from iso8583.specs import default, default_ascii
+
     doc = from_pyiso8583(default)
     wire = doc["fields"]
     assert load_spec(doc).decode(load_spec(default).encode({0: "0800", 70: "301"})) == {0: "0800", 70: "301"}
@@ -297,8 +353,14 @@ def test_mask_pan():
 
 def test_log_safe_on_a_base(impl):
     spec = load_spec("moov:spec87ascii", impl=impl)
-    fields = {0: "0200", 2: "5500000000000004", 11: "000001", 35: "5500000000000004D2512101",
-              45: "B5500000000000004^DOE/JOHN^2512101", 52: b"\x01\x02\x03\x04\x05\x06\x07\x08"}
+    fields = {
+        0: "0200",
+        2: "5500000000000004",
+        11: "000001",
+        35: "5500000000000004D2512101",
+        45: "B5500000000000004^DOE/JOHN^2512101",
+        52: b"\x01\x02\x03\x04\x05\x06\x07\x08",
+    }
     safe = spec.log_safe(fields)
     assert safe[2] == "550000******0004" and safe[11] == "000001" and safe[0] == "0200"
     assert safe[35] == "550000******0004D*******"

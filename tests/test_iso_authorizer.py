@@ -5,12 +5,11 @@ import copy
 
 import iso8583
 import pytest
+from helpers import ROOT, free_port, running
 from iso8583.specs import default_ascii
 
-from fluxrig.iso8583 import load_spec
 from fluxrig.gears.iso_responder import response_mti
-
-from helpers import ROOT, free_port, running
+from fluxrig.iso8583 import load_spec
 
 SPEC = copy.deepcopy(default_ascii)
 
@@ -23,8 +22,18 @@ def authorizer_text(port: int) -> str:
 def request(mti: str, stan: str, **fields) -> bytes:
     doc = {"t": mti, "7": "1127120000", "11": stan, "41": "TERM0001"}
     if mti[1] != "8":
-        doc.update({"2": "4111111111111111", "3": "000000", "4": "000000010000", "12": "120000", "13": "1127",
-                    "37": "RRN000000001", "42": "MERCHANT0000001", "49": "978"})
+        doc.update(
+            {
+                "2": "4111111111111111",
+                "3": "000000",
+                "4": "000000010000",
+                "12": "120000",
+                "13": "1127",
+                "37": "RRN000000001",
+                "42": "MERCHANT0000001",
+                "49": "978",
+            }
+        )
     doc.update(fields)
     raw, _ = iso8583.encode(doc, SPEC)
     return len(raw).to_bytes(2, "big") + bytes(raw)
@@ -45,12 +54,15 @@ async def exchange(port: int, frames: list[bytes]) -> list[dict]:
 async def test_0800_and_0200_answered_by_an_independent_client():
     port = free_port()
     async with running(authorizer_text(port)):
-        net, ok, big, bad_pan = await exchange(port, [
-            request("0800", "000001", **{"70": "301"}),
-            request("0200", "000002"),
-            request("0200", "000003", **{"4": "000000500000"}),
-            request("0200", "000004", **{"2": "9991234567890"}),
-        ])
+        net, ok, big, bad_pan = await exchange(
+            port,
+            [
+                request("0800", "000001", **{"70": "301"}),
+                request("0200", "000002"),
+                request("0200", "000003", **{"4": "000000500000"}),
+                request("0200", "000004", **{"2": "9991234567890"}),
+            ],
+        )
         assert net["t"] == "0810" and net["39"] == "00" and net["11"] == "000001" and net["70"] == "301"
         assert ok["t"] == "0210" and ok["39"] == "00" and ok["11"] == "000002" and len(ok["38"]) == 6
         assert ok["2"] == "4111111111111111" and ok["4"] == "000000010000" and ok["41"] == "TERM0001"
@@ -81,7 +93,13 @@ async def test_malformed_iso_is_killed_not_hung(caplog):
 
 
 def test_response_mti():
-    assert [response_mti(m) for m in ("0100", "0200", "0220", "0800", "0400")] == ["0110", "0210", "0230", "0810", "0410"]
+    assert [response_mti(m) for m in ("0100", "0200", "0220", "0800", "0400")] == [
+        "0110",
+        "0210",
+        "0230",
+        "0810",
+        "0410",
+    ]
     with pytest.raises(Exception, match="already a response"):
         response_mti("0210")
 
@@ -101,10 +119,14 @@ async def test_logged_messages_never_show_the_pan(caplog, tmp_path):
     caplog.set_level(logging.INFO)
     port = free_port()
     out = tmp_path / "audit.jsonl"
-    text = authorizer_text(port).replace(
-        "wires:", f"  - {{name: audit, type: sink, config: {{mode: log}}}}\n"
-                  f"  - {{name: file, type: sink, config: {{mode: file, path: '{out}'}}}}\nwires:"
-    ) + "  - {from: decode.out, to: audit.in}\n  - {from: decode.out, to: file.in}\n"
+    text = (
+        authorizer_text(port).replace(
+            "wires:",
+            f"  - {{name: audit, type: sink, config: {{mode: log}}}}\n"
+            f"  - {{name: file, type: sink, config: {{mode: file, path: '{out}'}}}}\nwires:",
+        )
+        + "  - {from: decode.out, to: audit.in}\n  - {from: decode.out, to: file.in}\n"
+    )
     async with running(text):
         (ok,) = await exchange(port, [request("0200", "000001", **{"35": "4111111111111111=25121010000012300000"})])
         assert ok["39"] == "00"

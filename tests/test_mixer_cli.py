@@ -8,8 +8,10 @@ import json
 import os
 import sys
 
-from fluxrig.agent.telemetry import encode_batch
 from mixer_fixtures import *  # noqa: F401,F403
+from mixer_fixtures import publish_telemetry, wait_for
+
+from fluxrig.wire.telemetry import encode_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +22,16 @@ async def fluxrig(mixer, *args, token=True, stdin=b""):
     if token:
         env["FLUXRIG_API_TOKEN"] = mixer.api_token
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fluxrig.cli.main", *args, env=env, cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "fluxrig.cli.main",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
     return proc.returncode, out.decode(), err.decode()
 
@@ -37,8 +47,10 @@ async def test_cli_against_mixer(mixer, agent_factory, tmp_path):
     await wait_for(lambda: agent.status == "active", what="active")
 
     scen = tmp_path / "s.yaml"
-    scen.write_text("meta: {name: cli, version: '3'}\ngears:\n  - {name: gen, type: generator, config: {interval: 1s}}\n"
-                    "  - {name: sink, type: sink}\nwires: [{from: gen.out, to: sink.in}]\n")
+    scen.write_text(
+        "meta: {name: cli, version: '3'}\ngears:\n  - {name: gen, type: generator, config: {interval: 1s}}\n"
+        "  - {name: sink, type: sink}\nwires: [{from: gen.out, to: sink.in}]\n"
+    )
     code, out, err = await fluxrig(mixer, "scenario", "import", str(scen), "--activate")
     assert code == 0, err
     assert "cli 3@" in out and "reload sent to cli-rack" in out
@@ -51,12 +63,26 @@ async def test_cli_against_mixer(mixer, agent_factory, tmp_path):
     await wait_for(lambda: agent.apply_state == "applied", what="applied")
 
     now = __import__("time").time_ns()
-    await agent.publish_telemetry("logs", encode_batch("logs", "cli-rack", [
-        {"id": 1, "ts": now, "severity": "error", "severity_text": "ERROR", "body": "disk on fire"}]))
-    await agent.publish_telemetry("metrics", encode_batch("metrics", "cli-rack", [
-        {"id": 1, "ts": now, "name": "flux.gear.errors", "type": "counter", "value": 2.0}]))
-    await wait_for(lambda: mixer.ingest.stats["rows"].get("metrics") == 1 and mixer.ingest.stats["rows"].get("logs") == 1,
-                   what="ingest")
+    await publish_telemetry(
+        agent,
+        "logs",
+        encode_batch(
+            "logs",
+            "cli-rack",
+            [{"id": 1, "ts": now, "severity": "error", "severity_text": "ERROR", "body": "disk on fire"}],
+        ),
+    )
+    await publish_telemetry(
+        agent,
+        "metrics",
+        encode_batch(
+            "metrics", "cli-rack", [{"id": 1, "ts": now, "name": "flux.gear.errors", "type": "counter", "value": 2.0}]
+        ),
+    )
+    await wait_for(
+        lambda: mixer.ingest.stats["rows"].get("metrics") == 1 and mixer.ingest.stats["rows"].get("logs") == 1,
+        what="ingest",
+    )
     code, out, err = await fluxrig(mixer, "logs", "--min-level", "error")
     assert code == 0 and "disk on fire" in out and "ERROR" in out
     code, out, err = await fluxrig(mixer, "metrics", "--name", "flux.gear.errors", "--json")
@@ -73,23 +99,32 @@ async def test_cli_against_mixer(mixer, agent_factory, tmp_path):
     await wait_for(lambda: agent.status == "suspended", what="suspended passport stored")
     code, out, err = await fluxrig(mixer, "keys", "inspect", agent.store.path)
     assert code == 0, err
-    assert "VERIFIED" in out and "********" in out and agent.passport.bus_password not in out
+    assert "VERIFIED" in out and agent._identity() not in out  # the NKey seed never leaves the state dir
 
 
 async def test_cli_unreachable_mixer(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, FLUXRIG_API_URL="http://127.0.0.1:9", FLUXRIG_API_TOKEN="x")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "fluxrig.cli.main", "admin", "racks", "list",
-                                                env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fluxrig.cli.main",
+        "admin",
+        "racks",
+        "list",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode == 3 and b"cannot reach the Mixer" in err
 
 
 def test_mixer_config_strict(tmp_path):
     import pytest
+    from fluxrig_mixer.config import load_config
 
     from fluxrig.errors import ConfigError
-    from fluxrig_mixer.config import load_config
 
     p = tmp_path / "m.toml"
     p.write_text("[api]\nprot = 8090\n")

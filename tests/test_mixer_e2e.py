@@ -7,9 +7,10 @@ import os
 import time
 
 import httpx
-
-from fluxrig.agent.telemetry import encode_batch
 from mixer_fixtures import *  # noqa: F401,F403
+from mixer_fixtures import publish_telemetry, wait_for
+
+from fluxrig.wire.telemetry import encode_batch
 
 SCENARIO = """
 meta: {name: e2e, version: "1"}
@@ -46,23 +47,43 @@ async def test_enroll_approve_activate_telemetry(mixer, api, agent_factory):
     async def reported():
         rack = (await api.get("/api/v1/racks/edge-1")).json()
         return rack["scenario"]["apply_state"] == "applied" and rack["scenario"]["version"] == version
+
     await wait_for(reported, what="apply report at the Mixer")
 
     now = time.time_ns()
-    batch = encode_batch("logs", "edge-1", [
-        {"id": i, "ts": now + i, "severity": "warn" if i % 2 else "info", "severity_text": "WARN" if i % 2 else "INFO",
-         "body": f"line {i}", "attrs": {"gear": "gen"}} for i in range(10)])
-    ack = await agent.publish_telemetry("logs", batch, msg_id="edge-1.logs.0.10")
+    batch = encode_batch(
+        "logs",
+        "edge-1",
+        [
+            {
+                "id": i,
+                "ts": now + i,
+                "severity": "warn" if i % 2 else "info",
+                "severity_text": "WARN" if i % 2 else "INFO",
+                "body": f"line {i}",
+                "attrs": {"gear": "gen"},
+            }
+            for i in range(10)
+        ],
+    )
+    ack = await publish_telemetry(agent, "logs", batch, msg_id="edge-1.logs.0.10")
     assert ack.stream == "flux-telemetry"
     # The same records re-sent under another msg id land once (DuckDB primary key).
-    await agent.publish_telemetry("logs", batch, msg_id="edge-1.logs.0.10.again")
-    metrics = encode_batch("metrics", "edge-1", [
-        {"id": i, "ts": now + i, "name": "flux.gear.messages_in", "type": "counter", "value": float(i)} for i in range(5)])
-    await agent.publish_telemetry("metrics", metrics)
+    await publish_telemetry(agent, "logs", batch, msg_id="edge-1.logs.0.10.again")
+    metrics = encode_batch(
+        "metrics",
+        "edge-1",
+        [
+            {"id": i, "ts": now + i, "name": "flux.gear.messages_in", "type": "counter", "value": float(i)}
+            for i in range(5)
+        ],
+    )
+    await publish_telemetry(agent, "metrics", metrics)
 
     async def logs_there():
         rows = (await api.get("/api/v1/telemetry/logs", params={"rack": "edge-1", "limit": 100})).json()
         return len(rows) == 10 and rows
+
     rows = await wait_for(logs_there, what="logs in DuckDB")
     assert rows[0]["body"] == "line 9"
     warn = (await api.get("/api/v1/telemetry/logs", params={"min_level": "warn"})).json()
@@ -90,7 +111,14 @@ async def test_wrong_token_denied_nothing_registered(mixer, api, agent_factory):
 async def test_api_requires_token(mixer):
     async with httpx.AsyncClient(base_url=mixer.api_url) as client:
         assert (await client.get("/api/v1/health")).status_code == 200
-        for path in ("/api/v1/racks", "/api/v1/scenarios", "/api/v1/telemetry/logs", "/metrics", "/docs", "/openapi.json"):
+        for path in (
+            "/api/v1/racks",
+            "/api/v1/scenarios",
+            "/api/v1/telemetry/logs",
+            "/metrics",
+            "/docs",
+            "/openapi.json",
+        ):
             assert (await client.get(path)).status_code == 401, path
         r = await client.get("/api/v1/racks", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
@@ -105,13 +133,34 @@ async def test_retention_and_traces(mixer, api, agent_factory):
     await wait_for(lambda: agent.status == "active" and agent.connected.is_set(), what="active")
     now = time.time_ns()
     old = now - 30 * 86400 * 10**9
-    await agent.publish_telemetry("logs", encode_batch("logs", "ret-1", [
-        {"id": 1, "ts": old, "body": "ancient"}, {"id": 2, "ts": now, "body": "fresh"}]))
-    await agent.publish_telemetry("traces", encode_batch("traces", "ret-1", [
-        {"id": 1, "trace_id": "t1", "span_id": "s1", "name": "authorize", "start": now, "end": now + 2_500_000,
-         "status": "ok"}]))
-    await wait_for(lambda: mixer.ingest.stats["rows"].get("logs") == 2 and mixer.ingest.stats["rows"].get("traces") == 1,
-                   what="ingested")
+    await publish_telemetry(
+        agent,
+        "logs",
+        encode_batch("logs", "ret-1", [{"id": 1, "ts": old, "body": "ancient"}, {"id": 2, "ts": now, "body": "fresh"}]),
+    )
+    await publish_telemetry(
+        agent,
+        "traces",
+        encode_batch(
+            "traces",
+            "ret-1",
+            [
+                {
+                    "id": 1,
+                    "trace_id": "t1",
+                    "span_id": "s1",
+                    "name": "authorize",
+                    "start": now,
+                    "end": now + 2_500_000,
+                    "status": "ok",
+                }
+            ],
+        ),
+    )
+    await wait_for(
+        lambda: mixer.ingest.stats["rows"].get("logs") == 2 and mixer.ingest.stats["rows"].get("traces") == 1,
+        what="ingested",
+    )
     spans = (await api.get("/api/v1/telemetry/traces", params={"trace_id": "t1"})).json()
     assert spans[0]["name"] == "authorize" and abs(spans[0]["duration_ms"] - 2.5) < 1e-6
     assert len((await api.get("/api/v1/telemetry/logs", params={"since": "60d"})).json()) == 2
@@ -132,8 +181,9 @@ async def test_api_error_codes_and_auth_disabled(tmp_path):
             assert (await client.get("/api/v1/racks")).status_code == 200  # open, as configured
             assert (await client.post("/api/v1/racks/ghost/approve", json={})).status_code == 404
             assert (await client.get("/api/v1/scenarios/active")).status_code == 404
-            r = await client.post("/api/v1/scenarios/import", params={"format": "toml"},
-                                  content='[meta]\nname = "t"\nversion = "1"\n')
+            r = await client.post(
+                "/api/v1/scenarios/import", params={"format": "toml"}, content='[meta]\nname = "t"\nversion = "1"\n'
+            )
             assert r.status_code == 200 and r.json()["status"] == "imported"
             raw = await client.get("/api/v1/scenarios/t", params={"raw": "true"})
             assert raw.headers["content-type"].startswith("application/toml") and 'name = "t"' in raw.text

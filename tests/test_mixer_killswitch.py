@@ -14,11 +14,12 @@ import sys
 import time
 
 import cbor2
+from mixer_fixtures import *  # noqa: F401,F403
+from mixer_fixtures import snake_toml, start_rack_process, stop_rack_process, wait_for
 
 from fluxrig import ctrl as C
-from fluxrig.agent import protocol as P
 from fluxrig.passport import ClusterKey
-from mixer_fixtures import *  # noqa: F401,F403
+from fluxrig.wire.messages import CtrlMessage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RACK = "ks-rack"
@@ -55,7 +56,7 @@ class Conn:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> "Conn":
+    async def open(cls, port: int) -> Conn:
         return cls(*await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2))
 
     async def ask(self) -> str:
@@ -91,7 +92,7 @@ async def _serving(port: int) -> bool:
             return bool(await c.ask())
         finally:
             c.close()
-    except (OSError, AssertionError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, AssertionError):
         return False
 
 
@@ -101,13 +102,14 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
     conf.write_text(
         f'[base]\nname = "{RACK}"\nstate_dir = "{tmp_path / "rack"}"\n'
         f'[rack]\nheartbeat_interval = "200ms"\ndrain_timeout = "2s"\n[telemetry]\nbatch_interval = "500ms"\n'
-        f'[snake]\nurl = "{mixer.snake.url}"\nbootstrap_token = "{mixer.bootstrap_token}"\n'
-        f'mixer_public_key = "{mixer.key.public_hex}"\nreconnect_wait = "200ms"\n'
+        + snake_toml(mixer)
+        + 'reconnect_wait = "200ms"\n'
     )
     seen: list[tuple[str, bytes]] = []
 
     async def record(msg):
         seen.append((msg.subject, msg.data))
+
     sub = await mixer.nc.subscribe(f"flux.ctrl.{RACK}.>", cb=record)
 
     async def rack():
@@ -136,23 +138,26 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         body = cbor2.loads(env["payload"])
         body["args"]["reason"] = "tampered"
         bad_sig = cbor2.dumps({"payload": cbor2.dumps(body), "signature": env["signature"]})
-        expired = C.sign_command(mixer.key, C.new_command(C.CMD_KILL, rack_id, RACK, reason="late",
-                                                          now=time.time() - 120, ttl=60))
-        for data in (P.encode_ctrl(reason="kill me"), unpinned, bad_sig, expired):
+        expired = C.sign_command(
+            mixer.key, C.new_command(C.CMD_KILL, rack_id, RACK, reason="late", now=time.time() - 120, ttl=60)
+        )
+        for data in (CtrlMessage(reason="kill me").encode(), unpinned, bad_sig, expired):
             await mixer.nc.publish(f"flux.ctrl.{RACK}.kill", data)
         await mixer.nc.flush()
 
         async def four_refused():
             c = await ctrl()
             return c.get("refused") == 4 and c
+
         c = await wait_for(four_refused, timeout=10, what="4 refusals reported")
         assert c["refused_by"] == {"unsigned": 1, "pin": 1, "signature": 1, "expired": 1}
         assert c["accepted"] == 0 and not c["killed"]
         assert await a.ask() == id_a and await b.ask() == id_b  # nothing happened
 
         # -- one connection ------------------------------------------------------------------------
-        r = await api.post(f"/api/v1/racks/{RACK}/connections/{id_a}/close",
-                           json={"gear": "gateway", "reason": "fraud on terminal"})
+        r = await api.post(
+            f"/api/v1/racks/{RACK}/connections/{id_a}/close", json={"gear": "gateway", "reason": "fraud on terminal"}
+        )
         assert r.status_code == 200 and r.json()["status"] == "applied", r.text
         assert await a.closed_by_peer()
         assert await b.ask() == id_b
@@ -184,20 +189,23 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         async def restarted_killed():
             c = await ctrl()
             return c.get("killed") and c.get("accepted") == 0 and c.get("refused") == 0  # a fresh process
+
         await wait_for(restarted_killed, timeout=20, what="restarted Rack reports killed")
         assert await _refused(port)
         s = (await rack())["scenario"]
         assert s["apply_state"] == "rejected" and "kill" in s["reason"], s
 
         # -- replay of the earlier, genuine revive: refused even after the restart -----------------
-        old_revive = [d for subj, d in seen if subj.endswith(".revive")
-                      and _payload(d).get("nonce", b"").hex() == revive_nonce]
+        old_revive = [
+            d for subj, d in seen if subj.endswith(".revive") and _payload(d).get("nonce", b"").hex() == revive_nonce
+        ]
         assert len(old_revive) == 1
         await mixer.nc.publish(f"flux.ctrl.{RACK}.revive", old_revive[0])
         await mixer.nc.flush()
 
         async def replay_refused():
             return (await ctrl()).get("refused_by", {}).get("replayed") == 1
+
         await wait_for(replay_refused, timeout=10, what="replayed revive refused")
         await asyncio.sleep(0.5)
         assert await _refused(port) and (await ctrl())["killed"]
@@ -211,14 +219,18 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         s = (await rack())["scenario"]
         await wait_for(lambda: _applied(api), timeout=10, what="apply state back to applied")
         # -- replay of the earlier, genuine kill: refused, the Rack keeps serving -------------------
-        old_kill = [d for subj, d in seen if subj.endswith(".kill")
-                    and (_payload(d).get("args") or {}).get("reason") == "incident 42"]
+        old_kill = [
+            d
+            for subj, d in seen
+            if subj.endswith(".kill") and (_payload(d).get("args") or {}).get("reason") == "incident 42"
+        ]
         assert len(old_kill) == 1
         await mixer.nc.publish(f"flux.ctrl.{RACK}.kill", old_kill[0])
         await mixer.nc.flush()
 
         async def kill_replay_refused():
             return (await ctrl()).get("refused_by", {}).get("replayed") == 2
+
         await wait_for(kill_replay_refused, timeout=10, what="replayed kill refused")
         assert await _serving(port) and not (await ctrl())["killed"]
         events = [e["event"] for e in (await rack())["events"]]
@@ -233,9 +245,19 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
 
 async def _cli(mixer, *args) -> tuple[int, str]:
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fluxrig.cli.main", *args, "--api-url", mixer.api_url, "--api-token", mixer.api_token,
-        env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "fluxrig.cli.main",
+        *args,
+        "--api-url",
+        mixer.api_url,
+        "--api-token",
+        mixer.api_token,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(cli.communicate(), 30)
     return cli.returncode, out.decode()
 
@@ -263,9 +285,11 @@ def test_big_heartbeat_stats_keep_the_kill_switch_section():
 
     from fluxrig_mixer.registry import MAX_STATS_BYTES, _bounded_stats_json
 
-    stats = {"ctrl": {"killed": True, "recent": [{"detail": "x" * 200}] * 8},
-             "gears": {f"gear-{i}": {"messages_in": i, "pad": "y" * 100} for i in range(300)},
-             "telemetry": {"backlog": 7}}
+    stats = {
+        "ctrl": {"killed": True, "recent": [{"detail": "x" * 200}] * 8},
+        "gears": {f"gear-{i}": {"messages_in": i, "pad": "y" * 100} for i in range(300)},
+        "telemetry": {"backlog": 7},
+    }
     text = _bounded_stats_json(stats)
     doc = json.loads(text)
     assert len(text) <= MAX_STATS_BYTES

@@ -4,15 +4,18 @@ starts from its stored passport with no Mixer, auto-adopt hands late Racks the s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
 import pytest
+from mixer_fixtures import *  # noqa: F401,F403
+from mixer_fixtures import HEARTBEAT_S, Applied, bundle_for, make_mixer, publish_as_rack, publish_telemetry, wait_for
 
 from fluxrig.agent.agent import AgentConfig, RackAgent
-from fluxrig.agent.telemetry import encode_batch
-from mixer_fixtures import *  # noqa: F401,F403
-from mixer_fixtures import make_mixer
+from fluxrig.rack_requests import ApplyScenario, RequestQueue
+from fluxrig.wire import subjects as S
+from fluxrig.wire.telemetry import encode_batch
 
 SCENARIO = """
 meta: {name: life, version: "%s"}
@@ -46,10 +49,11 @@ async def test_snake_killed_comes_back(mixer, api, agent_factory):
 
     async def published():
         try:
-            await agent.publish_telemetry("logs", encode_batch("logs", "edge-1", [{"id": 1, "ts": 1, "body": "x"}]))
+            await publish_telemetry(agent, "logs", encode_batch("logs", "edge-1", [{"id": 1, "ts": 1, "body": "x"}]))
             return True
         except Exception:
             return False
+
     await wait_for(published, timeout=15, what="telemetry after restart")
     health = (await api.get("/api/v1/health")).json()
     assert health["snake"] == {"running": True, "restarts": 1}
@@ -61,6 +65,7 @@ async def test_silent_rack_goes_offline_and_back(mixer, api, agent_factory):
 
     async def status():
         return (await api.get("/api/v1/racks/edge-1")).json()["status"]
+
     await wait_for(lambda: _eq(status(), "offline"), timeout=5, what="offline after 3 silent intervals")
     await agent.start()
     await wait_for(lambda: _eq(status(), "active"), timeout=5, what="active when heard again")
@@ -79,19 +84,24 @@ async def test_suspend_activate_remove(mixer, api, agent_factory):
     await wait_for(lambda: agent.status == "suspended", what="suspended passport")
     assert (await api.post("/api/v1/racks/edge-1/approve", json={})).status_code == 409  # illegal move
     await wait_for(lambda: agent.connected.is_set(), what="reconnected with restricted rights")
-    with pytest.raises(Exception):
-        await agent.publish_telemetry("logs", encode_batch("logs", "edge-1", [{"id": 1, "ts": 1}]), timeout=1)
+    with pytest.raises(Exception):  # the Snake refuses the suspended user's publish
+        await publish_as_rack(
+            mixer.snake.url,
+            agent,
+            S.telemetry("edge-1", "logs"),
+            encode_batch("logs", "edge-1", [{"id": 1, "ts": 1}]),
+            timeout=1,
+        )
     assert (await api.post("/api/v1/racks/edge-1/activate")).json()["status"] == "active"
     await wait_for(lambda: agent.status == "active", what="re-activated")
-    old_id = agent.passport.rack_id
     r = await api.delete("/api/v1/racks/edge-1")
     assert r.json()["status"] == "removed"
-    # The removed Rack wipes its passport and enrolls again as a new pending identity.
-    await wait_for(lambda: agent.passport is not None and agent.passport.rack_id != old_id, timeout=30,
-                   what="re-enrollment")
-    assert agent.status == "pending"
-    racks = (await api.get("/api/v1/racks")).json()
-    assert [(r["name"], r["status"]) for r in racks] == [("edge-1", "pending")]
+    # The removed Rack wipes its passport, marks itself removed and stays out (issue 12): no
+    # re-enrollment by itself, and its identity is denied at the Mixer.
+    await wait_for(lambda: agent.removed and agent.passport is None, timeout=30, what="rack marked removed")
+    await asyncio.sleep(3 * HEARTBEAT_S)
+    assert (await api.get("/api/v1/racks")).json() == []
+    assert mixer.registry.is_denied(agent.nkey)
     assert (await api.get("/api/v1/racks/nope")).status_code == 404
 
 
@@ -116,9 +126,14 @@ async def test_projection_rejection_and_late_rack(mixer, api, agent_factory):
     async def states():
         active = (await api.get("/api/v1/scenarios/active")).json()
         return {x["rack"]: (x["version"], x["apply_state"], x["reason"]) for x in active["racks"]}
-    await wait_for(lambda: _eq(states(), {
-        "edge-1": (v2, "applied", ""), "edge-2": (v2, "rejected", "ValueError: port 9000 already in use")}),
-        what="apply states")
+
+    await wait_for(
+        lambda: _eq(
+            states(),
+            {"edge-1": (v2, "applied", ""), "edge-2": (v2, "rejected", "ValueError: port 9000 already in use")},
+        ),
+        what="apply states",
+    )
     # Invalid scenario: 400 with every problem; activation of a scenario naming unknown racks: 400 too.
     bad = await api.post("/api/v1/scenarios/import", content="meta: {name: x}\ngears: [{name: A, type: nope}]\n")
     assert bad.status_code == 400 and len(bad.json()["problems"]) >= 2
@@ -132,28 +147,31 @@ async def test_auto_adopt_late_rack_gets_scenario_and_offline_start(tmp_path):
     try:
         stored, _ = m.scenarios.import_text(
             "meta: {name: solo, version: '7'}\ngears:\n  - {name: gen, type: generator, config: {interval: 1s}}\n"
-            "  - {name: sink, type: sink}\nwires: [{from: gen.out, to: sink.in}]\n")
+            "  - {name: sink, type: sink}\nwires: [{from: gen.out, to: sink.in}]\n"
+        )
         await m.controller.activate_scenario(stored)
-        applied = []
-
-        async def apply(doc, version):
-            applied.append(version)
-
-        cfg = AgentConfig(snake_url=m.snake.url, bootstrap_token=m.bootstrap_token, state_dir=str(tmp_path / "r"),
-                          name="late", heartbeat_interval=HEARTBEAT_S, reconnect_wait=0.2)
-        agent = RackAgent(cfg, apply)
+        served = Applied().start()
+        cfg = AgentConfig(
+            snake_url="",
+            enrollment_bundle=bundle_for(m),
+            state_dir=str(tmp_path / "r"),
+            name="late",
+            heartbeat_interval=HEARTBEAT_S,
+            reconnect_wait=0.2,
+        )
+        agent = RackAgent(cfg, served.requests)
         await agent.start()
-        await wait_for(lambda: applied == [stored.version], what="late rack applied the active scenario")
+        await wait_for(
+            lambda: [v for _d, v in served.calls] == [stored.version], what="late rack applied the active scenario"
+        )
         await agent.stop()
+        await served.stop()
     finally:
         await m.stop()
     # Mixer and Snake gone: the Rack starts from its stored passport and runs its scenario.
-    again = []
-
-    async def apply2(doc, version):
-        again.append(version)
-
-    agent = RackAgent(cfg, apply2)
+    requests = RequestQueue()
+    agent = RackAgent(cfg, requests)
     await agent.start()
-    assert again == [stored.version]  # applied inside start(), before any network
+    posted = requests.get_nowait()  # posted inside start(), before any network
+    assert isinstance(posted, ApplyScenario) and posted.version == stored.version
     await agent.stop()

@@ -8,11 +8,13 @@ import asyncio
 import cbor2
 import nats
 import pytest
-
-from fluxrig.agent import protocol as P
-from fluxrig.errors import PassportPinMismatch, PassportSignatureInvalid, PassportMalformed
-from fluxrig.passport import ClusterKey, Passport, PassportStore, sign_passport, verify_passport
 from mixer_fixtures import *  # noqa: F401,F403
+from mixer_fixtures import HEARTBEAT_S, bundle_for, publish_as_rack, rack_nats_options, wait_for
+
+from fluxrig.errors import PassportMalformed, PassportPinMismatch, PassportSignatureInvalid
+from fluxrig.passport import ClusterKey, Passport, PassportStore, sign_passport, verify_passport
+from fluxrig.wire import subjects as S
+from fluxrig.wire.messages import CtrlMessage
 
 
 async def _enrolled_active(api, agent_factory, name):
@@ -26,15 +28,19 @@ async def _enrolled_active(api, agent_factory, name):
 
 async def test_rack_cannot_use_another_racks_subjects(mixer, api, agent_factory):
     a = await _enrolled_active(api, agent_factory, "rack-a")
-    b = await _enrolled_active(api, agent_factory, "rack-b")
+    await _enrolled_active(api, agent_factory, "rack-b")
     errors = []
 
     async def on_error(exc):
         errors.append(str(exc))
 
-    pa = a.passport
-    nc = await nats.connect(mixer.snake.url, user=pa.bus_user, password=pa.bus_password,
-                            inbox_prefix="_INBOX_rack-a", error_cb=on_error, allow_reconnect=False)
+    nc = await nats.connect(
+        mixer.snake.url,
+        **rack_nats_options(a),
+        inbox_prefix="_INBOX_rack-a",
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
     try:
         # Own subjects are fine.
         await nc.publish("flux.telemetry.rack-a.logs", b"x")
@@ -50,21 +56,33 @@ async def test_rack_cannot_use_another_racks_subjects(mixer, api, agent_factory)
 
         for subj in ("flux.ctrl.rack-b.>", "_INBOX_rack-b.>", "fluxrig.agent.hello", "fluxrig.agent.heartbeat.rack-b"):
             await nc.subscribe(subj, cb=grab)
-        for subj in ("flux.telemetry.rack-b.logs", "flux.msg.rack-b.g.out", "fluxrig.agent.heartbeat.rack-b",
-                     "flux.ctrl.rack-b.reload", "$JS.API.STREAM.DELETE.flux-telemetry"):
+        for subj in (
+            "flux.telemetry.rack-b.logs",
+            "flux.msg.rack-b.g.out",
+            "fluxrig.agent.heartbeat.rack-b",
+            "flux.ctrl.rack-b.reload",
+            "$JS.API.STREAM.DELETE.flux-telemetry",
+        ):
             await nc.publish(subj, b"x")
         await nc.flush()
         await wait_for(lambda: len(errors) >= 9, timeout=5, what="permission violations")
     finally:
         await nc.close()
     text = "\n".join(errors).lower()  # nats-py lower-cases the error text
-    for subj in ("flux.ctrl.rack-b.>", "_INBOX_rack-b.>", "fluxrig.agent.hello", "flux.telemetry.rack-b.logs",
-                 "flux.msg.rack-b.g.out", "flux.ctrl.rack-b.reload", "$JS.API.STREAM.DELETE.flux-telemetry"):
-        assert f"\"{subj.lower()}\"" in text, subj
+    for subj in (
+        "flux.ctrl.rack-b.>",
+        "_INBOX_rack-b.>",
+        "fluxrig.agent.hello",
+        "flux.telemetry.rack-b.logs",
+        "flux.msg.rack-b.g.out",
+        "flux.ctrl.rack-b.reload",
+        "$JS.API.STREAM.DELETE.flux-telemetry",
+    ):
+        assert f'"{subj.lower()}"' in text, subj
     assert got == []
     # rack-b's JetStream publish through its own identity still works, and rack-a's cannot land there.
     info = await mixer.js.stream_info("flux-telemetry")
-    assert info.state.messages == 1  # only rack-a's own publish
+    assert info.state.last_seq == 1  # only rack-a's own publish (the ingest may have purged it since)
 
 
 async def test_enroll_user_cannot_read_hellos_or_publish(mixer):
@@ -73,8 +91,13 @@ async def test_enroll_user_cannot_read_hellos_or_publish(mixer):
     async def on_error(exc):
         errors.append(str(exc))
 
-    nc = await nats.connect(mixer.snake.url, user="enroll", password="enroll", inbox_prefix="_INBOX_ENROLL",
-                            error_cb=on_error, allow_reconnect=False)
+    nc = await nats.connect(
+        mixer.snake.url,  # no credentials: the Snake's no_auth_user, the enroll identity
+        tls=mixer.snake.client_tls(),
+        inbox_prefix="_INBOX_ENROLL",
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
     try:
         await nc.subscribe("fluxrig.agent.hello")
         await nc.publish("flux.telemetry.x.logs", b"x")
@@ -88,13 +111,23 @@ async def test_enroll_user_cannot_read_hellos_or_publish(mixer):
 async def test_pending_rack_has_no_telemetry_rights(mixer, agent_factory):
     agent = await agent_factory("pending-one")
     await wait_for(lambda: agent.connected.is_set(), what="pending rack connected")
-    with pytest.raises(Exception):
-        await agent.publish_telemetry("logs", b"\xa0", timeout=1.0)
+    with pytest.raises(Exception):  # the Snake refuses the user's publish (no responders / timeout)
+        await publish_as_rack(mixer.snake.url, agent, S.telemetry("pending-one", "logs"), b"\xa0", timeout=1.0)
 
 
 def _passport(key, **kw):
-    base = dict(rack_id="r1", rack_name="r1", status="active", bus_user="rack-r1", bus_password="pw",
-                scenario={"meta": {"version": "1"}}, scenario_version="1@x", issued_at=1000.0, expires_at=2e9, serial=1)
+    base = dict(
+        rack_id="r1",
+        rack_name="r1",
+        status="active",
+        bus_user="rack-r1",
+        bus_password="pw",
+        scenario={"meta": {"version": "1"}},
+        scenario_version="1@x",
+        issued_at=1000.0,
+        expires_at=2e9,
+        serial=1,
+    )
     base.update(kw)
     return sign_passport(key, Passport(**base))
 
@@ -137,9 +170,9 @@ async def test_agent_ignores_tampered_and_replayed_passports(mixer, api, agent_f
     body["serial"] = body["serial"] + 10
     body["scenario"] = {"meta": {"version": "evil"}}
     forged = cbor2.dumps({"payload": cbor2.dumps(body), "signature": env["signature"]})
-    await mixer.nc.publish("flux.ctrl.victim.reload", P.encode_ctrl(passport=forged))
+    await mixer.nc.publish("flux.ctrl.victim.reload", CtrlMessage(passport=forged).encode())
     # Replay of an older (but genuine) passport.
-    await mixer.nc.publish("flux.ctrl.victim.passport", P.encode_ctrl(passport=raw))
+    await mixer.nc.publish("flux.ctrl.victim.passport", CtrlMessage(passport=raw).encode())
     await mixer.nc.flush()
     await asyncio.sleep(0.5)
     assert agent.passport.serial == good.serial and agent.passport.scenario_version == good.scenario_version
@@ -147,30 +180,41 @@ async def test_agent_ignores_tampered_and_replayed_passports(mixer, api, agent_f
     assert agent.store.load().serial == good.serial
 
 
-async def test_tls_snake(tmp_path):
-    from fluxrig.agent.agent import AgentConfig, RackAgent
+async def test_operator_certificates_snake(tmp_path):
+    """snake.tls_cert_file from `certs init` (the operator's own files): Racks enroll over TLS
+    with a bundle carrying that CA; plain text is refused."""
     from fluxrig_mixer.certs import init_certs
-    from mixer_fixtures import make_mixer
+    from mixer_fixtures import Applied, make_mixer
+
+    from fluxrig.agent.agent import AgentConfig, RackAgent
 
     certs = init_certs(str(tmp_path / "certs"))
-    m = await make_mixer(tmp_path / "m", **{"snake.tls_cert_file": certs["cert_file"],
-                                           "snake.tls_key_file": certs["key_file"],
-                                           "enrollment.auto_adopt": True})
+    m = await make_mixer(
+        tmp_path / "m",
+        **{
+            "snake.tls_cert_file": certs["cert_file"],
+            "snake.tls_key_file": certs["key_file"],
+            "snake.tls_ca_file": certs["ca_file"],
+            "enrollment.auto_adopt": True,
+        },
+    )
     try:
         assert m.snake.url.startswith("tls://")
-        applied = []
-        cfg = AgentConfig(snake_url=m.snake.url, bootstrap_token=m.bootstrap_token, state_dir=str(tmp_path / "r"),
-                          name="tls-rack", heartbeat_interval=HEARTBEAT_S, root_ca_file=certs["ca_file"],
-                          mixer_public_keys=[m.key.public_key], reconnect_wait=0.2)
-        agent = RackAgent(cfg, lambda doc, v: applied.append(v))
+        applied = Applied().start()
+        cfg = AgentConfig(
+            snake_url="",
+            enrollment_bundle=bundle_for(m),
+            state_dir=str(tmp_path / "r"),
+            name="tls-rack",
+            heartbeat_interval=HEARTBEAT_S,
+            reconnect_wait=0.2,
+        )
+        agent = RackAgent(cfg, applied.requests)
         await agent.start()
         try:
             await wait_for(lambda: agent.status == "active" and agent.connected.is_set(), what="rack over TLS")
         finally:
             await agent.stop()
-        # Plain text is refused once TLS is on.
-        with pytest.raises(Exception):
-            await nats.connect(m.snake.url.replace("tls://", "nats://"), user="enroll", password="enroll",
-                               allow_reconnect=False, connect_timeout=2)
+            await applied.stop()
     finally:
         await m.stop()

@@ -7,9 +7,11 @@ import os
 import signal
 import time
 
+from mixer_fixtures import *  # noqa: F401,F403
+from mixer_fixtures import wait_for
+
 from fluxrig.agent.shipper import TelemetryShipper
 from fluxrig.wal import AsyncWal
-from mixer_fixtures import *  # noqa: F401,F403
 
 
 async def test_wal_records_land_once(mixer, api, agent_factory, tmp_path):
@@ -20,12 +22,21 @@ async def test_wal_records_land_once(mixer, api, agent_factory, tmp_path):
         now = time.time_ns()
         # append_nowait + one flush: a group commit, not one fsync window per record.
         for i in range(1500):
-            wal.append_nowait({"kind": "logs", "ts": now + i, "severity": "info", "severity_text": "INFO",
-                               "body": f"record {i}", "attrs": {"i": i}})
+            wal.append_nowait(
+                {
+                    "kind": "logs",
+                    "ts": now + i,
+                    "severity": "info",
+                    "severity_text": "INFO",
+                    "body": f"record {i}",
+                    "attrs": {"i": i},
+                }
+            )
         wal.append_nowait(b"\xff not cbor")
         for i in range(200):
-            wal.append_nowait({"kind": "metrics", "ts": now + i, "name": "flux.wire.messages_sent", "type": "counter",
-                               "value": 1.0})
+            wal.append_nowait(
+                {"kind": "metrics", "ts": now + i, "name": "flux.wire.messages_sent", "type": "counter", "value": 1.0}
+            )
         await wal.flush()
         shipper = TelemetryShipper(wal, agent, batch_records=400, retry_wait=0.2, idle_wait=0.1)
         await shipper.start()
@@ -33,8 +44,11 @@ async def test_wal_records_land_once(mixer, api, agent_factory, tmp_path):
         await asyncio_sleep(0.5)
         assert shipper.shipped == 0 and mixer.ingest.stats["rows"].get("logs", 0) == 0
         assert (await api.post("/api/v1/racks/shipper-1/approve", json={})).status_code == 200
-        await wait_for(lambda: mixer.ingest.stats["rows"].get("logs") == 1500 and
-                       mixer.ingest.stats["rows"].get("metrics") == 200, timeout=20, what="all rows stored")
+        await wait_for(
+            lambda: mixer.ingest.stats["rows"].get("logs") == 1500 and mixer.ingest.stats["rows"].get("metrics") == 200,
+            timeout=20,
+            what="all rows stored",
+        )
         assert shipper.undecodable == 1
         await wait_for(lambda: wal.cursor == wal.committed_seq, what="WAL fully acknowledged")
         # Snake dies mid-stream: records appended meanwhile still arrive, once.

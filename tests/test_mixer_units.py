@@ -3,53 +3,17 @@ table, the generated nats-server config, projections, passports' edge cases."""
 
 from __future__ import annotations
 
-import cbor2
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-from fluxrig.agent import protocol as P
-from fluxrig.agent import subjects as S
-from fluxrig.agent.telemetry import MAX_RECORD_ID, TelemetryFormatError, decode_batch, encode_batch, severity_number
-from fluxrig.errors import PassportExpired, PassportMalformed
-from fluxrig.passport import ClusterKey, Passport, decode_unverified, masked_payload, sign_passport, verify_passport
 from fluxrig_mixer.scenarios import project
 from fluxrig_mixer.snake import BusUser, rack_permissions, render_config
 from fluxrig_mixer.states import TRANSITIONS, IllegalTransition, next_status
+from hypothesis import given
+from hypothesis import strategies as st
 
-
-def test_hello_roundtrip_and_sealing():
-    sk, pk = P.new_reply_keypair()
-    h = P.decode_hello(P.encode_hello("tok", "edge-1", pk, "0.1", "host", {"site": "lab"}))
-    assert h == {"token": "tok", "name": "edge-1", "reply_key": pk, "version": "0.1", "host": "host",
-                 "labels": {"site": "lab"}}
-    sealed = P.seal(pk, b"secret passport")
-    assert P.unseal(sk, sealed) == b"secret passport"
-    other, _ = P.new_reply_keypair()
-    with pytest.raises(P.AgentProtocolError):
-        P.unseal(other, sealed)
-
-
-@pytest.mark.parametrize("data,key", [
-    (b"\xff", None),
-    (cbor2.dumps([1, 2]), None),
-    (cbor2.dumps({"v": 2}), "v"),
-    (cbor2.dumps({"v": 1, "token": "t", "reply_key": b"short"}), "reply_key"),
-    (cbor2.dumps({"v": 1, "token": 5, "reply_key": b"k" * 32}), "token"),
-])
-def test_hello_rejects_malformed(data, key):
-    with pytest.raises(P.AgentProtocolError) as e:
-        P.decode_hello(data)
-    assert e.value.key == key
-
-
-def test_heartbeat_and_ctrl_roundtrip():
-    hb = P.decode_heartbeat(P.encode_heartbeat(7, "1@abc", "rejected", "boom", 12.5, {"x": 1}))
-    assert (hb["serial"], hb["apply"], hb["reason"], hb["stats"]) == (7, "rejected", "boom", {"x": 1})
-    with pytest.raises(P.AgentProtocolError):
-        P.decode_heartbeat(cbor2.dumps({"v": 1, "apply": "exploded"}))
-    assert P.decode_heartbeat_reply(P.encode_heartbeat_reply("active", 5.0, b"pp"))["passport"] == b"pp"
-    assert P.decode_ctrl(P.encode_ctrl(level="debug"))["level"] == "debug"
+from fluxrig.errors import PassportExpired, PassportMalformed
+from fluxrig.passport import ClusterKey, Passport, decode_unverified, masked_payload, sign_passport, verify_passport
+from fluxrig.wire import subjects as S
+from fluxrig.wire.telemetry import MAX_RECORD_ID, TelemetryFormatError, decode_batch, encode_batch, severity_number
 
 
 @given(st.lists(st.tuples(st.integers(0, MAX_RECORD_ID - 1), st.text(max_size=20), st.integers(1, 24)), max_size=50))
@@ -74,8 +38,9 @@ def test_telemetry_batch_rejects():
         assert e.value.key == key
     assert severity_number("WARN") == 13 and severity_number("nonsense") == 9 and severity_number(99) == 24
     # attrs given as JSON text travel as an object; non-JSON text is wrapped.
-    _ids, rows = decode_batch(encode_batch("metrics", "r", [{"id": 1, "attrs": '{"a":1}'}, {"id": 2, "attrs": "x"}]),
-                              "metrics")
+    _ids, rows = decode_batch(
+        encode_batch("metrics", "r", [{"id": 1, "attrs": '{"a":1}'}, {"id": 2, "attrs": "x"}]), "metrics"
+    )
     assert rows[0]["attrs"] == {"a": 1} and rows[1]["attrs"] == {"text": "x"}
 
 
@@ -108,18 +73,33 @@ def test_rack_permissions_and_config():
     assert sub == ("flux.ctrl.edge-1.>", "_INBOX_edge-1.>")
     pub2, _ = rack_permissions("edge-1", full=False)
     assert pub2 == (S.HELLO, "fluxrig.agent.heartbeat.edge-1")
-    text = render_config(host="127.0.0.1", port=4222, store_dir="/d/js", users=[BusUser("u", 'p"w', pub, sub)],
-                         tls={"cert_file": "/c.pem", "key_file": "/k.pem", "ca_file": "/ca.pem", "verify": True})
-    assert "sync_interval: always" in text and "verify: true" in text and '"p\\"w"' in text
+    text = render_config(
+        host="127.0.0.1",
+        port=4222,
+        store_dir="/d/js",
+        users=[BusUser("UABC", pub, sub)],
+        no_auth_user="UENROLL",
+        tls={"cert_file": "/c.pem", "key_file": "/k.pem", "ca_file": "/ca.pem", "verify": True},
+    )
+    assert "sync_interval: always" in text and "verify: true" in text and '"nkey": "UABC"' in text
+    assert 'no_auth_user: "UENROLL"' in text and "password" not in text
 
 
 def test_projection():
     doc = {
         "meta": {"name": "x", "version": "1"},
         "racks": [{"name": "a"}, {"name": "b"}, {"group": "edge", "match": {"labels": {"site": "lab"}}}],
-        "gears": [{"name": "g1", "type": "t", "deploy": "a"}, {"name": "g2", "type": "t", "deploy": "b"},
-                  {"name": "g3", "type": "t"}, {"name": "g4", "type": "t", "deploy": "edge"}],
-        "wires": [{"from": "g1.out", "to": "g3.in"}, {"from": "g1.out", "to": "g2.in"}, {"from": "g4.out", "to": "g3.in"}],
+        "gears": [
+            {"name": "g1", "type": "t", "deploy": "a"},
+            {"name": "g2", "type": "t", "deploy": "b"},
+            {"name": "g3", "type": "t"},
+            {"name": "g4", "type": "t", "deploy": "edge"},
+        ],
+        "wires": [
+            {"from": "g1.out", "to": "g3.in"},
+            {"from": "g1.out", "to": "g2.in"},
+            {"from": "g4.out", "to": "g3.in"},
+        ],
     }
     pa = project(doc, "a")
     assert [g["name"] for g in pa["gears"]] == ["g1", "g3"]
@@ -133,7 +113,9 @@ def test_projection():
 
 def test_passport_expiry_and_masking():
     key = ClusterKey.generate()
-    data = sign_passport(key, Passport("r1", "r1", "active", "u", "hunter2", issued_at=100.0, expires_at=200.0, serial=1))
+    data = sign_passport(
+        key, Passport("r1", "r1", "active", "u", "hunter2", issued_at=100.0, expires_at=200.0, serial=1)
+    )
     assert verify_passport(data, [key.public_key], now=150.0).bus_password == "hunter2"
     with pytest.raises(PassportExpired):
         verify_passport(data, [key.public_key], now=250.0)

@@ -21,12 +21,12 @@ import time
 
 import httpx
 import pytest
+from fluxrig_mixer.up import SCENARIO_FILES, load_standard_tier, merge_scenarios
 
 from fluxrig.errors import ScenarioError
 from fluxrig.framing.config import make_framer
 from fluxrig.iso8583 import load_spec
 from fluxrig.tools.iso_load import build_request
-from fluxrig_mixer.up import SCENARIO_FILES, load_standard_tier, merge_scenarios
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = os.path.join(ROOT, "scenarios")
@@ -123,7 +123,10 @@ class UpProcess:
         self.stderr = open(stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fluxrig_mixer.cli", "up", *args],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=self.stderr, env=dict(os.environ, PYTHONPATH=ROOT),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")])),
         )
         self.lines: queue.Queue = queue.Queue()
         self.out: list[str] = []
@@ -159,34 +162,69 @@ def test_up_standard_tier(tmp_path):
     state = tmp_path / "state"
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    up = UpProcess(["--state-dir", str(state), "--api-port", str(api_port), "--snake-port", str(snake_port),
-                    "--echo-port", str(echo_port), "--iso-port", str(iso_port)], str(cwd), str(tmp_path / "up.err"))
+    up = UpProcess(
+        [
+            "--state-dir",
+            str(state),
+            "--api-port",
+            str(api_port),
+            "--snake-port",
+            str(snake_port),
+            "--echo-port",
+            str(echo_port),
+            "--iso-port",
+            str(iso_port),
+        ],
+        str(cwd),
+        str(tmp_path / "up.err"),
+    )
     known: dict[int, str] = {}
     try:
         banner = up.wait_ready(READY_TIMEOUT_S)
-        token = re.search(r"API token\s+(\S+)", banner).group(1)
-        assert token == (state / "api-token").read_text().strip()
-        assert f"http://127.0.0.1:{api_port}" in banner and f"nats://127.0.0.1:{snake_port}" in banner
+        # The banner names the token's file, never the token (issue 12 item 6).
+        token_file = re.search(r"API token\s+FLUXRIG_API_TOKEN_FILE=(\S+)", banner).group(1)
+        assert token_file == str(state / "api-token")
+        token = (state / "api-token").read_text().strip()
+        assert token not in banner and token not in up.stderr_text()
+        assert f"http://127.0.0.1:{api_port}" in banner and f"tls://127.0.0.1:{snake_port}" in banner
         assert f"127.0.0.1:{echo_port}" in banner and f":{iso_port}" in banner
-        assert f"iso8583 load --target 127.0.0.1:{iso_port}" in banner and "admin racks list --api-url" in banner
+        assert f"iso8583 load --target 127.0.0.1:{iso_port}" in banner and "admin racks list" in banner
+        assert f"FLUXRIG_API_TOKEN_FILE={token_file}" in banner
         known = _children(up.proc.pid)
         assert any("nats-server" in c for c in known.values()), known
         assert any("fluxrig.cli.main run" in c for c in known.values()), known
+        # No secret in any process's argv (what `ps` shows): neither the API token, nor the
+        # enrollment tokens of the bundles, nor an NKey seed.
+        from fluxrig.wire.bundle import read_bundle
 
-        # The Rack's config is private: it carries the bootstrap token.
+        secrets_ = [token, (state / "rack" / "identity.nkey").read_text().strip()]
+        secrets_ += [read_bundle(str(p)).token for p in (state / "enroll-bundle", state / "rack" / "enroll-bundle")]
+        argvs = [*known.values(), " ".join(up.proc.args)]
+        for secret in filter(None, secrets_):
+            assert not [a for a in argvs if secret in a], "a secret is in a command line"
+        bad = [p for p in state.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o077]
+        assert bad == [], bad  # nothing under either state dir is group/other-readable
+
+        # The Rack's config is private (it names its enrollment bundle, which holds a token).
         assert (os.stat(state / "rack" / "fluxrig.toml").st_mode & 0o777) == 0o600
 
         assert _echo(echo_port, b"hello standard tier") == b"HELLO STANDARD TIER\n"
 
-        replies = _iso_exchange(iso_port, [build_request("0800", 1, "UPTEST01", ""),
-                                           build_request("0200", 2, "UPTEST01", "000000000002", amount=1234)])
+        replies = _iso_exchange(
+            iso_port,
+            [
+                build_request("0800", 1, "UPTEST01", ""),
+                build_request("0200", 2, "UPTEST01", "000000000002", amount=1234),
+            ],
+        )
         by_mti = {r.get(0): r for r in replies}
         assert set(by_mti) == {"0810", "0210"}, replies
         assert by_mti["0810"].get(39) == "00" and by_mti["0210"].get(39) == "00", replies
         assert by_mti["0210"].get(11) == "000002"
 
-        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {token}"},
-                          timeout=10) as api:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ) as api:
             assert httpx.get(f"http://127.0.0.1:{api_port}/api/v1/racks", timeout=10).status_code == 401
             racks = api.get("/api/v1/racks").json()
             local = [r for r in racks if r["name"] == "local"]
@@ -199,8 +237,15 @@ def test_up_standard_tier(tmp_path):
 
             def rack_logs():
                 return api.get("/api/v1/telemetry/logs", params={"rack": "local", "limit": 200}).json()
-            logs = _wait(rack_logs, 20, "the local Rack's logs in DuckDB")
-            assert any("listening" in (row.get("body") or "") for row in logs), logs[:5]
+
+            def listening_logs():
+                # The Rack's first lines (passport, apply) may ship in a batch before the gears' own.
+                return [row for row in rack_logs() if "listening" in (row.get("body") or "")]
+
+            try:
+                _wait(listening_logs, 30, "the local Rack's 'listening' logs in DuckDB")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; logs seen: {[row.get('body') for row in rack_logs()][:20]}") from None
 
             # Supervised: a Rack killed outright is started again and serves again.
             rack_pid = next(p for p, c in known.items() if "fluxrig.cli.main run" in c)
@@ -209,6 +254,7 @@ def test_up_standard_tier(tmp_path):
             def restarted():
                 pids = [p for p, c in _children(up.proc.pid).items() if "fluxrig.cli.main run" in c and p != rack_pid]
                 return pids[0] if pids else None
+
             new_pid = _wait(restarted, 10, "the Rack restarted by up")
             known[new_pid] = "rack (restarted)"
 
@@ -217,6 +263,7 @@ def test_up_standard_tier(tmp_path):
                     return _echo(echo_port, b"back") == b"BACK\n"
                 except OSError:
                     return False
+
             _wait(echo_again, 15, "echo served by the restarted Rack")
 
         up.proc.send_signal(signal.SIGTERM)
@@ -246,10 +293,28 @@ def test_up_refuses_a_busy_port(tmp_path):
         busy.listen(1)
         port = busy.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "fluxrig_mixer.cli", "up", "--state-dir", str(tmp_path / "s"),
-             "--api-port", str(_free_port()), "--snake-port", str(_free_port()), "--iso-port", str(_free_port()),
-             "--echo-port", str(port)],
-            capture_output=True, text=True, timeout=30, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT))
+            [
+                sys.executable,
+                "-m",
+                "fluxrig_mixer.cli",
+                "up",
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--api-port",
+                str(_free_port()),
+                "--snake-port",
+                str(_free_port()),
+                "--iso-port",
+                str(_free_port()),
+                "--echo-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=str(tmp_path),
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")])),
+        )
     assert r.returncode == 2, r.stderr
     assert f"127.0.0.1:{port}" in r.stderr and "--echo-port" in r.stderr
     assert not (tmp_path / "s" / "snake").exists()  # nothing was started
@@ -277,9 +342,27 @@ def test_merge_names_a_clash():
 def test_up_gives_up_cleanly_when_the_rack_is_not_ready(tmp_path):
     state = tmp_path / "state"
     r = subprocess.run(
-        [sys.executable, "-m", "fluxrig_mixer.cli", "up", "--state-dir", str(state), "--ready-timeout", "1ms",
-         *[a for flag in ("--api-port", "--snake-port", "--echo-port", "--iso-port") for a in (flag, str(_free_port()))]],
-        capture_output=True, text=True, timeout=40, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT))
+        [
+            sys.executable,
+            "-m",
+            "fluxrig_mixer.cli",
+            "up",
+            "--state-dir",
+            str(state),
+            "--ready-timeout",
+            "1ms",
+            *[
+                a
+                for flag in ("--api-port", "--snake-port", "--echo-port", "--iso-port")
+                for a in (flag, str(_free_port()))
+            ],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")])),
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     assert "not ready after" in r.stderr and "ready" not in r.stdout
     assert r.stderr.index("stopping the local Rack") < r.stderr.index("stopping the Mixer")

@@ -7,11 +7,10 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT, free_port, scenario_from_yaml, tcp_lines, wait_port
 
 from fluxrig.runtime import Runtime
-from fluxrig.runtime.reload import ReloadError, shadow_swap
-
-from helpers import ROOT, free_port, scenario_from_yaml, tcp_lines, wait_port
+from fluxrig.runtime.reload import ReloadError
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
@@ -41,7 +40,7 @@ async def test_only_the_changed_gear_is_rebuilt_and_connections_survive():
         w.write(b"1\n")
         assert await r.readline() == b"A:1\n"
         gw_before = rt.gears["gw"]
-        report = await shadow_swap(rt, scenario_from_yaml(echo(port, "B")))
+        report = await rt.swap(scenario_from_yaml(echo(port, "B")))
         assert report.ok and report.kept == ["gw"] and report.rebuilt == ["xf"]
         assert rt.gears["gw"] is gw_before
         w.write(b"2\n")
@@ -59,11 +58,14 @@ async def test_invalid_or_failing_scenarios_leave_the_graph_serving():
     rt = Runtime(scenario_from_yaml(echo(port, "A")))
     await rt.start()
     try:
-        failing = echo(port, "B").replace(
-            "wires:", "  - {name: bad, type: test_recorder, config: {fail_start: true}}\nwires:"
-        ) + "  - {from: xf.out, to: bad.in}\n"
+        failing = (
+            echo(port, "B").replace(
+                "wires:", "  - {name: bad, type: test_recorder, config: {fail_start: true}}\nwires:"
+            )
+            + "  - {from: xf.out, to: bad.in}\n"
+        )
         with pytest.raises(ReloadError, match="bad failed to start") as ei:
-            await shadow_swap(rt, scenario_from_yaml(failing))
+            await rt.swap(scenario_from_yaml(failing))
         assert not ei.value.report.ok
         assert set(rt.gears) == {"gw", "xf"}
         assert rt.gears["xf"].state == "started"
@@ -93,7 +95,7 @@ async def test_rebuilt_server_inherits_the_listening_socket():
     try:
         for i in range(10):
             extra = f", idle_timeout: {i + 1}m"
-            report = await shadow_swap(rt, scenario_from_yaml(echo(port, "A", gw_extra=extra)))
+            report = await rt.swap(scenario_from_yaml(echo(port, "A", gw_extra=extra)))
             assert "gw" in report.rebuilt
         stop = True
         await h
@@ -109,7 +111,7 @@ async def test_changed_bind_opens_the_new_address_first():
     rt = Runtime(scenario_from_yaml(echo(port, "A")))
     await rt.start()
     try:
-        await shadow_swap(rt, scenario_from_yaml(echo(port, "A", bind=port2)))
+        await rt.swap(scenario_from_yaml(echo(port, "A", bind=port2)))
         assert await tcp_lines(port2, [b"moved"]) == [b"A:moved"]
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
@@ -124,11 +126,11 @@ async def test_added_and_removed_gears():
     try:
         text = echo(port, "A").replace("wires:", "  - {name: log, type: sink, config: {mode: 'null'}}\nwires:")
         text += "  - {from: gw.out, to: log.in}\n"
-        report = await shadow_swap(rt, scenario_from_yaml(text))
+        report = await rt.swap(scenario_from_yaml(text))
         assert report.added == ["log"] and report.kept == ["gw", "xf"]
         assert await tcp_lines(port, [b"a"]) == [b"A:a"]
         assert rt.gears["log"].counters.messages_in == 1  # fan-out now copies to the sink
-        report = await shadow_swap(rt, scenario_from_yaml(echo(port, "A")))
+        report = await rt.swap(scenario_from_yaml(echo(port, "A")))
         assert report.removed == ["log"]
         assert await tcp_lines(port, [b"b"]) == [b"A:b"]
     finally:

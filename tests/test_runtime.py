@@ -3,15 +3,25 @@
 import asyncio
 
 import pytest
+from helpers import running, scenario_from_yaml
 
 from fluxrig.errors import GearError
 from fluxrig.msg import FluxMsg
-from fluxrig.runtime import Gear, GearStartError, Manifest, Runtime, register
+from fluxrig.runtime import (
+    Gear,
+    GearEvent,
+    GearStartError,
+    GearState,
+    IllegalTransition,
+    Manifest,
+    Runtime,
+    RuntimeState,
+    register,
+)
 from fluxrig.runtime.lane import DirectTarget, Lane
 
-from helpers import running, scenario_from_yaml
-
 SEEN: dict[str, list] = {}
+BUILT: dict[str, Gear] = {}  # the last gear object built under each name, started or not
 
 
 @register
@@ -33,6 +43,10 @@ class RecorderGear(Gear):
             "additionalProperties": False,
         },
     )
+
+    def __init__(self, name, config, ctx):
+        super().__init__(name, config, ctx)
+        BUILT[name] = self
 
     async def start(self):
         if self.config["fail_start"]:
@@ -58,8 +72,16 @@ class PumpGear(Gear):
         "test_pump",
         "emits n messages (tests only)",
         inputs=(),
-        schema={"type": "object", "properties": {"n": {"type": "integer", "default": 10}}, "additionalProperties": False},
+        schema={
+            "type": "object",
+            "properties": {"n": {"type": "integer", "default": 10}},
+            "additionalProperties": False,
+        },
     )
+
+    def __init__(self, name, config, ctx):
+        super().__init__(name, config, ctx)
+        BUILT[name] = self
 
     async def start(self):
         self.done = asyncio.get_running_loop().create_future()
@@ -168,8 +190,7 @@ async def test_lane_full_times_out_to_the_emitter():
     gate = asyncio.Event()
 
     rt = Runtime(scenario_from_yaml(chain(0)), rack_config=cfg.rack)
-    rt.build()
-    a = rt.gears["a"]
+    a = rt.build().gears["a"]  # built, not started: the lane below is the only thing running
     lane = Lane(a, "in", 1, 0.05)
 
     async def blocked(port, msg):
@@ -198,12 +219,16 @@ wires:
   - {from: src.out, to: ok.in}
   - {from: src.out, to: bad.in}
 """
+    BUILT.clear()
     rt = Runtime(scenario_from_yaml(text))
-    with pytest.raises(GearStartError, match="bad failed to start"):
+    with pytest.raises(GearStartError, match="bad failed to start") as ei:
         await rt.start()
-    assert all(g.state in ("stopped", "created") for g in rt.gears.values())
-    assert rt.gears["ok"].state == "stopped"
-    assert rt.gears["src"].state == "created"  # the source never started
+    assert BUILT["ok"].state == GearState.STOPPED  # started, then stopped by the rollback
+    assert BUILT["bad"].state == GearState.STOPPED
+    assert BUILT["src"].state == GearState.CREATED  # the source never started
+    # The running graph (the empty one) is untouched and the runtime takes the next swap.
+    assert rt.gears == {} and rt.state == RuntimeState.RUNNING
+    assert ei.value.gear == "bad" and not ei.value.report.ok and sorted(ei.value.report.added) == ["bad", "ok", "src"]
 
 
 async def test_drain_finishes_queued_work():
@@ -218,9 +243,8 @@ async def test_drain_finishes_queued_work():
 
 
 async def test_illegal_transition():
-    from fluxrig.runtime.gear import IllegalTransition
-
-    rt = Runtime(scenario_from_yaml(chain()))
-    rt.build()
-    with pytest.raises(IllegalTransition):
-        rt.gears["a"].transition("draining")
+    a = Runtime(scenario_from_yaml(chain())).build().gears["a"]
+    with pytest.raises(IllegalTransition) as ei:
+        a.transition(GearEvent.DRAIN)
+    assert (ei.value.machine, ei.value.name, ei.value.state, ei.value.event) == ("gear", "a", "created", "drain")
+    assert a.state == GearState.CREATED

@@ -3,12 +3,11 @@
 import asyncio
 
 import pytest
+from helpers import scenario_from_yaml
 
 from fluxrig.errors import FluxError
 from fluxrig.runtime import Runtime
 from fluxrig.runtime.bus import MemoryBus, dedup_id
-
-from helpers import scenario_from_yaml
 
 TWO_RACKS = """
 meta: {version: '1'}

@@ -2,11 +2,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from fluxrig.errors import ScenarioError
 from fluxrig.scenario import build_scenario, load_scenario, parse_scenario, validate_scenario
-
-from helpers import ROOT
 
 GOOD = """
 meta: {name: t, version: 1.0.0}
@@ -129,8 +128,10 @@ wires:
 
 def test_toml_scenario(tmp_path):
     p = tmp_path / "s.toml"
-    p.write_text('[meta]\nversion = "2"\n[[gears]]\nname = "g"\ntype = "generator"\n[[gears]]\nname = "s"\n'
-                 'type = "sink"\n[[wires]]\nfrom = "g.out"\nto = "s.in"\n')
+    p.write_text(
+        '[meta]\nversion = "2"\n[[gears]]\nname = "g"\ntype = "generator"\n[[gears]]\nname = "s"\n'
+        'type = "sink"\n[[wires]]\nfrom = "g.out"\nto = "s.in"\n'
+    )
     s = load_scenario(str(p))
     assert s.version == "2" and len(s.wires) == 1
 

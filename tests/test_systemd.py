@@ -28,7 +28,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, free_port, tcp_lines
 
 UNITS = os.path.join(ROOT, "systemd")
@@ -61,8 +60,9 @@ def _verify(tmp_path, unit_src: str, exec_from: str, exec_to: str, dropins=()) -
         d.mkdir()
         for src in dropins:
             shutil.copy(src, d / os.path.basename(src))
-    res = subprocess.run([_systemd_analyze(), "verify", "--man=no", str(tmp_path / name)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [_systemd_analyze(), "verify", "--man=no", str(tmp_path / name)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     # verify reports unknown keys and bad values as warnings with exit 0: none are allowed.
     assert res.stderr.strip() == "", res.stderr
@@ -112,6 +112,7 @@ def test_rack_unit_stop_timeout_exceeds_drain_timeout():
 
 # --- sd_notify -------------------------------------------------------------------------------------
 
+
 class NotifyListener:
     """A NOTIFY_SOCKET like systemd's: AF_UNIX datagrams, sender credentials attached."""
 
@@ -141,7 +142,7 @@ class NotifyListener:
                 raise TimeoutError(f"no {key}=1 within {timeout}s; got {[f for _p, f in self.received]}")
             try:
                 pid, fields = self.next(left)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if fields.get(key) == "1":
                 return pid, fields
@@ -163,9 +164,14 @@ def _run_under_notify(tmp_path, cmd: list[str], rack_env: dict) -> tuple[int, in
     # systemd sets WATCHDOG_PID to the main PID, known only after the fork: a shell that
     # exports its own PID and then execs the Rack reproduces that exactly.
     shell = 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"'
-    proc = subprocess.Popen(["/bin/sh", "-c", shell, "sh", *cmd, "run", "--scenario",
-                             os.path.join(ROOT, "scenarios", "tcp-echo.yaml")],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", shell, "sh", *cmd, "run", "--scenario", os.path.join(ROOT, "scenarios", "tcp-echo.yaml")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ready_pid, ready = listener.wait_for("READY", NOTIFY_TIMEOUT)
         assert ready.get("STATUS", "").startswith("running"), ready
@@ -202,8 +208,13 @@ def test_rack_from_source_notifies_ready_watchdog_stopping(tmp_path, rack_env):
 @pytest.mark.timeout(900)  # builds dist/fluxrig first when it is missing
 def test_frozen_rack_notifies_from_its_child(tmp_path, rack_env):
     if not os.path.exists(BINARY) or os.environ.get("FLUXRIG_REBUILD_BINARY") == "1":
-        subprocess.run([os.path.join(ROOT, "packaging", "build.sh"), "fluxrig"], cwd=ROOT, check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            [os.path.join(ROOT, "packaging", "build.sh"), "fluxrig"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     main_pid, sender = _run_under_notify(tmp_path, [BINARY], rack_env)
     # The one-file bootloader is the main PID; Python runs in its child. This is why the unit
     # needs NotifyAccess=all, and why the keep-alive must accept WATCHDOG_PID = parent PID.
@@ -215,11 +226,31 @@ def test_frozen_rack_notifies_from_its_child(tmp_path, rack_env):
 @pytest.mark.mixer
 def test_mixer_notifies_ready_and_stops_on_sigterm(tmp_path):
     pytest.importorskip("fluxrig_mixer")
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), PYTHONPATH=ROOT)
+    env = dict(
+        os.environ,
+        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+        PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")]),
+    )
     listener = NotifyListener(env["NOTIFY_SOCKET"])
-    proc = subprocess.Popen([sys.executable, "-m", "fluxrig_mixer.cli", "serve", "--api-port", "0", "--snake-port",
-                             "0", "--state-dir", str(tmp_path / "mixer")], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fluxrig_mixer.cli",
+            "serve",
+            "--api-port",
+            "0",
+            "--snake-port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "mixer"),
+        ],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         listener.wait_for("READY", 20)
         proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ def rec(i: int) -> bytes:
 
 async def test_always_group_commit(tmp_path):
     async with await AsyncWal.open(tmp_path, fsync="always") as wal:
+
         async def appender(k):
             return [await wal.append(rec(k * 1000 + j)) for j in range(20)]
 
@@ -122,3 +123,26 @@ async def test_batch_window_is_cut_short_by_a_burst(tmp_path):
         futs += [wal.append_nowait(rec(i)) for i in range(40, 50)]  # crosses half: commit now
         done, _ = await asyncio.wait(futs, timeout=10)
         assert len(done) == 50 and wal.metrics()["wal_full"] == 0
+
+
+async def test_one_writer_callback_per_group_and_cancelled_appender(tmp_path):
+    async with await AsyncWal.open(tmp_path, fsync="always") as wal:
+        groups = 0
+        done = wal._group_done
+
+        def counting(outcome):
+            nonlocal groups
+            groups += 1
+            done(outcome)
+
+        wal._group_done = counting
+        tasks = [asyncio.ensure_future(wal.append(rec(i))) for i in range(64)]
+        await asyncio.sleep(0)
+        tasks[5].cancel()  # one appender gives up: the others' group is not disturbed
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[5], asyncio.CancelledError)
+        assert sorted(r for r in results if isinstance(r, int)) == [s for s in range(1, 65) if s != 6]
+        assert groups == wal.metrics()["commits"] <= 4  # one loop callback per group commit
+        assert await wal.flush() == 64  # the cancelled record was still written
+    with Wal(tmp_path) as w:
+        assert w.recovery.records_ok == 64

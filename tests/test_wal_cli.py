@@ -100,3 +100,20 @@ def test_real_cli_entry(tmp_path):
     assert p.returncode == 0, p.stderr
     assert [json.loads(x)["seq"] for x in p.stdout.splitlines()] == [3, 4]
     assert json.loads(p.stderr.strip().splitlines()[-1])["cursor"] == 2
+
+
+def test_inspect_wal_lists_parked_records(tmp_path, capsys):
+    import cbor2
+
+    from fluxrig.cli.cmd_wal import list_parked_records
+    from fluxrig.wal.parked import park
+
+    d = tmp_path / "lanes"
+    d.mkdir()
+    park(str(d), "out-0000000000000007", b"\xff not cbor", "undecodable")
+    park(str(d), "in-0000000000000002", cbor2.dumps(["a", 1]), "no-input")
+    assert list_parked_records(str(d)) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["key"], x["reason"]) for x in lines] == [("in-0000000000000002", "no-input"),
+                                                        ("out-0000000000000007", "undecodable")]  # fmt: skip
+    assert lines[0]["payload"] == ["a", 1] and lines[1]["payload_b64"] == "/yBub3QgY2Jvcg=="

@@ -25,7 +25,7 @@ from fluxrig.wal import Wal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLS = 50
-BUDGET_S = 20.0
+BUDGET_S = 60  # 50 kills take well under 20 s on a quiet box; a loaded CI box needs the slack
 
 CHILD = r"""
 import asyncio, json, os, sys

@@ -1,8 +1,10 @@
-"""CRC-32C (fluxrig.wal.crc32c and its compiled twin): golden vectors, continuation, prefix
-tables and combine, run against both backends (`py`, `c`) plus a differential corpus."""
+"""CRC-32C (fluxrig.wal.crc32c_py and its compiled twin crc32c_c, bound by fluxrig.wal.crc32c):
+golden vectors, continuation, prefix tables and combine, run against both backends (`py`, `c`)
+plus a differential corpus."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from array import array
 
@@ -10,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxrig.wal import checksum
-from fluxrig.wal import crc32c as pure
+import fluxrig.wal
+from fluxrig.wal import crc32c as bound
+from fluxrig.wal import crc32c_py as pure
 
 BACKENDS = ["py", "c"]
 
@@ -19,11 +22,9 @@ BACKENDS = ["py", "c"]
 @pytest.fixture(params=BACKENDS)
 def mod(request):
     if request.param == "c":
-        if not checksum.COMPILED:
+        if bound.BACKEND != "cython":
             pytest.skip("compiled twin not loaded (pure build or FLUXRIG_PURE_PYTHON=1)")
-        from fluxrig._speedups import crc32c as compiled
-
-        return compiled
+        return importlib.import_module("fluxrig.wal.crc32c_c")
     return pure
 
 
@@ -46,12 +47,14 @@ def test_golden_vectors(mod, data, expected):
 
 
 def test_public_binding_matches_backend_flag():
-    assert checksum.crc32c(b"123456789") == 0xE3069283
-    assert checksum.BACKEND == ("cython" if checksum.COMPILED else "pure")
-    if checksum.COMPILED:
-        assert checksum.crc32c is checksum.crc32c_c
+    assert bound.crc32c(b"123456789") == 0xE3069283
+    assert fluxrig.wal.BACKEND == bound.BACKEND
+    if bound.BACKEND == "cython":
+        assert bound.crc32c is bound.crc32c_c
+        assert bound.crc32c_prefix is bound.crc32c_prefix_c
     else:
-        assert checksum.crc32c is checksum.crc32c_py
+        assert bound.BACKEND == "pure"
+        assert bound.crc32c is bound.crc32c_py and bound.crc32c_c is None
 
 
 def test_continuation(mod):
@@ -93,19 +96,19 @@ def test_prefix_table_too_small(mod):
 
 def test_differential_corpus():
     """Both backends agree on a fixed corpus of sizes and contents."""
-    if not checksum.COMPILED:
+    if bound.BACKEND != "cython":
         pytest.skip("compiled twin not loaded")
     rnd = __import__("random").Random(8583)
     for n in list(range(0, 70)) + [255, 256, 257, 4095, 4096, 65537]:
         data = bytes(rnd.getrandbits(8) for _ in range(n))
         seed = rnd.getrandbits(32)
-        assert checksum.crc32c_c(data, seed) == checksum.crc32c_py(data, seed)
+        assert bound.crc32c_c(data, seed) == bound.crc32c_py(data, seed)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600), st.binary(max_size=600))
 def test_combine_and_shift(a, b):
-    for m in (pure, checksum):
+    for m in (pure, bound):
         assert m.crc32c_combine(pure.crc32c(a), pure.crc32c(b), len(b)) == pure.crc32c(a + b)
     # the slice identity the scanner relies on: crc(x[i:j]) from two prefix values
     x = a + b
@@ -125,9 +128,9 @@ def test_shift_large_lengths():
 
 @pytest.mark.parametrize("data,expected", GOLDEN)
 def test_sliced_pure_variant_golden(data, expected):
-    # the pure path's slicing-by-8 variant (checksum.crc32c_py) against the same vectors
+    # the pure path's slicing-by-8 variant (crc32c.crc32c_py) against the same vectors
     assert pure.crc32c_sliced(data) == expected
-    assert checksum.crc32c_py(bytearray(data)) == expected
+    assert bound.crc32c_py(bytearray(data)) == expected
 
 
 @settings(max_examples=300, deadline=None)

@@ -178,7 +178,6 @@ def test_size_cap_drops_oldest_and_counts(tmp_path):
     cap = 4 * MIN_SEGMENT_BYTES
     with Wal(tmp_path, fsync="never", max_size_bytes=cap) as w:
         assert w.segment_max_bytes == MIN_SEGMENT_BYTES  # clamped to a quarter of the cap
-        w.ack  # nothing acked yet
         n = 0
         for _ in range(30):
             for _ in range(100):

@@ -37,16 +37,17 @@ from fluxrig.wal.record import (
 
 def test_golden_record_bytes():
     # length 1 | crc32c(b"\xa0") | CBOR empty map
-    assert encode_record(b"\xa0") == bytes.fromhex("00000001" "f036e6f7" "a0")
+    assert encode_record(b"\xa0") == bytes.fromhex("00000001f036e6f7a0")
     # an object is CBOR-encoded first: {"a": 1} -> a1 61 61 01
-    assert encode_record({"a": 1}) == bytes.fromhex("00000004" "f292eb0a" "a1616101")
+    assert encode_record({"a": 1}) == bytes.fromhex("00000004f292eb0aa1616101")
 
 
 def test_golden_segment_header():
     h = encode_segment_header(1, bytes(range(16)))
     assert h == bytes.fromhex(
         "464c555857414c00"  # b"FLUXWAL\0"
-        "0001" "0000"  # version 1, flags 0
+        "0001"
+        "0000"  # version 1, flags 0
         "0000000000000001"  # base seq
         "000102030405060708090a0b0c0d0e0f"  # wal_id
         "555b14e7"  # crc32c of the 36 bytes before
@@ -113,7 +114,10 @@ def three_ways(data, **kw):
     whole = run(data, **kw)
     assert run(data, chunks=1, **kw) == whole
     assert run(data, chunks=7, **kw) == whole
-    assert list(scan(data, kw.get("base", 0), max_record_bytes=kw.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES))) == whole
+    assert (
+        list(scan(data, kw.get("base", 0), max_record_bytes=kw.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES)))
+        == whole
+    )
     return whole
 
 
@@ -275,7 +279,9 @@ def test_stats():
 # -- hypothesis -----------------------------------------------------------------------------
 
 payloads = st.binary(min_size=1, max_size=64)
-pieces = st.lists(st.one_of(payloads.map(lambda p: ("rec", p)), st.binary(max_size=40).map(lambda g: ("junk", g))), max_size=12)
+pieces = st.lists(
+    st.one_of(payloads.map(lambda p: ("rec", p)), st.binary(max_size=40).map(lambda g: ("junk", g))), max_size=12
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

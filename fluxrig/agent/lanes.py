@@ -1,56 +1,86 @@
 """JetStreamBus: the guaranteed lane over the Snake (JetStream), Rack side.
 
-Implements the runtime's bus contract (fluxrig/runtime/bus.py) for a Rack joined to a Mixer.
+Implements the runtime's bus contract (fluxrig/runtime/bus.py) for a Rack joined to a Mixer,
+over a `SnakeSession` (fluxrig/agent/session.py) and nothing else.
 
 Outbound (`outbound(subject).put(msg)`). The message is CBOR-encoded and appended to the
 Rack's *lane WAL* (an AsyncWal at `<store_dir>/lanes`, separate from the telemetry WAL;
 fsync before acknowledging unless `store.wal_fsync = never`, see `open_lane_wal`) as the
 record `[subject, dedup id, msg CBOR]`; `put` returns once the record is durable per that
 policy. That wait is the guaranteed lane's backpressure: an emitter never runs ahead of the
-disk. A publisher task ships records in WAL order to JetStream with
-`Nats-Msg-Id = dedup_id(msg, subject)` and at most `max_inflight` unacknowledged publishes;
-a record is acknowledged in the WAL only after its JetStream PubAck (on disk at the Snake),
-so the WAL may then delete it. While the Snake is unreachable, or the passport does not allow
-traffic, records simply wait in the WAL (offline operation) and flow when it returns. A failed
-publish is retried from the first failed record; the stream's duplicate window drops what
-was already stored. The backlog (unacknowledged bytes) is capped at `max_backlog_bytes`: past
-it `put` waits up to `send_timeout` for the publisher, then raises LaneFull (the gear's error
+disk. The pump (fluxrig/agent/publisher.py, `WalPublisher` with `LaneCodec`) ships the
+records in WAL order, many per JetStream message (fluxrig/wire/batch.py: one subject per
+batch, order kept per subject), pipelined within an adaptive window, each batch with a
+`Nats-Msg-Id` derived from its records; a record is acknowledged in the WAL only after the
+PubAck of its batch (on disk at the Snake), so the WAL may then delete it. While the session
+is not usable (Snake unreachable, passport not allowing traffic) records simply wait in the
+WAL (offline operation) and flow when it returns; a failed publish restarts from the first
+unacknowledged record. The backlog (unacknowledged bytes) is capped at `max_backlog_bytes`:
+past it `put` waits up to `send_timeout` for the pump, then raises LaneFull (the gear's error
 convention), rather than silently dropping the oldest records as the telemetry WAL does.
-Records for a subject of another Rack (this Rack was renamed) can never be published with
-this Rack's credentials: they are acknowledged and counted in `foreign_dropped`.
+Records for a subject of another Rack were queued under this Rack's former name (it was
+renamed): they are published on the same gear and port under the current name
+(`flux.msg.<new>.<gear>.<port>`, the subject the receivers' consumers filter after the
+rename; record ids kept, so a receiver that had some still masks them), counted in
+`migrated` and logged once per former subject. A record that does not decode, or whose
+subject is not a `flux.msg.<rack>.<gear>.<port>`, is parked (a durable copy in
+`<store_dir>/lanes/parked/`, `fluxrig inspect-wal --parked`), logged at ERROR and counted
+(`undecodable_records`, `foreign_dropped`) before the WAL lets it go.
 
 Inbound (`inbound(subject, consumer, gear, port)`). One pull loop per Rack fetches from its
 durable consumer `in-<rack>` on stream `flux-msg` (created by the Mixer with the source
-subjects of every wire into this Rack as its filter). Each message is routed by subject to
-every registered input (gear, port) through that input's bounded queue (`inbound_capacity`;
-a full queue stops the fetching: backpressure to JetStream, which holds the rest), processed
-in order by one task per input, and acknowledged only after every input it went to has
-processed it. Delivery is at least once from JetStream; a bounded LRU of recently processed
-dedup ids (`dedup_capacity`) plus the set of ids being processed mask redeliveries, so a gear
-sees each message once. A message on a subject with no registered input is NAKed with a delay
-(`stale_nak_delay`: a reload may be registering it) and, after `stale_after_deliveries`
-deliveries, acknowledged and counted in `stale_acked` (stale wiring at the Mixer). The loop
-waits for `agent.connected`, rebinds after a new bus session, and backs off on errors.
-Fetching pauses while inputs drain (`join`) and during a reload (`hold()`, used by the Rack
-around its shadow swap), so a message never reaches both an input and its replacement, and
-while every input's gear is stopped (kill switch): a killed gear's messages wait in JetStream
-(what its queue held is NAKed back) until it is revived; a killed gear among live ones misses
-what arrives meanwhile, as on a hot lane.
+subjects of every wire into this Rack as its filter; rebound at every new session
+generation). Each JetStream message is a batch (or, from an older Rack, one FluxMsg); each
+record is routed by subject to every registered input (gear, port) through that input's
+bounded queue (`inbound_capacity` records; a full queue stops the fetching: backpressure to
+JetStream, which holds the rest), processed in order by one task per input. A JetStream
+message is acknowledged only when every record in it was processed by every input it went
+to. Delivery is at least once from JetStream; a bounded LRU of recently processed record ids
+(`dedup_capacity`) plus the records being processed mask redeliveries, so a gear sees each
+record once, even when a batch cut by a sender's crash arrives again with other boundaries
+(a redelivered record still being processed makes the new message wait for it). A message
+on a subject with no registered input is NAKed with a delay (`stale_nak_delay`: a reload may
+be registering it) and, after `stale_after_deliveries` deliveries, acknowledged and counted
+in `stale_acked` (stale wiring at the Mixer). Fetching pauses while inputs drain (`join`)
+and during a reload (`hold()`, used by the runtime around its swap), so a message never
+reaches both an input and its replacement, and while every input's gear is stopped (kill
+switch): a killed gear's messages wait in JetStream (what its queue held is given back: the
+message is NAKed once its other records are settled, and what was processed stays masked)
+until it is revived; a killed gear among live ones misses what arrives meanwhile, as on a
+hot lane.
 
-Order. Per input, messages are processed in stream order. Publishes are pipelined, so after a
-lost connection a record whose publish was lost can be stored after later records of the same
-window (at most `max_inflight`): order across a Snake outage is best effort, loss and
-duplication are not.
+Group inputs (issue 17 item 2). An input of a gear deployed to one of this Rack's groups,
+fed from outside the group, is registered with `shared="grp-<group>"`: it is fed by a pull
+loop of its own on that durable consumer, which every member of the group pulls from, so
+JetStream hands each message to exactly one member, and redelivers it (after the consumer's
+ack wait, with its back-off) to whichever member pulls next when the one holding it died. A
+message delivered `group_max_deliveries` times is parked as poison (ERROR, `poison_parked`)
+and acknowledged: never retried again. Routing keeps the two apart: a subject wired both to
+a group input and to one of this Rack's own inputs reaches each from its own consumer only.
+
+Order. Per input, records are processed in stream order. A Rack that stops fetching (a stop,
+every input gone or killed) first gives back, NAKed in stream order, what it fetched and did
+not route and what the Snake still delivers to the pull request of its last fetch (which
+outlives the fetch call until it expires, lane_inbound.Pull): redelivered first, it keeps the
+order across a graceful restart. During a short hold (a reload) fetched messages wait for the
+new inputs instead. What an earlier connection left unsettled (a receiving Rack killed, a lost
+link) JetStream redelivers only after the consumer's ack_wait, after newer messages: a WARNING
+at bind says how many, a message routed behind a newer one of its subject is counted
+(`out_of_order`) and logged at ERROR. Publishes are pipelined, so after a failure a batch
+whose publish was lost can be stored after later batches of the same window: order across a
+Snake outage is best effort, loss and duplication are not.
 
 Limits of "once". A Rack killed (SIGKILL, power) after a PubAck but before its WAL cursor was
 persisted (at most `cursor_sync_ms`, 200 ms) re-sends those records on restart: JetStream
-drops them within its duplicate window (flux-msg: 120 s), the receiving Rack's LRU while it
-remembers them. A receiving Rack killed after its gear processed a message but before the
-ack gets it again (at least once). A graceful stop acks what was processed and NAKs the rest.
+drops an identical batch within its duplicate window (flux-msg: 120 s), the receiving Rack's
+LRU drops the records of a batch cut differently while it remembers them. A receiving Rack
+killed after its gear processed a record but before the ack gets it again (at least once). A
+graceful stop acks what was processed and NAKs the rest, including what it was sent last.
 
 Nothing here decides wiring: the runtime asks for targets and sources (graph.py) and the
 Mixer keeps the consumer's filter in step with the active scenario (fluxrig_mixer.lanes).
-Raises: LaneFull from `put` (backlog cap), WalFailed/WalClosed from the lane WAL.
+Raises: LaneFull from `put` (backlog cap), WalFailed/WalClosed from the lane WAL, WalOpenFailed
+while the lane WAL could not be opened (the sending half: fluxrig/agent/lane_outbound.py).
 """
 
 from __future__ import annotations
@@ -58,32 +88,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
-import cbor2
-
-from ..errors import FluxError, LaneFull, ScenarioError, ScenarioProblem
+from ..errors import ScenarioError, ScenarioProblem
 from ..msg import FluxMsg
-from ..runtime.bus import OutboundTarget, dedup_id
-from ..runtime.lane import deliver
+from ..runtime.states import GearState
 from ..scenario import build_scenario
 from ..scenario.model import Endpoint, WireSpec
-from . import subjects as S
+from ..wal.errors import WalOpenFailed
+from ..wire import subjects as S
+from ..wire.batch import (
+    LaneBatchError,
+    decode_lane_batch,
+    is_lane_batch,
+)
+from .lane_codec import LANE_LIMITS, LANE_PACING, LANE_WAL_DIR, MSG_ID_HEADER, LaneCodec, open_lane_wal
+from .lane_inbound import Delivery, Inbound, OrderGuard, Pull, Record, park_received
+from .lane_outbound import _PUMP_METRICS, WAL_REOPEN_S, SendingSide, _Outbound
+from .publisher import WalPublisher
+from .pump import DropReason, Pacing, PumpLimits
+from .session import SessionState, SnakeSession
 
 __all__ = [
     "JetStreamBus",
+    "LaneCodec",
     "open_lane_wal",
     "scenario_from_projection",
     "LANE_WAL_DIR",
-    "SHIPPABLE_STATUSES",
+    "LANE_LIMITS",
+    "LANE_PACING",
+    "MSG_ID_HEADER",
 ]
 
 log = logging.getLogger("fluxrig.agent.lanes")
 
-LANE_WAL_DIR = "lanes"
-SHIPPABLE_STATUSES = ("active", "offline")
-DEFAULT_MAX_INFLIGHT = 256
 DEFAULT_PUBLISH_TIMEOUT_S = 5.0
 DEFAULT_FETCH_BATCH = 256
 DEFAULT_FETCH_TIMEOUT_S = 1.0
@@ -95,30 +133,11 @@ DEFAULT_RETRY_WAIT_S = 0.5
 DEFAULT_IDLE_WAIT_S = 0.25
 STALE_AFTER_DELIVERIES = 5
 STALE_NAK_DELAY_S = 1.0
-CLOSE_WAIT_S = 3.0
-MSG_ID_HEADER = "Nats-Msg-Id"
-#: store.wal_fsync -> the lane WAL's policy (see open_lane_wal).
-LANE_FSYNC = {"always": "always", "batch": "always", "never": "never"}
-
-
-async def open_lane_wal(config, fsync: str | None = None):
-    """The lane WAL for a Rack's fluxrig Config: `<store_dir>/lanes`, no size cap in the WAL
-    itself (JetStreamBus applies `store.wal_max_size_mb` as backpressure), and the fsync policy
-    `LANE_FSYNC[store.wal_fsync]` unless `fsync` names one.
-
-    Why `batch` becomes `always` here: every lane append is awaited by its emitter, so under
-    `batch` each emitter would wait out the whole window per message (20 msg/s per emitter at
-    50 ms: measured, bench/guaranteed_lane.py). `always` keeps the same promise (fdatasync
-    before the append is acknowledged) and already shares one fdatasync among the appends
-    that arrive while one runs (group commit). `never` stays `never` (no fsync: the operator
-    chose to trust the page cache)."""
-    from ..wal import AsyncWal
-    from ..wal.log import options_from_config
-
-    options = options_from_config(config)
-    options["max_size_bytes"] = None
-    options["fsync"] = fsync or LANE_FSYNC.get(options["fsync"], options["fsync"])
-    return await AsyncWal.open(os.path.join(config.store_dir, LANE_WAL_DIR), **options)
+#: Deliveries after which a group consumer's message is parked as poison (issue 17); the
+#: Mixer's group consumer allows one more (fluxrig_mixer.groups), so the last one reaches a Rack.
+GROUP_MAX_DELIVERIES = 5
+CLOSE_WAIT_S = 5.0  # beyond the fetch: giving back what the last pull request delivers, the UNSUB's round trip
+HOLD_GIVE_BACK_S = 5.0  # a hold (reload, drain) longer than this gives the fetched messages back
 
 
 def scenario_from_projection(doc: dict, rack: str, source=None):
@@ -158,114 +177,17 @@ def scenario_from_projection(doc: dict, rack: str, source=None):
     return scenario
 
 
-class _Outbound(OutboundTarget):
-    """The target for one subject: `put` appends to the lane WAL and returns when durable
-    (durable in the lane WAL counts as delivered for a drain: the publisher ships it later)."""
-
-    async def put(self, msg: FluxMsg) -> None:
-        await self.bus.append(self.subject, msg)
-
-
-class _Delivery:
-    """One JetStream message handed to one or more inputs; acked when all have processed it."""
-
-    __slots__ = ("js_msg", "key", "remaining", "processed")
-
-    def __init__(self, js_msg, key: str, remaining: int):
-        self.js_msg = js_msg
-        self.key = key
-        self.remaining = remaining
-        self.processed = False
-
-
-class _Inbound:
-    """The source feeding one input port from one subject, through a bounded ordered queue."""
-
-    def __init__(self, bus: "JetStreamBus", subject: str, consumer: str, gear, port: str):
-        self.bus = bus
-        self.subject = subject
-        self.consumer = consumer
-        self.gear = gear
-        self.port = port
-        self.key = ("bus-in", consumer)
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, bus.inbound_capacity))
-        self.task: asyncio.Task | None = None
-        self.processed = 0
-        self.closed = False
-
-    def start(self) -> None:
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(
-                self._consume(), name=f"bus-in:{self.gear.name}.{self.port}")
-        self.bus._register(self)
-
-    async def put(self, msg: FluxMsg, delivery: "_Delivery") -> None:
-        """Queue one message (waits while the queue is full: the pull loop's backpressure)."""
-        if self.closed:
-            self.bus._give_back(delivery)
-            return
-        await self.queue.put((msg, delivery))
-        if self.closed:  # closed while this put waited: nobody will take it
-            self._give_back_queued()
-
-    async def _consume(self) -> None:
-        q = self.queue
-        gear, port, bus = self.gear, self.port, self.bus
-        while True:
-            msg, delivery = await q.get()
-            finished = False
-            try:
-                if gear.state == "stopped":  # the kill switch stopped it: JetStream keeps the rest
-                    continue
-                await deliver(gear, port, msg)
-                self.processed += 1
-                finished = True
-                await bus._done(delivery)
-            finally:
-                q.task_done()
-                if not finished:  # stopped gear, or cancelled mid-processing: let JetStream redeliver
-                    bus._give_back(delivery)
-
-    def depth(self) -> int:
-        return self.queue.qsize()
-
-    async def join(self) -> None:
-        # A drain (shutdown, or this source retiring in a reload): no new fetches meanwhile,
-        # or a busy stream would keep the queue from ever emptying.
-        self.bus._holds += 1
-        try:
-            await self.queue.join()
-        finally:
-            self.bus._holds -= 1
-            self.bus._routes_changed.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.bus._unregister(self)
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-        self._give_back_queued()
-
-    def _give_back_queued(self) -> None:
-        # What never reached the gear goes back to JetStream for the next incarnation.
-        while not self.queue.empty():
-            _msg, delivery = self.queue.get_nowait()
-            self.queue.task_done()
-            self.bus._give_back(delivery)
-
-
-class JetStreamBus:
+class JetStreamBus(SendingSide):
     """The guaranteed lane of a joined Rack (see the module docstring). `start()` once the
-    loop runs, `close()` after the runtime has stopped and before the agent closes its bus
-    connection."""
+    loop runs, `close()` after the runtime has stopped and before the session closes."""
 
     def __init__(
         self,
-        agent,
+        session: SnakeSession,
         wal,
         *,
-        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        limits: PumpLimits = LANE_LIMITS,
+        pacing: Pacing = LANE_PACING,
         publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT_S,
         fetch_batch: int = DEFAULT_FETCH_BATCH,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S,
@@ -277,13 +199,15 @@ class JetStreamBus:
         idle_wait: float = DEFAULT_IDLE_WAIT_S,
         stale_after_deliveries: int = STALE_AFTER_DELIVERIES,
         stale_nak_delay: float = STALE_NAK_DELAY_S,
+        group_max_deliveries: int = GROUP_MAX_DELIVERIES,
+        hold_give_back: float = HOLD_GIVE_BACK_S,
+        open_wal=None,
+        wal_reopen_interval: float = WAL_REOPEN_S,
     ):
-        if max_inflight < 1 or fetch_batch < 1 or dedup_capacity < 1:
-            raise ValueError("max_inflight, fetch_batch and dedup_capacity must be at least 1")
-        self.agent = agent
+        if fetch_batch < 1 or dedup_capacity < 1:
+            raise ValueError("fetch_batch and dedup_capacity must be at least 1")
+        self.session = session
         self.wal = wal
-        self.max_inflight = max_inflight
-        self.publish_timeout = publish_timeout
         self.fetch_batch = fetch_batch
         self.fetch_timeout = fetch_timeout
         self.inbound_capacity = inbound_capacity
@@ -294,54 +218,97 @@ class JetStreamBus:
         self.idle_wait = idle_wait
         self.stale_after_deliveries = stale_after_deliveries
         self.stale_nak_delay = stale_nak_delay
+        self.hold_give_back = hold_give_back
+        self._pump = dict(name="lane-publisher", limits=limits, pacing=pacing, publish_timeout=publish_timeout,
+                          retry_wait=retry_wait, idle_wait=idle_wait)  # fmt: skip
+        if wal is None and open_wal is None:
+            raise ValueError("JetStreamBus needs a lane WAL or open_wal to open it")
+        self._open_wal = open_wal
+        self.wal_reopen_interval = wal_reopen_interval
+        self.wal_open_error: WalOpenFailed | None = None  # the lane WAL could not be opened (yet)
+        self._wal_ready = asyncio.Event()
+        self._reopen_task: asyncio.Task | None = None
+        self.publisher: WalPublisher | None = None
+        self._backlog_base = 0
         self.m = dict.fromkeys((
-            "appended", "published", "publish_failures", "foreign_dropped", "undecodable_records",
-            "lane_full", "backlog_waits", "fetched", "delivered", "acked", "ack_failures", "duplicates",
-            "redelivered_in_progress", "unrouted_naks", "held_naks", "stale_acked", "undecodable_msgs", "given_back",
-            "fetch_errors"), 0)  # fmt: skip
+            "appended", "lane_full", "backlog_waits", "fetched", "fetched_records", "delivered", "acked",
+            "acked_msgs", "ack_failures", "duplicates", "redelivered_in_progress", "unrouted_naks", "held_naks",
+            "stale_acked", "undecodable_msgs", "given_back", "held_back", "fetch_errors", "storage_waits",
+            "storage_refused", "parked", "park_failures", "poison_parked", "given_back_pending",
+            "out_of_order"), 0)  # fmt: skip
         self.last_error = ""
-        self._routes: dict[str, dict[str, _Inbound]] = {}  # subject -> consumer name -> source
+        self._routes: dict[str, dict[str, Inbound]] = {}  # subject -> consumer name -> source
         self._routes_changed = asyncio.Event()
-        self._holds = 0  # sources draining: fetching pauses
+        self._holds = 0  # sources draining or a reload: fetching pauses
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._working: dict[str, _Delivery] = {}
-        self._inflight: deque = deque()
-        self._next_seq = 0
-        self._skip: set[int] = set()
-        wm = wal.metrics()
-        self._backlog_bytes = int(wm.get("size_bytes") or 0) if wm.get("unacked_records") else 0
-        self._room = asyncio.Event()
+        self._working: dict[str, Record] = {}
+        self._deliveries: dict[str, Delivery] = {}
+        self.order = OrderGuard()  # the Rack's own consumer (a group's is shared: no order across members)
+        self._appended_bytes = 0
         self._closing = False
-        self._tasks: list[asyncio.Task] = []
+        self._puller_task: asyncio.Task | None = None
+        self._shared_pullers: dict[str, asyncio.Task] = {}  # group consumer -> its pull loop
+        self.group_max_deliveries = group_max_deliveries
         self._bg: set[asyncio.Task] = set()
+        if wal is not None:
+            self._attach(wal)
 
     # -- the runtime's contract ------------------------------------------------------------
 
     def outbound(self, subject: str) -> _Outbound:
         return _Outbound(self, subject)
 
-    def inbound(self, subject: str, consumer: str, gear, port: str) -> _Inbound:
-        return _Inbound(self, subject, consumer, gear, port)
+    def inbound(self, subject: str, consumer: str, gear, port: str, shared: str | None = None) -> Inbound:
+        """`shared`: the durable group consumer (`grp-<group>`) this input is fed from, one
+        consumer shared by every member of the group (issue 17: see _shared_puller)."""
+        return Inbound(self, subject, consumer, gear, port, shared)
+
+    # -- group relay (issue 17 item 3): core NATS between members, through the session --------
+
+    async def relay_publish(self, subject: str, payload: bytes) -> bool:
+        return await self.session.relay_publish(subject, payload)
+
+    def relay_subscribe(self, subject: str, cb) -> None:
+        self.session.relay_subscribe(subject, cb)
+
+    def relay_unsubscribe(self, subject: str) -> None:
+        self.session.relay_unsubscribe(subject)
+
+    @contextlib.asynccontextmanager
+    async def hold(self):
+        """No fetching while inside (a reload, a drain): a new input and the old one it
+        replaces are both registered until the swap retires the old one, and a message
+        fetched meanwhile would reach both. Messages wait in JetStream; what inputs already
+        hold is processed."""
+        self._holds += 1
+        try:
+            yield self
+        finally:
+            self._holds -= 1
+            self._routes_changed.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._tasks:
+        if self._puller_task is not None:
             return
-        loop = asyncio.get_running_loop()
-        self._next_seq = self.wal.cursor + 1
-        self._tasks = [loop.create_task(self._publisher(), name="lane-publisher"),
-                       loop.create_task(self._puller(), name="lane-puller")]
+        if self.publisher is not None:
+            self.publisher.start()
+        else:
+            self._reopen_task = asyncio.get_running_loop().create_task(self._reopen_wal(), name="lane-wal-open")
+        self._puller_task = asyncio.get_running_loop().create_task(self._puller(), name="lane-puller")
 
     async def close(self) -> None:
         """Stop fetching (the current fetch finishes and is routed or given back), give back
-        what inputs still hold, flush acks, stop the publisher; the lane WAL stays open (its
-        owner closes it). Unpublished records stay in the WAL for the next start."""
+        what inputs still hold, flush acks, stop the pump; the lane WAL stays open (its owner
+        closes it). Unpublished records stay in the WAL for the next start."""
         self._closing = True
         self._routes_changed.set()
-        tasks, self._tasks = self._tasks, []
+        task, self._puller_task = self._puller_task, None
+        tasks = [t for t in (task, *self._shared_pullers.values()) if t is not None]
+        self._shared_pullers.clear()
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=self.fetch_timeout + CLOSE_WAIT_S)
+            _done, pending = await asyncio.wait(set(tasks), timeout=self.fetch_timeout + CLOSE_WAIT_S)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -350,269 +317,293 @@ class JetStreamBus:
                 source.close()
         if self._bg:
             await asyncio.gather(*list(self._bg), return_exceptions=True)
-        nc = self.agent.nc
-        if nc is not None and not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.flush(), 1.0)
-            except Exception:
-                pass
-
-    @contextlib.asynccontextmanager
-    async def hold(self):
-        """No fetching while inside (a reload): a new input and the old one it replaces are
-        both registered until the swap retires the old one, and a message fetched meanwhile
-        would reach both. Messages wait in JetStream; what inputs already hold is processed."""
-        self._holds += 1
-        try:
-            yield self
-        finally:
-            self._holds -= 1
-            self._routes_changed.set()
+        if self._reopen_task is not None:
+            self._reopen_task.cancel()
+            await asyncio.gather(self._reopen_task, return_exceptions=True)
+        if self.publisher is not None:
+            await self.publisher.close()
+        await self.session.flush(1.0)
 
     def metrics(self) -> dict:
         m = dict(self.m)
+        m["storage_failed"] = self.wal_open_error is not None
+        if self.publisher is None:  # the lane WAL is not open: nothing to ship
+            m.update(dict.fromkeys(_PUMP_METRICS, 0), backlog_bytes=0, inputs=sum(len(r) for r in self._routes.values()),
+                     working=len(self._working), last_error=self.last_error or str(self.wal_open_error or ""))  # fmt: skip
+            return m
+        p = self.publisher.metrics()
         m.update(
-            backlog_records=max(0, self.wal.committed_seq - self.wal.cursor),
-            backlog_bytes=self._backlog_bytes,
-            inflight=len(self._inflight),
+            published=p["published"],
+            batches_published=p["batches"],
+            records_per_batch=p["records_per_batch"],
+            publish_failures=p["publish_failures"],
+            foreign_dropped=p["dropped"][DropReason.FOREIGN],
+            migrated=self.publisher.codec.migrated,
+            parked_failures=self.publisher.park_failures,
+            quota_rejections=p["quota_rejections"],
+            quota_full=p["quota_full"],
+            undecodable_records=p["dropped"][DropReason.UNDECODABLE],
+            window=p["window"],
+            rtt_ms=p["rtt_ms"],
+            backlog_records=p["backlog_records"],
+            backlog_bytes=self._backlog_bytes(),
+            inflight=p["inflight_records"],
+            inflight_batches=p["inflight_batches"],
             inputs=sum(len(r) for r in self._routes.values()),
             working=len(self._working),
+            last_error=self.last_error or self.publisher.last_error,
         )
         return m
 
     # -- outbound ----------------------------------------------------------------------------
 
-    async def append(self, subject: str, msg: FluxMsg) -> None:
-        """Encode and append to the lane WAL; return once durable (LaneFull past the backlog cap)."""
-        cap = self.max_backlog_bytes
-        if cap is not None and self._backlog_bytes >= cap:
-            await self._wait_room(subject, cap)
-        record = cbor2.dumps([subject, dedup_id(msg, subject), msg.to_cbor()])
-        self._backlog_bytes += len(record)
-        await self.wal.append(record)
-        self.m["appended"] += 1
+    # -- inbound: fetching -------------------------------------------------------------------
 
-    async def _wait_room(self, subject: str, cap: int) -> None:
-        self.m["backlog_waits"] += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.send_timeout
-        while self._backlog_bytes >= cap:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                self.m["lane_full"] += 1
-                raise LaneFull(f"guaranteed lane {subject}: {self._backlog_bytes} bytes wait for the Snake "
-                               f"(cap {cap}); nothing published for {self.send_timeout:g}s")
-            self._room.clear()
-            try:
-                await asyncio.wait_for(self._room.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-
-    def _can_ship(self) -> bool:
-        a = self.agent
-        return (a.connected.is_set() and a.js is not None and a.passport is not None
-                and a.passport.status in SHIPPABLE_STATUSES)
-
-    async def _publisher(self) -> None:
-        wal = self.wal
-        while not self._closing:
-            try:
-                if not self._can_ship():
-                    if self._inflight:
-                        await self._settle_all()
-                    else:
-                        await asyncio.sleep(self.idle_wait)
-                    continue
-                # Read in chunks (a quarter of the window at least): one executor round trip
-                # per record would cost more than the publish itself.
-                room = self.max_inflight - len(self._inflight)
-                if (room >= self.max_inflight // 4 or not self._inflight) and wal.committed_seq >= self._next_seq:
-                    records = await wal.read_from(self._next_seq, room)
-                    if records:
-                        self._issue(records)
-                        continue
-                if self._inflight:
-                    await self._settle_oldest()
-                else:
-                    await wal.wait_committed(self._next_seq - 1, timeout=self.idle_wait)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug or a failed WAL read: never let the lane die
-                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                log.exception("guaranteed-lane publisher")
-                await asyncio.sleep(self.retry_wait)
-        if self._inflight:
-            await self._settle_all()
-
-    def _issue(self, records) -> None:
-        js = self.agent.js
-        rack = self.agent.rack_name
-        for r in records:
-            self._next_seq = r.seq + 1
-            if r.seq in self._skip:  # already stored before an earlier failure in its window
-                self._skip.discard(r.seq)
-                continue
-            try:
-                subject, msg_id, body = cbor2.loads(r.payload)
-            except Exception:
-                self.m["undecodable_records"] += 1
-                self._acked(r.seq, len(r.payload))
-                continue
-            if S.rack_of_subject(subject) != rack:
-                self.m["foreign_dropped"] += 1
-                log.warning("guaranteed lane: %s is not a subject of rack %s; dropped", subject, rack)
-                self._acked(r.seq, len(r.payload))
-                continue
-            fut = asyncio.ensure_future(js.publish(subject, body, timeout=self.publish_timeout,
-                                                   headers={MSG_ID_HEADER: msg_id}))
-            self._inflight.append((r.seq, len(r.payload), fut))
-
-    def _acked(self, seq: int, size: int) -> None:
-        self.wal.ack(seq)
-        self._backlog_bytes = max(0, self._backlog_bytes - size)
-        self._room.set()
-
-    async def _settle_oldest(self) -> None:
-        seq, size, fut = self._inflight[0]
-        while not fut.done():
-            await asyncio.wait({fut}, timeout=self.idle_wait)
-            if not fut.done() and not self._can_ship():
-                # Connection lost: its acks will never come; do not wait out publish_timeout.
-                await self._failed(FluxError("disconnected from the Snake with publishes in flight"), abandon=True)
-                return
-        if fut.cancelled() or fut.exception() is not None:
-            await self._failed(fut.exception() or FluxError("publish cancelled"))
-            return
-        self._inflight.popleft()
-        self.m["published"] += 1
-        self._acked(seq, size)
-
-    async def _settle_all(self) -> None:
-        while self._inflight:
-            await self._settle_oldest()
-
-    async def _failed(self, exc: BaseException, abandon: bool = False) -> None:
-        """A publish in the window failed: let the rest finish (or, `abandon`, cancel what has
-        no answer yet), keep what was stored, and restart from the first record that was not.
-        Records re-sent that JetStream already had are dropped by its duplicate window."""
-        window, self._inflight = list(self._inflight), deque()
-        futures = [f for _s, _z, f in window]
-        if abandon:
-            for f in futures:
-                f.cancel()
-        await asyncio.gather(*futures, return_exceptions=True)
-        first_failed = None
-        for seq, size, fut in window:
-            if not fut.cancelled() and fut.exception() is None:
-                self.m["published"] += 1
-                self._acked(seq, size)
-                if first_failed is not None:
-                    self._skip.add(seq)
-            elif first_failed is None:
-                first_failed = seq
-        self.m["publish_failures"] += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-        log.debug("guaranteed lane: publish failed (%s); retrying from record %s", self.last_error, first_failed)
-        if first_failed is not None:
-            self._next_seq = first_failed
-        await asyncio.sleep(self.retry_wait)
-
-    # -- inbound -----------------------------------------------------------------------------
-
-    def _register(self, source: _Inbound) -> None:
+    def _register(self, source: Inbound) -> None:
         # Keyed by consumer name: a rebuilt gear's new source replaces the old one at once,
         # while the old one finishes its queue (a reload's retire phase).
         self._routes.setdefault(source.subject, {})[source.consumer] = source
         self._routes_changed.set()
+        if source.shared and source.shared not in self._shared_pullers and not self._closing:
+            self._shared_pullers[source.shared] = asyncio.get_running_loop().create_task(
+                self._puller(source.shared), name=f"lane-puller:{source.shared}"
+            )
 
-    def _unregister(self, source: _Inbound) -> None:
+    def _unregister(self, source: Inbound) -> None:
         routes = self._routes.get(source.subject)
         if routes is not None and routes.get(source.consumer) is source:
             del routes[source.consumer]
             if not routes:
                 del self._routes[source.subject]
 
-    def _can_pull(self) -> bool:
-        return self._can_ship() and bool(self.agent.rack_name)
+    def _live(self, shared: str | None = None) -> bool:
+        """Some input's gear fed from this consumer (`shared`: a group's, None: the Rack's own)
+        still runs (a gear stopped by the kill switch takes nothing)."""
+        return any(
+            s.gear.state != GearState.STOPPED and s.shared == shared
+            for routes in self._routes.values()
+            for s in routes.values()
+        )
 
-    async def _puller(self) -> None:
-        psub = bound = None
+    async def _puller(self, shared: str | None = None) -> None:
+        """The pull loop of one durable consumer: the Rack's own `in-<rack>`, or (`shared`) a
+        group's `grp-<group>`, from which every member of the group pulls: JetStream hands each
+        message to one of them, and redelivers it to any after `ack_wait` when the one that had
+        it died (issue 17 item 2)."""
+        session = self.session
+        pull: Pull | None = None
+        bound = None
+        carry: list = []  # fetched, not routed yet: a hold began while routing them
+        held_since = None
+        loop = asyncio.get_running_loop()
         while not self._closing:
-            if not self._routes or self._holds or not self._live():
+            idle = not self._routes or not self._live(shared)
+            if self._holds and not idle:
+                # A reload or a drain: keep what was fetched and what the Snake still sends
+                # (the oldest undelivered messages) for the inputs after it, unless it lasts.
+                held_since = held_since or loop.time()
+                if loop.time() - held_since > self.hold_give_back:
+                    await self._give_back(pull, carry)
+            elif idle:
+                # Nothing takes messages for a while (no inputs, every gear killed): give
+                # back what was fetched, in stream order, so JetStream holds it, not this Rack.
+                await self._give_back(pull, carry)
+            if self._holds or idle:
                 self._routes_changed.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._routes_changed.wait(), self.idle_wait * 4)
-                except asyncio.TimeoutError:
-                    pass
                 continue
-            if not self._can_pull():
-                await asyncio.sleep(self.idle_wait)
+            held_since = None
+            rack = session.rack_name
+            if session.state is not SessionState.USABLE or not rack:
+                await session.wait_usable(self.idle_wait)
                 continue
-            agent = self.agent
-            want = (agent.nc, S.rack_consumer(agent.rack_name))
-            try:
-                if psub is None or bound != want:
-                    psub = await agent.js.pull_subscribe_bind(consumer=want[1], stream=S.STREAM_MSG)
-                    bound = want
-                msgs = await psub.fetch(self.fetch_batch, timeout=self.fetch_timeout)
-            except asyncio.CancelledError:
-                raise
-            except asyncio.TimeoutError:  # nothing to fetch (nats TimeoutError derives from it)
-                continue
-            except Exception as exc:
-                self.m["fetch_errors"] += 1
-                text = f"{type(exc).__name__}: {exc}"[:500]
-                if text != self.last_error:
-                    log.warning("guaranteed lane: fetch from %s failed: %s", bound[1] if bound else "?", text)
-                self.last_error = text
-                if agent.nc is None or agent.nc.is_closed:
-                    psub = bound = None
-                await asyncio.sleep(self.retry_wait)
-                continue
-            self.m["fetched"] += len(msgs)
-            for m in msgs:
-                await self._route(m)
+            want = (session.generation, shared or S.rack_consumer(rack))
+            if carry:
+                msgs, carry = carry, []
+            else:
+                try:
+                    if pull is None or bound != want:
+                        carry.clear()  # fetched over an older connection: its deliveries are void
+                        pull = Pull(await session.pull_subscribe(want[1], S.STREAM_MSG))
+                        bound = want
+                        if shared is None:
+                            self.order.unsettled_at_bind(await pull.info(), len(self._deliveries), want[1])
+                    msgs = await pull.fetch(self.fetch_batch, self.fetch_timeout)
+                except asyncio.CancelledError:
+                    raise
+                except TimeoutError:  # nothing to fetch (nats' TimeoutError derives from it)
+                    continue
+                except Exception as exc:
+                    self.m["fetch_errors"] += 1
+                    text = f"{type(exc).__name__}: {exc}"[:500]
+                    if text != self.last_error:
+                        log.warning("guaranteed lane: fetch from %s failed: %s", want[1], text)
+                    self.last_error = text
+                    pull = bound = None
+                    await asyncio.sleep(self.retry_wait)
+                    continue
+                self.m["fetched"] += len(msgs)
+            for i, m in enumerate(msgs):
+                if self._holds or self._closing:
+                    # A drain or a reload began while this fetch was being routed: its inputs
+                    # may be joined already, and a gear being stopped must get nothing more.
+                    # The rest waits for the inputs after the hold (or goes back at close).
+                    self.m["held_back"] += len(msgs) - i
+                    carry = msgs[i:]
+                    break
+                await self._route(m, shared)
+        await self._give_back(pull, carry)
+        if pull is not None:
+            self.m["given_back_pending"] += await pull.close(self._nak)
 
-    def _live(self) -> bool:
-        """Some input's gear still runs (a gear stopped by the kill switch takes nothing)."""
-        return any(s.gear.state != "stopped" for routes in self._routes.values() for s in routes.values())
+    async def _give_back(self, pull: Pull | None, carry: list) -> None:
+        """NAK, in stream order, what was fetched but not routed and what the Snake delivered
+        that no fetch returned. A fetch returns early while its pull request lives on at the
+        Snake until it has its batch or expires; a message delivered meanwhile waits in the
+        subscription. Left there when the Rack stops, it is nobody's: JetStream redelivers it
+        only after the consumer's ack_wait (30 s), behind newer messages, which broke the
+        order across a receiver's restart. NAKed, it is redelivered first."""
+        rest, carry[:] = list(carry), []
+        for m in rest:
+            await self._nak(m, None)
+        if pull is not None:
+            self.m["given_back_pending"] += await pull.give_back(self._nak)
 
-    async def _route(self, js_msg) -> None:
+    # -- inbound: routing and settling -------------------------------------------------------
+
+    def _records_of(self, js_msg, key: str) -> list[tuple[str, bytes]] | None | bool:
+        data = js_msg.data
+        if not is_lane_batch(data):  # one FluxMsg, as an older Rack sends: its message id is its record id
+            return [(key, data)]
+        try:
+            return decode_lane_batch(data)
+        except LaneBatchError as exc:
+            self.m["undecodable_msgs"] += 1
+            # None: parked, ack it; False: not parked, leave it in JetStream (NAK with a delay)
+            return None if self._park_inbound(js_msg, data, "undecodable-batch", f"does not decode ({exc})") else False
+
+    def _park_inbound(self, js_msg, data: bytes, reason: str, why: str) -> str:
+        """A durable copy (lane_inbound.park_received) before acking a message this Rack
+        cannot use; "" when it could not be written (then not acked: JetStream keeps it)."""
+        where = park_received(self.wal.wal.directory if self.wal is not None else None, js_msg, data, reason, why)
+        self.m["parked" if where else "park_failures"] += 1
+        return where
+
+    async def _route(self, js_msg, shared: str | None = None) -> None:
+        if shared is not None and await self._poison(js_msg):
+            return
         headers = js_msg.headers or {}
         key = headers.get(MSG_ID_HEADER) or f"{js_msg.subject}:{js_msg.reply}"
-        if key in self._seen:
-            self.m["duplicates"] += 1
-            await self._ack(js_msg)
-            return
-        working = self._working.get(key)
-        if working is not None:  # redelivered while still queued: ack the newest delivery later
+        delivery = self._deliveries.get(key)
+        if delivery is not None:  # redelivered while its records are queued: ack the newest delivery
             self.m["redelivered_in_progress"] += 1
-            working.js_msg = js_msg
+            delivery.js_msg = js_msg
+            return
+        records = self._records_of(js_msg, key)
+        if not records:
+            if records is False:
+                await self._nak(js_msg, self.stale_nak_delay)
+            else:
+                await self._ack(js_msg, 0)
+            return
+        self.m["fetched_records"] += len(records)
+        seen, working = self._seen, self._working
+        fresh = [(rid, body) for rid, body in records if rid not in seen]
+        if not fresh:  # every record already processed: a re-send or a redelivery
+            self.m["duplicates"] += len(records)
+            await self._ack(js_msg, len(records))
             return
         routes = self._routes.get(js_msg.subject)
+        routes = {k: s for k, s in routes.items() if s.shared == shared} if routes else routes
         if not routes or self._closing:
             await self._unrouted(js_msg)
             return
-        try:
-            msg = FluxMsg.from_cbor(js_msg.data)
-        except Exception as exc:
-            self.m["undecodable_msgs"] += 1
-            log.warning("guaranteed lane: message on %s is not a FluxMsg (%s); acknowledged and dropped",
-                        js_msg.subject, exc)
-            await self._ack(js_msg)
-            return
-        sources = [s for s in routes.values() if s.gear.state != "stopped"]
+        sources = [s for s in routes.values() if s.gear.state != GearState.STOPPED]
         if not sources:  # every input here is killed: hold the message in JetStream
             self.m["held_naks"] += 1
-            try:
-                await js_msg.nak(delay=self.stale_nak_delay)
-            except Exception:
-                self.m["ack_failures"] += 1
+            await self._nak(js_msg, self.stale_nak_delay)
             return
-        delivery = _Delivery(js_msg, key, len(sources))
-        self._working[key] = delivery
-        for i, source in enumerate(sources):
-            await source.put(msg if i == 0 else msg.copy(), delivery)
+        self.m["duplicates"] += len(records) - len(fresh)
+        if shared is None and not self.order.check(js_msg):
+            self.m["out_of_order"] += 1
+        delivery = Delivery(js_msg, key)
+        delivery.records = len(records)
+        self._deliveries[key] = delivery
+        for rid, body in fresh:
+            record = working.get(rid)
+            if record is not None:  # in another message still being processed: wait for it
+                self.m["redelivered_in_progress"] += 1
+                record.waiting.append(delivery)
+                delivery.remaining += 1
+                continue
+            try:
+                msg = FluxMsg.from_cbor(body)
+            except Exception as exc:
+                self.m["undecodable_msgs"] += 1
+                if not self._park_inbound(
+                    js_msg, body, "not-a-fluxmsg", f"carries record {rid}, not a FluxMsg ({exc})"
+                ):
+                    delivery.given_back = True  # not parked: NAK the message, JetStream keeps it
+                continue
+            record = Record(rid, len(sources), delivery)
+            working[rid] = record
+            delivery.remaining += 1
+            for i, source in enumerate(sources):
+                await source.put(msg if i == 0 else msg.copy(), record)
+        self._release(delivery)  # the routing's own hold
+
+    async def _poison(self, js_msg) -> bool:
+        """A group consumer's message delivered `group_max_deliveries` times (it took a member
+        down, or outlived its ack wait, that often) is parked here with an ERROR and a count
+        (`poison_parked`), then acknowledged: never retried for the stream's lifetime."""
+        try:
+            delivered = js_msg.metadata.num_delivered
+        except Exception:
+            return False
+        if delivered < self.group_max_deliveries:
+            return False
+        why = f"was delivered {delivered} times to the group (limit {self.group_max_deliveries}): poison"
+        if not self._park_inbound(js_msg, js_msg.data, "poison", why):
+            return False
+        self.m["poison_parked"] += 1
+        await self._ack(js_msg, 0)
+        return True
+
+    def _settle(self, record: Record, processed: bool) -> None:
+        """One input is done with a record: processed it, or gave it back (closed, killed,
+        cancelled). Once every input is done: remembered as seen if any processed it (a
+        redelivery would double it there), and its messages move on."""
+        if processed:
+            record.processed = True
+        record.remaining -= 1
+        if record.remaining:
+            return
+        if self._working.get(record.rid) is record:
+            del self._working[record.rid]
+        if record.processed:
+            self.m["delivered"] += 1
+            seen = self._seen
+            seen[record.rid] = None
+            if len(seen) > self.dedup_capacity:
+                seen.popitem(last=False)
+        else:
+            self.m["given_back"] += 1
+        for delivery in record.waiting:
+            if not record.processed:
+                delivery.given_back = True
+            self._release(delivery)
+
+    def _release(self, delivery: Delivery) -> None:
+        delivery.remaining -= 1
+        if delivery.remaining:
+            return
+        if self._deliveries.get(delivery.key) is delivery:
+            del self._deliveries[delivery.key]
+        if delivery.given_back:
+            self._spawn(self._nak(delivery.js_msg, None))
+        else:
+            self._spawn(self._ack(delivery.js_msg, delivery.records))
 
     async def _unrouted(self, js_msg) -> None:
         try:
@@ -621,66 +612,33 @@ class JetStreamBus:
             delivered = 1
         closing = self._closing or not self._routes
         if delivered >= self.stale_after_deliveries and not closing:
-            self.m["stale_acked"] += 1
-            log.warning("guaranteed lane: no input on this rack for %s (stale wiring); message acknowledged",
-                        js_msg.subject)
-            await self._ack(js_msg)
-            return
+            if self._park_inbound(js_msg, js_msg.data, "no-input", "has no input on this rack (stale wiring)"):
+                self.m["stale_acked"] += 1
+                await self._ack(js_msg, 0)
+                return
         self.m["unrouted_naks"] += 1
-        try:
-            # No input at all: the Rack is stopping, and fetching stops with the inputs, so
-            # NAK for an immediate redelivery (the next incarnation gets it first, in order).
-            # Inputs but none for this subject: a reload may be wiring it; do not spin.
-            await js_msg.nak(delay=None if closing else self.stale_nak_delay)
-        except Exception:
-            self.m["ack_failures"] += 1
-
-    async def _done(self, delivery: _Delivery) -> None:
-        delivery.processed = True
-        delivery.remaining -= 1
-        if delivery.remaining:
-            return
-        await self._finish(delivery)
-
-    async def _finish(self, delivery: _Delivery) -> None:
-        self.m["delivered"] += 1
-        self._working.pop(delivery.key, None)
-        seen = self._seen
-        seen[delivery.key] = None
-        if len(seen) > self.dedup_capacity:
-            seen.popitem(last=False)
-        await self._ack(delivery.js_msg)
-
-    def _give_back(self, delivery: _Delivery) -> None:
-        """An input closed before processing it: NAK so JetStream redelivers, unless another
-        input already processed it (then redelivery would double it there: ack instead)."""
-        delivery.remaining -= 1
-        if delivery.remaining:
-            return
-        if delivery.processed:
-            self._spawn(self._finish(delivery))
-            return
-        self._working.pop(delivery.key, None)
-        self.m["given_back"] += 1
-        self._spawn(self._nak_quietly(delivery.js_msg))
+        # No input at all: the Rack is stopping, and fetching stops with the inputs, so NAK
+        # for an immediate redelivery (the next incarnation gets it first, in order). Inputs
+        # but none for this subject: a reload may be wiring it; do not spin.
+        await self._nak(js_msg, None if closing else self.stale_nak_delay)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._bg.add(task)  # a reference until done: the loop keeps only weak ones
         task.add_done_callback(self._bg.discard)
 
-    async def _nak_quietly(self, js_msg) -> None:
+    async def _nak(self, js_msg, delay: float | None) -> None:
         try:
-            await js_msg.nak()
+            await js_msg.nak(delay=delay)
         except Exception:
             self.m["ack_failures"] += 1
 
-    async def _ack(self, js_msg) -> None:
+    async def _ack(self, js_msg, records: int) -> None:
         try:
             await js_msg.ack()
-            self.m["acked"] += 1
+            self.m["acked_msgs"] += 1
+            self.m["acked"] += records
         except Exception as exc:  # connection gone: JetStream redelivers, the LRU masks it
             self.m["ack_failures"] += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("guaranteed lane: ack failed: %s", exc)
-

@@ -15,14 +15,22 @@ import json
 import sys
 from urllib.parse import quote
 
+from ..textsafe import escape_text
+from ..wire.vocab import ApplyState, LogLevel
 from .mixer_api import add_api_args, print_table, run_api_command
 
 __all__ = ["register"]
 
 RACK_COLUMNS = [
-    ("NAME", "name"), ("STATUS", "status"), ("SCENARIO", "scenario.version"), ("APPLY", "scenario.apply_state"),
+    ("NAME", "name"),
+    ("STATUS", "status"),
+    ("SCENARIO", "scenario.version"),
+    ("APPLY", "scenario.apply_state"),
     ("KILLED", "stats.ctrl.killed"),
-    ("HOST", "host"), ("VERSION", "version"), ("LAST SEEN", "last_seen"), ("ID", "id"),
+    ("HOST", "host"),
+    ("VERSION", "version"),
+    ("LAST SEEN", "last_seen"),
+    ("ID", "id"),
 ]
 
 
@@ -54,19 +62,41 @@ def _racks_show(client, args) -> int:
     if args.json:
         return _emit(args, rack)
     for key in ("name", "id", "status", "status_since", "host", "version", "bus_user", "first_seen", "last_seen"):
-        print(f"{key:<13} {rack.get(key)}")
+        print(f"{key:<13} {escape_text(rack.get(key))}")
     s = rack.get("scenario") or {}
-    print(f"{'scenario':<13} {s.get('version') or '-'} ({s.get('apply_state')}{': ' + s['reason'] if s.get('reason') else ''})"
-          f"{'; target ' + s['target'] if s.get('target') and s.get('target') != s.get('version') else ''}")
+    print(
+        f"{'scenario':<13} {s.get('version') or '-'} ({s.get('apply_state')}{': ' + s['reason'] if s.get('reason') else ''})"
+        f"{'; target ' + s['target'] if s.get('target') and s.get('target') != s.get('version') else ''}"
+    )
     ks = (rack.get("stats") or {}).get("ctrl") or {}
     if ks:
         state = f"KILLED since {ks.get('since')}: {ks.get('reason') or '-'}" if ks.get("killed") else "not killed"
         stopped = f"; stopped gears {', '.join(ks['stopped_gears'])}" if ks.get("stopped_gears") else ""
-        print(f"{'kill switch':<13} {state}{stopped} ({ks.get('accepted', 0)} accepted, "
-              f"{ks.get('refused', 0)} refused {ks.get('refused_by') or ''})")
+        print(
+            f"{'kill switch':<13} {state}{stopped} ({ks.get('accepted', 0)} accepted, "
+            f"{ks.get('refused', 0)} refused {ks.get('refused_by') or ''}; kill-state serial {ks.get('serial', '-')})"
+        )
+        _print_time_state(ks)
     print("events:")
-    print_table(rack.get("events") or [], [("TIME", "ts"), ("EVENT", "event"), ("FROM", "from"), ("TO", "to"), ("DETAIL", "detail")])
+    print_table(
+        rack.get("events") or [],
+        [("TIME", "ts"), ("EVENT", "event"), ("FROM", "from"), ("TO", "to"), ("DETAIL", "detail")],
+    )
     return 0
+
+
+def _print_time_state(ks: dict) -> None:
+    """The Rack's clock (whose time it judges commands by) and its passport's standing in time."""
+    clock = ks.get("clock") or {}
+    if clock:
+        offset = clock.get("offset_s")
+        detail = f"offset {offset:+.1f}s, error {clock.get('error_s')}s" if offset is not None else "not synced"
+        print(f"{'clock':<13} {clock.get('source')} ({detail}; {clock.get('refused', 0)} time stamps refused)")
+    p = ks.get("passport") or {}
+    if p:
+        left = p.get("expires_in_s")
+        when = f", expires in {left / 86400:.1f} days" if isinstance(left, (int, float)) else ""
+        print(f"{'passport':<13} serial {p.get('serial')}: {p.get('state')} by the {p.get('clock')} clock{when}")
 
 
 def _action(verb: str, confirm: bool):
@@ -123,11 +153,13 @@ def _command(verb: str, confirm: bool):
             cmd = out.get("command") or {}
             detail = (out.get("outcome") or {}).get("detail", "")
             if status == "sent":
-                print(f"rack {out.get('rack')}: {cmd.get('cmd')} sent, not confirmed within {args.wait:g}s "
-                      f"(the Rack may be offline; the command stays valid for {args.ttl:g}s)")
+                print(
+                    f"rack {out.get('rack')}: {cmd.get('cmd')} sent, not confirmed within {args.wait:g}s "
+                    f"(the Rack may be offline; the command stays valid for {args.ttl:g}s)"
+                )
             else:
                 print(f"rack {out.get('rack')}: {cmd.get('cmd')} {status}: {detail}")
-        if status == "applied":
+        if status == ApplyState.APPLIED:
             return 0
         return EXIT_UNCONFIRMED if status == "sent" else 1
 
@@ -136,11 +168,19 @@ def _command(verb: str, confirm: bool):
 
 def _command_args(p, confirm: bool) -> None:
     p.add_argument("--reason", default="operator request", help="why (logged by the Rack, kept in the audit trail)")
-    p.add_argument("--ttl", type=float, default=60.0,
-                   help="seconds the signed command stays valid (default 60, at most 600): a Rack whose clock "
-                        "is ahead of the Mixer's by more refuses it as expired")
-    p.add_argument("--wait", type=float, default=5.0,
-                   help="seconds to wait for the Rack to confirm (default 5; 0 = send and return)")
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=60.0,
+        help="seconds the signed command stays valid (default 60, at most 600): a Rack whose clock "
+        "is ahead of the Mixer's by more refuses it as expired",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the Rack to confirm (default 5; 0 = send and return)",
+    )
     if confirm:
         p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
 
@@ -153,32 +193,67 @@ def _topology(client, args) -> int:
     print(f"mixer    {topo['mixer']['name']} {topo['mixer']['version']}  key {topo['mixer']['public_key']}")
     print(f"snake    {topo['snake']['url']}  running={topo['snake']['running']} restarts={topo['snake']['restarts']}")
     print(f"scenario {act['name'] + ' ' + act['version'] if act else '(none active)'}")
-    print_table(topo["racks"], [("RACK", "name"), ("STATUS", "status"), ("APPLY", "scenario.apply_state"), ("GEARS", "gears")])
+    print_table(
+        topo["racks"], [("RACK", "name"), ("STATUS", "status"), ("APPLY", "scenario.apply_state"), ("GEARS", "gears")]
+    )
     return 0
 
 
 def _logs(client, args) -> int:
-    rows = client.get("/api/v1/telemetry/logs", since=args.since, until=args.until, rack=args.rack,
-                      min_level=args.min_level, q=args.query, limit=args.limit)
+    rows = client.get(
+        "/api/v1/telemetry/logs",
+        since=args.since,
+        until=args.until,
+        rack=args.rack,
+        min_level=args.min_level,
+        q=args.query,
+        limit=args.limit,
+    )
     if args.json:
         return _emit(args, rows)
     for r in reversed(rows):  # oldest first, like a log file
-        print(f"{r['timestamp']} {r['rack']:<12} {str(r.get('level') or r.get('severity')):<5} {r.get('body') or ''}")
+        # One record, one line: a newline or ESC in a Rack's log body is shown escaped.
+        level = escape_text(r.get("level") or r.get("severity"))
+        print(
+            f"{escape_text(r['timestamp'])} {escape_text(r['rack']):<12} {level:<5} {escape_text(r.get('body') or '')}"
+        )
     if not rows:
         print("(no log records in the window; widen it with --since 7d)", file=sys.stderr)
     return 0
 
 
 def _metrics(client, args) -> int:
-    rows = client.get("/api/v1/telemetry/metrics", name=args.name, rack=args.rack, since=args.since,
-                      until=args.until, bucket=args.bucket, limit=args.limit)
+    rows = client.get(
+        "/api/v1/telemetry/metrics",
+        name=args.name,
+        rack=args.rack,
+        since=args.since,
+        until=args.until,
+        bucket=args.bucket,
+        limit=args.limit,
+    )
     if args.json:
         return _emit(args, rows)
     if args.bucket:
-        cols = [("BUCKET", "bucket"), ("RACK", "rack"), ("NAME", "name"), ("COUNT", "count"), ("AVG", "avg"),
-                ("MIN", "min"), ("MAX", "max"), ("LAST", "last")]
+        cols = [
+            ("BUCKET", "bucket"),
+            ("RACK", "rack"),
+            ("NAME", "name"),
+            ("COUNT", "count"),
+            ("AVG", "avg"),
+            ("MIN", "min"),
+            ("MAX", "max"),
+            ("LAST", "last"),
+        ]
     else:
-        cols = [("TIME", "timestamp"), ("RACK", "rack"), ("NAME", "name"), ("TYPE", "type"), ("VALUE", "value"), ("UNIT", "unit")]
+        cols = [
+            ("TIME", "timestamp"),
+            ("RACK", "rack"),
+            ("NAME", "name"),
+            ("TYPE", "type"),
+            ("VALUE", "value"),
+            ("UNIT", "unit"),
+        ]
     print_table(rows, cols)
     return 0
 
@@ -192,13 +267,17 @@ def _leaf(sub, name, help_, fn, description=None):
 
 def register(subparsers) -> None:
     admin = subparsers.add_parser(
-        "admin", help="manage Racks through the Mixer API",
+        "admin",
+        help="manage Racks through the Mixer API",
         description="Fleet administration through the Mixer control API (default http://127.0.0.1:8090).",
     )
     asub = admin.add_subparsers(dest="admin_command", metavar="SUBCOMMAND")
     admin.set_defaults(func=lambda a: (admin.print_help(), 2)[1])
-    racks = asub.add_parser("racks", help="list, approve, suspend, activate, remove, shut down, kill, revive Racks",
-                            description="Rack registry operations. RACK is a rack name or id.")
+    racks = asub.add_parser(
+        "racks",
+        help="list, approve, suspend, activate, remove, shut down, kill, revive Racks",
+        description="Rack registry operations. RACK is a rack name or id.",
+    )
     rsub = racks.add_subparsers(dest="racks_command", metavar="ACTION")
     racks.set_defaults(func=lambda a: (racks.print_help(), 2)[1])
 
@@ -207,14 +286,22 @@ def register(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="include removed Racks")
     p = _leaf(rsub, "show", "one Rack with its status history", _racks_show)
     p.add_argument("rack")
-    p = _leaf(rsub, "approve", "approve a pending Rack (it becomes active and receives the active scenario)",
-              _action("approve", False))
+    p = _leaf(
+        rsub,
+        "approve",
+        "approve a pending Rack (it becomes active and receives the active scenario)",
+        _action("approve", False),
+    )
     p.add_argument("rack")
     p.add_argument("--name", help="rename the Rack on approval")
     for verb, help_, confirm in (
         ("suspend", "suspend a Rack: it keeps only heartbeat rights until activated", True),
         ("activate", "re-activate a suspended Rack", False),
-        ("remove", "remove a Rack: its bus user is deleted; it must enroll again", True),
+        (
+            "remove",
+            "remove a Rack: its identity is denied for good (it stays out; a new Rack of that name is a new identity)",
+            True,
+        ),
         ("shutdown", "ask a Rack to drain and exit", True),
     ):
         p = _leaf(rsub, verb, help_, _action(verb, confirm))
@@ -225,26 +312,35 @@ def register(subparsers) -> None:
             p.add_argument("--reason", default="operator request", help="reason logged by the Rack")
     p = _leaf(rsub, "log-level", "change a Rack's log level at runtime", _action("log-level", False))
     p.add_argument("rack")
-    p.add_argument("level", choices=["trace", "debug", "info", "warning", "error"])
-    p = _leaf(rsub, "kill", "kill switch: stop every gear of a Rack now and refuse new traffic, until revived",
-              _command("kill", True),
-              "Kill switch for a whole Rack. The Mixer signs the command; the Rack stops every gear (connections "
-              "and listeners closed), runs none until revived, also across restarts, and keeps reporting. "
-              "Exit 0 when the Rack confirmed, 1 when it refused, 5 when it did not answer in time.")
+    p.add_argument("level", choices=[str(v) for v in LogLevel])
+    p = _leaf(
+        rsub,
+        "kill",
+        "kill switch: stop every gear of a Rack now and refuse new traffic, until revived",
+        _command("kill", True),
+        "Kill switch for a whole Rack. The Mixer signs the command; the Rack stops every gear (connections "
+        "and listeners closed), runs none until revived, also across restarts, and keeps reporting. "
+        "Exit 0 when the Rack confirmed, 1 when it refused, 5 when it did not answer in time.",
+    )
     p.add_argument("rack", help="rack name or id")
     _command_args(p, True)
-    p = _leaf(rsub, "revive", "undo a kill (and gear stops): the Rack runs its scenario again",
-              _command("revive", False))
+    p = _leaf(
+        rsub, "revive", "undo a kill (and gear stops): the Rack runs its scenario again", _command("revive", False)
+    )
     p.add_argument("rack", help="rack name or id")
     _command_args(p, False)
 
     gears = asub.add_parser("gears", help="kill switch for one gear", description="Gear operations on one Rack.")
     gsub = gears.add_subparsers(dest="gears_command", metavar="ACTION")
     gears.set_defaults(func=lambda a: (gears.print_help(), 2)[1])
-    p = _leaf(gsub, "stop", "stop one gear of a Rack now (until `racks revive` or a Rack restart)",
-              _command("stop", True),
-              "Stop one gear: its sockets and connections close, messages to it are dropped and counted. It "
-              "stays stopped across scenario reloads until `fluxrig admin racks revive RACK` or a Rack restart.")
+    p = _leaf(
+        gsub,
+        "stop",
+        "stop one gear of a Rack now (until `racks revive` or a Rack restart)",
+        _command("stop", True),
+        "Stop one gear: its sockets and connections close, messages to it are dropped and counted. It "
+        "stays stopped across scenario reloads until `fluxrig admin racks revive RACK` or a Rack restart.",
+    )
     p.add_argument("rack", help="rack name or id")
     p.add_argument("gear", help="gear name as in the scenario")
     _command_args(p, True)
@@ -252,18 +348,27 @@ def register(subparsers) -> None:
     conn = asub.add_parser("conn", help="kill switch for one connection", description="Connection operations.")
     csub = conn.add_subparsers(dest="conn_command", metavar="ACTION")
     conn.set_defaults(func=lambda a: (conn.print_help(), 2)[1])
-    p = _leaf(csub, "close", "close one connection on a Rack (its conn.id, as in logs and message metadata)",
-              _command("close", True),
-              "Close one TCP connection or serial link by its conn.id (meta conn.id of its messages, also in "
-              "the Rack's logs). The peer may reconnect; to refuse it, stop the gear.")
+    p = _leaf(
+        csub,
+        "close",
+        "close one connection on a Rack (its conn.id, as in logs and message metadata)",
+        _command("close", True),
+        "Close one TCP connection or serial link by its conn.id (meta conn.id of its messages, also in "
+        "the Rack's logs). The peer may reconnect; to refuse it, stop the gear.",
+    )
     p.add_argument("rack", help="rack name or id")
     p.add_argument("conn_id", help="the connection's conn.id")
     p.add_argument("--gear", help="the gear holding it (meta conn.gear); default: ask every gear")
     _command_args(p, True)
     _leaf(asub, "topology", "Mixer, Snake, active scenario and where each gear runs", _topology)
 
-    logs = _leaf(subparsers, "logs", "query Rack logs stored by the Mixer",
-                 _logs, "Logs from DuckDB on the Mixer, oldest first. Times: ISO 8601 or a look-back like 15m, 24h, 7d.")
+    logs = _leaf(
+        subparsers,
+        "logs",
+        "query Rack logs stored by the Mixer",
+        _logs,
+        "Logs from DuckDB on the Mixer, oldest first. Times: ISO 8601 or a look-back like 15m, 24h, 7d.",
+    )
     logs.add_argument("--rack", help="only this Rack")
     logs.add_argument("--since", help="start of the window (default 24h)")
     logs.add_argument("--until", help="end of the window")
@@ -271,8 +376,13 @@ def register(subparsers) -> None:
     logs.add_argument("-q", "--query", help="case-insensitive text search in body and attributes")
     logs.add_argument("--limit", type=int, default=50, help="most recent N records (default 50)")
 
-    met = _leaf(subparsers, "metrics", "query Rack metrics stored by the Mixer",
-                _metrics, "Metrics from DuckDB on the Mixer, newest first; --bucket 1m aggregates per minute.")
+    met = _leaf(
+        subparsers,
+        "metrics",
+        "query Rack metrics stored by the Mixer",
+        _metrics,
+        "Metrics from DuckDB on the Mixer, newest first; --bucket 1m aggregates per minute.",
+    )
     met.add_argument("--name", help="metric name, or a prefix ending in *")
     met.add_argument("--rack", help="only this Rack")
     met.add_argument("--since", help="start of the window (default 24h)")

@@ -9,13 +9,15 @@ from ..durations import format_duration
 from ..settings import example_toml
 from .common import config_or_report
 
+__all__ = ["register", "example", "run"]
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "config",
         help="show the effective configuration, or print a commented fluxrig.toml with every key",
         description="Print the configuration the Rack would run with (defaults < file < FLUXRIG_* environment), "
-                    "or with --example a commented fluxrig.toml listing every key, its default and meaning.",
+        "or with --example a commented fluxrig.toml listing every key, its default and meaning.",
     )
     p.add_argument("-c", "--config", metavar="FILE", help="fluxrig.toml to read")
     p.add_argument("--example", action="store_true", help="print a commented example file with the defaults")

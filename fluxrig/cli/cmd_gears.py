@@ -7,20 +7,33 @@ import json
 from ..runtime import schema as cfg_schema
 from ..runtime.registry import UnknownGearType, gear_types, get_gear_class
 
+__all__ = ["register", "list_gears", "doc_gear", "manifest"]
+
 
 def register(sub) -> None:
-    p = sub.add_parser("gears", help="list gear types and show their ports and config",
-                       description="Gear types built into this binary, with their ports and config schema.")
+    p = sub.add_parser(
+        "gears",
+        help="list gear types and show their ports and config",
+        description="Gear types built into this binary, with their ports and config schema.",
+    )
     gsub = p.add_subparsers(dest="gears_command", metavar="SUBCOMMAND")
-    lst = gsub.add_parser("list", help="one line per gear type", description="List gear types: type, category, summary.")
+    lst = gsub.add_parser(
+        "list", help="one line per gear type", description="List gear types: type, category, summary."
+    )
     lst.add_argument("--json", action="store_true", help="print manifests as JSON")
     lst.set_defaults(func=list_gears)
-    doc = gsub.add_parser("doc", help="reference of one gear type (ports, config keys, defaults)",
-                          description="Markdown reference for a gear type, generated from its manifest.")
+    doc = gsub.add_parser(
+        "doc",
+        help="reference of one gear type (ports, config keys, defaults)",
+        description="Markdown reference for a gear type, generated from its manifest.",
+    )
     doc.add_argument("type", help="gear type, e.g. io_tcp")
     doc.set_defaults(func=doc_gear)
-    man = gsub.add_parser("manifest", help="manifest of one gear type as JSON",
-                          description="The manifest (ports, JSON schema of the config) as JSON.")
+    man = gsub.add_parser(
+        "manifest",
+        help="manifest of one gear type as JSON",
+        description="The manifest (ports, JSON schema of the config) as JSON.",
+    )
     man.add_argument("type", help="gear type")
     man.set_defaults(func=manifest)
     p.set_defaults(func=list_gears, json=False)

@@ -17,12 +17,12 @@ import sys
 from ..errors import FluxError, KeyFileError, PassportError
 from ..passport import decode_unverified, masked_payload, parse_public_key, verify_passport
 
-__all__ = ["register", "inspect_passport"]
+__all__ = ["register", "inspect_passport", "main"]
 
 
 def _when(ts) -> str:
     try:
-        return _dt.datetime.fromtimestamp(float(ts), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return _dt.datetime.fromtimestamp(float(ts), _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (TypeError, ValueError, OverflowError, OSError):
         return str(ts)
 

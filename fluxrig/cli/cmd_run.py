@@ -9,6 +9,8 @@ from ..errors import FluxError
 from ..logs import setup_logging
 from .common import config_or_report
 
+__all__ = ["register", "run", "register_reload", "reload_cmd"]
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -56,8 +58,8 @@ def register_reload(sub) -> None:
         "reload",
         help="ask the running standalone Rack to re-read its scenario file (same as SIGHUP)",
         description="Send SIGHUP to the Rack that holds <base.state_dir>/.lock. The Rack validates the file; "
-                    "an invalid scenario is refused and the running graph stays as it is. Unchanged gears keep "
-                    "their connections (shadow swap); the outcome is logged by the Rack.",
+        "an invalid scenario is refused and the running graph stays as it is. Unchanged gears keep "
+        "their connections (shadow swap); the outcome is logged by the Rack.",
     )
     p.add_argument("-c", "--config", metavar="FILE", help="fluxrig.toml of the Rack (for base.state_dir)")
     p.set_defaults(func=reload_cmd)

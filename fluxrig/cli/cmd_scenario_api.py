@@ -13,8 +13,14 @@ from .mixer_api import add_api_args, print_table, run_api_command
 
 __all__ = ["register_subcommands"]
 
-LIST_COLUMNS = [("NAME", "name"), ("VERSION", "version"), ("ACTIVE", "active"), ("GEARS", "gears"),
-                ("WIRES", "wires"), ("IMPORTED", "imported_at")]
+LIST_COLUMNS = [
+    ("NAME", "name"),
+    ("VERSION", "version"),
+    ("ACTIVE", "active"),
+    ("GEARS", "gears"),
+    ("WIRES", "wires"),
+    ("IMPORTED", "imported_at"),
+]
 
 
 def _print_problems(exc_detail) -> None:
@@ -33,9 +39,12 @@ def _import(client, args) -> int:
         return 2
     fmt = "toml" if args.file.endswith(".toml") else "yaml"
     try:
-        out = client.post("/api/v1/scenarios/import", text, {"dry_run": "true" if args.dry_run else None,
-                                                             "activate": "true" if args.activate else None,
-                                                             "format": fmt}, f"application/{fmt}")
+        out = client.post(
+            "/api/v1/scenarios/import",
+            text,
+            {"dry_run": "true" if args.dry_run else None, "activate": "true" if args.activate else None, "format": fmt},
+            f"application/{fmt}",
+        )
     except MixerApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         _print_problems(getattr(exc, "detail", None))
@@ -82,8 +91,17 @@ def _active(client, args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"active: {out['name']} {out['version']}")
-    print_table(out["racks"], [("RACK", "rack"), ("STATUS", "status"), ("TARGET", "target"), ("RUNNING", "version"),
-                               ("APPLY", "apply_state"), ("REASON", "reason")])
+    print_table(
+        out["racks"],
+        [
+            ("RACK", "rack"),
+            ("STATUS", "status"),
+            ("TARGET", "target"),
+            ("RUNNING", "version"),
+            ("APPLY", "apply_state"),
+            ("REASON", "reason"),
+        ],
+    )
     return 0
 
 
@@ -95,14 +113,24 @@ def _leaf(sub, name, help_, fn, description=None):
 
 
 def register_subcommands(ssub) -> None:
-    p = _leaf(ssub, "import", "upload a scenario to the Mixer (validated there with the Rack's validator)", _import,
-              "Upload FILE (YAML, or TOML by extension) to the Mixer. It is validated, stored by content "
-              "digest and versioned. --activate also sends each Rack its part.")
+    p = _leaf(
+        ssub,
+        "import",
+        "upload a scenario to the Mixer (validated there with the Rack's validator)",
+        _import,
+        "Upload FILE (YAML, or TOML by extension) to the Mixer. It is validated, stored by content "
+        "digest and versioned. --activate also sends each Rack its part.",
+    )
     p.add_argument("file")
     p.add_argument("-n", "--dry-run", action="store_true", help="validate only, store nothing")
     p.add_argument("--activate", action="store_true", help="activate it right after the import")
-    p = _leaf(ssub, "activate", "make a stored scenario the active one and signal every Rack to reload", _activate,
-              "SCENARIO is a name (latest import), name@version, or a digest prefix.")
+    p = _leaf(
+        ssub,
+        "activate",
+        "make a stored scenario the active one and signal every Rack to reload",
+        _activate,
+        "SCENARIO is a name (latest import), name@version, or a digest prefix.",
+    )
     p.add_argument("scenario")
     p = _leaf(ssub, "list", "scenarios stored on the Mixer, newest first", _list)
     p.add_argument("--name", help="only versions of this scenario")

@@ -13,6 +13,11 @@ start, and prints:
 * stderr: one JSON line `{"recovery": {...}, "cursor", "committed_seq", "wal_id", ...}` with the
   recovery summary (what a Rack opening this WAL now would truncate, skip and count).
 
+`--parked` lists instead the records parked beside the WAL (fluxrig/wal/parked.py: what the
+Rack could never send or deliver, kept for an operator): one JSON line per file
+`{"file", "key", "reason", "bytes", "parked_at", "payload"}` (payload decoded as above when it
+is CBOR, else `payload_b64`); exit 0 (none parked: nothing printed).
+
 Exit code 0 when no damage was found, 1 when the summary reports torn bytes, corrupt records or
 damaged headers (the WAL is still usable: a Rack repairs it on open), 2 when DIR is not a WAL.
 """
@@ -29,7 +34,7 @@ import cbor2
 from fluxrig.errors import FluxError
 from fluxrig.wal.log import Wal
 
-__all__ = ["register", "inspect_wal", "to_json"]
+__all__ = ["register", "inspect_wal", "to_json", "list_parked_records"]
 
 _BATCH = 1000
 
@@ -104,7 +109,30 @@ def inspect_wal(directory: str, start: int = 0, limit: int | None = None, raw: b
         wal.close()
 
 
+def list_parked_records(directory: str, raw: bool = False, out=None) -> int:
+    """Print the parked records of a WAL directory as JSON lines; exit code (always 0)."""
+    from fluxrig.wal.parked import list_parked
+
+    out = out or sys.stdout
+    for entry in list_parked(directory):
+        with open(entry["file"], "rb") as fh:
+            data = fh.read()
+        line = dict(entry)
+        if not raw:
+            try:
+                line["payload"] = to_json(cbor2.loads(data))
+            except Exception as exc:
+                line["payload"] = None
+                line["payload_error"] = f"{type(exc).__name__}: {exc}"
+        if raw or line.get("payload") is None:
+            line["payload_b64"] = base64.b64encode(data).decode("ascii")
+        print(json.dumps(line), file=out)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
+    if args.parked:
+        return list_parked_records(args.dir, args.raw)
     start = args.start
     if args.unacked:
         try:
@@ -122,15 +150,22 @@ def register(subparsers) -> None:
         help="dump a write-ahead log as JSON lines and print its recovery summary",
         description=(
             "Read a Rack's WAL directory (e.g. ./data/wal) without changing it: records go to stdout "
-            "as JSON lines {seq, segment, offset, bytes, payload} (byte strings as {\"$b64\": ...}); "
+            'as JSON lines {seq, segment, offset, bytes, payload} (byte strings as {"$b64": ...}); '
             "the recovery summary (torn bytes, corrupt records, cursor) goes to stderr as one JSON "
             "line. Safe while the Rack runs. Exit 0 = clean, 1 = damage found (a Rack repairs it "
             "on open), 2 = not a WAL directory."
         ),
     )
     p.add_argument("dir", help="WAL directory, e.g. ./data/wal")
-    p.add_argument("--from", dest="start", type=int, default=0, metavar="SEQ", help="first seq to show (default: the oldest)")
+    p.add_argument(
+        "--from", dest="start", type=int, default=0, metavar="SEQ", help="first seq to show (default: the oldest)"
+    )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="show at most N records (0 = summary only)")
     p.add_argument("--unacked", action="store_true", help="start after the acknowledged cursor")
     p.add_argument("--raw", action="store_true", help="give bodies as base64 (payload_b64) without decoding")
+    p.add_argument(
+        "--parked",
+        action="store_true",
+        help="list the records parked beside this WAL (never sendable or deliverable, kept for you to inspect)",
+    )
     p.set_defaults(func=_cmd_inspect)

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "build_parser"]
 
 COMMANDS = (
     "fluxrig.cli.cmd_run",
@@ -23,6 +23,9 @@ COMMANDS = (
     "fluxrig.cli.cmd_wal",
     "fluxrig.cli.cmd_keys",
     "fluxrig.cli.cmd_admin",
+    "fluxrig.cli.cmd_healthcheck",
+    "fluxrig.cli.cmd_saf",
+    "fluxrig.cli.cmd_haproxy",
 )
 
 
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="fluxrig Rack: runs a Scenario of gears (TCP, serial, ISO 8583, routing) and the operator CLI.",
         epilog="Start with `fluxrig run --scenario scenarios/tcp-echo.yaml`; `fluxrig COMMAND --help` for details.",
     )
+    from .cmd_version import VersionFlag
+
+    parser.add_argument("--version", action=VersionFlag, help="print version, commit and build date, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

@@ -18,8 +18,18 @@ import codecs
 import copy
 
 from fluxrig.errors import ConfigError
+from fluxrig.framing import core
+from fluxrig.framing.serial import MODBUS_MAX_ADU, IdleGapFramer, ModbusRtuFramer, char_time
 
-__all__ = ["FRAMINGS", "STREAM_FRAMINGS", "ISO_PRESETS", "make_framer", "framing_schema", "parse_delimiter"]
+__all__ = [
+    "FRAMINGS",
+    "STREAM_FRAMINGS",
+    "ISO_PRESETS",
+    "DEFAULT_IDLE_GAP_CHARS",
+    "make_framer",
+    "framing_schema",
+    "parse_delimiter",
+]
 
 #: ISO 8583 presets: name -> (prefix kind, prefix size, endian). jPOS channel in the comment.
 ISO_PRESETS = {
@@ -210,16 +220,14 @@ def _choice(config: dict, key: str, choices, default):
 def make_framer(config: dict, pure: bool = False):
     """Build the framer a gear config asks for. `pure=True` forces the pure-Python classes
     (tests, benchmarks). Raises ConfigError naming the offending key."""
-    from fluxrig import framing as pkg  # bound names, after the backend choice
-
     framing = _choice(config, "framing", FRAMINGS, "delimiter")
-    default_max = pkg.MODBUS_MAX_ADU if framing == "modbus_rtu" else pkg.DEFAULT_MAX_FRAME_BYTES
+    default_max = MODBUS_MAX_ADU if framing == "modbus_rtu" else core.DEFAULT_MAX_FRAME_BYTES
     max_frame_bytes = _get(config, "max_frame_bytes", int, default_max)
     if max_frame_bytes < 1:
         raise ConfigError(f"must be >= 1, got {max_frame_bytes}", key="max_frame_bytes")
 
     def cls(name):
-        return getattr(pkg, name + "Py") if pure else getattr(pkg, name)
+        return getattr(core, name + "Py") if pure else getattr(core, name)
 
     if framing == "delimiter":
         return cls("DelimiterFramer")(
@@ -261,8 +269,6 @@ def make_framer(config: dict, pure: bool = False):
 
 
 def _serial_framer(config: dict, framing: str, max_frame_bytes: int):
-    from fluxrig.framing.serial import IdleGapFramer, ModbusRtuFramer, char_time
-
     baudrate = _get(config, "baudrate", int, 9600)
     bytesize = _choice(config, "bytesize", (5, 6, 7, 8), 8)
     parity = _choice(config, "parity", ("N", "E", "O", "M", "S"), "N")

@@ -1,7 +1,7 @@
 """Typed errors of the framer family (shared by the pure and the compiled framers).
 
-They live once, in plain Python, so `fluxrig.framing.core` and its compiled twin
-`fluxrig._speedups.framing` raise the very same classes.
+They live once, in plain Python, so `fluxrig.framing.core_py` and its compiled twin
+`fluxrig.framing.core_c` raise the very same classes.
 
 Two kinds of ingress error, and what a gear does with each:
 

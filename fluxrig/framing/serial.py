@@ -23,7 +23,7 @@ frames read together stay one; `gap` can be raised (config `idle_gap_ms`) to mat
 from __future__ import annotations
 
 from fluxrig.errors import FrameTooLarge
-from fluxrig.framing.core import DEFAULT_MAX_FRAME_BYTES
+from fluxrig.framing.core_py import DEFAULT_MAX_FRAME_BYTES
 from fluxrig.framing.errors import BadFrame, CrcMismatch, EncodeError, PayloadTooLarge
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "MODBUS_MIN_ADU",
     "MODBUS_FIXED_GAP_BAUD",
     "MODBUS_FIXED_GAP",
+    "MODBUS_GAP_CHARS",
     "char_time",
     "modbus_gap",
     "crc16_modbus",

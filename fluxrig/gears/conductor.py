@@ -20,27 +20,155 @@ a deadline (`ttl`). A retransmission of an open request is absorbed; one of a re
 within `retain_after_close` is answered again from the retained reply. Expired tickets send the
 original request to `error` with `error.reason=timeout`. Drain stops taking requests and waits
 for open tickets.
+
+Reversals (a route's `reversal` section; see fluxrig.saga): a reversible request (0100/0200 by
+default) whose reply does not come before the deadline, whose late reply approves, or whose leg
+drops after it was written, makes the switch owe a reversal (0400 or 0420, DE 90 original data
+elements, a reason code, a new STAN). The owed reversal is fsync'd in the gear's saga journal
+(`saf.dir`, default `<state_dir>/saga/<gear>`) BEFORE the acquirer hears the decline; it is sent
+store-and-forward per destination leg (window, exponential back-off, repeat MTI 0401/0421,
+parked after `saf.max_attempts` refusals or `saf.expire_after`). A lost leg declines its open
+requests at once with `error.reason=link_lost`. Card numbers are sealed at rest with the key in
+`saf.key_file` (default `<state_dir>/saga.key`; fluxrig/saga/seal.py); new STANs come from
+`saf.stan_range` (fluxrig/saga/stan.py: disjoint ranges per Rack of a group).
+
+A reversal from the acquirer (an 0400/0420 on `in` with DE 90) goes to the leg that carried its
+original. If the original is still open, the acquirer's reversal wins: the original's ticket is
+closed, its reply (if any) is dropped and counted (`superseded`), and the switch owes no
+reversal of its own for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections import OrderedDict, deque
 
 from ..conditions import compile_condition
 from ..durations import parse_duration
-from ..errors import GearError
+from ..errors import ConfigError, GearError
 from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
+from ..runtime.states import GearState
+from ..saga.orchestrator import DEFAULT_MAX_OWED, DEFAULT_REFUSAL_CODES, OwedReversal, Reversals, SagaSettings
+from ..saga.reversal import CAUSES, DEFAULT_COPY_FIELDS, ReversalPolicy, is_reversal_class
+from ..saga.saf import DEFAULT_BACKOFF_CAP_S, DEFAULT_BACKOFF_INITIAL_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_WINDOW
+from ..saga.seal import KEY_FILE
+from ..saga.stan import STAN_MAX, check_range
+from ..saga.store import SagaStore
 from ..templates import compile_path
+from ..wire import meta as M
+from ..wire.messages import LinkEvent
+
+__all__ = ["mti_class", "ConductorGear"]
 
 DEFAULT_KEY = ["mti_class", 11, 41]
 # Network management (echo tests, sign-on) usually carries no terminal id.
 DEFAULT_PER_MTI = {"0800": ["mti_class", 11]}
-RETURN_META = ("conn.id", "conn.gear", "peer.ip", "peer.port", "flux.source", "iso8583.raw_header")
+RETURN_META = M.RETURN_KEYS
 MAX_TICKETS = 100_000
+MAX_REMEMBERED = 100_000  # timed-out tickets kept for a late approval, and legs of recent originals
+
+REVERSAL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "enabled": {"type": "boolean", "default": True},
+        "mti": {"type": "string", "enum": ["0400", "0420"], "default": "0400", "description": "reversal or advice"},
+        "when": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(CAUSES)},
+            "default": list(CAUSES),
+            "description": "when a reversal is owed: timeout, late_approval, link_lost",
+        },
+        "reason_field": {"type": "integer", "default": 39, "description": "field carrying the reason code"},
+        "reason_codes": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "cause -> code (defaults: timeout 68, late_approval 68, link_lost 91)",
+        },
+        "copy_fields": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 2, "maximum": 192},
+            "default": list(DEFAULT_COPY_FIELDS),
+            "description": "original fields copied (track data and PIN blocks never are)",
+        },
+        "mtis": {
+            "type": "array",
+            "items": {"type": "string"},
+            "default": ["0100", "0200"],
+            "description": "request MTI classes that are reversed",
+        },
+        "approved_codes": {
+            "type": "array",
+            "items": {"type": "string"},
+            "default": ["00", "08", "10", "11"],
+            "description": "DE 39 codes of a late reply that make a reversal owed",
+        },
+    },
+    "additionalProperties": False,
+}
+
+SAF_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "dir": {
+            "type": "string",
+            "default": "",
+            "description": "saga journal directory (default <state_dir>/saga/<gear>)",
+        },
+        "window": {
+            "type": "integer",
+            "minimum": 1,
+            "default": DEFAULT_WINDOW,
+            "description": "reversals in flight per leg",
+        },
+        "backoff_initial": {"type": "string", "format": "duration", "default": f"{DEFAULT_BACKOFF_INITIAL_S:g}s"},
+        "backoff_cap": {"type": "string", "format": "duration", "default": f"{DEFAULT_BACKOFF_CAP_S:g}s"},
+        "max_attempts": {
+            "type": "integer",
+            "minimum": 1,
+            "default": DEFAULT_MAX_ATTEMPTS,
+            "description": "refused answers before a reversal is parked",
+        },
+        "expire_after": {
+            "type": "string",
+            "format": "duration",
+            "default": "24h",
+            "description": "run time before parking",
+        },
+        "max_owed": {
+            "type": "integer",
+            "minimum": 1,
+            "default": DEFAULT_MAX_OWED,
+            "description": "open reversals at most",
+        },
+        "refusal_codes": {
+            "type": "array",
+            "items": {"type": "string"},
+            "default": list(DEFAULT_REFUSAL_CODES),
+            "description": "answer codes that do not end a reversal (format error ...)",
+        },
+        "stan_range": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": STAN_MAX},
+            "minItems": 2,
+            "maxItems": 2,
+            "default": [1, STAN_MAX],
+            "description": "[first, last] STAN (DE 11) this conductor originates for reversals; give the "
+            "members of a Rack group disjoint ranges so their STANs and RRNs never collide",
+        },
+        "key_file": {
+            "type": "string",
+            "default": "",
+            "description": "key sealing card numbers in the saga journal (default <state_dir>/saga.key, "
+            "created on first use, mode 0600)",
+        },
+    },
+    "additionalProperties": False,
+    "default": {},
+}
 
 PART = {"type": ["integer", "string"]}
 SCHEMA = {
@@ -49,10 +177,17 @@ SCHEMA = {
         "correlation": {
             "type": "object",
             "properties": {
-                "key": {"type": "array", "items": PART, "default": DEFAULT_KEY,
-                        "description": "key parts: mti_class, field numbers, or meta./data. paths"},
-                "per_mti": {"type": "object", "additionalProperties": {"type": "array", "items": PART},
-                            "description": "request MTI -> key parts for that MTI"},
+                "key": {
+                    "type": "array",
+                    "items": PART,
+                    "default": DEFAULT_KEY,
+                    "description": "key parts: mti_class, field numbers, or meta./data. paths",
+                },
+                "per_mti": {
+                    "type": "object",
+                    "additionalProperties": {"type": "array", "items": PART},
+                    "description": "request MTI -> key parts for that MTI",
+                },
             },
             "additionalProperties": False,
             "default": {"key": DEFAULT_KEY},
@@ -65,7 +200,11 @@ SCHEMA = {
                 "properties": {
                     "name": {"type": "string"},
                     "match": {"type": "object", "description": "{field: N, prefix|equals|in|...: value}"},
-                    "destination": {"type": ["string", "object"], "description": "out_<name> or {failover|round_robin: [...]}"},
+                    "destination": {
+                        "type": ["string", "object"],
+                        "description": "out_<name> or {failover|round_robin: [...]}",
+                    },
+                    "reversal": REVERSAL_SCHEMA,
                 },
                 "required": ["destination"],
                 "additionalProperties": False,
@@ -73,10 +212,19 @@ SCHEMA = {
             "description": "ordered; the first matching route wins; a route without match catches all",
         },
         "ttl": {"type": "string", "format": "duration", "default": "30s", "description": "time a host has to answer"},
-        "retain_after_close": {"type": "string", "format": "duration", "default": "5s",
-                               "description": "answered requests retransmitted within this get the same reply"},
-        "max_tickets": {"type": "integer", "minimum": 1, "default": MAX_TICKETS,
-                        "description": "open tickets at most; further requests go to error (no_capacity)"},
+        "retain_after_close": {
+            "type": "string",
+            "format": "duration",
+            "default": "5s",
+            "description": "answered requests retransmitted within this get the same reply",
+        },
+        "max_tickets": {
+            "type": "integer",
+            "minimum": 1,
+            "default": MAX_TICKETS,
+            "description": "open tickets at most; further requests go to error (no_capacity)",
+        },
+        "saf": SAF_SCHEMA,
     },
     "required": ["routes"],
     "additionalProperties": False,
@@ -87,7 +235,7 @@ def _leaves(dest) -> list[str]:
     if isinstance(dest, str):
         return [dest]
     if isinstance(dest, dict) and len(dest) == 1:
-        (kind, children), = dest.items()
+        ((kind, children),) = dest.items()
         if kind in ("failover", "round_robin") and isinstance(children, list):
             return [p for c in children for p in _leaves(c)]
     raise ValueError(f"destination {dest!r} is not a port name or {{failover|round_robin: [...]}}")
@@ -123,7 +271,7 @@ class _Tree:
         if isinstance(dest, str):
             self.kind, self.port, self.children = "leaf", dest, []
         else:
-            (self.kind, children), = dest.items()
+            ((self.kind, children),) = dest.items()
             self.port = ""
             self.children = [_Tree(c) for c in children]
         self._rr = itertools.count()
@@ -164,6 +312,14 @@ class ConductorGear(Gear):
                     compile_condition(m, _field_path(m.get("field")))
             except (ValueError, KeyError, TypeError) as exc:
                 yield f"routes[{i}]", str(exc)
+            try:
+                ReversalPolicy.from_config(r.get("reversal"))
+            except ConfigError as exc:
+                yield f"routes[{i}].{exc.key or 'reversal'}", str(exc)
+        try:
+            check_range((config.get("saf") or {}).get("stan_range"))
+        except ConfigError as exc:
+            yield exc.key or "saf.stan_range", str(exc)
 
     def __init__(self, name, config, ctx):
         super().__init__(name, config, ctx)
@@ -172,10 +328,40 @@ class ConductorGear(Gear):
         per_mti = {**DEFAULT_PER_MTI, **(corr.get("per_mti") or {})}
         self._key_per_mti = {mti_class(m): self._key_reader(parts) for m, parts in per_mti.items()}
         self._routes = []
-        for r in config["routes"]:
+        self._policies: dict[str, ReversalPolicy] = {}
+        self._trees: dict[str, _Tree] = {}
+        for i, r in enumerate(config["routes"]):
             m = r.get("match")
             cond = compile_condition(m, _field_path(m.get("field"))) if m else None
-            self._routes.append((r.get("name") or "", cond, _Tree(r["destination"])))
+            name = r.get("name") or f"route{i}"
+            tree = _Tree(r["destination"])
+            self._routes.append((name, cond, tree))
+            self._trees[name] = tree
+            policy = ReversalPolicy.from_config(r.get("reversal"))
+            if policy is not None:
+                self._policies[name] = policy
+        saf = config.get("saf") or {}
+        self._saf_settings = SagaSettings(
+            window=saf.get("window", DEFAULT_WINDOW),
+            backoff_initial=parse_duration(saf.get("backoff_initial", f"{DEFAULT_BACKOFF_INITIAL_S:g}s")),
+            backoff_cap=parse_duration(saf.get("backoff_cap", f"{DEFAULT_BACKOFF_CAP_S:g}s")),
+            max_attempts=saf.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
+            expire_after=parse_duration(saf.get("expire_after", "24h")),
+            max_owed=saf.get("max_owed", DEFAULT_MAX_OWED),
+            refusal_codes=saf.get("refusal_codes", DEFAULT_REFUSAL_CODES),
+            stan_range=check_range(saf.get("stan_range")),
+        )
+        self._saf_key_file = saf.get("key_file") or ""
+        self._saf_dir = saf.get("dir") or ""
+        self.reversals: Reversals | None = None
+        # Timed-out tickets (key -> route, request, leg, owed) for a late approval, and the legs
+        # of recent originals (key -> leg) for a reversal from the acquirer. Both bounded.
+        self._timed_out: OrderedDict = OrderedDict()
+        self._legs: OrderedDict = OrderedDict()
+        self._superseded: set = set()  # keys of open originals an acquirer reversal replaced
+        self._tasks: set = set()  # journal waits running beside the inputs
+        self._take_from: ConductorGear | None = None  # reload: the version we take over from
+        self._successor: ConductorGear | None = None  # reload: who took our tickets
         self._ttl = parse_duration(config["ttl"])
         self._retain = parse_duration(config["retain_after_close"])
         self._max = config["max_tickets"]
@@ -188,47 +374,150 @@ class ConductorGear(Gear):
         self._unsubs: list = []
         self._sweeper: asyncio.Task | None = None
         self._draining = False
-        self.stats = {"absorbed": 0, "replayed": 0, "timeouts": 0, "unmatched": 0, "matched": 0}
+        self.stats = {
+            "absorbed": 0, "replayed": 0, "timeouts": 0, "unmatched": 0, "matched": 0,
+            "link_lost": 0, "superseded": 0, "acquirer_reversals": 0, "never_sent": 0,
+        }  # fmt: skip
 
     @staticmethod
     def _key_reader(parts):
         readers = []
         for p in parts:
             if p == "mti_class":
-                readers.append(lambda m: mti_class(m.meta.get("iso8583.mti", "")))
+                readers.append(lambda m: mti_class(m.meta.get(M.ISO_MTI, "")))
             else:
                 readers.append(compile_path(_field_path(p)))
         return readers
 
     def _key(self, msg: FluxMsg) -> tuple:
-        readers = self._key_per_mti.get(mti_class(msg.meta.get("iso8583.mti", "")), self._key_default)
+        readers = self._key_per_mti.get(mti_class(msg.meta.get(M.ISO_MTI, "")), self._key_default)
         key = tuple(r(msg) for r in readers)
         if any(v is None or v == "" for v in key):
             raise GearError("no_key", "a correlation field is missing")
         return key
 
     # -- availability -------------------------------------------------------------------------
+    def _saga_dir(self) -> str:
+        if self._saf_dir:
+            return (
+                os.path.join(self.ctx.scenario_dir, self._saf_dir)
+                if not os.path.isabs(self._saf_dir)
+                else self._saf_dir
+            )
+        base = self.ctx.state_dir
+        if not base:
+            raise GearError(
+                "no_state_dir", f"conductor {self.name}: reversals need a saga journal: set saf.dir or run in a Rack"
+            )
+        return os.path.join(base, "saga", self.name)
+
+    def _key_file(self) -> str:
+        """Where the key sealing PANs at rest is: saf.key_file, else the Rack's state dir, else
+        beside the journal (a conductor run outside a Rack with saf.dir only)."""
+        if self._saf_key_file:
+            path = self._saf_key_file
+            return path if os.path.isabs(path) else os.path.join(self.ctx.scenario_dir, path)
+        if self.ctx.state_dir:
+            return os.path.join(self.ctx.state_dir, KEY_FILE)
+        return ""
+
+    def handover_from(self, old: Gear) -> None:
+        # The journal is one WAL (one writer): a rebuilt conductor keeps the running one's
+        # sagas instead of opening it a second time; open tickets and retained replies too.
+        # Taken at start(), not now: until then the old one still matches replies (issue 18).
+        if isinstance(old, ConductorGear):
+            self._take_from = old
+
+    def _take_over(self, old: ConductorGear) -> None:
+        """Move the running conductor's sagas and tickets here (start). From then on it hands
+        whatever still reaches it (in flight in the graph it came from) to us; a rolled-back
+        swap gives everything back (stop)."""
+        if old.reversals is not None and self._policies:
+            self.reversals, old.reversals = old.reversals, None
+            self.reversals.rebind(self._saf_settings, self.emit, self._up, self._pick_for, self._reply_key)
+        if old.config.get("correlation") == self.config.get("correlation"):
+            self.open, self._deadlines, self.closed = old.open, old._deadlines, old.closed
+            self._timed_out, self._legs, self._superseded = old._timed_out, old._legs, old._superseded
+            old.open, old._deadlines, old.closed = {}, deque(), OrderedDict()
+        old._successor = self
+
+    def _give_back(self, old: ConductorGear) -> None:
+        if self.reversals is not None and old.reversals is None and old._policies:
+            old.reversals, self.reversals = self.reversals, None
+            old.reversals.rebind(old._saf_settings, old.emit, old._up, old._pick_for, old._reply_key)
+        if old.open is not self.open and not old.open:
+            old.open, old._deadlines, old.closed = self.open, self._deadlines, self.closed
+            old._timed_out, old._legs, old._superseded = self._timed_out, self._legs, self._superseded
+        old._successor = None
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._take_from is not None:
+            self._take_over(self._take_from)
         for port in self.outputs:
             if port.startswith("out_") and port != "out_response":
                 gear = self.io_binding(port)
                 if gear is not None:
                     self._link_up[port] = False
-                    self._unsubs.append(self.ctx.control.subscribe(f"link.{gear}", self._on_link(port)))
+                    self._unsubs.append(self.ctx.control.subscribe(M.link_topic(gear), self._on_link(port)))
+        if self._policies and self.reversals is None:
+            store = await SagaStore.open(self._saga_dir(), self._key_file())
+            self.reversals = Reversals(
+                self.name, store, self._saf_settings, self.emit, self._up, self._pick_for, self._reply_key
+            )
+        if self.reversals is not None:
+            await self._owe_recovered()
+            self.reversals.start()
         self._sweeper = loop.create_task(self._sweep(), name=f"conductor:{self.name}")
+
+    async def _owe_recovered(self) -> None:
+        """Requests the previous run wrote to an issuer and never saw answered: reversed now
+        (their replies, if any, went to a connection that no longer exists)."""
+        owed = []
+        for seq, ev in self.reversals.recovered_tickets().items():
+            policy = self._policies.get(ev.get("route", ""))
+            if policy is None:
+                policy = next(iter(self._policies.values()))
+            request = FluxMsg(
+                meta={M.ISO_MTI: ev.get("mti", "")}, data={"iso8583": {"field": dict(ev.get("fields") or {})}}
+            )
+            request.trace = ev.get("trace", "")
+            owed.append(OwedReversal(ev.get("route", ""), policy, request, ev.get("leg", ""), "timeout", seq))
+        if owed:
+            self.log.warning(
+                "%s: %d requests were in flight when the Rack stopped: reversing them", self.name, len(owed)
+            )
+            await self.reversals.owe(owed)
 
     def _on_link(self, port: str):
         def cb(cmd: dict) -> None:
-            if cmd.get("cmd") in ("conn.up", "conn.down"):
-                self._link_up[port] = cmd["cmd"] == "conn.up"
+            event = LinkEvent.from_dict(cmd)
+            if event is not None:
+                was = self._link_up.get(port)
+                self._link_up[port] = event.up
+                if was and not event.up:
+                    asyncio.get_running_loop().create_task(self._link_lost(port))
+
         return cb
 
     def _up(self, port: str) -> bool:
         return self._link_up.get(port, True)
 
+    def _pick_for(self, route: str, _leg: str) -> str | None:
+        tree = self._trees.get(route)
+        return tree.pick(self._up) if tree is not None else None
+
+    def _reply_key(self, mti: str, fields: dict) -> tuple:
+        probe = FluxMsg(meta={M.ISO_MTI: mti}, data={"iso8583": {"field": fields}})
+        try:
+            return self._key(probe)
+        except GearError:
+            return ("saga", mti_class(mti), fields.get("11"))
+
     # -- the two inputs ------------------------------------------------------------------------
     async def process(self, port: str, msg: FluxMsg) -> None:
+        if self._successor is not None:  # retired by a reload: the successor holds the tickets
+            return await self._successor.process(port, msg)
         if port == "in_reply":
             return await self._reply(msg)
         if self._draining:
@@ -245,26 +534,99 @@ class ConductorGear(Gear):
                 if k in msg.meta:
                     reply.meta[k] = msg.meta[k]
             return await self.emit("out_response", reply)
-        for name, cond, tree in self._routes:
+        for name, cond, tree in self._routes:  # noqa: B007 (used after the loop)
             if cond is None or cond(msg):
                 break
         else:
             raise GearError("no_route", "no route matches this request")
-        out = tree.pick(self._up)
+        out = self._acquirer_reversal_leg(msg) if is_reversal_class(msg.meta.get(M.ISO_MTI, "")) else None
+        if out is None:
+            out = tree.pick(self._up)
         if out is None:
             raise GearError("no_destination", f"route {name or '?'}: no destination is available")
         if len(self.open) >= self._max:
             raise GearError("no_capacity", f"{self._max} requests already open")
         deadline = asyncio.get_running_loop().time() + self._ttl
         back = {k: msg.meta[k] for k in RETURN_META if k in msg.meta}
-        self.open[key] = (deadline, msg.copy(), back, out)
+        journal = [None]  # seq of the request's `open` event once journaled
+        ticket = (deadline, msg.copy(), back, out, name, journal)
+        self.open[key] = ticket
         self._deadlines.append((deadline, key))
-        msg.meta["conductor.route"] = name
-        for k in ("conn.id", "conn.gear", "iso8583.raw_header"):
+        policy = self._policies.get(name)
+        if policy is not None:
+            self._remember(self._legs, key, out)
+        msg.meta[M.CONDUCTOR_ROUTE] = name
+        for k in (M.CONN_ID, M.CONN_GEAR, M.ISO_RAW_HEADER):
             msg.meta.pop(k, None)  # the host leg has its own connection and headers
+        if (
+            policy is not None
+            and self.reversals is not None
+            and policy.owes(mti_class(ticket[1].meta.get(M.ISO_MTI, "")), "timeout")
+        ):
+            # Journaled before it is written: a crash from here on leaves a ticket the restarted
+            # switch reverses, never an approval nobody knows about. The wait for the fsync runs
+            # beside the connection's next requests (they share its group commit), not before them.
+            durable = self.reversals.stage_ticket(name, out, msg, policy.journal_fields)
+            self._later(self._send_when_durable(durable, key, ticket, out, msg, self.reversals))
+            return
         await self.emit(out, msg)
 
+    def _later(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_when_durable(self, durable, key, ticket, out: str, msg: FluxMsg, reversals) -> None:
+        # `reversals` bound when the wait began: a reload may hand self.reversals on meanwhile
+        journal = ticket[5]
+        try:
+            journal[0] = await durable
+        except Exception as exc:  # noqa: BLE001 (not journaled: not sent; the acquirer is declined)
+            if self.open.get(key) is ticket:
+                del self.open[key]
+            self.log.error("%s: request not journaled, not sent: %s", self.name, exc)
+            await self.emit_error(ticket[1], "journal_failed", str(exc))
+            return
+        if self.open.get(key) is not ticket and (
+            self._successor is None or self._successor.open.get(key) is not ticket
+        ):
+            await reversals.close_ticket(journal[0])  # timed out meanwhile: never sent
+            return
+        try:
+            await self.emit(out, msg)
+        except Exception as exc:  # noqa: BLE001 (the ticket stays: its timeout owes the reversal)
+            self.log.warning("%s: request to %s not delivered: %s", self.name, out, exc)
+
+    @staticmethod
+    def _remember(store: OrderedDict, key, value) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > MAX_REMEMBERED:
+            store.popitem(last=False)
+
+    def _acquirer_reversal_leg(self, msg: FluxMsg) -> str | None:
+        """A reversal from the acquirer: the leg its original went to (None: route normally).
+        An original still open is superseded: see the module docstring."""
+        fields = (msg.data.get("iso8583") or {}).get("field") or {}
+        de90 = str(fields.get("90") or "")
+        if len(de90) < 10 or not de90[:10].isdigit():
+            return None
+        self.stats["acquirer_reversals"] += 1
+        original = {"11": de90[4:10], "41": fields.get("41"), "32": fields.get("32"), "42": fields.get("42")}
+        okey = self._reply_key(de90[:4], {k: v for k, v in original.items() if v is not None})
+        ticket = self.open.get(okey)
+        if ticket is not None:
+            self._superseded.add(okey)
+            leg = ticket[3]
+        else:
+            leg = self._legs.get(okey)
+        if leg is not None and self._up(leg):
+            return leg
+        return None
+
     async def _reply(self, msg: FluxMsg) -> None:
+        if self.reversals is not None and self.reversals.on_reply(msg):
+            return
         try:
             key = self._key(msg)
         except GearError:
@@ -273,15 +635,94 @@ class ConductorGear(Gear):
         ticket = self.open.pop(key, None)
         if ticket is None:
             self.stats["unmatched"] += 1
+            await self._late_reply(key, msg)
             raise GearError("unmatched_reply", "no open request matches this reply (late or unknown)")
+        journal = ticket[5]
+        if journal[0] is not None:
+            # Closed on disk before the acquirer hears it; the wait runs beside the leg's next replies.
+            self._later(self._reply_when_closed(key, ticket, msg, self.reversals))
+            return
+        await self._deliver_reply(key, ticket, msg)
+
+    async def _reply_when_closed(self, key, ticket, msg: FluxMsg, reversals) -> None:
+        try:  # `reversals` bound when the reply came: a reload may hand self.reversals on meanwhile
+            await reversals.close_ticket(ticket[5][0])
+        except Exception as exc:  # noqa: BLE001 (not closed: not answered; a restart reverses it)
+            self.log.error("%s: reply not journaled, held back (the request will be reversed): %s", self.name, exc)
+            return
+        await self._deliver_reply(key, ticket, msg)
+
+    async def _deliver_reply(self, key, ticket, msg: FluxMsg) -> None:
+        if key in self._superseded:
+            self._superseded.discard(key)
+            self.stats["superseded"] += 1
+            self.log.info("%s: reply %s dropped: the acquirer reversed its request", self.name, msg.meta.get(M.ISO_MTI))
+            return
         self.stats["matched"] += 1
-        _deadline, _req, back, _port = ticket
-        for k in ("conn.id", "conn.gear", "iso8583.raw_header"):
+        _deadline, _req, back, _port, _route, _journal = ticket
+        for k in (M.CONN_ID, M.CONN_GEAR, M.ISO_RAW_HEADER):
             msg.meta.pop(k, None)
         msg.meta.update(back)
         if self._retain:
             self.closed[key] = (asyncio.get_running_loop().time() + self._retain, msg.to_cbor())
         await self.emit("out_response", msg)
+
+    async def _late_reply(self, key, msg: FluxMsg) -> None:
+        """A reply after the deadline: an approval owes a reversal unless one is owed already."""
+        late = self._timed_out.pop(key, None)
+        if late is None or self.reversals is None:
+            return
+        route, request, leg, owed = late
+        policy = self._policies.get(route)
+        code = ((msg.data.get("iso8583") or {}).get("field") or {}).get("39")
+        if owed or policy is None or not policy.approves(code):
+            return
+        if policy.owes(mti_class(request.meta.get(M.ISO_MTI, "")), "late_approval"):
+            await self.reversals.owe([OwedReversal(route, policy, request, leg, "late_approval")])
+
+    def _owed_for(self, key, ticket, cause: str) -> OwedReversal | None:
+        _deadline, request, _back, port, route, journal = ticket
+        if key in self._superseded:
+            self._superseded.discard(key)
+            return None  # the acquirer's own reversal covers it
+        policy = self._policies.get(route)
+        if policy is None or self.reversals is None:
+            return None
+        if not policy.owes(mti_class(request.meta.get(M.ISO_MTI, "")), cause):
+            return None
+        if journal[0] is None:
+            # Its `open` is not on disk yet, so it was never written to the issuer, and it never
+            # will be (_send_when_durable drops a ticket that is no longer open): nothing to undo.
+            self.stats["never_sent"] += 1
+            return None
+        return OwedReversal(route, policy, request, port, cause, journal[0])
+
+    async def _decline(self, tickets: list, cause: str, detail) -> None:
+        """Owe what is owed (durably), then tell the acquirers: never the other way round."""
+        owed = [o for key, t in tickets if (o := self._owed_for(key, t, cause)) is not None]
+        if owed:
+            await self.reversals.owe(owed)
+        owed_ids = {id(o.request) for o in owed}
+        for key, ticket in tickets:
+            _deadline, request, _back, port, route, journal = ticket
+            if journal[0] is not None and id(request) not in owed_ids:
+                await self.reversals.close_ticket(journal[0])  # superseded: nothing owed for it
+            if route in self._policies:
+                self._remember(self._timed_out, key, (route, request, port, id(request) in owed_ids))
+            try:
+                await self.emit_error(request, cause, detail(ticket))
+            except Exception as exc:  # an error wire that fails must not stop the sweeper
+                self.log.warning("%s: %s of %s not delivered: %s", self.name, cause, key, exc)
+
+    async def _link_lost(self, port: str) -> None:
+        if not any(name in self._policies for name, _c, _t in self._routes):
+            return  # without reversals a lost leg's requests time out as they always did
+        lost = [(k, t) for k, t in self.open.items() if t[3] == port and t[4] in self._policies]
+        for k, _t in lost:
+            del self.open[k]
+        if lost:
+            self.stats["link_lost"] += len(lost)
+            await self._decline(lost, "link_lost", lambda t: f"{t[3]} dropped after the request was written")
 
     # -- time ------------------------------------------------------------------------------------
     async def _sweep(self) -> None:
@@ -291,6 +732,7 @@ class ConductorGear(Gear):
             await asyncio.sleep(period)
             now = loop.time()
             dl = self._deadlines
+            expired = []
             while dl and dl[0][0] <= now:
                 deadline, key = dl.popleft()
                 ticket = self.open.get(key)
@@ -298,11 +740,12 @@ class ConductorGear(Gear):
                     continue  # answered, or a newer ticket under the same key
                 del self.open[key]
                 self.stats["timeouts"] += 1
-                request = ticket[1]
+                expired.append((key, ticket))
+            if expired:
                 try:
-                    await self.emit_error(request, "timeout", f"no reply within {self._ttl:g}s from {ticket[3]}")
-                except Exception as exc:  # an error wire that fails must not stop the sweeper
-                    self.log.warning("%s: timeout of %s not delivered: %s", self.name, key, exc)
+                    await self._decline(expired, "timeout", lambda t: f"no reply within {self._ttl:g}s from {t[3]}")
+                except Exception:  # noqa: BLE001 (the sweeper must go on)
+                    self.log.exception("%s: timeouts not handled", self.name)
             closed = self.closed
             while closed:
                 k, (until, _r) = next(iter(closed.items()))
@@ -317,16 +760,27 @@ class ConductorGear(Gear):
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        old, self._take_from = self._take_from, None
+        if old is not None and old._successor is self and old.state is GearState.STARTED:
+            self._give_back(old)  # our swap was rolled back: the running version keeps its tickets
+        self._successor = None
         for u in self._unsubs:
             u()
         self._unsubs.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self.reversals is not None:
+            reversals, self.reversals = self.reversals, None
+            await reversals.stop()
 
     def metrics(self) -> dict:
         m = super().metrics()
         m.update(self.stats)
         m["open_tickets"] = len(self.open)
         m["links_up"] = sum(1 for v in self._link_up.values() if v)
+        if self.reversals is not None:
+            m.update(self.reversals.metrics())
         return m

@@ -16,13 +16,21 @@ from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 from ..templates import compile_template
+from ..wire import meta as M
+
+__all__ = ["GeneratorGear"]
 
 SCHEMA = {
     "type": "object",
     "properties": {
         "count": {"type": "integer", "minimum": 0, "default": 0, "description": "messages to send; 0 = until stopped"},
         "interval": {"type": "string", "format": "duration", "default": "1s", "description": "time between messages"},
-        "start_delay": {"type": "string", "format": "duration", "default": "0s", "description": "wait before the first"},
+        "start_delay": {
+            "type": "string",
+            "format": "duration",
+            "default": "0s",
+            "description": "wait before the first",
+        },
         "template": {
             "type": "object",
             "properties": {
@@ -82,7 +90,7 @@ class GeneratorGear(Gear):
                     meta={k: str(v) for k, v in self._meta(proto).items()},
                     data=self._data(proto),
                 )
-                msg.meta["flux.source"] = "generator"
+                msg.meta[M.SOURCE] = "generator"
                 try:
                     await self.emit("out", msg)
                 except Exception as exc:  # backpressure timeout or a broken pipeline: count, go on

@@ -16,6 +16,8 @@ from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 from ..templates import TemplateError, compile_path, compile_template
 
+__all__ = ["MapGear"]
+
 OP_SCHEMA = {
     "type": "object",
     "properties": {
@@ -49,9 +51,11 @@ def _compile_op(op: dict):
             raise ValueError("set needs value")
         path, render = op["set"], compile_template(op["value"])
         if path == "raw":
+
             def apply(m: FluxMsg):
                 v = render(m)
                 m.raw = v if isinstance(v, bytes) else (b"" if v is None else str(v).encode())
+
             return apply
         return lambda m: m.set(path, render(m))
     if kind == "delete":

@@ -19,6 +19,9 @@ from ..errors import GearError
 from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
+from ..wire import meta as M
+
+__all__ = ["RouterGear"]
 
 SCHEMA = {
     "type": "object",
@@ -29,8 +32,10 @@ SCHEMA = {
                 "type": "object",
                 "properties": {
                     "name": {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "port suffix: out_<name>"},
-                    "match": {"type": ["object", "array"],
-                              "description": "condition {field, equals|not_equals|prefix|in|regex|exists|gt|lt} or a list (all hold)"},
+                    "match": {
+                        "type": ["object", "array"],
+                        "description": "condition {field, equals|not_equals|prefix|in|regex|exists|gt|lt} or a list (all hold)",
+                    },
                 },
                 "required": ["name", "match"],
                 "additionalProperties": False,
@@ -90,7 +95,7 @@ class RouterGear(Gear):
     async def process(self, port: str, msg: FluxMsg) -> None:
         for out, conds in self._rules:
             if all(c(msg) for c in conds):
-                msg.meta["router.rule"] = out[4:]
+                msg.meta[M.ROUTER_RULE] = out[4:]
                 await self.emit(out, msg)
                 return
         if self._default:

@@ -16,14 +16,24 @@ from ..redact import log_view
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 
+__all__ = ["message_json", "SinkGear"]
+
 SCHEMA = {
     "type": "object",
     "properties": {
-        "mode": {"type": "string", "enum": ["log", "stdout", "file", "null"], "default": "log",
-                 "description": "where messages go"},
+        "mode": {
+            "type": "string",
+            "enum": ["log", "stdout", "file", "null"],
+            "default": "log",
+            "description": "where messages go",
+        },
         "path": {"type": "string", "description": "JSON-lines file for mode=file"},
-        "flush_every": {"type": "integer", "minimum": 1, "default": 1,
-                        "description": "mode=file: flush after this many lines"},
+        "flush_every": {
+            "type": "integer",
+            "minimum": 1,
+            "default": 1,
+            "description": "mode=file: flush after this many lines",
+        },
     },
     "additionalProperties": False,
 }
@@ -84,5 +94,3 @@ class SinkGear(Gear):
         if self._fh:
             self._fh.close()
             self._fh = None
-
-

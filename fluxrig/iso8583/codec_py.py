@@ -1,12 +1,13 @@
 # cython: boundscheck=True, wraparound=False
-"""ISO 8583 message codec: the hot loop, sans-IO (pure-Python original of fluxrig._speedups.iso8583).
+"""ISO 8583 message codec: the hot loop, sans-IO (pure-Python original of fluxrig.iso8583.codec_c).
 
 Job: turn one ISO 8583 message (bytes, framing already removed) into a dict keyed by field
 number, and back, driven by a precompiled field table (`FieldPlan` objects built by
 fluxrig.iso8583.plan from a spec). This same file is compiled by Cython, augmented by
-fluxrig/_speedups/iso8583.pxd (C types for plans, positions and locals), into the twin
-`fluxrig._speedups.iso8583`; keep it plain Python and never use negative indices (the twin is
-compiled with wraparound=False).
+codec_c.pxd beside it (C types for plans, positions and locals), into the twin
+`fluxrig.iso8583.codec_c`; `fluxrig.iso8583.codec` binds the public names to one of the two.
+Keep it plain Python and never use negative indices (the twin is compiled with
+wraparound=False).
 
 Contract:
   Codec.decode(raw: bytes) -> dict: {0: MTI str, n: value} for every data field present, in
@@ -31,11 +32,62 @@ prefix carries that unit count; the wire size depends on the encoding (BCD packs
 byte, HexToASCII doubles).
 """
 
+import re
 from binascii import Error as _HexError
 from binascii import hexlify, unhexlify
-import re
 
 from fluxrig.iso8583.errors import Iso8583DecodeError, Iso8583EncodeError
+
+# In the compiled twin the int constants and BITS are C globals (cdef in codec_c.pxd), not module
+# attributes: read them from this module (fluxrig.iso8583.plan does). Codec, FieldPlan,
+# prefix_for, EBCDIC_CODEC and DEFAULT_MAX_MESSAGE_BYTES exist in both.
+__all__ = [
+    "Codec",
+    "FieldPlan",
+    "prefix_for",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "EBCDIC_CODEC",
+    "BITS",
+    "T_STRING",
+    "T_NUMERIC",
+    "T_BINARY",
+    "T_HEX",
+    "T_TRACK2",
+    "T_COMPOSITE",
+    "T_TLV",
+    "T_BITMAP",
+    "T_TAGGED",
+    "T_BITMAPPED",
+    "E_ASCII",
+    "E_EBCDIC",
+    "E_BCD",
+    "E_BINARY",
+    "E_HEXASCII",
+    "E_LBCD",
+    "E_EBCDIC1047",
+    "E_EBCDICHEX",
+    "EBCDIC1047_DECODE",
+    "EBCDIC1047_ENCODE",
+    "P_FIXED",
+    "P_ASCII",
+    "P_EBCDIC",
+    "P_BCD",
+    "P_BINARY",
+    "P_HEX",
+    "K_GENERIC",
+    "K_ASCII_FIXED",
+    "K_ASCII_VAR",
+    "PAD_NONE",
+    "PAD_LEFT",
+    "PAD_RIGHT",
+    "U_REJECT",
+    "U_PRESERVE",
+    "U_DROP",
+    "MAX_BITMAPS",
+    "MAX_FIELD",
+    "MAX_TLV_TAG_BYTES",
+    "MAX_TLV_LENGTH_BYTES",
+]
 
 # Value types.
 T_STRING = 1
@@ -46,6 +98,8 @@ T_TRACK2 = 5
 T_COMPOSITE = 6
 T_TLV = 7
 T_BITMAP = 8
+T_TAGGED = 9  # composite of (tag, prefixed value) pairs, tags of a fixed width (not BER)
+T_BITMAPPED = 10  # composite whose parts are announced by a bitmap at its start
 
 # Encodings of the value bytes.
 E_ASCII = 1
@@ -53,6 +107,9 @@ E_EBCDIC = 2
 E_BCD = 3
 E_BINARY = 4
 E_HEXASCII = 5
+E_LBCD = 6  # BCD left-aligned: an odd digit count is padded on the right (jPOS's default BCD)
+E_EBCDIC1047 = 7  # EBCDIC code page 1047 (z/OS); E_EBCDIC is code page 037
+E_EBCDICHEX = 8  # bytes as upper-case hex characters in EBCDIC (jPOS EbcdicHexInterpreter)
 
 # Length prefix kinds (`<enc>.Fixed` is P_FIXED whatever <enc> says).
 P_FIXED = 0
@@ -86,6 +143,22 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
 EBCDIC_CODEC = "cp037"  # moov's EBCDIC is code page 037
 
+# Code page 1047 is code page 037 with six positions exchanged ([ ] ^ ¬ Ý ¨); both cover
+# exactly Latin-1, so a translate() table each way is the whole codec.
+_CP037_TO_L1 = bytes(range(256)).decode("cp037").encode("latin-1")
+_SWAP_1047 = {0x5F: 0xB0, 0xB0: 0x5F, 0xAD: 0xBA, 0xBA: 0xAD, 0xBB: 0xBD, 0xBD: 0xBB}
+EBCDIC1047_DECODE = bytes(_CP037_TO_L1[_SWAP_1047.get(i, i)] for i in range(256))
+EBCDIC1047_ENCODE = bytes(EBCDIC1047_DECODE.index(i) for i in range(256))
+
+# EBCDIC hex digits <-> ASCII hex digits; any other byte becomes "?" so unhexlify refuses it.
+_HEXA = b"0123456789ABCDEFabcdef"
+_HEXE = _HEXA.decode("ascii").encode("cp037")
+_EHEX_TO_A = bytearray(b"?" * 256)
+for _i in range(len(_HEXA)):
+    _EHEX_TO_A[_HEXE[_i]] = _HEXA[_i]
+EHEX_DECODE = bytes(_EHEX_TO_A)
+EHEX_ENCODE = bytes(range(256)).decode("latin-1").encode("cp037")
+
 _ONE = 1
 _TRACK2 = re.compile(r"[0-9]{1,19}[=D][0-9]{7}[^?]*")
 
@@ -97,9 +170,39 @@ class FieldPlan:
     """One compiled field (or composite part): every attribute the hot loop needs, resolved."""
 
     __slots__ = (
-        "num", "key", "sub", "label", "kind", "vtype", "enc", "pref", "ndig", "plen",
-        "length", "wlen", "pad", "padchar", "padbyte", "len_table", "parts", "tags",
-        "unknown", "rep_len", "rep_max", "len_str",
+        "num",
+        "key",
+        "sub",
+        "label",
+        "kind",
+        "vtype",
+        "enc",
+        "pref",
+        "ndig",
+        "plen",
+        "length",
+        "wlen",
+        "pad",
+        "padchar",
+        "padbyte",
+        "len_table",
+        "parts",
+        "tags",
+        "unknown",
+        "rep_len",
+        "rep_max",
+        "len_str",
+        "ikey",
+        "padnib",
+        "tag_len",
+        "tag_enc",
+        "tagb",
+        "uplan",
+        "bykey",
+        "bm_len",
+        "bm_hex",
+        "bm_ext",
+        "bits",
     )
 
     def __init__(self):
@@ -125,6 +228,17 @@ class FieldPlan:
         self.unknown = U_REJECT
         self.rep_len = 0
         self.rep_max = 0
+        self.ikey = None  # the int a str part key "7" is also accepted as on encode
+        self.padnib = 0  # LBCD: the nibble an odd digit count is padded with (0 or 15)
+        self.tag_len = 0  # T_TAGGED: tag width in bytes
+        self.tag_enc = E_ASCII  # T_TAGGED: tag characters' encoding
+        self.tagb = b""  # a part of T_TAGGED: its tag as it is on the wire
+        self.uplan = None  # T_TAGGED: how an undeclared tag's value is framed (or None)
+        self.bykey = None  # T_TAGGED / T_BITMAPPED: part key (str and int) -> part
+        self.bm_len = 0  # T_BITMAPPED: bitmap bytes (8, or 16 with a secondary bitmap)
+        self.bm_hex = False  # T_BITMAPPED: the bitmap travels as hex characters
+        self.bm_ext = False  # T_BITMAPPED: bit 1 flags the secondary bitmap
+        self.bits = None  # T_BITMAPPED: part by bit number (None where undeclared)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,9 +307,9 @@ def _prefix_units(f, raw, pos, n):
 
 
 def _wire_size(enc, units):
-    if enc == E_BCD:
+    if enc == E_BCD or enc == E_LBCD:
         return (units + 1) // 2
-    if enc == E_HEXASCII:
+    if enc == E_HEXASCII or enc == E_EBCDICHEX:
         return units * 2
     return units
 
@@ -219,6 +333,10 @@ def _decode_text(f, raw, p, end, units, start):
             s = raw[p:end].decode("latin-1")
         elif enc == E_HEXASCII:
             s = _unhex(f, raw[p:end], p).decode("latin-1")
+        elif enc == E_EBCDIC1047:
+            s = raw[p:end].translate(EBCDIC1047_DECODE).decode("latin-1")
+        elif enc == E_LBCD:
+            s = _decode_lbcd(f, raw, p, end, units)
         else:
             s = _decode_bcd(f, raw, p, end, units)
     except UnicodeDecodeError:
@@ -254,6 +372,26 @@ def _decode_bcd(f, raw, p, end, units):
     return h
 
 
+def _decode_lbcd(f, raw, p, end, units):
+    # Left-aligned BCD: an odd digit count ends with a pad nibble, 0 or F whichever the field
+    # declares (jPOS ignores the pad nibble on input, so either is accepted here).
+    h = raw[p:end].hex()
+    if units % 2:
+        last = h[units]
+        if last != "0" and last != "f":
+            raise _derr(f, "odd-length left-aligned BCD must end with a 0 or F nibble", p, "bcd")
+        h = h[:units]
+    if f.vtype == T_TRACK2:
+        # '=' travels as nibble D (jPOS writes track 2 into IFB_LLNUM this way)
+        h = h.upper()
+        if h and not h.replace("D", "0").isdigit():
+            raise _derr(f, "invalid BCD track 2 nibble", p, "bcd")
+        return h.replace("D", "=")
+    if h and not h.isdigit():
+        raise _derr(f, "invalid BCD nibble", p, "bcd")
+    return h
+
+
 def _decode_value(f, raw, p, end, units, start):
     vt = f.vtype
     if vt == T_STRING or vt == T_NUMERIC or vt == T_TRACK2:
@@ -264,6 +402,8 @@ def _decode_value(f, raw, p, end, units, start):
             return raw[p:end]
         if enc == E_HEXASCII:
             return _unhex(f, raw[p:end], p)
+        if enc == E_EBCDICHEX:
+            return _unhex(f, raw[p:end].translate(EHEX_DECODE), p)
         b = raw[p:end]  # E_ASCII: bytes restricted to 7 bits
         if not b.isascii():
             raise _derr(f, "bytes outside ASCII", p, "charset")
@@ -271,6 +411,8 @@ def _decode_value(f, raw, p, end, units, start):
     # T_HEX
     if enc == E_HEXASCII:
         return _unhex(f, raw[p:end], p).hex().upper()
+    if enc == E_EBCDICHEX:
+        return _unhex(f, raw[p:end].translate(EHEX_DECODE), p).hex().upper()
     return raw[p:end].hex().upper()
 
 
@@ -280,20 +422,93 @@ def _decode_into(f, raw, pos, n, out):
     units = _prefix_units(f, raw, pos, n)
     p = pos + f.plen
     vt = f.vtype
-    if vt == T_COMPOSITE or vt == T_TLV:
+    if vt >= T_COMPOSITE and vt != T_BITMAP:
         end = p + units
         if end > n:
             raise _derr(f, f"composite needs {units} bytes, {n - p} left", pos, "short")
-        if vt == T_TLV:
-            out[f.key] = _decode_tlv(f, raw, p, end)
-        else:
-            out[f.key] = _decode_positional(f, raw, p, end)
+        out[f.key] = _decode_content(f, raw, p, end)
         return end
     end = p + _wire_size(f.enc, units)
     if end > n:
         raise _derr(f, f"value needs {end - p} bytes, {n - p} left", pos, "short")
     out[f.key] = _decode_value(f, raw, p, end, units, pos)
     return end
+
+
+def _decode_content(f, raw, pos, end):
+    """A composite's parts from its content bytes raw[pos:end], by the composite's layout."""
+    vt = f.vtype
+    if vt == T_TLV:
+        return _decode_tlv(f, raw, pos, end)
+    if vt == T_TAGGED:
+        return _decode_tagged(f, raw, pos, end)
+    if vt == T_BITMAPPED:
+        return _decode_bitmapped(f, raw, pos, end)
+    return _decode_positional(f, raw, pos, end)
+
+
+def _decode_tagged(f, raw, pos, end):
+    d = {}
+    tags = f.tags
+    tl = f.tag_len
+    p = pos
+    while p < end:
+        if p + tl > end:
+            raise _derr(f, f"tag needs {tl} bytes, {end - p} left", p, "tag")
+        tb = raw[p : p + tl]
+        if f.tag_enc == E_EBCDIC:
+            tag = tb.decode(EBCDIC_CODEC)
+        else:
+            tag = tb.decode("latin-1")
+        part = tags.get(tag)
+        if part is None:
+            if f.unknown == U_REJECT or f.uplan is None:
+                raise _derr(f, f"tag {tag!r} is not declared (unknown_tags: reject)", p, "unknown_tag")
+            held = {}
+            p = _decode_into(f.uplan, raw, p + tl, end, held)
+            if f.unknown == U_PRESERVE:
+                if tag in d:
+                    raise _derr(f, f"tag {tag!r} appears twice", p, "tag")
+                d[tag] = held[f.uplan.key]
+            continue
+        if part.key in d:
+            raise _derr(f, f"tag {tag!r} appears twice", p, "tag")
+        p = _decode_into(part, raw, p + tl, end, d)
+    return d
+
+
+def _decode_bitmapped(f, raw, pos, end):
+    step = 16 if f.bm_hex else 8
+    p = pos
+    bm = b""
+    while True:
+        if p + step > end:
+            raise _derr(f, f"subfield bitmap needs {step} bytes, {end - p} left", p, "short")
+        if f.bm_hex:
+            one = _unhex(f, raw[p : p + step], p)
+        else:
+            one = raw[p : p + step]
+        bm = bm + one
+        p += step
+        if len(bm) >= f.bm_len or (f.bm_ext and not (bm[0] & 0x80)):
+            break
+    d = {}
+    bits = f.bits
+    for i in range(len(bm)):
+        b = bm[i]
+        if b == 0:
+            continue
+        for off in BITS[b]:
+            num = i * 8 + off
+            if f.bm_ext and num == 1 and bits[1] is None:
+                continue  # only the secondary-bitmap flag (jPOS also ties a declared subfield 1 to it)
+            part = bits[num] if num < len(bits) else None
+            if part is None:
+                raise _derr(f, f"subfield {num} is in the bitmap but not declared", p, "unknown_field")
+            p = _decode_into(part, raw, p, end, d)
+    if p != end:
+        raise _derr(f, f"{end - p} bytes left over after the last subfield", p, "trailing")
+    return d
 
 
 def _decode_group(f, raw, pos, end):
@@ -381,9 +596,9 @@ def _decode_tlv(f, raw, pos, end):
 def _decode_tlv_value(part, raw, p, end):
     size = end - p
     enc = part.enc
-    if enc == E_BCD:
+    if enc == E_BCD or enc == E_LBCD:
         units = size * 2
-    elif enc == E_HEXASCII:
+    elif enc == E_HEXASCII or enc == E_EBCDICHEX:
         if size % 2:
             raise _derr(part, "odd number of hex characters", p, "hex")
         units = size // 2
@@ -391,11 +606,9 @@ def _decode_tlv_value(part, raw, p, end):
         units = size
     if part.length and units > part.length:
         raise _derr(part, f"length {units} exceeds the maximum {part.length}", p, "length")
-    if part.vtype == T_COMPOSITE or part.vtype == T_TLV:
+    if part.vtype >= T_COMPOSITE and part.vtype != T_BITMAP:
         # A composite part inside TLV: its value bytes are the composite's content.
-        if part.vtype == T_TLV:
-            return _decode_tlv(part, raw, p, end)
-        return _decode_positional(part, raw, p, end)
+        return _decode_content(part, raw, p, end)
     return _decode_value(part, raw, p, end, units, p)
 
 
@@ -469,6 +682,8 @@ def _encode_text(f, v):
             return s.encode("latin-1"), units
         if enc == E_HEXASCII:
             return hexlify(s.encode("latin-1")).upper(), units
+        if enc == E_EBCDIC1047:
+            return s.encode("latin-1").translate(EBCDIC1047_ENCODE), units
     except UnicodeEncodeError:
         raise _eerr(f, "character outside the field's character set", "charset") from None
     # E_BCD
@@ -477,12 +692,15 @@ def _encode_text(f, v):
             raise _eerr(f, "BCD track 2 carries digits and '=' only", "bcd")
         h = s.replace("=", "D")
         if units % 2:
-            h = h + "F"
+            h = h + ("0" if enc == E_LBCD and f.padnib == 0 else "F")
         return unhexlify(h), units
     if s and not (s.isdigit() and s.isascii()):
         raise _eerr(f, "BCD field given a non-digit", "bcd")
     if units % 2:
-        s = "0" + s
+        if enc == E_LBCD:
+            s = s + ("F" if f.padnib == 15 else "0")
+        else:
+            s = "0" + s
     return unhexlify(s), units
 
 
@@ -514,13 +732,15 @@ def _encode_data(f, v):
             b = _bytes_of(f, v)
     if f.enc == E_HEXASCII:
         return hexlify(b).upper(), len(b)
+    if f.enc == E_EBCDICHEX:
+        return hexlify(b).upper().translate(EHEX_ENCODE), len(b)
     return b, len(b)
 
 
 def _encode_field(f, v):
     """Prefix + data for one field or composite part."""
     vt = f.vtype
-    if vt == T_COMPOSITE or vt == T_TLV:
+    if vt >= T_COMPOSITE and vt != T_BITMAP:
         content = _encode_composite(f, v)
         return _prefix_bytes(f, len(content)) + content
     data, units = _encode_data(f, v)
@@ -540,6 +760,14 @@ def _encode_composite(f, v):
         if not isinstance(v, dict):
             raise _eerr(f, f"expected a dict of TLV tags, got {t.__name__}", "type")
         return _encode_tlv(f, v)
+    if f.vtype == T_TAGGED:
+        if not isinstance(v, dict):
+            raise _eerr(f, f"expected a dict of tagged parts, got {t.__name__}", "type")
+        return _encode_tagged(f, v)
+    if f.vtype == T_BITMAPPED:
+        if not isinstance(v, dict):
+            raise _eerr(f, f"expected a dict of subfields, got {t.__name__}", "type")
+        return _encode_bitmapped(f, v)
     if f.rep_len:
         if not isinstance(v, (list, tuple)):
             raise _eerr(f, f"expected a list of groups, got {t.__name__}", "type")
@@ -556,25 +784,131 @@ def _encode_group(f, v):
     if not isinstance(v, dict):
         raise _eerr(f, f"expected a dict of parts, got {type(v).__name__}", "type")
     out = []
+    used = 0
     for part in f.parts:
         pv = v.get(part.key)
         if pv is None:
-            if part.pad == PAD_NONE:
-                raise _eerr(part, "part missing", "missing")
-            pv = ""
+            ik = part.ikey
+            if ik is not None:
+                pv = v.get(ik)
+            if pv is None:
+                if part.pad == PAD_NONE:
+                    raise _eerr(part, _missing_text(f, part), "missing")
+                pv = ""
+            else:
+                used += 1
+        else:
+            used += 1
         out.append(_encode_field(part, pv))
-    if len(v) > len(f.parts):
-        for k in v:
-            found = False
-            for part in f.parts:
-                if part.key == k:
-                    found = True
-            if not found:
-                raise _eerr(f, f"unknown part {k!r}", "unknown_part")
+    if len(v) > used:
+        _check_keys(f, v)
     data = b"".join(out)
     if f.rep_len and len(data) != f.rep_len:
         raise _eerr(f, f"group of {len(data)} bytes, the repeat length is {f.rep_len}", "repeat")
     return data
+
+
+def _missing_text(f, part):
+    keys = ", ".join(repr(p.key) for p in f.parts)
+    label = f" ({part.label})" if part.label else ""
+    return f"part {part.key!r}{label} missing: give it under key {part.key!r} (parts of this field: {keys})"
+
+
+def _check_keys(f, v):
+    """Name the first key of `v` that is no part of `f`, or a part given both as int and str."""
+    for k in v:
+        if v[k] is None:
+            continue
+        found = None
+        for part in f.parts:
+            if part.key == k or (type(k) is int and part.ikey == k):
+                found = part
+                break
+        if found is None:
+            if f.vtype == T_TAGGED and f.unknown != U_REJECT and type(k) is str:
+                continue  # an undeclared tag, preserved or dropped by _encode_tagged
+            keys = ", ".join(repr(p.key) for p in f.parts)
+            raise _eerr(f, f"unknown part {k!r} (parts of this field: {keys})", "unknown_part")
+        if type(k) is int and v.get(found.key) is not None:
+            raise _eerr(f, f"part {found.key!r} given twice, as {found.key!r} and {k!r}", "duplicate_part")
+
+
+def _part_value(part, v):
+    pv = v.get(part.key)
+    if pv is None and part.ikey is not None:
+        pv = v.get(part.ikey)
+    return pv
+
+
+def _encode_tagged(f, v):
+    out = []
+    used = 0
+    for part in f.parts:
+        pv = _part_value(part, v)
+        if pv is None:
+            continue
+        used += 1
+        out.append(part.tagb)
+        out.append(_encode_field(part, pv))
+    if len(v) > used:
+        _check_keys(f, v)
+        for k, value in v.items():
+            if type(k) is not str or f.bykey.get(k) is not None or value is None:
+                continue
+            if f.unknown == U_DROP:
+                continue
+            tb = _tag_text_bytes(f, k)
+            out.append(tb)
+            out.append(_encode_field(f.uplan, value))
+    return b"".join(out)
+
+
+def _tag_text_bytes(f, tag):
+    try:
+        if f.tag_enc == E_EBCDIC:
+            tb = tag.encode(EBCDIC_CODEC)
+        else:
+            tb = tag.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _eerr(f, f"tag {tag!r} has characters the tag encoding lacks", "tag") from None
+    if len(tb) != f.tag_len:
+        raise _eerr(f, f"tag {tag!r} is not {f.tag_len} characters", "tag")
+    return tb
+
+
+def _encode_bitmapped(f, v):
+    out = []
+    # a bytearray, not an int: the bitmap may be 128 bits and the twin shifts in C
+    bm = bytearray(f.bm_len)
+    top = 0
+    used = 0
+    for part in f.parts:
+        pv = _part_value(part, v)
+        if pv is None:
+            continue
+        used += 1
+        num = part.ikey
+        bm[(num - 1) >> 3] |= 0x80 >> ((num - 1) & 7)
+        if num > top:
+            top = num
+        out.append(_encode_field(part, pv))
+    if len(v) > used:
+        _check_keys(f, v)
+    head = bytes(bm)
+    if f.bm_ext:
+        tied = f.bits[1] is not None
+        if tied and top > 64 and not (bm[0] & 0x80):
+            raise _eerr(
+                f, "subfield 1 is tied to the secondary bitmap (jPOS): give it when a subfield above 64 is", "missing"
+            )
+        if top > 64 or (tied and (bm[0] & 0x80)):
+            bm[0] |= 0x80
+            head = bytes(bm)
+        else:
+            head = head[0:8]
+    if f.bm_hex:
+        head = hexlify(head).upper()
+    return head + b"".join(out)
 
 
 def _ber_length(ln):
@@ -599,7 +933,7 @@ def _encode_tlv(f, v):
                 raise _eerr(f, f"TLV tag {key} is not declared (unknown_tags: reject)", "unknown_tag")
             data = _bytes_of(f, value)
         else:
-            if part.vtype == T_COMPOSITE or part.vtype == T_TLV:
+            if part.vtype >= T_COMPOSITE and part.vtype != T_BITMAP:
                 data = _encode_composite(part, value)
             else:
                 data, units = _encode_data(part, value)
@@ -639,17 +973,10 @@ def _tag_bytes(f, key):
 # the codec
 
 
-def _is_compiled():
-    return type(_is_compiled).__name__ != "function"
-
-
-COMPILED = _is_compiled()
-
-
 class Codec:
     """A compiled field table and the two hot entry points, `decode` and `encode`."""
 
-    __slots__ = ("plans", "mti", "bitmap", "bm_hex", "max_message_bytes")
+    __slots__ = ("plans", "mti", "bitmap", "bm_hex", "bm_ebc", "max_message_bytes")
 
     def __init__(self, plans, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
         if len(plans) != MAX_FIELD + 1 or plans[0] is None or plans[1] is None:
@@ -657,7 +984,8 @@ class Codec:
         self.plans = list(plans)
         self.mti = plans[0]
         self.bitmap = plans[1]
-        self.bm_hex = plans[1].enc == E_HEXASCII
+        self.bm_hex = plans[1].enc == E_HEXASCII or plans[1].enc == E_EBCDICHEX
+        self.bm_ebc = plans[1].enc == E_EBCDICHEX
         self.max_message_bytes = max_message_bytes
 
     # -- decode ---------------------------------------------------------------------------
@@ -670,10 +998,12 @@ class Codec:
         while True:
             if pos + step > n:
                 raise _derr(self.bitmap, f"bitmap needs {step} bytes, {n - pos} left", pos, "short")
-            if self.bm_hex:
-                one = _unhex(self.bitmap, raw[pos:pos + step], pos)
+            if self.bm_ebc:
+                one = _unhex(self.bitmap, raw[pos : pos + step].translate(EHEX_DECODE), pos)
+            elif self.bm_hex:
+                one = _unhex(self.bitmap, raw[pos : pos + step], pos)
             else:
-                one = raw[pos:pos + step]
+                one = raw[pos : pos + step]
             bm = bm + one
             count += 1
             pos += step
@@ -697,8 +1027,8 @@ class Codec:
         try:
             if n > self.max_message_bytes:
                 raise Iso8583DecodeError(
-                    f"message of {n} bytes exceeds max_message_bytes={self.max_message_bytes}",
-                    None, 0, "too_large")
+                    f"message of {n} bytes exceeds max_message_bytes={self.max_message_bytes}", None, 0, "too_large"
+                )
             f = self.mti
             if f.kind == K_ASCII_FIXED and f.vtype == T_STRING:
                 end = f.wlen
@@ -723,7 +1053,8 @@ class Codec:
                     f = plans[num]
                     if f is None:
                         raise Iso8583DecodeError(
-                            "present in the bitmap but not defined by the spec", num, pos, "unknown_field")
+                            "present in the bitmap but not defined by the spec", num, pos, "unknown_field"
+                        )
                     kind = f.kind
                     if kind == K_ASCII_FIXED:
                         end = pos + f.wlen
@@ -779,6 +1110,8 @@ class Codec:
                 out = out + ("%016X" % b2)
             if b3:
                 out = out + ("%016X" % b3)
+            if self.bm_ebc:
+                return out.encode("ascii").translate(EHEX_ENCODE).decode("latin-1")
             return out
         out = b1.to_bytes(8, "big")
         if b2:
@@ -853,8 +1186,13 @@ class Codec:
                 f = plans[num]
                 if f is None or num == 65:
                     raise Iso8583EncodeError(
-                        "not defined by the spec" if num != 65 else
-                        "field 65 flags the tertiary bitmap and is set automatically", num, None, "unknown_field")
+                        "not defined by the spec"
+                        if num != 65
+                        else "field 65 flags the tertiary bitmap and is set automatically",
+                        num,
+                        None,
+                        "unknown_field",
+                    )
                 if num <= 64:
                     b1 |= _ONE << (64 - num)
                 elif num <= 128:
@@ -879,8 +1217,9 @@ class Codec:
                     parts.append(_encode_field(f, v).decode("latin-1"))
         except Iso8583EncodeError as err:
             if err.offset is None:
-                raise Iso8583EncodeError(err.detail, err.field, self._offset(parts, b2, b3, num),
-                                         err.reason, err.subfield) from None
+                raise Iso8583EncodeError(
+                    err.detail, err.field, self._offset(parts, b2, b3, num), err.reason, err.subfield
+                ) from None
             raise
         if b3:
             b2 |= _ONE << 63

@@ -13,10 +13,35 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["mask_pan", "mask_value", "log_safe"]
+__all__ = ["MASK", "mask_pan", "mask_value", "log_safe", "mask_card_numbers", "luhn_valid"]
 
 MASK = "*"
 _TRACK = re.compile(r"%?[A-Z]?([0-9]{6,19})([=D^])(.*)", re.S)
+_CARD_RUN = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
+# Each digit's value once doubled and its digits summed (Luhn), as the ASCII digit itself.
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn (mod 10) check of an ASCII digit string."""
+    if not digits or not (digits.isdigit() and digits.isascii()):
+        return False
+    rev = digits[::-1].encode("ascii")
+    # byte sums: every digit counts as its ASCII code, 48 too many per digit
+    return (sum(rev[0::2]) + sum(rev[1::2].translate(_DOUBLED)) - 48 * len(rev)) % 10 == 0
+
+
+def _mask_run(m):
+    run = m.group(0)
+    return mask_pan(run) if luhn_valid(run) else run
+
+
+def mask_card_numbers(text: str) -> str:
+    """`text` with every Luhn-valid run of 13-19 digits (a card number) masked by mask_pan.
+    Digits that are part of a longer run are left alone (a timestamp, an amount field)."""
+    if len(text) < 13:
+        return text
+    return _CARD_RUN.sub(_mask_run, text)
 
 
 def mask_pan(value):
@@ -26,9 +51,9 @@ def mask_pan(value):
     s = str(value)
     n = len(s)
     if n >= 13:
-        return s[:6] + MASK * (n - 10) + s[n - 4:]
+        return s[:6] + MASK * (n - 10) + s[n - 4 :]
     if n > 4:
-        return MASK * (n - 4) + s[n - 4:]
+        return MASK * (n - 4) + s[n - 4 :]
     return MASK * n
 
 

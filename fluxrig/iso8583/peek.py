@@ -52,10 +52,10 @@ def peek(body: bytes, encoding: str = "ascii") -> tuple[str, int]:
     mti, pos = _mti(body, encoding)
     count = 0
     # hex characters if the next 16 bytes are all hex digits (translate deletes hex digits)
-    hex_bitmap = encoding != "bcd" and len(body) >= pos + 16 and not body[pos:pos + 16].translate(None, _HEX_DIGITS)
+    hex_bitmap = encoding != "bcd" and len(body) >= pos + 16 and not body[pos : pos + 16].translate(None, _HEX_DIGITS)
     width = 16 if hex_bitmap else 8
     while True:
-        chunk = body[pos:pos + width]
+        chunk = body[pos : pos + width]
         if len(chunk) < width:
             raise BadFrame(f"bitmap {count + 1} truncated: {len(chunk)} of {width} bytes", pos)
         count += 1

@@ -9,8 +9,10 @@ Contract: `compile_table(wire, mod, problems, where)` returns a list of MAX_FIEL
 (None where the spec defines no field), built with `mod.FieldPlan` so the table fits the
 backend (`mod` is fluxrig.iso8583.codec_py or its compiled twin). Accepted vocabulary:
   type     String | Numeric | Binary | Hex | Track2 | Bitmap | Composite
-  enc      ASCII | EBCDIC (code page 037) | BCD | Binary | HexToASCII
-  prefix   <ASCII|BCD|Binary|EBCDIC|Hex>.<Fixed|L|LL|LLL|LLLL>
+  enc      ASCII | EBCDIC (code page 037) | EBCDIC1047 | BCD (odd counts 0-padded on the left) |
+           LBCD (left-aligned: 0-padded on the right) | LBCDF (fluxrig: F-padded on the right) |
+           Binary | HexToASCII | ASCIIToHex (value: hex string, wire: its bytes, length in bytes)
+  prefix   <ASCII|BCD|Binary|EBCDIC|Hex>.<Fixed|L .. LLLLLL>
            on the wire, for a value of N units and k = number of L's:
              ASCII.L..LLLL   k decimal digits ("05")        EBCDIC.L..LLLL  k digits 0xF0-0xF9
              BCD.L..LLLL     ceil(k/2) bytes of BCD (0x05)   Binary.L..LLLL  k bytes, big-endian
@@ -19,7 +21,13 @@ backend (`mod` is fluxrig.iso8583.codec_py or its compiled twin). Accepted vocab
            encode up to `length`, never stripped on decode)
   subfields  fluxrig authoring form {layout: positional|tlv, parts: [...], unknown_tags,
            repeat: {length, max}} or moov's map form {key: {field}} with an optional
-           `tag: {enc: BerTLVTag, skipUnknownTLVTags, storeUnknownTLVTags}`.
+           `tag: {enc: BerTLVTag, skipUnknownTLVTags, storeUnknownTLVTags}`; tagged composites
+           (`tag: {length: 2|3.., enc: ASCII|EBCDIC, padding}` in moov's form, or layout: tagged
+           with parts [{tag, key, ...}], `unknown_tags` + `unknown_prefix`) put each present
+           part as tag + its own prefix + value; bitmapped composites (a field-level `bitmap:
+           {length: 8|16, enc: Binary|HexToASCII, secondary}` over numbered subfields, or
+           layout: bitmap with parts [{bit, ...}]) start with a bitmap announcing the parts.
+  keys     parts are keyed by str ("1", "9F02"); encode also takes the int of a numeric key.
 """
 
 from __future__ import annotations
@@ -28,31 +36,59 @@ from functools import lru_cache
 
 from fluxrig.iso8583 import codec_py as C
 
-__all__ = ["compile_table", "parse_prefix", "TYPES", "ENCODINGS", "MAX_NESTING"]
+__all__ = [
+    "compile_table",
+    "build_field",
+    "parse_prefix",
+    "TYPES",
+    "ENCODINGS",
+    "MAX_NESTING",
+    "MAX_PREFIX_DIGITS",
+    "LEN_TABLE_LIMIT",
+]
 
 TYPES = {
-    "string": C.T_STRING, "numeric": C.T_NUMERIC, "binary": C.T_BINARY, "hex": C.T_HEX,
-    "track2": C.T_TRACK2, "composite": C.T_COMPOSITE, "bitmap": C.T_BITMAP,
+    "string": C.T_STRING,
+    "numeric": C.T_NUMERIC,
+    "binary": C.T_BINARY,
+    "hex": C.T_HEX,
+    "track2": C.T_TRACK2,
+    "composite": C.T_COMPOSITE,
+    "bitmap": C.T_BITMAP,
 }
 ENCODINGS = {
-    "ascii": C.E_ASCII, "ebcdic": C.E_EBCDIC, "bcd": C.E_BCD, "binary": C.E_BINARY,
-    "hextoascii": C.E_HEXASCII, "bytestoasciihex": C.E_HEXASCII,
+    "ascii": C.E_ASCII,
+    "ebcdic": C.E_EBCDIC,
+    "bcd": C.E_BCD,
+    "binary": C.E_BINARY,
+    "hextoascii": C.E_HEXASCII,
+    "bytestoasciihex": C.E_HEXASCII,
+    "lbcd": C.E_LBCD,
+    "lbcdf": C.E_LBCD,  # fluxrig: LBCD padded with an F nibble (jPOS IFB_F*, RIGHT_PADDED_F)
+    "ebcdic1047": C.E_EBCDIC1047,
+    "ebcdic037": C.E_EBCDIC,
+    "ebcdichex": C.E_EBCDICHEX,  # fluxrig: bytes as EBCDIC hex characters (jPOS IFE_BINARY, IFE_BITMAP)
 }
+# `ASCIIToHex` (moov's ASCIIHexToBytes): the value is a hex string, the wire carries the bytes
+# it spells, `length` and the prefix count bytes. That is the Hex type over Binary.
+_ASCII_TO_HEX = "asciitohex"
+_TAG_ENCODINGS = {"ascii": C.E_ASCII, "ebcdic": C.E_EBCDIC}
 _PREFIX_KINDS = {"ascii": C.P_ASCII, "ebcdic": C.P_EBCDIC, "bcd": C.P_BCD, "binary": C.P_BINARY, "hex": C.P_HEX}
+_TEXT_ENC = {C.E_ASCII, C.E_EBCDIC, C.E_EBCDIC1047, C.E_BCD, C.E_LBCD, C.E_BINARY, C.E_HEXASCII}
 _ALLOWED_ENC = {
-    C.T_STRING: {C.E_ASCII, C.E_EBCDIC, C.E_BCD, C.E_BINARY, C.E_HEXASCII},
-    C.T_NUMERIC: {C.E_ASCII, C.E_EBCDIC, C.E_BCD, C.E_BINARY, C.E_HEXASCII},
-    C.T_TRACK2: {C.E_ASCII, C.E_EBCDIC, C.E_BCD, C.E_BINARY, C.E_HEXASCII},
-    C.T_BINARY: {C.E_BINARY, C.E_HEXASCII, C.E_ASCII},
-    C.T_HEX: {C.E_BINARY, C.E_HEXASCII},
-    C.T_BITMAP: {C.E_BINARY, C.E_HEXASCII},
+    C.T_STRING: _TEXT_ENC,
+    C.T_NUMERIC: _TEXT_ENC,
+    C.T_TRACK2: {C.E_ASCII, C.E_EBCDIC, C.E_EBCDIC1047, C.E_BCD, C.E_LBCD, C.E_BINARY, C.E_HEXASCII},
+    C.T_BINARY: {C.E_BINARY, C.E_HEXASCII, C.E_EBCDICHEX, C.E_ASCII},
+    C.T_HEX: {C.E_BINARY, C.E_HEXASCII, C.E_EBCDICHEX},
+    C.T_BITMAP: {C.E_BINARY, C.E_HEXASCII, C.E_EBCDICHEX},
 }
 _TEXT_TYPES = (C.T_STRING, C.T_NUMERIC, C.T_TRACK2)
 _UNKNOWN = {"preserve": C.U_PRESERVE, "drop": C.U_DROP, "reject": C.U_REJECT}
 
-MAX_NESTING = 4          # composites inside composites
-MAX_PREFIX_DIGITS = 4    # L .. LLLL
-LEN_TABLE_LIMIT = 9999   # precompute prefix bytes up to this many units
+MAX_NESTING = 4  # composites inside composites
+MAX_PREFIX_DIGITS = 6  # L .. LLLLLL (jPOS has 5- and 6-digit ASCII and BCD prefixes)
+LEN_TABLE_LIMIT = 9999  # precompute prefix bytes up to this many units
 
 
 def parse_prefix(text):
@@ -66,7 +102,7 @@ def parse_prefix(text):
     if size.lower() == "fixed":
         return C.P_FIXED, 0
     if not size or set(size) != {"L"} or len(size) > MAX_PREFIX_DIGITS:
-        raise ValueError(f"prefix {text!r}: size must be Fixed, L, LL, LLL or LLLL")
+        raise ValueError(f"prefix {text!r}: size must be Fixed or L .. {'L' * MAX_PREFIX_DIGITS}")
     return kind, len(size)
 
 
@@ -80,8 +116,8 @@ def _prefix_wire_len(pk, ndig):
 
 def _prefix_capacity(pk, ndig):
     if pk in (C.P_BINARY, C.P_HEX):
-        return 256 ** ndig - 1
-    return 10 ** ndig - 1
+        return 256**ndig - 1
+    return 10**ndig - 1
 
 
 @lru_cache(maxsize=256)
@@ -96,9 +132,9 @@ def _len_str(pk, ndig, upto):
 
 
 def _wire_size(enc, units):
-    if enc == C.E_BCD:
+    if enc in (C.E_BCD, C.E_LBCD):
         return (units + 1) // 2
-    if enc == C.E_HEXASCII:
+    if enc in (C.E_HEXASCII, C.E_EBCDICHEX):
         return 2 * units
     return units
 
@@ -150,7 +186,8 @@ def _apply_prefix(ctx, f, prefix, loc, default="ASCII.Fixed"):
 def _check_capacity(ctx, f, loc):
     if f.pref != C.P_FIXED and f.length > _prefix_capacity(f.pref, f.ndig):
         ctx.problems.append(
-            f"{loc}: length {f.length} does not fit a {f.ndig}-digit prefix (max {_prefix_capacity(f.pref, f.ndig)})")
+            f"{loc}: length {f.length} does not fit a {f.ndig}-digit prefix (max {_prefix_capacity(f.pref, f.ndig)})"
+        )
         return False
     return True
 
@@ -173,8 +210,13 @@ def build_field(ctx, num, d, loc, key=None, sub=None, parent_enc=None, depth=0, 
     vt = _lookup(TYPES, d.get("type", "String"), "type", f"{loc}.type", ctx.problems)
     if vt is None:
         return None
-    f.vtype = vt
     enc_name = d.get("enc")
+    if isinstance(enc_name, str) and enc_name.lower() == _ASCII_TO_HEX:
+        if vt not in (C.T_STRING, C.T_HEX):
+            ctx.problems.append(f"{loc}: ASCIIToHex carries a hex string; use type String or Hex")
+            return None
+        vt, enc_name = C.T_HEX, "Binary"
+    f.vtype = vt
     if enc_name is None:
         if in_tlv and vt in (C.T_BINARY, C.T_HEX):
             enc = C.E_BINARY
@@ -193,6 +235,8 @@ def build_field(ctx, num, d, loc, key=None, sub=None, parent_enc=None, depth=0, 
         ctx.problems.append(f"{loc}: type {d.get('type')} cannot use encoding {enc_name or enc}")
         return None
     f.enc = enc
+    if isinstance(enc_name, str) and enc_name.lower() == "lbcdf":
+        f.padnib = 15
     length = _int(d.get("length", 0), f"{loc}.length", ctx.problems)
     if length is None:
         return None
@@ -238,7 +282,7 @@ def _apply_padding(ctx, f, padding, loc):
     if not isinstance(pad, str) or len(pad) != 1:
         ctx.problems.append(f"{loc}.padding.pad: one character expected, got {pad!r}")
         return False
-    if f.enc == C.E_BCD and not pad.isdigit():
+    if f.enc in (C.E_BCD, C.E_LBCD) and not pad.isdigit():
         ctx.problems.append(f"{loc}.padding.pad: a BCD field pads with a digit")
         return False
     if f.vtype == C.T_NUMERIC and not pad.isdigit():
@@ -292,6 +336,17 @@ def _build_composite(ctx, num, d, loc, key, sub, parent_enc, depth, in_tlv):
     layout = subs.get("layout")
     if layout is not None or "parts" in subs:
         ok = _authoring_form(ctx, f, subs, loc, prefix_sub, penc, depth)
+    elif d.get("bitmap") is not None:
+        items = []
+        for k, part in subs.items():
+            if isinstance(k, bool) or not str(k).isdigit():
+                ctx.problems.append(f"{loc}.subfields.{k}: subfields of a bitmapped composite are numbered")
+                return None
+            items.append((int(k), part))
+        bm = dict(d["bitmap"]) if isinstance(d["bitmap"], dict) else d["bitmap"]
+        if isinstance(bm, dict) and "secondary" not in bm and d.get("disableAutoExpand"):
+            bm["secondary"] = False
+        ok = _bitmapped(ctx, f, items, bm, f"{loc}.subfields", prefix_sub, penc, depth)
     else:
         ok = _moov_form(ctx, f, subs, d.get("tag"), loc, prefix_sub, penc, depth)
     if not ok:
@@ -316,7 +371,7 @@ def _group_size(f):
     for p in f.parts:
         if p.pref != C.P_FIXED:
             return None
-        if p.vtype in (C.T_COMPOSITE, C.T_TLV):
+        if p.vtype in (C.T_COMPOSITE, C.T_TLV, C.T_TAGGED, C.T_BITMAPPED):
             total += p.length
         else:
             total += p.wlen
@@ -327,14 +382,41 @@ def _authoring_form(ctx, f, subs, loc, prefix_sub, penc, depth):
     layout = subs.get("layout")
     parts = subs.get("parts")
     sloc = f"{loc}.subfields"
-    if not isinstance(parts, list) or not parts:
+    keep_all = layout == "tlv" and str(subs.get("unknown_tags", "")).lower() == "preserve"
+    if not isinstance(parts, list) or (not parts and not keep_all):
         ctx.problems.append(f"{sloc}.parts: layout {layout!r} needs a non-empty list of parts")
         return False
     if layout == "tlv":
-        return _tlv(ctx, f, [(p.get("tag") if isinstance(p, dict) else None, p) for p in parts],
-                    subs.get("unknown_tags", "reject"), sloc, prefix_sub, penc, depth, by_list=True)
+        return _tlv(
+            ctx,
+            f,
+            [(p.get("tag") if isinstance(p, dict) else None, p) for p in parts],
+            subs.get("unknown_tags", "reject"),
+            sloc,
+            prefix_sub,
+            penc,
+            depth,
+            by_list=True,
+        )
+    if layout == "tagged":
+        items = []
+        for i, p in enumerate(parts):
+            if not isinstance(p, dict) or p.get("tag") is None:
+                ctx.problems.append(f"{sloc}.parts[{i}].tag: a tagged part needs its tag")
+                return False
+            items.append((str(p.get("key", p["tag"])), str(p["tag"]), p, f"{sloc}.parts[{i}]"))
+        return _tagged(ctx, f, items, subs.get("tag"), subs, sloc, prefix_sub, penc, depth)
+    if layout == "bitmap":
+        items = []
+        for i, p in enumerate(parts):
+            num = p.get("bit") if isinstance(p, dict) else None
+            if isinstance(num, bool) or not isinstance(num, int):
+                ctx.problems.append(f"{sloc}.parts[{i}].bit: a part of a bitmapped composite names its bit")
+                return False
+            items.append((num, p))
+        return _bitmapped(ctx, f, items, subs.get("bitmap"), sloc, prefix_sub, penc, depth)
     if layout != "positional":
-        ctx.problems.append(f"{sloc}.layout: {layout!r} is not supported (positional, tlv)")
+        ctx.problems.append(f"{sloc}.layout: {layout!r} is not supported (positional, tlv, tagged, bitmap)")
         return False
     f.vtype = C.T_COMPOSITE
     built = []
@@ -344,7 +426,9 @@ def _authoring_form(ctx, f, subs, loc, prefix_sub, penc, depth):
         if not isinstance(part, dict):
             ctx.problems.append(f"{ploc}: a part must be a mapping")
             return False
-        spec = {k: v for k, v in part.items() if k in ("type", "length", "enc", "prefix", "padding", "subfields", "tag")}
+        spec = {
+            k: v for k, v in part.items() if k in ("type", "length", "enc", "prefix", "padding", "subfields", "tag")
+        }
         spec.setdefault("type", "String")
         spec.setdefault("prefix", "ASCII.Fixed")
         if "from" in part or "to" in part:
@@ -364,6 +448,7 @@ def _authoring_form(ctx, f, subs, loc, prefix_sub, penc, depth):
         p = build_field(ctx, f.num, spec, ploc, key=key, sub=prefix_sub + key, parent_enc=penc, depth=depth + 1)
         if p is None:
             return False
+        p.ikey = i + 1
         built.append(p)
     f.parts = built
     repeat = subs.get("repeat")
@@ -401,8 +486,9 @@ def _moov_form(ctx, f, subs, tag, loc, prefix_sub, penc, depth):
             mode = "reject"
         return _tlv(ctx, f, list(subs.items()), mode, sloc, prefix_sub, penc, depth, by_list=False)
     if tag.get("length"):
-        ctx.problems.append(f"{loc}.tag: tagged (non-BER) composites are not supported yet")
-        return False
+        items = [(str(k), str(k), part, f"{sloc}.{k}") for k, part in subs.items()]
+        items.sort(key=lambda it: (len(it[0]), it[0]))
+        return _tagged(ctx, f, items, tag, tag, sloc, prefix_sub, penc, depth)
     f.vtype = C.T_COMPOSITE
     keys = list(subs)
     try:
@@ -417,12 +503,160 @@ def _moov_form(ctx, f, subs, tag, loc, prefix_sub, penc, depth):
             part.setdefault("type", "String")
             part.setdefault("prefix", "ASCII.Fixed")
         skey = str(k)
-        p = build_field(ctx, f.num, part, f"{sloc}.{skey}", key=skey, sub=prefix_sub + skey,
-                        parent_enc=penc, depth=depth + 1)
+        p = build_field(
+            ctx, f.num, part, f"{sloc}.{skey}", key=skey, sub=prefix_sub + skey, parent_enc=penc, depth=depth + 1
+        )
         if p is None:
             return False
+        p.ikey = int(skey) if skey.isdigit() else None
         built.append(p)
     f.parts = built
+    return True
+
+
+MAX_TAG_CHARS = 8  # width of a tagged composite's tags
+UNKNOWN_VALUE_LIMIT = 9999  # the largest undeclared tagged value kept or skipped
+
+
+def _part_spec(part):
+    spec = {k: v for k, v in part.items() if k in ("type", "length", "enc", "prefix", "padding", "subfields", "tag")}
+    for k in ("bitmap", "disableAutoExpand"):
+        if k in part:
+            spec[k] = part[k]
+    spec.setdefault("type", "String")
+    spec.setdefault("prefix", "ASCII.Fixed")
+    return spec
+
+
+def _tagged(ctx, f, items, tagspec, opts, sloc, prefix_sub, penc, depth):
+    """A tagged composite: each present part is its tag (fixed width) then its own prefix and
+    value. `items` are (key, tag, part definition, location)."""
+    f.vtype = C.T_TAGGED
+    if not isinstance(tagspec, dict):
+        ctx.problems.append(f"{sloc}.tag: expected {{length, enc, padding}}")
+        return False
+    tl = _int(tagspec.get("length"), f"{sloc}.tag.length", ctx.problems)
+    if tl is None:
+        return False
+    if not 1 <= tl <= MAX_TAG_CHARS:
+        ctx.problems.append(f"{sloc}.tag.length: 1..{MAX_TAG_CHARS} characters, got {tl}")
+        return False
+    tenc = _lookup(_TAG_ENCODINGS, tagspec.get("enc", "ASCII"), "tag encoding", f"{sloc}.tag.enc", ctx.problems)
+    if tenc is None:
+        return False
+    pad = tagspec.get("padding") or {}
+    padc = None
+    if isinstance(pad, dict) and str(pad.get("type", "None")).lower() == "left":
+        padc = str(pad.get("pad", "0"))[:1] or "0"
+    f.tag_len = tl
+    f.tag_enc = tenc
+    mode = _UNKNOWN.get(str(opts.get("unknown_tags", "reject")).lower())
+    if mode is None:
+        ctx.problems.append(f"{sloc}.unknown_tags: {opts.get('unknown_tags')!r} is not preserve, drop or reject")
+        return False
+    f.unknown = mode
+    upref = opts.get("unknown_prefix") or opts.get("prefUnknownTLV")
+    if opts.get("skipUnknownTLVTags"):
+        f.unknown = C.U_PRESERVE if opts.get("storeUnknownTLVTags") else C.U_DROP
+    if upref:
+        try:
+            pk, nd = parse_prefix(upref)
+        except ValueError as exc:
+            ctx.problems.append(f"{sloc}.unknown_prefix: {exc}")
+            return False
+        cap = min(_prefix_capacity(pk, nd), UNKNOWN_VALUE_LIMIT) if pk != C.P_FIXED else 0
+        if pk == C.P_FIXED:
+            ctx.problems.append(f"{sloc}.unknown_prefix: an undeclared tag's value needs a length prefix")
+            return False
+        f.uplan = build_field(
+            ctx,
+            f.num,
+            {"type": "Binary", "enc": "Binary", "length": cap, "prefix": upref},
+            f"{sloc}.unknown_prefix",
+            key="?",
+            sub=prefix_sub + "?",
+        )
+    elif f.unknown != C.U_REJECT:
+        ctx.problems.append(f"{sloc}.unknown_prefix: unknown_tags preserve/drop needs the prefix undeclared tags carry")
+        return False
+    tags, bykey, built = {}, {}, []
+    for key, tag, part, ploc in items:
+        if padc is not None and len(tag) < tl:
+            tag = padc * (tl - len(tag)) + tag
+        try:
+            tb = tag.encode("cp037" if tenc == C.E_EBCDIC else "latin-1")
+        except UnicodeEncodeError:
+            tb = b""
+        if len(tb) != tl:
+            ctx.problems.append(f"{ploc}: tag {tag!r} is not {tl} characters")
+            return False
+        if tag in tags:
+            ctx.problems.append(f"{ploc}: tag {tag!r} declared twice")
+            return False
+        if not isinstance(part, dict):
+            ctx.problems.append(f"{ploc}: a part must be a mapping")
+            return False
+        p = build_field(
+            ctx, f.num, _part_spec(part), ploc, key=key, sub=prefix_sub + key, parent_enc=penc, depth=depth + 1
+        )
+        if p is None:
+            return False
+        p.tagb = tb
+        p.ikey = int(key) if key.isdigit() else None
+        tags[tag] = p
+        bykey[key] = p
+        if p.ikey is not None:
+            bykey[p.ikey] = p
+        built.append(p)
+    f.tags = tags
+    f.bykey = bykey
+    f.parts = built
+    return True
+
+
+def _bitmapped(ctx, f, items, bmspec, sloc, prefix_sub, penc, depth):
+    """A bitmapped composite: a bitmap of `length` bytes, then the parts whose bits are set."""
+    f.vtype = C.T_BITMAPPED
+    if not isinstance(bmspec, dict):
+        ctx.problems.append(f"{sloc}.bitmap: expected {{length: 8|16, enc: Binary|HexToASCII}}")
+        return False
+    length = bmspec.get("length", 8)
+    if length not in (8, 16):
+        ctx.problems.append(f"{sloc}.bitmap.length: 8 or 16 bytes, got {length!r}")
+        return False
+    enc = _lookup(ENCODINGS, bmspec.get("enc", "Binary"), "encoding", f"{sloc}.bitmap.enc", ctx.problems)
+    if enc is None:
+        return False
+    if enc not in (C.E_BINARY, C.E_HEXASCII):
+        ctx.problems.append(f"{sloc}.bitmap.enc: a bitmap is Binary or HexToASCII")
+        return False
+    f.bm_len = length
+    f.bm_hex = enc == C.E_HEXASCII
+    f.bm_ext = bool(bmspec.get("secondary", length == 16))
+    bits = [None] * (8 * length + 1)
+    built = []
+    for num, part in sorted(items, key=lambda it: it[0]):
+        ploc = f"{sloc}.{num}"
+        if not 1 <= num <= 8 * length:
+            ctx.problems.append(f"{ploc}: subfield numbers run 1..{8 * length} with this bitmap")
+            return False
+        # With a secondary bitmap, bit 1 is its flag; a declared subfield 1 rides on it too
+        # (jPOS GenericSubFieldPackager: bit 1 set = 16-byte bitmap and subfield 1 present).
+        if not isinstance(part, dict):
+            ctx.problems.append(f"{ploc}: a part must be a mapping")
+            return False
+        key = str(num)
+        p = build_field(
+            ctx, f.num, _part_spec(part), ploc, key=key, sub=prefix_sub + key, parent_enc=penc, depth=depth + 1
+        )
+        if p is None:
+            return False
+        p.ikey = num
+        bits[num] = p
+        built.append(p)
+    f.bits = bits
+    f.parts = built
+    f.bykey = {p.key: p for p in built}
     return True
 
 
@@ -474,8 +708,9 @@ def _tlv(ctx, f, items, unknown, sloc, prefix_sub, penc, depth, by_list):
         if by_list:
             spec.pop("tag", None)
         spec.setdefault("type", "String")
-        p = build_field(ctx, f.num, spec, ploc, key=tag, sub=prefix_sub + tag, parent_enc=penc,
-                        depth=depth + 1, in_tlv=True)
+        p = build_field(
+            ctx, f.num, spec, ploc, key=tag, sub=prefix_sub + tag, parent_enc=penc, depth=depth + 1, in_tlv=True
+        )
         if p is None:
             return False
         tags[tag] = p
@@ -527,10 +762,11 @@ def _bitmap_plan(ctx, d, loc):
         ctx.problems.append(f"{loc}.enc: a bitmap is Binary or HexToASCII")
         return None
     length = d.get("length", 8)
-    if length not in (0, 8, 16) or (length == 16 and enc != C.E_HEXASCII):
+    hexchars = enc in (C.E_HEXASCII, C.E_EBCDICHEX)
+    if length not in (0, 8, 16) or (length == 16 and not hexchars):
         ctx.problems.append(f"{loc}.length: a bitmap is 8 bytes each (16 hex characters), got {length!r}")
         return None
     f.enc = enc
     f.length = 8
-    f.wlen = 16 if enc == C.E_HEXASCII else 8
+    f.wlen = 16 if hexchars else 8
     return f

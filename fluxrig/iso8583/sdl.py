@@ -13,7 +13,7 @@ labels, message catalog, enums). Shapes:
 Load-time checks report every problem at once (SpecError): wire keys or `description` in the
 semantic layer, unknown `values_ref`, catalog references to undeclared MTIs, duplicate
 aliases, bad sensitivity, `log_mask: false` on a classified field, escaping file sources.
-`checks`, `validation_policy`, `when` rules and `x-*` sections are kept, not evaluated.
+`checks`, `validation_policy`, per-MTI `messages` usage and `when` rules are compiled and enforced by fluxrig.iso8583.rules (through Spec.rules); `x-*` sections are kept, not evaluated.
 """
 
 from __future__ import annotations
@@ -24,21 +24,50 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import yaml
 
+from fluxrig.iso8583 import jpos
 from fluxrig.iso8583.errors import SpecError
 
-__all__ = ["Resolved", "BASES", "resolve_document", "resolve_base", "read_text_document", "from_pyiso8583",
-           "source_hash"]
+__all__ = [
+    "Resolved",
+    "BASES",
+    "resolve_document",
+    "resolve_base",
+    "read_text_document",
+    "from_pyiso8583",
+    "source_hash",
+    "SENSITIVITIES",
+    "WIRE_KEYS",
+    "SEMANTIC_KEYS",
+]
 
-BASES = {"moov:spec87ascii": "spec87ascii.yaml", "moov:spec87hex": "spec87hex.yaml"}
+BASES = {
+    "moov:spec87ascii": "spec87ascii.yaml",
+    "moov:spec87hex": "spec87hex.yaml",
+    "moov:spec93ascii": "spec93ascii.yaml",  # ISO 8583:1993, MTI version digit 1
+    "moov:spec93binary": "spec93binary.yaml",
+    "moov:spec2003binary": "spec2003binary.yaml",  # ISO 8583:2003, MTI version digit 2
+}
 SENSITIVITIES = ("pan", "chd", "sad", "pii", "none")
 WIRE_KEYS = ("type", "length", "enc", "prefix", "padding", "tag", "bitmap", "disableautoexpand")
-SEMANTIC_KEYS = ("alias", "crypto", "meaning", "format", "log_mask", "name", "scope", "sensitivity",
-                 "values_ref", "validValues", "note", "messages")
+SEMANTIC_KEYS = (
+    "alias",
+    "crypto",
+    "meaning",
+    "format",
+    "log_mask",
+    "name",
+    "scope",
+    "sensitivity",
+    "values_ref",
+    "validValues",
+    "note",
+    "messages",
+)
 _ID = re.compile(r"[a-z0-9][a-z0-9-]*")
 _SEMVER = re.compile(r"v?\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -65,6 +94,7 @@ class Resolved:
     correlate_on: list = field(default_factory=list)
     enums: dict = field(default_factory=dict)
     document: dict = field(default_factory=dict)
+    mti_version: str | None = None  # the first MTI digit of the ISO 8583 version, when the base says
 
 
 def source_hash(text: str) -> str:
@@ -73,7 +103,9 @@ def source_hash(text: str) -> str:
 
 
 def read_text_document(text: str, where: str) -> dict:
-    """Parse YAML (a superset of JSON) into a mapping."""
+    """Parse YAML (a superset of JSON), or a jPOS GenericPackager XML file, into a mapping."""
+    if jpos.looks_like_packager(text):
+        return jpos.read_packager(text, where)
     try:
         doc = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -83,7 +115,7 @@ def read_text_document(text: str, where: str) -> dict:
     return doc
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_text(name: str) -> str:
     return resources.files("fluxrig.iso8583").joinpath("specs", BASES[name]).read_text("utf-8")
 
@@ -128,8 +160,10 @@ def _fields_of(doc, where, problems):
 
 def _file_source(rel, base_dir, where, problems):
     if base_dir is None:
-        problems.append(f"{where}: {rel!r} is a path but this spec has no directory; "
-                        "name a base with `moov:` or carry the wire layer in `wire.fields`")
+        problems.append(
+            f"{where}: {rel!r} is a path but this spec has no directory; "
+            "name a base with `moov:` or carry the wire layer in `wire.fields`"
+        )
         return None
     if os.path.isabs(rel):
         problems.append(f"{where}: {rel!r} must be relative to the spec's directory")
@@ -173,10 +207,16 @@ def _resolve_wire(spec, base_dir, problems):
             problems.append("spec.wire.source: must be a string")
         elif source.startswith("moov:"):
             fields, defaults, base_name = _base(source, "spec.wire.source", problems)
-        elif "/" not in source and "\\" not in source and not source.endswith((".yaml", ".yml", ".json")) \
-                and ":" in source:
-            problems.append(f"spec.wire.source: {source!r} names a stored artefact; no store resolver is "
-                            "available here (use `moov:` or a file beside the spec)")
+        elif (
+            "/" not in source
+            and "\\" not in source
+            and not source.endswith((".yaml", ".yml", ".json"))
+            and ":" in source
+        ):
+            problems.append(
+                f"spec.wire.source: {source!r} names a stored artefact; no store resolver is "
+                "available here (use `moov:` or a file beside the spec)"
+            )
         else:
             doc = _file_source(source, base_dir, "spec.wire.source", problems)
             if doc is not None:
@@ -290,7 +330,7 @@ def _messages(spec, res, problems):
     for mti, entry in catalog.items():
         loc = f"spec.messages.catalog.{mti}"
         if not isinstance(mti, str):
-            problems.append(f"{loc}: quote MTI keys (\"0100\"); YAML reads 0100 as a number")
+            problems.append(f'{loc}: quote MTI keys ("0100"); YAML reads 0100 as a number')
             continue
         if not isinstance(entry, dict):
             problems.append(f"{loc}: must be a mapping")
@@ -334,14 +374,33 @@ def _v2(doc, text, where, base_dir, problems):
     if protocol != "iso8583":
         problems.append(f"spec.protocol: {protocol!r} is not iso8583")
     wire, defaults, base_name = _resolve_wire(spec, base_dir, problems)
-    res = Resolved(id=sid, version=version, name=str(spec.get("name") or base_name or sid),
-                   hash=source_hash(text), source=where, wire=wire, protocol=protocol, document=doc)
+    res = Resolved(
+        id=sid,
+        version=version,
+        name=str(spec.get("name") or base_name or sid),
+        hash=source_hash(text),
+        source=where,
+        wire=wire,
+        protocol=protocol,
+        document=doc,
+    )
     for num, level in (defaults.get("sensitivity") or {}).items():
         if int(num) in wire:
             res.sensitivity[int(num)] = level
+    res.mti_version = _mti_version(spec.get("mti_version", defaults.get("mti_version")), problems)
     _semantic(spec, res, problems)
     _messages(spec, res, problems)
     return res
+
+
+def _mti_version(value, problems):
+    if value is None:
+        return None
+    v = str(value)
+    if v not in ("0", "1", "2"):
+        problems.append(f"spec.mti_version: {value!r} is not 0 (1987), 1 (1993) or 2 (2003)")
+        return None
+    return v
 
 
 def resolve_document(doc: dict, text: str, where: str, base_dir: str | None) -> Resolved:
@@ -354,13 +413,23 @@ def resolve_document(doc: dict, text: str, where: str, base_dir: str | None) -> 
     elif "fields" in doc:
         wire = {n: _strip_semantic(d) for n, d in _fields_of(doc, where, problems).items()}
         name = str(doc.get("name") or os.path.splitext(os.path.basename(where))[0])
-        res = Resolved(id=_slug(name), version=str(doc.get("version", "0.0.0")), name=name,
-                       hash=source_hash(text), source=where, wire=wire, document=doc)
-        for num, level in ((doc.get("x-fluxrig-defaults") or {}).get("sensitivity") or {}).items():
+        res = Resolved(
+            id=_slug(name),
+            version=str(doc.get("version", "0.0.0")),
+            name=name,
+            hash=source_hash(text),
+            source=where,
+            wire=wire,
+            document=doc,
+        )
+        defaults = doc.get("x-fluxrig-defaults") or {}
+        for num, level in (defaults.get("sensitivity") or {}).items():
             res.sensitivity[int(num)] = level
+        res.mti_version = _mti_version(defaults.get("mti_version"), problems)
     else:
-        problems.append(f"{where}: not a spec document (expected `spec:`, a moov `fields:` map "
-                        "or a pyiso8583 spec dict)")
+        problems.append(
+            f"{where}: not a spec document (expected `spec:`, a moov `fields:` map or a pyiso8583 spec dict)"
+        )
         res = None
     if problems:
         raise SpecError(problems, where)
@@ -385,8 +454,15 @@ def _slug(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 # pyiso8583 spec dicts
 
-_PY_TEXT = {"ascii": "ASCII", "latin-1": "Binary", "latin_1": "Binary", "latin1": "Binary",
-            "iso8859-1": "Binary", "iso-8859-1": "Binary", "cp037": "EBCDIC"}
+_PY_TEXT = {
+    "ascii": "ASCII",
+    "latin-1": "Binary",
+    "latin_1": "Binary",
+    "latin1": "Binary",
+    "iso8859-1": "Binary",
+    "iso-8859-1": "Binary",
+    "cp037": "EBCDIC",
+}
 _PY_LEN = {"ascii": "ASCII", "cp037": "EBCDIC", "b": "Binary"}
 
 
@@ -407,10 +483,17 @@ def _py_field(key, d, loc, problems):
     out = {"length": max_len, "description": d.get("desc", "")}
     if data_enc == "b":
         if nibbles:
-            if d.get("right_pad") is not None and d.get("left_pad") is None:
-                problems.append(f"{loc}: right-padded nibble fields are not supported")
+            rpad, lpad = str(d.get("right_pad") or "")[:1], str(d.get("left_pad") or "")[:1]
+            if rpad and not lpad:
+                if rpad not in "0Ff":
+                    problems.append(f"{loc}: right_pad {rpad!r}: nibble fields pad with 0 or F")
+                    return None
+                out.update(type="String", enc="LBCD" if rpad == "0" else "LBCDF")
+            elif lpad and lpad != "0":
+                problems.append(f"{loc}: left_pad {lpad!r}: left-padded nibble fields pad with 0")
                 return None
-            out.update(type="String", enc="BCD")
+            else:
+                out.update(type="String", enc="BCD")
         else:
             out.update(type="Hex", enc="Binary")
     elif data_enc in _PY_TEXT:
@@ -469,8 +552,15 @@ def _pyiso(spec, text, where, problems):
         if f is not None:
             wire[num] = f
     text = text or json.dumps(spec, sort_keys=True, default=str)
-    return Resolved(id="pyiso8583", version="0.0.0", name=str(spec.get("name", "pyiso8583 spec")),
-                    hash=source_hash(text), source=where, wire=wire, document=spec)
+    return Resolved(
+        id="pyiso8583",
+        version="0.0.0",
+        name=str(spec.get("name", "pyiso8583 spec")),
+        hash=source_hash(text),
+        source=where,
+        wire=wire,
+        document=spec,
+    )
 
 
 def from_pyiso8583(spec: dict) -> dict:

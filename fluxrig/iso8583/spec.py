@@ -4,12 +4,15 @@ Job: `load_spec(source)` turns a spec file path, a built-in base name (`moov:spe
 `moov:spec87hex`), a parsed document dict (v2 spec, moov wire document or pyiso8583 spec) or
 an existing Spec into a `Spec`: identity (`id`, `version`, `name`, `hash` = first 12 hex of
 the SHA-256 of the source text), semantics (`aliases`, `sensitivity`, `labels`, `catalog`,
-`enums`) and the compiled field table behind `spec.decode(raw)` / `spec.encode(fields)`.
+`enums`), the compiled field table behind `spec.decode(raw)` / `spec.encode(fields)`, and
+`spec.rules` (fluxrig.iso8583.rules: per-MTI usage, `when`, value sets, checks) whose
+`spec.rules.check(fields)` lists the violations of one message.
 
 Contract: the table is validated and compiled at load (SpecError lists every problem); the
-codec is the compiled twin when built, else the pure one (`impl="py"` / `impl="c"` forces
-one; `impl="c"` raises ImportError when the twin is not built). `spec.decode` and
-`spec.encode` are the codec's bound methods: no per-message work happens in this module.
+codec is the active one of fluxrig.iso8583.codec (`impl="py"` / `impl="c"` forces one;
+`impl="c"` raises ImportError when the twin is not built) and `spec.backend` names it.
+`spec.decode` and `spec.encode` are the codec's bound methods: no per-message work happens in
+this module.
 """
 
 from __future__ import annotations
@@ -17,29 +20,16 @@ from __future__ import annotations
 import json
 import os
 
-from fluxrig import _backend
 from fluxrig.iso8583 import codec_py, plan
+from fluxrig.iso8583.codec import codec_module
 from fluxrig.iso8583.errors import SpecError
 from fluxrig.iso8583.masking import log_safe, mask_value
+from fluxrig.iso8583.rules import compile_rules
 from fluxrig.iso8583.sdl import BASES, read_text_document, resolve_base, resolve_document, source_hash
 
-__all__ = ["Spec", "load_spec", "codec_module", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["Spec", "load_spec", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 DEFAULT_MAX_MESSAGE_BYTES = codec_py.DEFAULT_MAX_MESSAGE_BYTES
-_compiled = _backend.speedup("iso8583")
-
-
-def codec_module(impl=None):
-    """The codec module for `impl`: None (best available), "py" or "c"."""
-    if impl is None:
-        return _compiled if _compiled is not None else codec_py
-    if impl == "py":
-        return codec_py
-    if impl == "c":
-        if _compiled is None:
-            raise ImportError("fluxrig._speedups.iso8583 is not built (or FLUXRIG_PURE_PYTHON is set)")
-        return _compiled
-    raise ValueError(f"impl must be None, 'py' or 'c', not {impl!r}")
 
 
 class Spec:
@@ -70,6 +60,12 @@ class Spec:
         self.max_message_bytes = max_message_bytes
         self.labels = {n: (d.get("description") or "") for n, d in resolved.wire.items()}
         self.labels.update(resolved.labels)
+        doc = resolved.document.get("spec") if isinstance(resolved.document, dict) else None
+        self.rules = compile_rules(doc, resolved.wire.keys(), self.catalog, self.enums, problems)
+        self.mti_version = resolved.mti_version
+        self.rules.mti_version = resolved.mti_version
+        if problems:
+            raise SpecError(problems, resolved.source)
         self.masked = {n: s for n, s in self.sensitivity.items() if s != "none"}
         for n, on in resolved.log_mask.items():
             if on and n not in self.masked:

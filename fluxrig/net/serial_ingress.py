@@ -34,8 +34,17 @@ from __future__ import annotations
 from fluxrig.errors import FrameTooLarge, FramingError
 from fluxrig.framing.config import parse_delimiter
 from fluxrig.framing.errors import BadFrame, BadLengthPrefix, CrcMismatch
+from fluxrig.wire.meta import ERROR_CRC_ACTUAL, ERROR_CRC_EXPECTED, ERROR_LIMIT, ERROR_OFFSET, ERROR_SIZE
 
-__all__ = ["Fault", "Ingress", "REASONS", "FAULT_SAMPLE_BYTES", "RESYNC_MIN_GAP", "RESYNC_GAP_CHARS"]
+__all__ = [
+    "Fault",
+    "Ingress",
+    "REASONS",
+    "FAULT_SAMPLE_BYTES",
+    "RESYNC_MIN_GAP",
+    "RESYNC_GAP_CHARS",
+    "reason_of",
+]
 
 #: Bytes of the offending input kept in a fault's `sample` (the error message's raw).
 FAULT_SAMPLE_BYTES = 64
@@ -86,13 +95,13 @@ class Fault:
 def _fault(exc: FramingError, sample: bytes, fatal: bool) -> Fault:
     fields = {}
     if getattr(exc, "offset", None) is not None:
-        fields["error.offset"] = str(exc.offset)
-    for attr in ("limit", "size"):
+        fields[ERROR_OFFSET] = str(exc.offset)
+    for attr, key in (("limit", ERROR_LIMIT), ("size", ERROR_SIZE)):
         if getattr(exc, attr, None) is not None:
-            fields[f"error.{attr}"] = str(getattr(exc, attr))
+            fields[key] = str(getattr(exc, attr))
     if isinstance(exc, CrcMismatch):
-        fields["error.crc_expected"] = f"{exc.expected:04X}"
-        fields["error.crc_actual"] = f"{exc.actual:04X}"
+        fields[ERROR_CRC_EXPECTED] = f"{exc.expected:04X}"
+        fields[ERROR_CRC_ACTUAL] = f"{exc.actual:04X}"
     detail = str(exc)
     if fatal:
         detail += "; framer reset, input discarded until the line resynchronises"
@@ -175,9 +184,15 @@ class Ingress:
             left = self.framer.buffered
             if left:
                 self.faults += 1
-                out.append(Fault("truncated_frame",
-                                 f"{left} bytes of an unfinished frame discarded: the port closed", b"", False,
-                                 {"error.size": str(left)}))
+                out.append(
+                    Fault(
+                        "truncated_frame",
+                        f"{left} bytes of an unfinished frame discarded: the port closed",
+                        b"",
+                        False,
+                        {ERROR_SIZE: str(left)},
+                    )
+                )
         self.reset()
         return out
 

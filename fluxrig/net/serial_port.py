@@ -35,6 +35,7 @@ import importlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import serial
 import serial.rs485
@@ -79,8 +80,9 @@ class WriteTimeout(FluxError):
         self.timeout = timeout
         self.written = written
         self.size = size
-        super().__init__(f"device took {written} of {size} bytes, then nothing for {timeout:g}s (write_timeout); "
-                         "rest discarded")
+        super().__init__(
+            f"device took {written} of {size} bytes, then nothing for {timeout:g}s (write_timeout); rest discarded"
+        )
 
 
 def is_url(port: str) -> bool:
@@ -96,26 +98,25 @@ def url_problem(port: str) -> str | None:
             return None
         except ImportError:
             continue
-    return (f"unknown pyserial URL scheme {scheme!r} (known: rfc2217://, socket://, loop://, spy://, "
-            "hwgrep://, alt://) ; a local device is a plain path such as /dev/ttyUSB0")
+    return (
+        f"unknown pyserial URL scheme {scheme!r} (known: rfc2217://, socket://, loop://, spy://, "
+        "hwgrep://, alt://) ; a local device is a plain path such as /dev/ttyUSB0"
+    )
 
 
+@dataclass(frozen=True, slots=True)
 class SerialSettings:
     """Line settings of one port (already validated by the gear)."""
 
-    __slots__ = ("port", "baudrate", "bytesize", "parity", "stopbits", "rtscts", "xonxoff", "rs485", "exclusive")
-
-    def __init__(self, port: str, baudrate: int = 9600, bytesize: int = 8, parity: str = "N", stopbits: float = 1,
-                 rtscts: bool = False, xonxoff: bool = False, rs485: dict | None = None, exclusive: bool = True):
-        self.port = port
-        self.baudrate = baudrate
-        self.bytesize = bytesize
-        self.parity = parity
-        self.stopbits = stopbits
-        self.rtscts = rtscts
-        self.xonxoff = xonxoff
-        self.rs485 = rs485
-        self.exclusive = exclusive
+    port: str
+    baudrate: int = 9600
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: float = 1
+    rtscts: bool = False
+    xonxoff: bool = False
+    rs485: dict | None = None
+    exclusive: bool = True
 
     @property
     def char_time(self) -> float:
@@ -248,7 +249,7 @@ class SerialLink:
 
     # -- presence ----------------------------------------------------------------------------
     def present(self) -> str:
-        """"" while the device node still names the open device, else why not (fd mode with
+        """Empty while the device node still names the open device, else why not (fd mode with
         a device path only; URL handlers report their loss through read/write errors)."""
         if not self.fd_mode or self._rdev is None or self.lost:
             return ""
@@ -320,7 +321,7 @@ class SerialLink:
         try:
             await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self._write_waiter = None
@@ -363,7 +364,7 @@ class SerialLink:
         if reader is not None and not reader.done():
             try:  # the blocking read returns within READ_POLL
                 await asyncio.wait_for(asyncio.shield(reader), READ_POLL * 5)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 reader.cancel()
         await self.loop.run_in_executor(self.executor, self._close_port)
 

@@ -1,7 +1,8 @@
-"""The guaranteed lane's contract with the runtime, and an in-memory implementation.
+"""The guaranteed lane's contract with the runtime (`Bus`), and an in-memory implementation.
 
 A wire to or from a gear on another Rack, or marked `lane: guaranteed`, crosses the bus on
-subject `flux.msg.<source rack>.<gear>.<port>`. The runtime asks its bus for
+subject `flux.msg.<source rack>.<gear>.<port>`. The runtime asks its bus (anything of the
+`Bus` shape; fluxrig.agent.lanes.JetStreamBus on a joined Rack) for
 
 * `outbound(subject)`: a target with `async put(msg)` (returns once the message is safe:
   for the Snake, written to the Rack's lane WAL; it is then published with the dedup id
@@ -10,21 +11,39 @@ subject `flux.msg.<source rack>.<gear>.<port>`. The runtime asks its bus for
   `gear` on `port`, through a durable consumer named `consumer`, acknowledging each message
   after the gear has processed it.
 
+* `hold()`: an async context manager inside which nothing is fetched. The runtime holds
+  the bus for a whole swap: a new input and the old one it replaces are both registered
+  until the old one retires, and a message fetched meanwhile would reach both.
+
 Both also have `key`, `gear` (None for outbound), `start()`, `depth()`, `join()` and
-`close()`, like hot-lane queues, so the runtime starts, drains and reuses them the same way
-across reloads. `MemoryBus` keeps the whole contract inside one process (several Runtimes
-standing for several Racks); messages are CBOR round-tripped as on the wire.
+`close()`, like hot-lane queues (the `Conduit` shape of gear.py), so the runtime starts,
+drains and reuses them the same way across reloads. `MemoryBus` keeps the whole contract
+inside one process (several Runtimes standing for several Racks); messages are CBOR
+round-tripped as on the wire.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from ..msg import FluxMsg
-from .gear import Gear
+from .gear import Conduit, Gear, HotTarget
 from .lane import Lane
 
-__all__ = ["MemoryBus", "OutboundTarget", "dedup_id"]
+__all__ = ["Bus", "MemoryBus", "OutboundTarget", "dedup_id"]
+
+
+class Bus(Protocol):
+    """What the runtime needs from the guaranteed lane (see the module docstring)."""
+
+    def outbound(self, subject: str) -> HotTarget: ...
+
+    def inbound(self, subject: str, consumer: str, gear: Gear, port: str, shared: str | None = None) -> Conduit: ...
+
+    def hold(self) -> contextlib.AbstractAsyncContextManager: ...
 
 
 def dedup_id(msg: FluxMsg, subject: str) -> str:
@@ -58,7 +77,7 @@ class OutboundTarget:
 
 
 class _MemoryOutbound(OutboundTarget):
-    def __init__(self, bus: "MemoryBus", subject: str):
+    def __init__(self, bus: MemoryBus, subject: str):
         super().__init__(bus, subject)
         self.published = 0
 
@@ -70,7 +89,7 @@ class _MemoryOutbound(OutboundTarget):
 
 
 class _MemoryInbound:
-    def __init__(self, bus: "MemoryBus", subject: str, consumer: str, gear: Gear, port: str):
+    def __init__(self, bus: MemoryBus, subject: str, consumer: str, gear: Gear, port: str):
         self.bus = bus
         self.subject = subject
         self.consumer = consumer
@@ -101,9 +120,19 @@ class MemoryBus:
 
     def __init__(self):
         self.sources: dict[str, list[_MemoryInbound]] = defaultdict(list)
+        self.holds = 0
 
     def outbound(self, subject: str) -> _MemoryOutbound:
         return _MemoryOutbound(self, subject)
 
-    def inbound(self, subject: str, consumer: str, gear: Gear, port: str) -> _MemoryInbound:
-        return _MemoryInbound(self, subject, consumer, gear, port)
+    def inbound(self, subject: str, consumer: str, gear: Gear, port: str, shared: str | None = None) -> _MemoryInbound:
+        return _MemoryInbound(self, subject, consumer, gear, port)  # one process: nothing to share
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[MemoryBus]:
+        """Nothing to pause: delivery is synchronous to `put` (counted for tests)."""
+        self.holds += 1
+        try:
+            yield self
+        finally:
+            self.holds -= 1

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["ControlBus"]
+from ..wire.meta import link_topic
+
+__all__ = ["ControlBus", "LINK_TOPIC_PREFIX"]
+
+LINK_TOPIC_PREFIX = link_topic("")
 
 log = logging.getLogger("fluxrig.control")
 
@@ -41,7 +45,7 @@ class ControlBus:
 
     def publish(self, subject: str, cmd: dict) -> int:
         """Deliver to every subscriber; returns how many received it."""
-        if subject.startswith("link."):
+        if subject.startswith(LINK_TOPIC_PREFIX):  # the last link event is kept for late subscribers
             self._last[subject] = cmd
         n = 0
         for cb in list(self._subs.get(subject, ())):

@@ -1,4 +1,4 @@
-"""The gear contract: manifest, lifecycle, counters, emit.
+"""The gear contract: manifest, lifecycle, counters, output ports and what they deliver to.
 
 A gear is an object with `start()`, `process(port, msg)` (a message on an input port; emits
 zero or more messages on output ports with `await self.emit(port, msg)`), `drain(deadline)`
@@ -6,43 +6,75 @@ and `stop()`. Every gear has the conventional output port `error`: `emit_error` 
 message there with `error.reason` (and `error.gear`) in its metadata, or counts and logs it
 when nothing is wired to `error`.
 
-The lifecycle is a table (`TRANSITIONS`); an illegal transition raises `IllegalTransition`.
+The lifecycle is the table in states.py: `gear.state` is read-only and moves only through
+`transition(event)` (the runtime calls it), so an illegal move raises `IllegalTransition`.
 Gears register themselves with `@register` from `fluxrig.runtime.registry`.
+
+Each output port is an `OutPort`, which sends every message to its targets: the first target
+gets the message itself, every further target an independent copy (fan-out). A target is
+anything of the `HotTarget` shape: a fused `DirectTarget` or a bounded `Lane` (lane.py), or a
+bus's outbound target (bus.py). Declaring the shape here, on the sending side, is what keeps
+this module free of imports from lane.py and bus.py (they import it, never the reverse).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from ..errors import FluxError, GearError
+from ..errors import GearError
 from ..ids import uuid7
 from ..msg import FluxMsg
+from ..wire import meta as M
+from .states import GearEvent, GearState, IllegalTransition, next_gear_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from .control import ControlBus
-    from .lane import OutPort
 
-__all__ = ["Manifest", "Gear", "GearContext", "Counters", "IllegalTransition", "ERROR_PORT"]
+__all__ = [
+    "Manifest",
+    "Gear",
+    "GearContext",
+    "Counters",
+    "OutPort",
+    "Conduit",
+    "HotTarget",
+    "IllegalTransition",
+    "ERROR_PORT",
+]
+
+log = logging.getLogger("fluxrig.lane")  # the sending half of the hot lane logs with the receiving half
 
 ERROR_PORT = "error"
 
-# state -> states it may move to
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "created": frozenset({"started", "stopped"}),
-    "started": frozenset({"draining", "stopped"}),
-    "draining": frozenset({"stopped"}),
-    "stopped": frozenset(),
-}
+
+class Conduit(Protocol):
+    """What the runtime starts, quiesces and closes along with a graph: a Lane, a
+    DirectTarget, a bus's outbound target or inbound source. `key` identifies it across a
+    reload (a conduit with the same key still feeding the same gear object is reused, with
+    what it holds); `gear` is the gear it feeds, None when it leaves the Rack."""
+
+    @property
+    def key(self) -> tuple: ...
+
+    @property
+    def gear(self) -> Gear | None: ...
+
+    def start(self) -> None: ...
+
+    def depth(self) -> int: ...
+
+    async def join(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
-class IllegalTransition(FluxError):
-    """A gear was asked to move between lifecycle states the table does not allow."""
+class HotTarget(Conduit, Protocol):
+    """What an OutPort delivers to. `put` returns when the message is taken: processed (a
+    fused call), queued (a lane), or safe on its way off the Rack (a bus outbound)."""
 
-    def __init__(self, gear: str, src: str, dst: str):
-        self.gear, self.src, self.dst = gear, src, dst
-        super().__init__(f"gear {gear}: cannot go from {src} to {dst}")
+    async def put(self, msg: FluxMsg) -> None: ...
 
 
 class Manifest:
@@ -137,17 +169,31 @@ class Counters:
 
 
 class GearContext:
-    """What the runtime hands a gear: its Rack's name, control bus, limits, logger."""
+    """What the runtime hands a gear: its Rack's name, control bus, limits, logger, and the
+    Rack's state directory ("" when the runtime runs outside a Rack, e.g. in tests)."""
 
-    __slots__ = ("rack_name", "control", "rack_config", "log", "gear_id", "scenario_dir")
+    __slots__ = ("rack_name", "control", "rack_config", "log", "gear_id", "scenario_dir", "state_dir", "bus")
 
-    def __init__(self, rack_name: str, control: "ControlBus", rack_config, log: logging.Logger, scenario_dir: str = "."):
+    def __init__(
+        self,
+        rack_name: str,
+        control: ControlBus,
+        rack_config,
+        log: logging.Logger,
+        scenario_dir: str = ".",
+        state_dir: str = "",
+        bus=None,
+    ):
         self.rack_name = rack_name
         self.control = control
         self.rack_config = rack_config
         self.log = log
         self.gear_id = uuid7()
         self.scenario_dir = scenario_dir
+        self.state_dir = state_dir
+        #: The Rack's bus (runtime/bus.py) when joined, else None: gears that talk to the other
+        #: members of their group (fluxrig.gears.group_relay, issue 17) use its relay_* calls.
+        self.bus = bus
 
 
 class Gear:
@@ -161,18 +207,30 @@ class Gear:
         self.ctx = ctx
         self.log = ctx.log
         self.counters = Counters()
-        self.state = "created"
-        self.outputs: dict[str, "OutPort"] = {}
+        self._state = GearState.CREATED
+        self.outputs: dict[str, OutPort] = {}
+        #: Seconds this version may go on serving what it holds once retired by a reload
+        #: (set by its successor's start(): on_reload drain). 0: it drains with the swap.
+        #: Otherwise the runtime retires it in the background: its outputs follow its
+        #: successor's, and drain() gets a deadline `linger` seconds away.
+        self.linger = 0.0
 
-    # -- lifecycle (the runtime calls these through `transition`) ---------------------------
-    def transition(self, dst: str) -> None:
-        if dst not in TRANSITIONS[self.state]:
-            raise IllegalTransition(self.name, self.state, dst)
-        self.state = dst
+    # -- lifecycle (the runtime drives it: start, then transition) --------------------------
+    @property
+    def state(self) -> GearState:
+        return self._state
 
-    def handover_from(self, old: "Gear") -> None:
+    def transition(self, event: GearEvent) -> GearState:
+        """Move through the lifecycle table; IllegalTransition (state unchanged) when the
+        table has no move for `event` from the current state."""
+        self._state = next_gear_state(self.name, self._state, event)
+        return self._state
+
+    def handover_from(self, old: Gear) -> None:
         """Called on a rebuilt gear before start, with the running version it replaces: take
-        over what must not be closed and re-opened (a listening socket). Default: nothing."""
+        over what must not be closed and re-opened (a listening socket). Default: nothing.
+        Changes to the running version itself wait for start() (and are undone by stop()
+        when the swap is rolled back), e.g. setting its `linger`."""
 
     async def start(self) -> None:
         """Begin work (open sockets, start timers). Raise to refuse the scenario."""
@@ -202,16 +260,21 @@ class Gear:
     async def emit_error(self, msg: FluxMsg, reason: str, detail: str = "") -> None:
         """The error-port convention: `error.reason` in meta, then out on `error`."""
         self.counters.errors += 1
-        msg.meta["error.reason"] = reason
-        msg.meta["error.gear"] = self.name
+        msg.meta[M.ERROR_REASON] = reason
+        msg.meta[M.ERROR_GEAR] = self.name
         if detail:
-            msg.meta["error.detail"] = detail
+            msg.meta[M.ERROR_DETAIL] = detail
         out = self.outputs.get(ERROR_PORT)
         if out is not None and out.targets:
             await out.send(msg, count_drop=False)
         else:
-            self.log.warning("gear %s: %s%s (no error wire; message %s dropped)", self.name, reason,
-                             f": {detail}" if detail else "", msg.id.hex())
+            self.log.warning(
+                "gear %s: %s%s (no error wire; message %s dropped)",
+                self.name,
+                reason,
+                f": {detail}" if detail else "",
+                msg.id.hex(),
+            )
 
     def io_binding(self, port: str, _depth: int = 0) -> str | None:
         """The I/O gear this output port ends in, walking through transparent gears (codecs):
@@ -235,5 +298,34 @@ class Gear:
         return self.counters.as_dict()
 
 
-def now() -> float:
-    return time.monotonic()
+class OutPort:
+    """One output port of one gear and the targets wired to it. The runtime replaces
+    `targets` as a whole (one assignment, between two messages) at a cut-over."""
+
+    __slots__ = ("gear", "name", "port_id", "targets")
+
+    def __init__(self, gear: Gear, name: str, port_id: bytes):
+        self.gear = gear
+        self.name = name
+        self.port_id = port_id
+        self.targets: list[HotTarget] = []
+
+    async def send(self, msg: FluxMsg, count_drop: bool = True) -> None:
+        gear = self.gear
+        msg.hop(gear.ctx.gear_id, self.port_id)
+        targets = self.targets
+        n = len(targets)
+        if n == 1:
+            gear.counters.messages_out += 1
+            await targets[0].put(msg)
+        elif n == 0:
+            if count_drop:
+                gear.counters.dropped += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("gear %s port %s has no wire; message %s dropped", gear.name, self.name, msg.id.hex())
+        else:
+            gear.counters.messages_out += 1
+            # Copy before any delivery: a fused receiver may change the original in place.
+            copies = [msg] + [msg.copy() for _ in range(n - 1)]
+            for target, m in zip(targets, copies, strict=True):
+                await target.put(m)

@@ -1,7 +1,7 @@
-"""Hot-lane wiring inside one Rack: output ports, fused direct calls and bounded queues.
+"""Hot-lane wiring inside one Rack: the receiving half, fused direct calls and bounded queues.
 
-An `OutPort` sends each message to its targets: the first target gets the message itself,
-every further target an independent copy (fan-out). A target is either
+An `OutPort` (gear.py) sends each message to its targets, each of the `HotTarget` shape
+declared there. Inside the Rack a target is either
 
 * a `DirectTarget`: the receiving gear's `process` is awaited in the sender's call chain.
   Used for 1:1 joints (one wire out of the port, one wire into the input) when
@@ -25,7 +25,7 @@ from ..errors import GearError, LaneFull, MessageError
 from ..msg import FluxMsg
 from .gear import Gear
 
-__all__ = ["OutPort", "DirectTarget", "Lane", "deliver"]
+__all__ = ["DirectTarget", "Lane", "deliver"]
 
 log = logging.getLogger("fluxrig.lane")
 
@@ -94,7 +94,9 @@ class Lane:
 
     def start(self) -> None:
         if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._consume(), name=f"lane:{self.gear.name}.{self.port}")
+            self.task = asyncio.get_running_loop().create_task(
+                self._consume(), name=f"lane:{self.gear.name}.{self.port}"
+            )
 
     async def put(self, msg: FluxMsg) -> None:
         q = self.queue
@@ -103,7 +105,7 @@ class Lane:
         except asyncio.QueueFull:
             try:
                 await asyncio.wait_for(q.put(msg), self.send_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise LaneFull(
                     f"lane into {self.gear.name}.{self.port} stayed full for {self.send_timeout:g}s "
                     f"({q.maxsize} queued); the consumer is too slow"
@@ -133,35 +135,3 @@ class Lane:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-
-
-class OutPort:
-    """One output port of one gear and the targets wired to it."""
-
-    __slots__ = ("gear", "name", "port_id", "targets")
-
-    def __init__(self, gear: Gear, name: str, port_id: bytes):
-        self.gear = gear
-        self.name = name
-        self.port_id = port_id
-        self.targets: list = []
-
-    async def send(self, msg: FluxMsg, count_drop: bool = True) -> None:
-        gear = self.gear
-        msg.hop(gear.ctx.gear_id, self.port_id)
-        targets = self.targets
-        n = len(targets)
-        if n == 1:
-            gear.counters.messages_out += 1
-            await targets[0].put(msg)
-        elif n == 0:
-            if count_drop:
-                gear.counters.dropped += 1
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("gear %s port %s has no wire; message %s dropped", gear.name, self.name, msg.id.hex())
-        else:
-            gear.counters.messages_out += 1
-            # Copy before any delivery: a fused receiver may change the original in place.
-            copies = [msg] + [msg.copy() for _ in range(n - 1)]
-            for target, m in zip(targets, copies):
-                await target.put(m)

@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "fluxrig.gears.sink",
     "fluxrig.gears.map",
     "fluxrig.gears.router",
+    "fluxrig.gears.group_relay",
 )
 OPTIONAL_MODULES = (
     "fluxrig.gears.io_iso8583",

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
 import yaml
 
 from ..errors import ScenarioError, ScenarioProblem
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .limits import DEFAULT_LIMITS, Limits, parse_bounded
 
 __all__ = [
     "parse_scenario",
@@ -38,22 +33,12 @@ ENDPOINT_RE = re.compile(r"^[a-z0-9_-]+\.[a-z0-9_-]+(\.[a-z0-9_-]+)?$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def parse_scenario(text: str, fmt: str = "yaml", source: str | None = None) -> dict:
-    """Parse scenario text into a plain dict; ScenarioError (with the line) if it does not parse."""
+def parse_scenario(text: str, fmt: str = "yaml", source: str | None = None, limits: Limits = DEFAULT_LIMITS) -> dict:
+    """Parse scenario text into a plain dict within `limits` (limits.py: no YAML aliases, bounded
+    size, depth, nodes, integers); ScenarioError naming the line if it does not parse or is not
+    a map. Never raises anything else."""
     where = source or "<scenario>"
-    try:
-        if fmt == "toml":
-            doc = tomllib.loads(text)
-        elif fmt in ("yaml", "yml"):
-            doc = yaml.safe_load(text)
-        else:
-            raise ScenarioError([ScenarioProblem(where, f"unknown scenario format {fmt!r}; use yaml or toml")])
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        raise ScenarioError([ScenarioProblem(loc, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError([ScenarioProblem(where, f"not valid TOML: {exc}")]) from None
+    doc = parse_bounded(text, fmt, where, limits)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -78,7 +63,7 @@ def _expand(text: str, env, location: str, problems: list):
         # Give a lone placeholder the type of its value: ports become integers, flags booleans.
         try:
             typed = yaml.safe_load(expanded)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             return expanded
         if isinstance(typed, (int, float, bool)):
             return typed
@@ -110,7 +95,7 @@ class Endpoint:
     port: str
 
     @classmethod
-    def parse(cls, text: str) -> "Endpoint":
+    def parse(cls, text: str) -> Endpoint:
         parts = text.split(".")
         if len(parts) == 3:
             return cls(parts[0], parts[1], parts[2])
@@ -147,6 +132,9 @@ class Scenario:
     racks: list[dict]
     doc: dict
     source: str | None = None
+    #: The groups this Rack is a member of (fluxrig.scenario.groups: a projection's
+    #: `x-fluxrig.groups`); gears deployed to one of them run here.
+    groups: frozenset = frozenset()
 
     def gear(self, name: str) -> GearSpec | None:
         for g in self.gears:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from ..errors import ScenarioError, ScenarioProblem
 from ..runtime import schema as cfg_schema
 from ..runtime.registry import UnknownGearType, get_gear_class
+from .groups import projection_groups
+from .limits import check_bounds
 from .model import ENDPOINT_RE, NAME_RE, Endpoint, GearSpec, Scenario, WireSpec, interpolate, parse_scenario
 
 __all__ = ["validate_scenario", "build_scenario", "load_scenario", "read_scenario_doc"]
@@ -56,6 +58,11 @@ def _check_racks(racks, problems: list) -> set[str]:
 
 def validate_scenario(doc: dict, env=None) -> list[ScenarioProblem]:
     """Every problem in `doc` (an uninterpolated or interpolated document); [] when valid."""
+    # A document that did not come through parse_scenario (a passport's projection, JSON from
+    # the API) is bounded here first: the walks below recurse.
+    bound = check_bounds(doc)
+    if bound is not None:
+        return [bound]
     problems: list[ScenarioProblem] = []
     try:
         doc = interpolate(doc, env)
@@ -67,6 +74,9 @@ def validate_scenario(doc: dict, env=None) -> list[ScenarioProblem]:
 
 def build_scenario(doc: dict, source: str | None = None, env=None) -> Scenario:
     """Validate and return the typed Scenario; ScenarioError with every problem otherwise."""
+    bound = check_bounds(doc)
+    if bound is not None:
+        raise ScenarioError([bound], source)
     problems: list[ScenarioProblem] = []
     try:
         doc = interpolate(doc, env)
@@ -113,7 +123,9 @@ def _build(doc: dict, problems: list) -> Scenario:
         label = f"{loc}({gname})" if isinstance(gname, str) else loc
         for key in g:
             if key not in ("name", "type", "config", "deploy", "doc", "id", "ports", "labels"):
-                problems.append(ScenarioProblem(f"{label}.{key}", "unknown gear key (known: name, type, config, deploy, doc)"))
+                problems.append(
+                    ScenarioProblem(f"{label}.{key}", "unknown gear key (known: name, type, config, deploy, doc)")
+                )
         if not isinstance(gname, str) or not gname:
             problems.append(ScenarioProblem(f"{loc}.name", "gear name is required"))
             continue
@@ -131,7 +143,9 @@ def _build(doc: dict, problems: list) -> Scenario:
         if deploy is not None and not (isinstance(deploy, str) and NAME_RE.match(deploy)):
             problems.append(ScenarioProblem(f"{label}.deploy", f"invalid rack name {deploy!r}"))
         elif deploy and rack_names and deploy not in rack_names:
-            problems.append(ScenarioProblem(f"{label}.deploy", f"names rack {deploy!r}, which `racks` does not declare"))
+            problems.append(
+                ScenarioProblem(f"{label}.deploy", f"names rack {deploy!r}, which `racks` does not declare")
+            )
         if not isinstance(gtype, str) or not gtype:
             problems.append(ScenarioProblem(f"{label}.type", "gear type is required"))
             ports[gname] = ((), ())
@@ -185,7 +199,9 @@ def _build(doc: dict, problems: list) -> Scenario:
                 ends.append(None)
                 continue
             if not ENDPOINT_RE.match(text):
-                problems.append(ScenarioProblem(f"{loc}.{side}", f"bad endpoint {text!r}: use gear.port or rack.gear.port"))
+                problems.append(
+                    ScenarioProblem(f"{loc}.{side}", f"bad endpoint {text!r}: use gear.port or rack.gear.port")
+                )
                 ends.append(None)
                 continue
             ep = Endpoint.parse(text)
@@ -200,10 +216,12 @@ def _build(doc: dict, problems: list) -> Scenario:
                 have = gp[direction]
                 kind = "output" if direction else "input"
                 if ep.port not in have:
-                    problems.append(ScenarioProblem(
-                        f"{loc}.{side}",
-                        f"gear {ep.gear!r} has no {kind} port {ep.port!r} ({kind}s: {', '.join(have) or 'none'})",
-                    ))
+                    problems.append(
+                        ScenarioProblem(
+                            f"{loc}.{side}",
+                            f"gear {ep.gear!r} has no {kind} port {ep.port!r} ({kind}s: {', '.join(have) or 'none'})",
+                        )
+                    )
             ends.append(ep)
         if None in ends:
             continue
@@ -212,10 +230,13 @@ def _build(doc: dict, problems: list) -> Scenario:
             rs = src.rack or deploy_of.get(src.gear)
             rd = dst.rack or deploy_of.get(dst.gear)
             if rs and rd and rs != rd:
-                problems.append(ScenarioProblem(f"{loc}.lane", f"a hot wire cannot cross Racks ({rs} -> {rd}); use guaranteed"))
+                problems.append(
+                    ScenarioProblem(f"{loc}.lane", f"a hot wire cannot cross Racks ({rs} -> {rd}); use guaranteed")
+                )
         wires.append(WireSpec(src=src, dst=dst, lane=lane))
     racks = doc.get("racks") if isinstance(doc.get("racks"), list) else []
-    return Scenario(name=name, version=version, gears=gears, wires=wires, racks=racks, doc=doc)
+    return Scenario(name=name, version=version, gears=gears, wires=wires, racks=racks, doc=doc,
+                    groups=projection_groups(doc))  # fmt: skip
 
 
 def read_scenario_doc(path: str) -> dict:

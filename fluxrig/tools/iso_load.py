@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from ..framing.config import make_framer
 from ..iso8583 import Iso8583DecodeError, load_spec
 
-__all__ = ["LoadResult", "run_load", "build_request"]
+__all__ = ["LoadResult", "run_load", "build_request", "print_progress"]
 
 STAN_SPACE = 999_999
 
@@ -48,10 +48,18 @@ def build_request(mti: str, stan: int, terminal: str, rrn: str, amount: int = 10
     now = time.gmtime()
     fields = {0: mti, 7: time.strftime("%m%d%H%M%S", now), 11: "%06d" % stan, 41: terminal}
     if mti[1] != "8":
-        fields.update({
-            2: "4111111111111111", 3: "000000", 4: "%012d" % amount, 12: time.strftime("%H%M%S", now),
-            13: time.strftime("%m%d", now), 37: rrn, 42: "FLUXRIGLOAD0001", 49: "978",
-        })
+        fields.update(
+            {
+                2: "4111111111111111",
+                3: "000000",
+                4: "%012d" % amount,
+                12: time.strftime("%H%M%S", now),
+                13: time.strftime("%m%d", now),
+                37: rrn,
+                42: "FLUXRIGLOAD0001",
+                49: "978",
+            }
+        )
     else:
         fields[70] = "301"
     return fields
@@ -64,7 +72,7 @@ def _pct(sorted_ms: list[float], p: float) -> float:
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, gen: "_Generator", index: int):
+    def __init__(self, gen: _Generator, index: int):
         self.gen = gen
         self.terminal = "LOAD%04d" % index
         self.framer = make_framer({"framing": gen.framing})
@@ -143,7 +151,7 @@ async def _drive(conn: _Conn, gen: _Generator, end: float, interval: float, prog
             conn.space.clear()
             try:
                 await asyncio.wait_for(conn.space.wait(), max(0.001, end - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             continue
         if interval:
@@ -159,17 +167,30 @@ async def _drive(conn: _Conn, gen: _Generator, end: float, interval: float, prog
             await asyncio.sleep(0)  # let replies in
 
 
-async def run_load(target: str, *, framing: str = "len2_be", rate: float = 0, concurrency: int = 100,
-                   duration: float = 10.0, connections: int = 1, spec: str = "moov:spec87ascii",
-                   mix: tuple[str, ...] = ("0200",) * 19 + ("0800",), timeout: float = 5.0,
-                   progress=None) -> LoadResult:
-    """Run the load and return its figures. `progress(result)` is called about once a second."""
+async def run_load(
+    target: str,
+    *,
+    framing: str = "len2_be",
+    rate: float = 0,
+    concurrency: int = 100,
+    duration: float = 10.0,
+    connections: int = 1,
+    spec: str = "moov:spec87ascii",
+    mix: tuple[str, ...] = ("0200",) * 19 + ("0800",),
+    timeout: float = 5.0,
+    progress=None,
+    ssl_context=None,
+    server_hostname: str | None = None,
+) -> LoadResult:
+    """Run the load and return its figures. `progress(result)` is called about once a second.
+    `ssl_context` (an ssl.SSLContext) dials the target over TLS, checking `server_hostname`."""
     host, _, port = target.rpartition(":")
     loop = asyncio.get_running_loop()
     gen = _Generator(load_spec(spec), framing, max(1, concurrency // connections), list(mix), timeout)
     conns = []
     for i in range(connections):
-        _t, c = await loop.create_connection(lambda i=i: _Conn(gen, i + 1), host or "127.0.0.1", int(port))
+        tls = {"ssl": ssl_context, "server_hostname": server_hostname} if ssl_context is not None else {}
+        _t, c = await loop.create_connection(lambda i=i: _Conn(gen, i + 1), host or "127.0.0.1", int(port), **tls)
         conns.append(c)
     t0 = loop.time()
     end = t0 + duration
@@ -202,6 +223,8 @@ async def run_load(target: str, *, framing: str = "len2_be", rate: float = 0, co
 
 
 def print_progress(result: LoadResult, elapsed: float) -> None:
-    sys.stderr.write(f"\r{elapsed:6.1f}s  sent {result.sent:>9}  answered {result.answered:>9}  "
-                     f"mismatched {result.mismatched}  tps {result.answered / max(elapsed, 1e-9):>9.0f}")
+    sys.stderr.write(
+        f"\r{elapsed:6.1f}s  sent {result.sent:>9}  answered {result.answered:>9}  "
+        f"mismatched {result.mismatched}  tps {result.answered / max(elapsed, 1e-9):>9.0f}"
+    )
     sys.stderr.flush()

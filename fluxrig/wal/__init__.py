@@ -5,8 +5,8 @@ See fluxrig/wal/record.py (bytes on disk, scanning and resynchronisation), fluxr
 """
 
 from fluxrig.wal.aio import DEFAULT_CURSOR_SYNC_MS, AsyncWal
-from fluxrig.wal.checksum import BACKEND as CRC32C_BACKEND
-from fluxrig.wal.errors import WalClosed, WalFailed, WalFull, WalLocked, WalReadOnly
+from fluxrig.wal.crc32c import BACKEND
+from fluxrig.wal.errors import WalClosed, WalFailed, WalFull, WalLocked, WalOpenFailed, WalReadOnly
 from fluxrig.wal.log import (
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_MAX_SIZE_BYTES,
@@ -19,7 +19,6 @@ from fluxrig.wal.log import (
     WalRecord,
     options_from_config,
 )
-from fluxrig.wal.recovery import RecoverySummary
 from fluxrig.wal.record import (
     DEFAULT_MAX_RECORD_BYTES,
     Corrupt,
@@ -32,6 +31,7 @@ from fluxrig.wal.record import (
     encode_record,
     scan,
 )
+from fluxrig.wal.recovery import RecoverySummary
 
 __all__ = [
     "AsyncWal",
@@ -40,6 +40,7 @@ __all__ = [
     "RecoverySummary",
     "WalError",
     "WalFailed",
+    "WalOpenFailed",
     "WalFull",
     "WalClosed",
     "WalLocked",
@@ -62,5 +63,5 @@ __all__ = [
     "DEFAULT_SEGMENT_BYTES",
     "DEFAULT_MAX_RECORD_BYTES",
     "DEFAULT_CURSOR_SYNC_MS",
-    "CRC32C_BACKEND",
+    "BACKEND",
 ]

@@ -8,17 +8,37 @@ from __future__ import annotations
 
 from fluxrig.wal.record import WalError
 
-__all__ = ["WalError", "WalFailed", "WalFull", "WalClosed", "WalReadOnly", "WalLocked"]
+__all__ = ["WalError", "WalFailed", "WalOpenFailed", "WalFull", "WalClosed", "WalReadOnly", "WalLocked"]
 
 
 class WalFailed(WalError):
-    """A write or fsync failed; the Wal accepts nothing more until reopened. `op`, `path`."""
+    """A write or fsync failed: the Wal refuses appends until it heals (`Wal.heal()`, which
+    AsyncWal retries by itself once space returns). `op` ("write", "cursor", "open"), `path`,
+    `errno` (of the OSError, or None), `committed` (the committed seq when it failed: appends
+    at or below it were written before the failure and stand)."""
 
-    def __init__(self, op: str, path: str, cause: BaseException):
+    def __init__(self, op: str, path: str, cause: BaseException, committed: int | None = None):
         self.op = op
         self.path = path
         self.cause = cause
-        super().__init__(f"WAL {op} failed on {path}: {cause}; reopen the WAL (recovery repairs it)")
+        self.errno = getattr(cause, "errno", None)
+        self.committed = committed
+        super().__init__(
+            f"WAL {op} failed on {path}: {cause}; appends are refused until it heals "
+            "(free space on that filesystem: the WAL re-probes and reopens by itself)"
+        )
+
+
+class WalOpenFailed(WalFailed):
+    """Opening (recovering) a WAL directory failed with an OS error (full disk, permissions,
+    read-only filesystem). `path` is the file or directory that failed, `errno` the error."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__("open", path, cause)
+        self.args = (
+            f"cannot open WAL at {path}: {getattr(cause, 'strerror', None) or cause}; "
+            "free space or fix permissions on that filesystem, then start again",
+        )
 
 
 class WalFull(WalError):

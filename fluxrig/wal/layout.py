@@ -6,6 +6,9 @@
   (`wrap_payload`, `unwrap_payload`, and `payload_seq`, which reads only the seq -- recovery's hot
   path). The seq inside every record is what keeps a record's identity when damage removes a
   neighbour; see fluxrig/wal/log.py.
+* `decode_indexed` reads the records at offsets the Wal's index already knows (its read path):
+  each record's length and CRC-32C are checked and its payload must be `[seq, body]` with the
+  seq the index expects, without rescanning for record boundaries.
 * The cursor file holds `b"FLUXCUR\\0" | seq u64 BE | crc32c u32 BE` (20 bytes)
   (`encode_cursor`, `decode_cursor`, which returns None for anything damaged).
 
@@ -17,8 +20,13 @@ from __future__ import annotations
 
 import struct
 
-from fluxrig.wal.checksum import crc32c
+from fluxrig.wal.crc32c import crc32c
 from fluxrig.wal.record import RECORD_HEADER_BYTES
+
+_RECORD_HEADER = struct.Struct(">II")
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_U64 = struct.Struct(">Q").unpack_from
 
 __all__ = [
     "SEGMENT_PREFIX",
@@ -32,6 +40,7 @@ __all__ = [
     "wrap_payload",
     "unwrap_payload",
     "payload_seq",
+    "decode_indexed",
     "encode_cursor",
     "decode_cursor",
 ]
@@ -124,6 +133,71 @@ def payload_seq(payload: bytes) -> int:
     if major != 2 or i + n != len(payload):
         raise ValueError("body is not one byte string filling the record")
     return seq
+
+
+def decode_indexed(data: bytes, base: int, offsets, seqs, make) -> tuple[list, list]:
+    """The records at known offsets of `data` (file bytes starting at file offset `base`).
+
+    `offsets` and `seqs` are the index's entries (ascending) for records inside `data`. Returns
+    ([make(seq, body), ...], [seq, ...]): the records that are intact, and the seqs whose bytes
+    no longer hold their record (length, CRC-32C, payload shape or seq differ: changed on disk
+    since the index was built). Never raises on any bytes.
+
+    Cost: one struct unpack, one CRC over the payload (compiled twin) and one body slice per
+    record. The previous path fed the span through RecordReader (a copy per record, a Record
+    per record, a dict of wanted offsets). bench/wal.py read_from_us_per_record, 256-byte
+    bodies: 7.2 -> 4.8 us, of which the CRC call is ~1 us (mostly its fixed per-call cost)."""
+    out: list = []
+    lost: list = []
+    size = len(data)
+    view = memoryview(data)
+    unpack = _RECORD_HEADER.unpack_from
+    append = out.append
+    hdr = RECORD_HEADER_BYTES
+    for off, seq in zip(offsets, seqs):
+        p = off - base
+        if p < 0 or p + hdr > size:
+            lost.append(seq)
+            continue
+        length, crc = unpack(data, p)
+        q = p + hdr
+        e = q + length
+        if length < 3 or e > size or data[q] != 0x82 or crc32c(view[q:e]) != crc:
+            lost.append(seq)
+            continue
+        try:  # the heads below may claim more bytes than the record holds
+            h = data[q + 1]
+            if h < 24:
+                rseq, i = h, q + 2
+            elif h == 0x1A:
+                rseq, i = _U32(data, q + 2)[0], q + 6
+            elif h == 0x18:
+                rseq, i = data[q + 2], q + 3
+            elif h == 0x19:
+                rseq, i = _U16(data, q + 2)[0], q + 4
+            elif h == 0x1B:
+                rseq, i = _U64(data, q + 2)[0], q + 10
+            else:
+                rseq, i = -1, e
+            b = data[i] if i < e else 0
+            if b < 0x58:  # a byte string, its length in the head byte (anything below: not one)
+                n, j = b - 0x40, i + 1
+            elif b == 0x58:
+                n, j = data[i + 1], i + 2
+            elif b == 0x59:
+                n, j = _U16(data, i + 1)[0], i + 3
+            elif b == 0x5A:
+                n, j = _U32(data, i + 1)[0], i + 5
+            else:
+                n, j = -1, 0
+        except (IndexError, struct.error):
+            rseq, n, j = -1, -1, 0
+        if rseq != seq or n < 0 or j + n != e:
+            lost.append(seq)
+            continue
+        append(make(seq, data[j:e]))
+    view.release()
+    return out, lost
 
 
 def encode_cursor(seq: int) -> bytes:

@@ -56,12 +56,13 @@ from __future__ import annotations
 import re
 import struct
 from array import array
-from typing import Iterator, NamedTuple, Union
+from collections.abc import Iterator
+from typing import NamedTuple, Union
 
 import cbor2
 
 from fluxrig.errors import ConfigError, FluxError, LocalProtocolError, RemoteProtocolError
-from fluxrig.wal.checksum import crc32c, crc32c_prefix, crc32c_shift
+from fluxrig.wal.crc32c import crc32c, crc32c_prefix, crc32c_shift
 
 __all__ = [
     "RECORD_HEADER_BYTES",

@@ -27,6 +27,7 @@ from array import array
 from typing import NamedTuple
 
 from fluxrig.wal.errors import WalError, WalLocked
+from fluxrig.wal.health import PROBE_FILE
 from fluxrig.wal.layout import (
     CURSOR_BYTES,
     CURSOR_FILE,
@@ -110,10 +111,11 @@ def recover(wal) -> RecoverySummary:
             fcntl.flock(wal._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WalLocked(os.path.join(d, LOCK_FILE)) from None
-        try:
-            os.unlink(os.path.join(d, CURSOR_FILE + ".tmp"))
-        except FileNotFoundError:
-            pass
+        for stale in (CURSOR_FILE + ".tmp", PROBE_FILE):  # a crash mid-write left it
+            try:
+                os.unlink(os.path.join(d, stale))
+            except FileNotFoundError:
+                pass
     cursor, cursor_reset = read_cursor(wal.directory)
     names = sorted((b, n) for n in os.listdir(d) if (b := parse_segment_name(n)) is not None)
     c = dict.fromkeys(("records", "torn", "corrupt", "corrupt_bytes", "deleted", "repaired", "headers"), 0)
@@ -195,6 +197,7 @@ def recover(wal) -> RecoverySummary:
         seconds=round(time.monotonic() - t0, 6),
     )
 
+
 def scan_segment(fh, seg: SegmentIndex, next_base, max_record_bytes: int, c: dict):
     """Index one segment's valid records; returns (end of the last valid record, size)."""
     reader = RecordReader(SEGMENT_HEADER_BYTES, max_record_bytes=max_record_bytes)
@@ -227,6 +230,7 @@ def scan_segment(fh, seg: SegmentIndex, next_base, max_record_bytes: int, c: dic
                 c["torn"] += ev.length
         if not chunk:
             return valid_end, size
+
 
 def read_cursor(directory: str):
     try:

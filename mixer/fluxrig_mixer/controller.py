@@ -2,51 +2,86 @@
 
 Job. Everything that turns a registry change into bus traffic lives here, on the event loop:
 
-- Hello (`fluxrig.agent.hello`, request/reply): the bootstrap token is compared in constant
-  time; a wrong one gets `denied` and registers nothing. A right one registers the Rack
-  (`pending`, or `active` with auto-adopt), adds its bus user to the Snake (reload), signs its
-  passport and replies with it sealed to the Hello's one-use X25519 key. A retried Hello with
-  the same key gets the same Rack back, never a duplicate.
+- Hello (`fluxrig.agent.hello`, request/reply): the Hello must prove it holds the NKey it
+  names (wire/identity.py). A removed identity gets `removed` (the Rack stops enrolling). A
+  known identity gets its own Rack back (a retried Hello, a lost passport), never a duplicate.
+  A new one needs an enrollment token (tokens.py: uses, expiry, revocation; spent here); a
+  refused token gets `denied` and registers nothing. Labels come from the token, never from
+  the Hello. The Rack is registered (`pending`, or `active` with auto-adopt), its NKey added
+  to the Snake's users (reload, waited for), its passport signed and sealed to the Hello's
+  one-use X25519 key.
 - Heartbeats (`fluxrig.agent.heartbeat.<rack>`, request/reply): liveness in memory, the
   Rack's apply report stored, `offline` -> `active` when heard again; the reply carries the
-  current passport when the Rack's is older (lost push) or half-way to expiry.
-- Operator actions (approve, suspend, activate, remove, shutdown, log level): a transition
-  through the state machine, the Snake's users regenerated when bus rights change, a fresh
-  passport pushed on `flux.ctrl.<rack>.passport`.
+  current passport when the Rack's is older (lost push) or half-way to expiry, the Mixer's
+  time signed for the heartbeat's challenge (fluxrig/timesync.py: the Rack judges command
+  freshness by it), and the desired kill state as a signed command while the Rack's reported
+  kill-state serial is behind (commands.py: level-triggered kill).
+- Operator actions (approve, suspend, activate, remove): a transition through the state
+  machine, the Snake's users regenerated when bus rights change, a fresh passport pushed on
+  `flux.ctrl.<rack>.passport`. Shutdown and log level are signed commands (commands.py).
 - Scenario activation: every projection validated first (nothing changes if one is bad),
   then one passport per Rack carrying its projection, signalled on `flux.ctrl.<rack>.reload`.
 
-Passport bytes last signed per Rack are kept in table `passports` so a restarted Mixer can
-answer heartbeats without re-signing.
+Shared state (issue 14). Every registry write goes through `self.state` (rackstate.py:
+compare-and-set in JetStream KV, the DuckDB registry a read cache), on a single node as in a
+cluster. Hello and heartbeats are a queue group across the nodes; each node tells the others
+which Racks it heard (`fluxrig.mixer.liveness`), so whichever node holds the `sweep` lease
+(lease.py) sees the whole fleet and alone moves silent Racks offline; its lease is checked
+(renewed, fenced by revision) right before it writes. The sweep's DuckDB writes run in a
+thread, off the event loop. Passport bytes last signed are in the passports bucket (and the
+file's table `passports`), so any node answers any heartbeat without re-signing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
-from collections import OrderedDict
 
-from fluxrig.agent import protocol as P
-from fluxrig.agent import subjects as S
+import nats.errors
+
+from fluxrig import ctrl as C
 from fluxrig.errors import FluxError, ScenarioError
-from fluxrig.passport import ClusterKey, Passport, sign_passport
+from fluxrig.passport import ClusterKey, Passport, sign_passport, verify_passport
+from fluxrig.scenario.groups import group_labels
+from fluxrig.timesync import sign_time
+from fluxrig.wire import identity
+from fluxrig.wire import messages as W
+from fluxrig.wire import subjects as S
+from fluxrig.wire.vocab import ApplyState, CtrlVerb, HelloStatus, RackStatus
 
+from .commands import CommandSender
+from .groups import group_conductors, member_rights, stan_overlaps
+from .kv import open_buckets
 from .lanes import LaneConsumers
+from .lease import DEFAULT_LEASE_TTL_S, Lease, LeaseLost
+from .rackstate import SharedRegistry
+from .ratelimit import guard_heartbeat, guard_hello
 from .registry import RackRow, Registry
+from .rollout import (
+    DEFAULT_MAX_FAILURE_RATIO,
+    DEFAULT_WAVE_SIZE,
+    DEFAULT_WAVE_TIMEOUT_S,
+    ROLLOUT_DUTY,
+    Rollouts,
+)
 from .scenarios import ScenarioStore, StoredScenario, project
 from .snake import BusUser, rack_permissions
-from .states import FULL_BUS_STATUSES
+from .states import FULL_BUS_STATUSES, next_status
+from .tokens import Grant
 
-__all__ = ["Controller", "LOG_LEVELS"]
+__all__ = [
+    "Controller",
+    "LOG_LEVELS",
+]
 
 log = logging.getLogger("fluxrig.mixer.controller")
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
-# Remember recent Hello reply keys so a retried Hello is answered with the same Rack.
-HELLO_CACHE_SIZE = 4096
-HELLO_CACHE_TTL_S = 600.0
+SWEEP_DUTY = "sweep"  # the lease key of the offline sweep
+MAX_LIVENESS_MESSAGE = 256 * 1024  # bytes of one liveness message (a fleet's share is split)
 
 
 class Controller:
@@ -62,34 +97,97 @@ class Controller:
         heartbeat_interval: float = 30.0,
         passport_ttl: float = 30 * 86400.0,
         reload_users=None,
-        wait_user=None,
+        wait_reloaded=None,
+        tokens=None,
+        node: str = "",
+        replicas: int = 1,
+        lease_ttl: float = DEFAULT_LEASE_TTL_S,
+        ready_timeout: float = 30.0,
+        wave_size: int = DEFAULT_WAVE_SIZE,
+        max_failure_ratio: float = DEFAULT_MAX_FAILURE_RATIO,
+        wave_timeout: float = DEFAULT_WAVE_TIMEOUT_S,
     ):
         self.registry = registry
+        self.node = node or mixer_name
+        self.replicas = replicas
+        self.lease_ttl = lease_ttl
+        self.ready_timeout = ready_timeout  # a forming cluster may refuse the buckets for a while
+        self.waves = (wave_size, max_failure_ratio, wave_timeout)
+        self.rollouts: Rollouts | None = None
+        self._liveness_write: asyncio.Future | None = None  # the sweeper's DuckDB write in its thread
+        self.state: SharedRegistry | None = None  # set by attach(): no write without the KV
+        self.lease: Lease | None = None
+        self.shared_tokens = None  # tokens.SharedTokens once attached
+        self.shared_scenarios = None  # scenariostate.SharedScenarios once attached
+        self._heard_here: dict[str, float] = {}  # rack_id -> wall time, heard by this node since the last share
+        self._stats_here: dict[str, dict] = {}
         self.scenarios = scenarios
         self.key = key
         self.bootstrap_token = bootstrap_token
+        self.tokens = tokens  # tokens.TokenStore, or None: then only bootstrap_token admits
         self.mixer_name = mixer_name
         self.auto_adopt = auto_adopt
         self.heartbeat_interval = heartbeat_interval
         self.passport_ttl = passport_ttl
         self._reload_users = reload_users  # async callable(list[BusUser])
-        self._wait_user = wait_user  # async callable(user, password) -> bool: reload took effect
+        self._wait_reloaded = wait_reloaded  # async callable() -> bool: the Snake runs the new users
         self.nc = None
         self._subs = []
-        self._hello_cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._passports: dict[str, tuple[int, bytes]] = {}  # rack_id -> last signed (serial, bytes)
         self._sweeper: asyncio.Task | None = None
         self.lanes: LaneConsumers | None = None
-        self.counters = {"hello_ok": 0, "hello_denied": 0, "hello_bad": 0, "heartbeats": 0, "heartbeat_unknown": 0}
+        self.stan_overlaps: list[str] = []  # issue 17: overlapping STAN ranges in a group, as text
+        # Signed commands (shutdown, log level; the kill state in heartbeat replies). The app
+        # shares its own sender here; otherwise one is made on attach.
+        self.commands: CommandSender | None = None
+        self.counters = {"hello_ok": 0, "hello_denied": 0, "hello_bad": 0, "hello_removed": 0, "heartbeats": 0,
+                         "heartbeat_unknown": 0}  # fmt: skip
         self._heard_offline: set[str] = set()  # offline Racks heard again, persisted by the sweeper
+        self.counters.update(sweeps=0, sweep_writes_s=0.0, liveness_in=0)
 
     # -- wiring ----------------------------------------------------------------------------------
 
     async def attach(self, nc) -> None:
         self.nc = nc
+        if self.commands is None:
+            self.commands = CommandSender(self.registry, self.key, nc)
+        # The shared state first: the cache holds every node's Racks before any Hello is served.
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            try:
+                buckets = await open_buckets(nc.jetstream(), self.replicas)
+                break
+            except (TimeoutError, nats.errors.Error) as exc:  # no quorum yet, no meta leader yet
+                if time.monotonic() > deadline:
+                    raise FluxError(f"the shared state's buckets could not be opened: {exc!r}") from None
+                log.info("waiting for the cluster's JetStream to open the shared state: %r", exc)
+                await asyncio.sleep(0.5)
+        self.state = SharedRegistry(self.registry, buckets, self.node, on_bus_change=self.users_changed)
+        await self.state.start(timeout=self.ready_timeout)
+        from .scenariostate import SharedScenarios
+
+        self.shared_scenarios = SharedScenarios(self.scenarios, buckets.scenarios, buckets.state, self.node,
+                                                self.replicas)  # fmt: skip
+        self.shared_scenarios.on_active = self._activated_elsewhere
+        await self.shared_scenarios.start(timeout=self.ready_timeout)
+        self.rollouts = Rollouts(self, buckets.state, Lease(buckets.leases, ROLLOUT_DUTY, self.node, self.lease_ttl),
+                                 *self.waves)  # fmt: skip
+        await self.rollouts.start()
+        if self.tokens is not None:  # enrollment tokens counted cluster-wide (tokens.SharedTokens)
+            from .tokens import SharedTokens
+
+            self.shared_tokens = SharedTokens(self.tokens, buckets.tokens)
+            await self.shared_tokens.push()
+            self.shared_tokens.start()
+        await self.users_changed()  # the users as the shared state has them (another node's Racks)
+        self.lease = Lease(buckets.leases, SWEEP_DUTY, self.node, self.lease_ttl)
+        self.lease.start()
+        self._subs.append(await nc.subscribe(S.MIXER_LIVENESS, cb=self._on_liveness))
         # A queue group lets a second Mixer node share the work (ARCHITECTURE §10).
-        self._subs.append(await nc.subscribe(S.HELLO, queue="mixer", cb=self._on_hello))
-        self._subs.append(await nc.subscribe(f"{S.HEARTBEAT_PREFIX}.*", queue="mixer", cb=self._on_heartbeat))
+        # Rate-limited per sender before any work (ratelimit.py).
+        hello_cb, beat_cb = guard_hello(self._on_hello), guard_heartbeat(self._on_heartbeat, self.heartbeat_interval)
+        self._subs.append(await nc.subscribe(S.HELLO, queue="mixer", cb=hello_cb))
+        self._subs.append(await nc.subscribe(S.heartbeat_all(), queue="mixer", cb=beat_cb))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="liveness-sweeper")
         # Guaranteed lane: the in-<rack> consumers follow the active scenario (lanes.py).
         self.lanes = LaneConsumers(nc.jetstream(), self.registry, self.scenarios)
@@ -104,6 +202,22 @@ class Controller:
                 await self._sweeper
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._liveness_write is not None and not self._liveness_write.done():
+            try:  # the file is closed after this: the writer thread must be done with it
+                await asyncio.wait_for(asyncio.shield(self._liveness_write), 10)
+            except Exception:
+                pass
+        if self.shared_tokens is not None:
+            await self.shared_tokens.stop()
+        if self.shared_scenarios is not None:
+            await self.shared_scenarios.stop()
+        if self.rollouts is not None:
+            await self.rollouts.stop()
+        if self.lease is not None:
+            await self.lease.stop()  # released: the next node takes the sweep at once
+        if self.state is not None:
+            await self.state.stop()
+        await asyncio.to_thread(self.registry.close_writer)  # queued file writes done before the file closes
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -113,14 +227,24 @@ class Controller:
 
     def bus_users(self) -> list[BusUser]:
         users = []
-        for name, user, password, status in self.registry.bus_credentials():
-            pub, sub = rack_permissions(name, full=status in FULL_BUS_STATUSES)
-            users.append(BusUser(user, password, pub, sub))
+        active = self.scenarios.active()
+        labels = {r.name: r.labels for r in self.registry.list()} if active is not None else {}
+        for name, nkey, status in self.registry.bus_identities():
+            full = status in FULL_BUS_STATUSES
+            groups = member_rights(active.doc, labels.get(name)) if active is not None else []
+            pub, sub = rack_permissions(name, full=full, groups=groups)
+            # allow_responses: an active Rack may answer the requests it receives (the Mixer's
+            # signed `saf` command, issue 16), on their reply subject only, once each.
+            users.append(BusUser(nkey, pub, sub, allow_responses=full))
         return users
 
-    async def users_changed(self) -> None:
+    async def users_changed(self, wait: bool = False) -> None:
+        """Regenerate the Snake's users; with `wait`, until it runs them (a Rack told its
+        passport at once must find its identity accepted)."""
         if self._reload_users is not None:
             await self._reload_users(self.bus_users())
+            if wait and self._wait_reloaded is not None and not await self._wait_reloaded():
+                log.warning("the Snake has not applied the new users yet; the Rack will retry")
 
     # -- passports -------------------------------------------------------------------------------
 
@@ -128,16 +252,29 @@ class Controller:
         if rack.status not in FULL_BUS_STATUSES:
             return None, ""
         active = self.scenarios.active()
+        assigned = self.rollouts.assigned(rack.rack_id) if self.rollouts is not None else None
+        if assigned is not None:  # a roll-out is under way and this Rack's wave has not started
+            active = self.scenarios.get(assigned) if assigned else None
         if active is None:
             return None, ""
         return project(active.doc, rack.name, rack.labels, active.digest), active.version
 
-    def issue(self, rack: RackRow) -> bytes:
-        """Sign a new passport for `rack` (with its projection when it may run one), store it."""
-        scenario, version = self._projection(rack)
+    def _state(self) -> SharedRegistry:
+        if self.state is None:
+            from .kv import StateUnavailable
+
+            raise StateUnavailable("fluxrig-racks", "*", "the Mixer is not connected to the Snake")
+        return self.state
+
+    async def issue(self, rack: RackRow) -> bytes:
+        """Sign a new passport for `rack` (with its projection when it may run one), store it.
+        The serial is reserved in the shared state first (two nodes: two serials)."""
+        _, version = self._projection(rack)
         now = time.time()
         expires = now + self.passport_ttl
-        serial = self.registry.next_serial(rack.rack_id, expires)
+        rack = await self._state().reserve_serial(rack.rack_id, expires, version)
+        serial = rack.passport_serial
+        scenario, version = self._projection(rack)
         data = sign_passport(
             self.key,
             Passport(
@@ -145,7 +282,6 @@ class Controller:
                 rack_name=rack.name,
                 status=rack.status,
                 bus_user=rack.bus_user,
-                bus_password=rack.bus_password,
                 scenario=scenario,
                 scenario_version=version,
                 mixer_name=self.mixer_name,
@@ -154,24 +290,40 @@ class Controller:
                 serial=serial,
             ),
         )
-        self.registry.record_passport(rack.rack_id, serial, expires, data, version)
+        await self.state.store_passport(rack.rack_id, data)
+        self.registry.store_passport(rack.rack_id, serial, data)  # the file, in the writer thread
         self._passports[rack.rack_id] = (serial, data)
         return data
 
-    def current_passport(self, rack_id: str) -> tuple[int, bytes] | None:
-        cached = self._passports.get(rack_id)
-        if cached is not None:
-            return cached
-        row = self.registry.db.conn.execute("SELECT serial, data FROM passports WHERE rack_id = ?", [rack_id]).fetchone()
-        if row is None:
-            return None
-        self._passports[rack_id] = (row[0], bytes(row[1]))
-        return self._passports[rack_id]
+    def has_passport(self, rack_id: str) -> bool:
+        """A passport was signed for this Rack by this node (benchmarks wait for it)."""
+        return rack_id in self._passports
 
-    async def push(self, rack: RackRow, verb: str, passport: bytes | None = None, level: str | None = None, reason: str = "") -> None:
+    async def current_passport(self, rack_id: str) -> tuple[int, bytes] | None:
+        """The passport last signed for the Rack, by any node: memory, the file, the KV."""
+        want = self.registry.get(rack_id, include_removed=True).passport_serial
+        cached = self._passports.get(rack_id)
+        if cached is not None and cached[0] >= want:
+            return cached
+        row = self.registry.db.conn.execute(
+            "SELECT serial, data FROM passports WHERE rack_id = ?", [rack_id]
+        ).fetchone()
+        if row is not None and row[0] >= want:
+            self._passports[rack_id] = (row[0], bytes(row[1]))
+            return self._passports[rack_id]
+        if self.state is not None:
+            data = await self.state.load_passport(rack_id)  # signed by another node
+            if data is not None:
+                serial = verify_passport(data, [self.key.public_key]).serial  # ours: every node holds the key
+                self._passports[rack_id] = (serial, data)
+                return self._passports[rack_id]
+        return None
+
+    async def push(self, rack: RackRow, verb: str, passport: bytes) -> None:
+        """A signed passport on `flux.ctrl.<rack>.<verb>` (reload, passport)."""
         if self.nc is None:
             return
-        await self.nc.publish(S.ctrl(rack.name, verb), P.encode_ctrl(passport=passport, level=level, reason=reason))
+        await self.nc.publish(S.ctrl(rack.name, verb), W.CtrlMessage(passport).encode())
 
     # -- Hello -----------------------------------------------------------------------------------
 
@@ -180,48 +332,88 @@ class Controller:
             reply = await self.handle_hello(msg.data)
         except Exception as exc:  # never let one Hello kill the subscription
             log.exception("hello failed: %s", exc)
-            reply = P.encode_hello_reply("denied", "internal error at the Mixer; see its log")
+            reply = W.HelloReply(HelloStatus.DENIED, "internal error at the Mixer; see its log").encode()
         if msg.reply:
             await self.nc.publish(msg.reply, reply)
 
+    async def _check_token(self, hello: W.Hello) -> Grant:
+        """A Grant (labels, Rack name, token id) when the Hello's enrollment token admits a new
+        Rack, else one whose `refused` says why. With a token store (tokens.py) a use is spent
+        here; without one only `bootstrap_token` admits (unit tests)."""
+        if self.shared_tokens is not None:
+            return await self.shared_tokens.consume(hello.token, rack_name=hello.name)
+        if self.tokens is not None:
+            return self.tokens.consume(hello.token, rack_name=hello.name)
+        if not self.bootstrap_token or not hmac.compare_digest(hello.token.encode(), self.bootstrap_token.encode()):
+            return Grant("wrong enrollment token")
+        return Grant()
+
     async def handle_hello(self, data: bytes) -> bytes:
         try:
-            hello = P.decode_hello(data)
-        except P.AgentProtocolError as exc:
+            hello = W.Hello.decode(data)
+        except W.WireError as exc:
             self.counters["hello_bad"] += 1
-            return P.encode_hello_reply("denied", f"malformed hello: {exc}")
-        if not self.bootstrap_token or not hmac.compare_digest(hello["token"].encode(), self.bootstrap_token.encode()):
-            self.counters["hello_denied"] += 1
-            log.warning("hello denied: wrong bootstrap token (name %r, host %r)", hello["name"], hello["host"])
-            return P.encode_hello_reply("denied", "wrong bootstrap token")
-        now = time.monotonic()
-        cached = self._hello_cache.get(hello["reply_key"])
-        rack = None
-        if cached and now - cached[1] < HELLO_CACHE_TTL_S:
-            rack = self.registry.find(cached[0])
+            return W.HelloReply(HelloStatus.DENIED, f"malformed hello: {exc}").encode()
+        if not hello.nkey:
+            self.counters["hello_bad"] += 1
+            return W.HelloReply(HelloStatus.DENIED, "the Hello names no bus identity (nkey): upgrade the Rack").encode()
+        try:
+            identity.verify_proof(hello.nkey, hello.reply_key, hello.nkey_sig)
+        except identity.IdentityError as exc:
+            self.counters["hello_bad"] += 1
+            log.warning("hello refused: %s (name %r, host %r)", exc, hello.name, hello.host)
+            return W.HelloReply(HelloStatus.DENIED, str(exc)).encode()
+        state = self._state()
+        if self.registry.is_denied(hello.nkey):
+            self.counters["hello_removed"] += 1
+            log.warning("hello refused: identity %s was removed (name %r, host %r)", hello.nkey, hello.name, hello.host)
+            return W.HelloReply(
+                HelloStatus.REMOVED,
+                "this rack was removed by the operator and stays out; to join again it needs a new identity "
+                "(delete identity.nkey in its state dir) and a new enrollment token",
+            ).encode()
+        rack = await state.rack_of_identity(hello.nkey)
         if rack is None:
-            rack = self.registry.create(
-                hello["name"] or hello["host"] or "rack",
-                host=hello["host"],
-                version=hello["version"],
-                labels=hello["labels"],
-                adopted=self.auto_adopt,
-            )
-            self._hello_cache[hello["reply_key"]] = (rack.rack_id, now)
-            while len(self._hello_cache) > HELLO_CACHE_SIZE:
-                self._hello_cache.popitem(last=False)
-            await self.users_changed()
-            if self._wait_user is not None and not await self._wait_user(rack.bus_user, rack.bus_password):
-                log.warning("the Snake has not accepted rack %s's new bus user yet; it will retry", rack.name)
+            grant = await self._check_token(hello)
+            if grant.refused:
+                self.counters["hello_denied"] += 1
+                log.warning("hello denied: %s (name %r, host %r)", grant.refused, hello.name, hello.host)
+                return W.HelloReply(HelloStatus.DENIED, grant.refused).encode()
+            labels = dict(grant.labels)
+            if hello.labels and hello.labels != labels:
+                log.info("rack %r asked for labels %s: ignored (labels come from the token or the operator)",
+                         hello.name, hello.labels)  # fmt: skip
+            try:
+                rack = await state.create(
+                    grant.rack_name or hello.name or hello.host or "rack",
+                    host=hello.host,
+                    version=hello.version,
+                    labels=labels,
+                    adopted=self.auto_adopt,
+                    nkey=hello.nkey,
+                    detail=f"token={grant.token_id}" if grant.token_id else "",
+                )
+            except FluxError:
+                # Removed meanwhile, or enrolled by another node a moment ago (a retried Hello
+                # answered by two nodes): the shared state says which.
+                rack = await state.rack_of_identity(hello.nkey)
+                if rack is None:
+                    self.counters["hello_removed"] += 1
+                    return W.HelloReply(HelloStatus.REMOVED, "this rack's identity was removed; it stays out").encode()
+            await self.users_changed(wait=True)
+        else:
+            # It holds the key of a Rack we know (it proved it): its own Rack back, no token
+            # needed (a retried Hello, a Rack that lost its passport file).
+            log.info("rack %s said Hello again with its own identity", rack.name)
         self.counters["hello_ok"] += 1
-        passport = self.issue(rack)
-        return P.encode_hello_reply(
-            "active" if rack.status == "active" else "pending",
+        passport = await self.issue(rack)
+        return W.HelloReply(
+            HelloStatus.ACTIVE if rack.status == RackStatus.ACTIVE else HelloStatus.PENDING,
             f"welcome to {self.mixer_name}: rack {rack.name} is {rack.status}",
             rack_name=rack.name,
             heartbeat_interval=self.heartbeat_interval,
-            sealed=P.seal(hello["reply_key"], passport),
-        )
+            sealed=W.seal(hello.reply_key, passport),
+        ).encode()
 
     # -- heartbeats ------------------------------------------------------------------------------
 
@@ -245,106 +437,211 @@ class Controller:
             self.counters["heartbeat_unknown"] += 1
             return None
         try:
-            hb = P.decode_heartbeat(data)
-        except P.AgentProtocolError as exc:
+            hb = W.Heartbeat.decode(data)
+        except W.WireError as exc:
             log.warning("bad heartbeat from %s: %s", name, exc)
             return None
         self.counters["heartbeats"] += 1
         self.registry.heard(rack.rack_id)
+        self._heard_here[rack.rack_id] = time.time()
         status = rack.status
-        if status == "offline":
+        if status == RackStatus.OFFLINE:
             # Answer "active" now; the sweeper persists the move for every such Rack in one
             # transaction (a DuckDB commit is an fsync: never one per heartbeat).
             self._heard_offline.add(rack.rack_id)
-            status = "active"
-        if hb["apply"] != "none" or hb["scenario_version"]:
-            if self.registry.report_apply(rack.rack_id, hb["scenario_version"], hb["apply"], hb["reason"]):
-                log.info("rack %s scenario %s: %s %s", rack.name, hb["scenario_version"], hb["apply"], hb["reason"])
-        if hb["stats"]:
-            self.registry.update_info(rack.rack_id, stats=hb["stats"])
+            status = RackStatus.ACTIVE
+        if hb.apply != ApplyState.NONE or hb.scenario_version:
+            if await self._state().report_apply(rack.rack_id, hb.scenario_version, str(hb.apply), hb.reason):
+                log.info("rack %s scenario %s: %s %s", rack.name, hb.scenario_version, hb.apply, hb.reason)
+        if hb.stats:
+            self.registry.update_info(rack.rack_id, stats=hb.stats)
+            self._stats_here[rack.rack_id] = hb.stats
         passport = None
-        current = self.current_passport(rack.rack_id)
+        current = await self.current_passport(rack.rack_id)
         half_life = rack.passport_expires - self.passport_ttl / 2
         if current is None or time.time() > half_life:
-            passport = self.issue(self.registry.get(rack.rack_id))
-        elif hb["serial"] < current[0]:
+            passport = await self.issue(self.registry.get(rack.rack_id))
+        elif hb.serial < current[0]:
             passport = current[1]
-        return P.encode_heartbeat_reply(status, self.heartbeat_interval, passport)
+        stamp = sign_time(self.key, rack.rack_id, hb.challenge) if hb.challenge else b""
+        command = self.commands.desired_command(rack, hb.stats) if self.commands is not None else b""
+        return W.HeartbeatReply(status, self.heartbeat_interval, passport, time=stamp, command=command).encode()
+
+    def sweep_period(self) -> float:
+        return max(0.1, min(self.heartbeat_interval / 2, 5.0))
 
     async def _sweep(self) -> None:
-        period = max(0.1, min(self.heartbeat_interval / 2, 5.0))
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.sweep_period())
             try:
-                self.sweep_once()
+                await self.sweep_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.error("liveness sweep failed: %s", exc)
 
-    def sweep_once(self) -> None:
-        """Persist liveness: Racks heard again go back to active, silent ones go offline, and
-        last_seen/stats are written; each group in one transaction."""
+    async def sweep_once(self) -> None:
+        """Share what this node heard, move Racks heard again back to active (any node: it
+        heard them), and, on the node holding the sweep lease only, silent Racks offline.
+        last_seen/stats are written to the file in a thread (never on the loop)."""
+        self.counters["sweeps"] += 1
+        await self._share_liveness()
         heard, self._heard_offline = list(self._heard_offline), set()
-        self.registry.transition_many(heard, "heard")
-        silent = self.registry.silent_racks()
-        for rack in self.registry.transition_many(silent, "silent", "no heartbeat"):
-            log.warning("rack %s is offline (silent for %d heartbeat intervals)", rack.name, self.registry.offline_after)
-        self.registry.flush_liveness()
+        if heard:
+            await self._state().transition_many(heard, "heard")
+        if self.lease is not None and self.lease.held:
+            silent = self.registry.silent_racks()
+            if silent:
+                try:
+                    await self.lease.check()  # renewed and fenced right before the write
+                except LeaseLost as exc:
+                    log.info("offline sweep skipped: %s", exc)
+                    silent = []
+                for rack in await self._state().transition_many(silent, "silent", "no heartbeat"):
+                    log.warning(
+                        "rack %s is offline (silent for %d heartbeat intervals)", rack.name, self.registry.offline_after
+                    )
+        seen, stats = self.registry.take_liveness()
+        if seen or stats:
+            t0 = time.perf_counter()
+            # Shielded and remembered: a cancelled sweeper must not leave a write running in the
+            # thread while the file closes (detach() waits for it).
+            self._liveness_write = asyncio.get_running_loop().run_in_executor(
+                None, self.registry.write_liveness, seen, stats
+            )
+            await asyncio.shield(self._liveness_write)
+            self.counters["sweep_writes_s"] += time.perf_counter() - t0
+        self._check_stan_ranges()
+
+    def _check_stan_ranges(self) -> None:
+        """Issue 17: members of a group must originate disjoint reversal STANs; an ERROR while
+        two overlap (once per change), `stan_overlaps` for the API and tests."""
+        active = self.scenarios.active()
+        doc = active.doc if active is not None else None
+        found = [str(o) for o in stan_overlaps(doc, self.registry.list())] if group_conductors(doc) else []
+        if found != self.stan_overlaps:
+            for text in found[:10]:
+                log.error("%s", text)
+            if not found and self.stan_overlaps:
+                log.info("reversal STAN ranges of every group are disjoint again")
+        self.stan_overlaps = found
+
+    async def _share_liveness(self) -> None:
+        """Tell the other nodes which Racks this node heard (and their stats) since the last
+        sweep: core NATS, at most MAX_LIVENESS_MESSAGE bytes a message. A lost message costs
+        at most one sweep period of a Rack's liveness (offline_after is several intervals)."""
+        if self.nc is None or not self._heard_here:
+            return
+        heard, self._heard_here = self._heard_here, {}
+        stats, self._stats_here = self._stats_here, {}
+        part: dict = {"node": self.node, "heard": {}, "stats": {}}
+        size = 0
+        for rack_id, wall in heard.items():
+            st = stats.get(rack_id)
+            cost = len(rack_id) + 24 + (len(json.dumps(st, default=str)) if st else 0)
+            if size + cost > MAX_LIVENESS_MESSAGE and part["heard"]:
+                await self.nc.publish(S.MIXER_LIVENESS, json.dumps(part, default=str).encode())
+                part, size = {"node": self.node, "heard": {}, "stats": {}}, 0
+            part["heard"][rack_id] = wall
+            if st:
+                part["stats"][rack_id] = st
+            size += cost
+        await self.nc.publish(S.MIXER_LIVENESS, json.dumps(part, default=str).encode())
+
+    async def _on_liveness(self, msg) -> None:
+        try:
+            part = json.loads(msg.data)
+            if part.get("node") == self.node:
+                return
+            self.counters["liveness_in"] += 1
+            rows = self.registry._cache()
+            for rack_id, wall in part.get("heard", {}).items():
+                if rack_id in rows:
+                    self.registry.heard_at(rack_id, float(wall))
+                    if rows[rack_id].status == RackStatus.OFFLINE:
+                        self._heard_offline.add(rack_id)
+            for rack_id, st in part.get("stats", {}).items():
+                if rack_id in rows and isinstance(st, dict):
+                    self.registry.update_info(rack_id, stats=st)
+        except Exception as exc:  # a malformed share from a node must not stop the others
+            log.warning("liveness share from %s ignored: %s", msg.subject, exc)
 
     # -- operator actions --------------------------------------------------------------------------
 
-    async def _after_status_change(self, before: RackRow, after: RackRow, verb: str = S.CTRL_PASSPORT) -> bytes:
+    async def _after_status_change(self, before: RackRow, after: RackRow, verb: str = CtrlVerb.PASSPORT) -> bytes:
         """Re-sign, push the passport (to the old name first: the Rack still listens there),
         then regenerate bus users if rights or names changed."""
-        passport = self.issue(after)
+        passport = await self.issue(after)
         await self.push(before, verb, passport)
         if after.name != before.name:
             await self.push(after, verb, passport)
         rights_changed = (before.status in FULL_BUS_STATUSES) != (after.status in FULL_BUS_STATUSES)
-        if rights_changed or before.name != after.name or after.status == "removed":
+        if rights_changed or before.name != after.name or after.status == RackStatus.REMOVED:
             if self.nc is not None:
                 await self.nc.flush()
             await self.users_changed()
         return passport
 
+    async def _move(self, before: RackRow, event: str, detail: str = "", rename: str | None = None) -> RackRow:
+        """An operator move through the shared state. Without it (no bus) a move the state
+        machine refuses is still refused as such (409), any other is StateUnavailable (503)."""
+        if self.state is None:
+            next_status(before.name, before.status, event)
+        return await self._state().transition(before.rack_id, event, detail, rename=rename)
+
     async def approve(self, key: str, name: str | None = None) -> RackRow:
         before = self.registry.get(key)
-        if name:
-            self.registry.rename(before.rack_id, name)
-        after = self.registry.transition(before.rack_id, "approve", f"name={name or before.name}")
-        await self._after_status_change(before, after, S.CTRL_RELOAD if self.scenarios.active() else S.CTRL_PASSPORT)
+        after = await self._move(before, "approve", f"name={name or before.name}", rename=name)
+        await self._after_status_change(
+            before, after, CtrlVerb.RELOAD if self.scenarios.active() else CtrlVerb.PASSPORT
+        )
         return self.registry.get(after.rack_id)
 
     async def suspend(self, key: str) -> RackRow:
         before = self.registry.get(key)
-        after = self.registry.transition(before.rack_id, "suspend")
+        after = await self._move(before, "suspend")
         await self._after_status_change(before, after)
         return after
 
     async def activate(self, key: str) -> RackRow:
         before = self.registry.get(key)
-        after = self.registry.transition(before.rack_id, "activate")
-        await self._after_status_change(before, after, S.CTRL_RELOAD if self.scenarios.active() else S.CTRL_PASSPORT)
+        after = await self._move(before, "activate")
+        await self._after_status_change(
+            before, after, CtrlVerb.RELOAD if self.scenarios.active() else CtrlVerb.PASSPORT
+        )
         return self.registry.get(after.rack_id)
 
     async def remove(self, key: str) -> RackRow:
+        """Remove: the identity is denied for good (registry), dropped from the Snake's users,
+        and its guaranteed-lane consumer deleted now, so a later Rack of the same name starts
+        with nothing addressed to this one."""
         before = self.registry.get(key)
-        after = self.registry.transition(before.rack_id, "remove")
+        after = await self._move(before, "remove")
         await self._after_status_change(before, after)
+        if self.lanes is not None:
+            try:
+                await self.lanes.sync()
+            except Exception:
+                pass  # logged by sync(); its reconcile deletes the consumer later (lanes.py)
         return after
 
-    async def shutdown(self, key: str, reason: str = "operator request") -> RackRow:
-        rack = self.registry.get(key)
-        await self.push(rack, S.CTRL_SHUTDOWN, reason=reason)
-        return rack
+    def _sender(self) -> CommandSender:
+        if self.commands is None:
+            self.commands = CommandSender(self.registry, self.key, self.nc)
+        return self.commands
 
-    async def set_log_level(self, key: str, level: str) -> RackRow:
+    async def shutdown(self, key: str, reason: str = "operator request", actor: str = "api") -> RackRow:
+        """A signed `shutdown` (the Rack drains and exits 0); not waited for."""
+        await self._sender().send(key, C.CMD_SHUTDOWN, reason=reason, wait=0, actor=actor)
+        return self.registry.get(key)
+
+    async def set_log_level(self, key: str, level: str, actor: str = "api") -> RackRow:
+        """A signed `log-level`; not waited for."""
         if level not in LOG_LEVELS:
             raise FluxError(f"unknown log level {level!r}; use one of {', '.join(LOG_LEVELS)}")
-        rack = self.registry.get(key)
-        await self.push(rack, S.CTRL_LOG_LEVEL, level=level)
-        return rack
+        await self._sender().send(key, C.CMD_LOG_LEVEL, level=level, reason=f"log level {level}", wait=0,
+                                  actor=actor)  # fmt: skip
+        return self.registry.get(key)
 
     # -- scenarios ---------------------------------------------------------------------------------
 
@@ -357,22 +654,62 @@ class Controller:
         if problems:
             raise ScenarioError(problems, f"{stored.name} {stored.version}")
 
+    async def _activated_elsewhere(self, stored: StoredScenario) -> None:
+        """Another node activated `stored` (it sends the Racks their passports): this node's
+        bus users (group rights, issue 17) and lane consumers follow it."""
+        await self.users_changed()
+        if self.lanes is not None:
+            try:
+                await self.lanes.sync()
+            except Exception:
+                pass  # logged by sync(); its reconcile loop retries
+
     async def activate_scenario(self, stored: StoredScenario) -> list[dict]:
         """Make `stored` the active scenario and send every runnable Rack its projection."""
         self.check_activation(stored)
-        self.scenarios.mark_active(stored)
+        if self.shared_scenarios is None:
+            from .kv import StateUnavailable
+
+            raise StateUnavailable("fluxrig-state", "active", "the Mixer is not connected to the Snake")
+        previous = self.scenarios.active()
+        await self.shared_scenarios.activate(stored)  # CAS: two nodes activating at once, one 409
+        if group_labels(stored.doc) or (previous is not None and group_labels(previous.doc)):
+            # Issue 17: members' rights to their groups' consumers and relays follow the scenario.
+            await self.users_changed(wait=True)
         if self.lanes is not None:
             try:  # before the Racks hear of it, so their first publishes have a consumer
                 await self.lanes.sync()
             except Exception:
                 pass  # logged by sync(); its reconcile loop retries
+        racks = self.runnable_racks()
+        plan = await self.rollouts.begin(stored, previous.digest if previous else "", [r.rack_id for r in racks])
+        try:
+            await self.rollouts.kick()  # this node drives it: the first wave goes out now
+        except Exception as exc:  # the driver (this node or the lease holder) retries
+            log.warning("roll-out of %s: first wave not sent yet: %s", stored.version, exc)
+        first = set(plan["waves"][0])
         sent = []
-        for rack in self.runnable_racks():
-            passport = self.issue(rack)
-            await self.push(rack, S.CTRL_RELOAD, passport)
-            proj = project(stored.doc, rack.name, rack.labels)
-            sent.append({"rack": rack.name, "version": stored.version, "gears": [g["name"] for g in proj["gears"]]})
+        for rack in racks:
+            if rack.rack_id in first:
+                proj = project(stored.doc, rack.name, rack.labels)
+                sent.append({"rack": rack.name, "version": stored.version, "gears": [g["name"] for g in proj["gears"]]})
+        log.info(
+            "scenario %s %s active; roll-out in %d wave(s) of up to %d: the first to %d rack(s)",
+            stored.name, stored.version, len(plan["waves"]), self.rollouts.wave_size, len(sent),
+        )  # fmt: skip
+        return sent
+
+    async def send_scenario(self, rack_ids: list[str]) -> int:
+        """A new passport (its projection) and a reload signal to each of these Racks that may
+        run a scenario (rollout.py calls it for one wave)."""
+        n = 0
+        for rack_id in rack_ids:
+            rack = self.registry.find(rack_id)
+            if rack is None or rack.status not in FULL_BUS_STATUSES:
+                continue
+            passport = await self.issue(rack)
+            await self.push(rack, CtrlVerb.RELOAD, passport)
+            n += 1
         if self.nc is not None:
             await self.nc.flush()
-        log.info("scenario %s %s active; reload sent to %d rack(s)", stored.name, stored.version, len(sent))
-        return sent
+        return n

@@ -2,7 +2,7 @@
 active scenario.
 
 Job. A Rack pulls every guaranteed wire that ends on it through one durable consumer,
-`in-<rack>` on stream `flux-msg` (fluxrig.agent.subjects.rack_consumer; the Rack's bus user may
+`in-<rack>` on stream `flux-msg` (fluxrig.wire.subjects.rack_consumer; the Rack's bus user may
 only fetch from, read and ack that consumer: fluxrig_mixer.snake.rack_permissions). The Rack
 cannot create it; the Mixer does, here:
 
@@ -15,6 +15,11 @@ cannot create it; the Mixer does, here:
   activated (before the Racks are told), and every `interval` seconds as a reconcile (a
   failed sync, a Snake that lost its store).
 
+Group consumers (issue 17, fluxrig_mixer.groups): the inputs of a Rack group's gears from
+outside the group are not in the members' `in-<rack>` consumers but in one `grp-<group>`
+consumer shared by the members (its own ack wait, back-off and bounded deliveries:
+`group_policy`), created, updated and deleted here with the others.
+
 Consumer settings: explicit ack; `ack_wait` (default 30 s) before an unacknowledged message
 is redelivered; `max_ack_pending` bounds what one Rack holds unacknowledged (its backpressure
 towards the stream); unlimited deliveries (the lane never gives a message up). A new consumer
@@ -24,8 +29,19 @@ are never replayed, while a message published after the activation is delivered 
 the consumer is created late (Snake down at activation). An existing consumer keeps its
 position; only its filter and limits are updated (nats-server >= 2.10: several filters).
 
-Stream `flux-msg` itself (file storage, duplicate window for the Racks' dedup ids) is created
-by fluxrig_mixer.app.ensure_streams.
+Removal and quotas (`LaneConsumers.purge()`, every `purge_interval` s, under the same lock as
+`sync()` so a consumer being created is always seen). Stream `flux-msg` (fluxrig_mixer.streams:
+limits retention, discard NEW, no age limit by default) never evicts; what is delivered is
+removed here: per subject, the messages at or below the lowest ack floor of every consumer
+whose filter matches that subject (any consumer on the stream counts, not only `in-*`), with one
+`purge(subject, seq=floor + 1)`, batched (PURGE_MIN_SEQS, PURGE_MAX_DELAY_S) unless the
+stream is half full or the subject half its quota. A message no consumer has acknowledged is never removed; a
+subject no consumer matches ("orphan": its wire was removed) is kept, reported once at WARNING
+and in `quota["orphans"]`, until a wire takes it or an operator purges it. The same pass reads
+the stream's fill against its limits (stream bytes and messages, each subject's count against
+`max_msgs_per_subject`): at QUOTA_ALERT_RATIO (80 %) one WARNING per subject or stream, at 100 %
+one ERROR (its senders are being pushed back into their lane WAL), cleared below 70 % (INFO);
+`quota` holds the current figures and alerts.
 """
 
 from __future__ import annotations
@@ -34,12 +50,25 @@ import asyncio
 import datetime
 import logging
 
-from fluxrig.agent import subjects as S
+from fluxrig.wire import subjects as S
+from fluxrig.wire.vocab import RackStatus
 
+from .groups import GROUP_CONSUMER_PREFIX, GroupConsumerPolicy, group_inputs
 from .scenarios import _ep, project
+from .streams import QUOTA_ALERT_RATIO, QUOTA_CLEAR_RATIO
 
-__all__ = ["inbound_subjects", "wanted_consumers", "LaneConsumers", "CONSUMER_PREFIX",
-           "DEFAULT_ACK_WAIT_S", "DEFAULT_MAX_ACK_PENDING", "RECONCILE_INTERVAL_S"]
+__all__ = [
+    "inbound_subjects",
+    "wanted_consumers",
+    "LaneConsumers",
+    "CONSUMER_PREFIX",
+    "DEFAULT_ACK_WAIT_S",
+    "DEFAULT_MAX_ACK_PENDING",
+    "RECONCILE_INTERVAL_S",
+    "PURGE_INTERVAL_S",
+    "API_TIMEOUT_S",
+    "subject_matches",
+]
 
 log = logging.getLogger("fluxrig.mixer.lanes")
 
@@ -47,7 +76,28 @@ CONSUMER_PREFIX = "in-"
 DEFAULT_ACK_WAIT_S = 30.0
 DEFAULT_MAX_ACK_PENDING = 4096
 RECONCILE_INTERVAL_S = 10.0
+#: How often delivered messages are removed and the quotas read (a stream at its cap makes
+#: room within this after the receiver acked).
+PURGE_INTERVAL_S = 2.0
+#: A subject is purged once this many stream seqs were acknowledged past its last purge, or
+#: PURGE_MAX_DELAY_S after it, or at once while the stream is over PURGE_EAGER_RATIO full:
+#: purges stay few under a heavy flow (each is a stream operation at the Snake) and room is
+#: made at once when it is needed.
+PURGE_MIN_SEQS = 4096
+PURGE_MAX_DELAY_S = 30.0
+PURGE_EAGER_RATIO = 0.5
 API_TIMEOUT_S = 5.0
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` one token, `>` one or more trailing tokens."""
+    p, t = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or (tok != "*" and tok != t[i]):
+            return False
+    return len(p) == len(t)
 
 
 def inbound_subjects(doc: dict, rack: str, labels: dict | None = None) -> list[str]:
@@ -55,7 +105,8 @@ def inbound_subjects(doc: dict, rack: str, labels: dict | None = None) -> list[s
     proj = project(doc, rack, labels)
     out = set()
     for entry in proj.get("x-remote-wires") or []:
-        if entry.get("direction") == "in" and entry.get("subject"):
+        # A group input goes to the group's shared consumer, not the member's own (groups.py).
+        if entry.get("direction") == "in" and entry.get("subject") and not entry.get("group"):
             out.add(entry["subject"])
     for w in proj.get("wires") or []:
         if isinstance(w, dict) and w.get("lane") == "guaranteed":
@@ -72,11 +123,13 @@ def wanted_consumers(doc: dict | None, racks) -> dict[str, list[str]]:
         return {}
     out = {}
     for r in racks:
-        if r.status == "removed":
+        if r.status == RackStatus.REMOVED:
             continue
         subjects = inbound_subjects(doc, r.name, r.labels)
         if subjects:
             out[S.rack_consumer(r.name)] = subjects
+    for group, subjects in group_inputs(doc).items():  # issue 17: one consumer shared by the members
+        out[S.group_consumer(group)] = subjects
     return out
 
 
@@ -89,16 +142,35 @@ def _filters(config) -> list[str]:
 class LaneConsumers:
     """Creates, updates and deletes the `in-<rack>` consumers (see the module docstring)."""
 
-    def __init__(self, js, registry, scenarios, *, ack_wait: float = DEFAULT_ACK_WAIT_S,
-                 max_ack_pending: int = DEFAULT_MAX_ACK_PENDING, interval: float = RECONCILE_INTERVAL_S):
+    def __init__(
+        self,
+        js,
+        registry,
+        scenarios,
+        *,
+        ack_wait: float = DEFAULT_ACK_WAIT_S,
+        max_ack_pending: int = DEFAULT_MAX_ACK_PENDING,
+        interval: float = RECONCILE_INTERVAL_S,
+        purge_interval: float = PURGE_INTERVAL_S,
+    ):
         self.js = js
         self.registry = registry
         self.scenarios = scenarios
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
         self.interval = interval
-        self.stats = {"syncs": 0, "created": 0, "updated": 0, "deleted": 0, "failures": 0}
+        self.purge_interval = purge_interval
+        self.group_policy = GroupConsumerPolicy()  # the `grp-<group>` consumers (groups.py)
+        self.stats = {"syncs": 0, "created": 0, "updated": 0, "deleted": 0, "failures": 0,
+                      "purge_runs": 0, "purges": 0, "purge_failures": 0}  # fmt: skip
         self.last_error = ""
+        self.last_purge_error = ""
+        self.quota: dict = {}
+        self._purged: dict[str, int] = {}  # subject -> highest stream seq purged through
+        self._purged_at: dict[str, float] = {}  # subject -> loop time of its last purge
+        self._alerts: dict[str, str] = {}  # "stream" or a subject -> "alert" | "full"
+        self._orphans_warned: set[str] = set()
+        self._stream_created = None
         self.current: dict[str, list[str]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -117,14 +189,24 @@ class LaneConsumers:
                 pass
 
     async def _reconcile(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sync = 0.0
         while True:
+            if loop.time() >= next_sync:
+                next_sync = loop.time() + self.interval
+                try:
+                    await self.sync()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    pass  # counted and logged by sync(); tried again next interval
             try:
-                await self.sync()
+                await self.purge()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                pass  # counted and logged by sync(); tried again next interval
-            await asyncio.sleep(self.interval)
+                pass  # counted and logged by purge()
+            await asyncio.sleep(max(0.01, min(self.purge_interval, next_sync - loop.time())))
 
     def _start_time(self) -> datetime.datetime:
         history = self.scenarios.history(1)
@@ -133,7 +215,7 @@ class LaneConsumers:
                 return datetime.datetime.fromisoformat(history[0]["ts"])
             except (KeyError, ValueError):
                 pass
-        return datetime.datetime.now(datetime.timezone.utc)
+        return datetime.datetime.now(datetime.UTC)
 
     async def sync(self) -> dict[str, list[str]]:
         """Make the consumers match the active scenario; returns consumer -> subjects.
@@ -154,28 +236,55 @@ class LaneConsumers:
 
         active = self.scenarios.active()
         wanted = wanted_consumers(active.doc if active else None, self.registry.list())
-        existing = {c.name: c for c in await self.js.consumers_info(S.STREAM_MSG)
-                    if c.name and c.name.startswith(CONSUMER_PREFIX)}
+        existing = {
+            c.name: c
+            for c in await self.js.consumers_info(S.STREAM_MSG)
+            if c.name and c.name.startswith((CONSUMER_PREFIX, GROUP_CONSUMER_PREFIX))
+        }
         for name, subjects in wanted.items():
             have = existing.get(name)
+            if name.startswith(GROUP_CONSUMER_PREFIX):
+                await self._sync_group(name, subjects, have)
+                continue
+            # A name that comes back is a new identity (issue 12): a consumer older than the
+            # last removal of that name belonged to the removed Rack and goes, with its backlog;
+            # the new one starts no earlier than that removal.
+            released = self.registry.name_released_at(name[len(CONSUMER_PREFIX) :])
+            if have is not None and released is not None and have.created is not None and have.created < released:
+                await self.js.delete_consumer(S.STREAM_MSG, name)
+                self.stats["deleted"] += 1
+                log.info("guaranteed lane: consumer %s deleted (it belonged to a removed rack of that name)", name)
+                have = None
             if have is None:
                 config = ConsumerConfig(
-                    name=name, durable_name=name,
-                    description=f"guaranteed lane into rack {name[len(CONSUMER_PREFIX):]} (fluxrig-mixer)",
-                    deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=self._start_time(),
-                    ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_deliver=-1,
-                    max_ack_pending=self.max_ack_pending, filter_subjects=subjects,
+                    name=name,
+                    durable_name=name,
+                    description=f"guaranteed lane into rack {name[len(CONSUMER_PREFIX) :]} (fluxrig-mixer)",
+                    deliver_policy=DeliverPolicy.BY_START_TIME,
+                    opt_start_time=max(self._start_time(), released) if released else self._start_time(),
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=self.ack_wait,
+                    max_deliver=-1,
+                    max_ack_pending=self.max_ack_pending,
+                    filter_subjects=subjects,
                 )
                 await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
                 self.stats["created"] += 1
                 log.info("guaranteed lane: consumer %s created for %s", name, ", ".join(subjects))
                 continue
             cfg = have.config
-            if (_filters(cfg) == subjects and cfg.max_ack_pending == self.max_ack_pending
-                    and abs((cfg.ack_wait or 0) - self.ack_wait) < 1e-3):
+            if (
+                _filters(cfg) == subjects
+                and cfg.max_ack_pending == self.max_ack_pending
+                and abs((cfg.ack_wait or 0) - self.ack_wait) < 1e-3
+            ):
                 continue
-            config = cfg.evolve(filter_subject=None, filter_subjects=subjects, ack_wait=self.ack_wait,
-                                max_ack_pending=self.max_ack_pending)
+            config = cfg.evolve(
+                filter_subject=None,
+                filter_subjects=subjects,
+                ack_wait=self.ack_wait,
+                max_ack_pending=self.max_ack_pending,
+            )
             if config.name is None:
                 config.name = name
             await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
@@ -190,3 +299,162 @@ class LaneConsumers:
         self.current = wanted
         self.last_error = ""
         return wanted
+
+    async def _sync_group(self, name: str, subjects: list[str], have) -> None:
+        """Create or update a group's shared consumer (issue 17, fluxrig_mixer.groups)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        p = self.group_policy
+        if have is None:
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"guaranteed lane into rack group {name[len(GROUP_CONSUMER_PREFIX) :]}, shared by "
+                "its members (fluxrig-mixer)",
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=self._start_time(),
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=p.ack_wait,
+                backoff=list(p.backoff) or None,
+                max_deliver=p.max_deliver,
+                max_ack_pending=p.max_ack_pending,
+                filter_subjects=subjects,
+            )
+            await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
+            self.stats["created"] += 1
+            log.info("guaranteed lane: group consumer %s created for %s", name, ", ".join(subjects))
+            return
+        cfg = have.config
+        same = (
+            _filters(cfg) == subjects
+            and cfg.max_ack_pending == p.max_ack_pending
+            and cfg.max_deliver == p.max_deliver
+            and abs((cfg.ack_wait or 0) - p.ack_wait) < 1e-3
+            and [round(b, 3) for b in (cfg.backoff or [])] == [round(b, 3) for b in p.backoff]
+        )
+        if same:
+            return
+        config = cfg.evolve(filter_subject=None, filter_subjects=subjects, ack_wait=p.ack_wait,
+                            backoff=list(p.backoff) or None, max_deliver=p.max_deliver,
+                            max_ack_pending=p.max_ack_pending)  # fmt: skip
+        if config.name is None:
+            config.name = name
+        await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
+        self.stats["updated"] += 1
+        log.info("guaranteed lane: group consumer %s now filters %s", name, ", ".join(subjects))
+
+    # -- removal of what was delivered, and the quotas -------------------------------------
+
+    async def purge(self) -> dict:
+        """Remove what every consumer of each subject acknowledged; read the quotas. Returns
+        `quota`. Raises what JetStream raises (after counting and logging it once)."""
+        async with self._lock:
+            try:
+                return await self._purge()
+            except Exception as exc:
+                self.stats["purge_failures"] += 1
+                text = f"{type(exc).__name__}: {exc}"[:500]
+                if text != self.last_purge_error:
+                    log.error("guaranteed lane: delivered messages not removed (flux-msg will fill up): %s", text)
+                self.last_purge_error = text
+                raise
+
+    async def _purge(self) -> dict:
+        info = await self.js.stream_info(S.STREAM_MSG, subjects_filter=S.msg_all())
+        if info.created != self._stream_created:  # a new stream (a Snake that lost its store): seqs restart
+            self._stream_created = info.created
+            self._purged.clear()
+            self._purged_at.clear()
+        consumers = await self.js.consumers_info(S.STREAM_MSG)
+        floors = []
+        for c in consumers:
+            pats = _filters(c.config) or [">"]
+            floors.append((pats, int(c.ack_floor.stream_seq) if c.ack_floor else 0))
+        subjects = dict(info.state.subjects or {})
+        cfg, st = info.config, info.state
+        eager = bool(cfg.max_bytes and cfg.max_bytes > 0 and st.bytes >= cfg.max_bytes * PURGE_EAGER_RATIO)
+        per_subject = cfg.max_msgs_per_subject or -1
+        now = asyncio.get_running_loop().time()
+        orphans = []
+        purged_now = 0
+        for subject in subjects:
+            floor = None
+            for pats, ack in floors:
+                if any(subject_matches(p, subject) for p in pats):
+                    floor = ack if floor is None else min(floor, ack)
+            if floor is None:
+                orphans.append(subject)
+                continue
+            done = self._purged.get(subject, 0)
+            if floor <= done:
+                continue
+            if not (
+                eager
+                or floor - done >= PURGE_MIN_SEQS
+                or now - self._purged_at.get(subject, 0.0) >= PURGE_MAX_DELAY_S
+                or (per_subject > 0 and subjects[subject] >= per_subject * PURGE_EAGER_RATIO)
+            ):
+                continue
+            await self.js.purge_stream(S.STREAM_MSG, subject=subject, seq=floor + 1)
+            self._purged[subject] = floor
+            self._purged_at[subject] = now
+            self.stats["purges"] += 1
+            purged_now += 1
+        for gone in [s for s in self._purged if s not in subjects]:
+            del self._purged[gone]
+            self._purged_at.pop(gone, None)
+        if purged_now:  # the quotas as they are after the removal
+            info = await self.js.stream_info(S.STREAM_MSG, subjects_filter=S.msg_all())
+        self._warn_orphans(orphans)
+        self.quota = self._check_quota(info, orphans)
+        self.stats["purge_runs"] += 1
+        self.last_purge_error = ""
+        return self.quota
+
+    def _warn_orphans(self, orphans: list[str]) -> None:
+        for subject in orphans:
+            if subject not in self._orphans_warned and len(self._orphans_warned) < 10000:
+                self._orphans_warned.add(subject)
+                log.warning("guaranteed lane: messages on %s wait with no consumer (no wire into a Rack takes "
+                            "them): kept until one does or an operator purges them", subject)  # fmt: skip
+        self._orphans_warned &= set(orphans)
+
+    def _check_quota(self, info, orphans: list[str]) -> dict:
+        cfg, st = info.config, info.state
+        per_subject = cfg.max_msgs_per_subject or -1
+        fills = {}
+        if cfg.max_bytes and cfg.max_bytes > 0:
+            fills["stream"] = (st.bytes / cfg.max_bytes, f"{st.bytes} of {cfg.max_bytes} bytes")
+        if cfg.max_msgs and cfg.max_msgs > 0:
+            ratio = st.messages / cfg.max_msgs
+            if ratio > fills.get("stream", (0.0, ""))[0]:
+                fills["stream"] = (ratio, f"{st.messages} of {cfg.max_msgs} messages")
+        if per_subject > 0:
+            for subject, count in (st.subjects or {}).items():
+                fills[subject] = (count / per_subject, f"{count} of {per_subject} messages")
+        for key in [k for k in self._alerts if k not in fills]:
+            del self._alerts[key]
+        for key, (ratio, text) in fills.items():
+            what = "flux-msg as a whole" if key == "stream" else f"source {key}"
+            was = self._alerts.get(key)
+            if ratio >= 1.0 and was != "full":
+                self._alerts[key] = "full"
+                log.error("guaranteed lane quota FULL for %s (%s): its senders are pushed back into their lane "
+                          "WAL until the receiver consumes", what, text)  # fmt: skip
+            elif QUOTA_ALERT_RATIO <= ratio < 1.0 and was is None:
+                self._alerts[key] = "alert"
+                log.warning("guaranteed lane quota %d%% used for %s (%s); at 100%% its senders are pushed back",
+                            int(ratio * 100), what, text)  # fmt: skip
+            elif ratio < QUOTA_CLEAR_RATIO and was is not None:
+                del self._alerts[key]
+                log.info("guaranteed lane quota back to %d%% for %s", int(ratio * 100), what)
+        return {
+            "stream_bytes": st.bytes,
+            "stream_messages": st.messages,
+            "max_bytes": cfg.max_bytes,
+            "max_msgs_per_subject": per_subject,
+            "max_age": cfg.max_age or 0,
+            "fill": {k: round(v[0], 4) for k, v in fills.items() if k == "stream" or v[0] >= QUOTA_ALERT_RATIO},
+            "alerts": dict(self._alerts),
+            "orphans": sorted(orphans),
+        }

@@ -15,7 +15,9 @@ Projection for Rack R (`project`):
   - wires whose two ends are both in that set (endpoints may name R explicitly);
   - wires with one end here and one on another Rack go to `x-remote-wires` with the
     guaranteed-lane subject `flux.msg.<rack>.<gear>.<port>` of their source, for the runtime;
-  - `racks` keeps only R's own entry, `meta` is kept, and `x-fluxrig` says what this is.
+  - `racks` keeps only R's own entry and the entries of the groups R is a member of, `meta` is
+    kept, and `x-fluxrig` says what this is (rack, digest, and `groups`: R's groups, issue 17).
+    A group's projection depends on R's labels only, never on the other members.
 """
 
 from __future__ import annotations
@@ -24,11 +26,25 @@ import hashlib
 import json
 import logging
 
-from fluxrig.agent import subjects as S
 from fluxrig.errors import FluxError, ScenarioError, ScenarioProblem
 from fluxrig.scenario import parse_scenario, validate_scenario
+from fluxrig.scenario.groups import PROJECTION_KEY, member_groups
+from fluxrig.wire import subjects as S
 
-__all__ = ["ScenarioStore", "StoredScenario", "project", "digest_of", "ScenarioNotFound", "NoActiveScenario"]
+from .parse_worker import Checked, ScenarioChecker
+
+__all__ = [
+    "ScenarioStore",
+    "StoredScenario",
+    "project",
+    "digest_of",
+    "ScenarioNotFound",
+    "NoActiveScenario",
+    "DIGEST_SHOWN",
+    "DDL",
+    "placement",
+    "gear_home",
+]
 
 log = logging.getLogger("fluxrig.mixer.scenarios")
 
@@ -110,24 +126,20 @@ def _targets(doc: dict) -> tuple[set[str], dict[str, dict]]:
         if r.get("name"):
             names.add(r["name"])
         elif r.get("group"):
-            groups[r["group"]] = dict(((r.get("match") or {}).get("labels") or {}))
+            groups[r["group"]] = dict((r.get("match") or {}).get("labels") or {})
     return names, groups
 
 
 def placement(doc: dict, rack: str, labels: dict | None = None) -> set[str]:
-    """Names of the gears that run on `rack`."""
-    labels = labels or {}
-    _names, groups = _targets(doc)
+    """Names of the gears that run on `rack`: its own, global ones, and those of every group
+    it is a member of (fluxrig.scenario.groups.member_groups: by its labels alone)."""
+    groups = set(member_groups(doc, labels))
     out = set()
     for g in doc.get("gears") or []:
         if not isinstance(g, dict) or not g.get("name"):
             continue
         deploy = g.get("deploy")
-        if not deploy:
-            out.add(g["name"])
-        elif deploy == rack:
-            out.add(g["name"])
-        elif deploy in groups and groups[deploy] and all(labels.get(k) == str(v) for k, v in groups[deploy].items()):
+        if not deploy or deploy == rack or deploy in groups:
             out.add(g["name"])
     return out
 
@@ -147,6 +159,8 @@ def project(doc: dict, rack: str, labels: dict | None = None, digest: str = "") 
     """The part of `doc` that Rack `rack` runs (see the module docstring)."""
     here = placement(doc, rack, labels)
     home = gear_home(doc)
+    groups = member_groups(doc, labels)
+    deploy_of = {g["name"]: g.get("deploy") for g in doc.get("gears") or [] if isinstance(g, dict) and g.get("name")}
     gears = [g for g in (doc.get("gears") or []) if isinstance(g, dict) and g.get("name") in here]
     wires, remote = [], []
     for w in doc.get("wires") or []:
@@ -164,27 +178,38 @@ def project(doc: dict, rack: str, labels: dict | None = None, digest: str = "") 
             entry["lane"] = "guaranteed"
             entry["direction"] = "out" if src_here else "in"
             entry["subject"] = S.msg(src_rack, fg, fp) if S.RACK_NAME_RE.match(src_rack) else ""
+            if dst_here and deploy_of.get(tg) in groups:
+                entry["group"] = deploy_of[tg]  # a group input: the group's shared consumer (groups.py)
             remote.append(entry)
     out: dict = {"meta": dict(doc.get("meta") or {})}
-    own = [r for r in (doc.get("racks") or []) if isinstance(r, dict) and r.get("name") == rack]
+    own = [
+        r
+        for r in (doc.get("racks") or [])
+        if isinstance(r, dict) and (r.get("name") == rack or (not r.get("name") and r.get("group") in groups))
+    ]
     if own:
         out["racks"] = own
     out["gears"] = gears
     out["wires"] = wires
     if remote:
         out["x-remote-wires"] = remote
-    out["x-fluxrig"] = {"rack": rack, "digest": digest}
+    out[PROJECTION_KEY] = {"rack": rack, "digest": digest, "groups": groups}
     return out
 
 
 class ScenarioStore:
     """Scenarios in the registry database (tables `scenarios`, `scenario_activations`)."""
 
-    def __init__(self, db):
+    def __init__(self, db, checker: ScenarioChecker | None = None):
         self.db = db
+        # Documents from the API are parsed and validated in a child process with a time and
+        # memory budget (parse_worker.py), never on the event loop.
+        self.checker = checker or ScenarioChecker()
         db.ensure(DDL)
         self._active: StoredScenario | None = None
         self._active_loaded = False
+        # Called with each new import (scenariostate.SharedScenarios puts it in the shared state).
+        self.on_import = None
 
     # -- import ----------------------------------------------------------------------------------
 
@@ -197,9 +222,24 @@ class ScenarioStore:
             raise ScenarioError(problems, "import")
         return doc
 
+    async def check_async(self, text: str, fmt: str, racks: list[tuple[str, dict]]) -> Checked:
+        """`check` plus the projection warnings for `racks`, in a child process (parse_worker):
+        the event loop only waits. ScenarioError (ScenarioCheckFailed past the budget)."""
+        return await self.checker.check(text, fmt, racks)
+
+    async def import_text_async(self, text: str, fmt: str = "yaml") -> tuple[StoredScenario, bool]:
+        """`import_text` with the parse and validation off the event loop (the API's path)."""
+        checked = await self.check_async(text, fmt, [])
+        return self.import_checked(checked.doc, text, fmt)
+
     def import_text(self, text: str, fmt: str = "yaml") -> tuple[StoredScenario, bool]:
-        """(stored scenario, created). Importing an identical document returns the first."""
-        doc = self.check(text, fmt)
+        """(stored scenario, created). Importing an identical document returns the first.
+        Parses on the calling thread: for trusted files (the --scenario flag), not the API."""
+        return self.import_checked(json.loads(json.dumps(self.check(text, fmt), default=str)), text, fmt)
+
+    def import_checked(self, doc: dict, text: str, fmt: str, notify: bool = True) -> tuple[StoredScenario, bool]:
+        """Store `doc`, already parsed and validated from `text` (check or check_async);
+        `notify`: tell `on_import` (not for documents that came from the shared state)."""
         digest = digest_of(doc)
         existing = self._by_digest(digest)
         if existing:
@@ -214,6 +254,8 @@ class ScenarioStore:
         )
         stored = self._by_digest(digest)
         log.info("scenario imported: %s %s", stored.name, stored.version)
+        if notify and self.on_import is not None:
+            self.on_import(stored)
         return stored, True
 
     # -- reads -----------------------------------------------------------------------------------------
@@ -240,7 +282,9 @@ class ScenarioStore:
         cur = self.db.cur()
         if "@" in key:
             name, _, ver = key.partition("@")
-            rows = cur.execute(f"SELECT {self._COLS} FROM scenarios WHERE name = ? ORDER BY seq DESC", [name]).fetchall()
+            rows = cur.execute(
+                f"SELECT {self._COLS} FROM scenarios WHERE name = ? ORDER BY seq DESC", [name]
+            ).fetchall()
             for r in rows:
                 s = self._row(r)
                 if ver in (s.meta_version, s.version.split("@", 1)[1]) or s.version == key.split("@", 1)[1]:
@@ -248,7 +292,9 @@ class ScenarioStore:
                 if s.digest.startswith(ver):
                     return s
             raise ScenarioNotFound(key)
-        r = cur.execute(f"SELECT {self._COLS} FROM scenarios WHERE name = ? ORDER BY seq DESC LIMIT 1", [key]).fetchone()
+        r = cur.execute(
+            f"SELECT {self._COLS} FROM scenarios WHERE name = ? ORDER BY seq DESC LIMIT 1", [key]
+        ).fetchone()
         if r:
             return self._row(r)
         if len(key) >= 6:
@@ -272,18 +318,27 @@ class ScenarioStore:
         return self._active
 
     def history(self, limit: int = 50) -> list[dict]:
-        rows = self.db.cur().execute(
-            "SELECT a.ts, a.digest, s.name, s.version FROM scenario_activations a JOIN scenarios s USING (digest) "
-            "ORDER BY a.ts DESC LIMIT ?",
-            [limit],
-        ).fetchall()
-        return [{"ts": r[0].isoformat(), "digest": r[1], "name": r[2], "version": f"{r[3]}@{r[1][:DIGEST_SHOWN]}"} for r in rows]
+        rows = (
+            self.db.cur()
+            .execute(
+                "SELECT a.ts, a.digest, s.name, s.version FROM scenario_activations a JOIN scenarios s USING (digest) "
+                "ORDER BY a.ts DESC LIMIT ?",
+                [limit],
+            )
+            .fetchall()
+        )
+        return [
+            {"ts": r[0].isoformat(), "digest": r[1], "name": r[2], "version": f"{r[3]}@{r[1][:DIGEST_SHOWN]}"}
+            for r in rows
+        ]
 
     @staticmethod
     def projection_problems(doc: dict, racks: list[tuple[str, dict]]) -> list[ScenarioProblem]:
         """Validate every Rack's projection the way that Rack will; problems are prefixed with
         the Rack name. Also flags `deploy` targets that are not known Racks."""
-        problems: list[ScenarioProblem] = []
+        from .groups import group_problems
+
+        problems: list[ScenarioProblem] = list(group_problems(doc))
         known = {name for name, _ in racks}
         declared, groups = _targets(doc)
         for i, g in enumerate(doc.get("gears") or []):

@@ -17,6 +17,7 @@ Racks have no bus user at all.
 from __future__ import annotations
 
 from fluxrig.errors import FluxError
+from fluxrig.wire.vocab import TRAFFIC_STATUSES, RackStatus
 
 __all__ = [
     "STATUSES",
@@ -28,27 +29,27 @@ __all__ = [
     "next_status",
 ]
 
-STATUSES = ("pending", "active", "offline", "suspended", "removed")
+STATUSES = (RackStatus.PENDING, RackStatus.ACTIVE, RackStatus.OFFLINE, RackStatus.SUSPENDED, RackStatus.REMOVED)
 EVENTS = ("enroll", "enroll_adopted", "approve", "suspend", "activate", "silent", "heard", "remove")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
-    ("new", "enroll"): "pending",
-    ("new", "enroll_adopted"): "active",
-    ("pending", "approve"): "active",
-    ("active", "silent"): "offline",
-    ("offline", "heard"): "active",
-    ("pending", "suspend"): "suspended",
-    ("active", "suspend"): "suspended",
-    ("offline", "suspend"): "suspended",
-    ("suspended", "activate"): "active",
-    ("pending", "remove"): "removed",
-    ("active", "remove"): "removed",
-    ("offline", "remove"): "removed",
-    ("suspended", "remove"): "removed",
+    (RackStatus.NEW, "enroll"): RackStatus.PENDING,
+    (RackStatus.NEW, "enroll_adopted"): RackStatus.ACTIVE,
+    (RackStatus.PENDING, "approve"): RackStatus.ACTIVE,
+    (RackStatus.ACTIVE, "silent"): RackStatus.OFFLINE,
+    (RackStatus.OFFLINE, "heard"): RackStatus.ACTIVE,
+    (RackStatus.PENDING, "suspend"): RackStatus.SUSPENDED,
+    (RackStatus.ACTIVE, "suspend"): RackStatus.SUSPENDED,
+    (RackStatus.OFFLINE, "suspend"): RackStatus.SUSPENDED,
+    (RackStatus.SUSPENDED, "activate"): RackStatus.ACTIVE,
+    (RackStatus.PENDING, "remove"): RackStatus.REMOVED,
+    (RackStatus.ACTIVE, "remove"): RackStatus.REMOVED,
+    (RackStatus.OFFLINE, "remove"): RackStatus.REMOVED,
+    (RackStatus.SUSPENDED, "remove"): RackStatus.REMOVED,
 }
 
-FULL_BUS_STATUSES = frozenset({"active", "offline"})
-BUS_STATUSES = frozenset({"pending", "active", "offline", "suspended"})
+FULL_BUS_STATUSES = TRAFFIC_STATUSES
+BUS_STATUSES = frozenset({RackStatus.PENDING, RackStatus.ACTIVE, RackStatus.OFFLINE, RackStatus.SUSPENDED})
 
 
 class IllegalTransition(FluxError):
@@ -60,9 +61,7 @@ class IllegalTransition(FluxError):
         self.status = status
         self.event = event
         self.allowed = sorted(e for (s, e) in TRANSITIONS if s == status)
-        super().__init__(
-            f"rack {rack} is {status}: cannot {event} (allowed: {', '.join(self.allowed) or 'nothing'})"
-        )
+        super().__init__(f"rack {rack} is {status}: cannot {event} (allowed: {', '.join(self.allowed) or 'nothing'})")
 
 
 def next_status(rack: str, status: str, event: str) -> str:

@@ -3,9 +3,11 @@
 Job. Start the Mixer exactly as `serve` does (the Snake as a supervised nats-server child,
 registry, control API) with auto-adopt on; import and activate one scenario built from
 `scenarios/tcp-echo.yaml` and `scenarios/iso8583-authorizer.yaml`; start a local Rack, a
-`fluxrig run -c <state_dir>/rack/fluxrig.toml` child enrolled with the bootstrap token and
-the pinned cluster key; wait until that Rack has applied the scenario; print the API URL
-and token, the Snake URL, the ports and how to try them; run until SIGINT/SIGTERM, then stop
+`fluxrig run -c <state_dir>/rack/fluxrig.toml` child enrolled from its own enrollment bundle
+(`<state_dir>/rack/enroll-bundle`: the Snake URL, its CA, the pinned cluster key and a
+single-use token bound to the Rack's name); wait until that Rack has applied the scenario;
+print the API URL and the token's file (never the token), the Snake URL, the ports and how to
+try them; run until SIGINT/SIGTERM, then stop
 the Rack (SIGTERM: it drains) and after it the Mixer.
 
 Contract.
@@ -17,10 +19,11 @@ Contract.
     placeholders (the stored document is the same whatever the ports); the Rack expands them
     from its environment, which `up` sets from `--echo-port` / `--iso-port` (else an operator's
     own FLUXRIG_ECHO_BIND / FLUXRIG_ISO_BIND, else the scenario default). Port 0 = a free port.
-  - The Rack child: own session (Ctrl-C on the terminal reaches `up` only, which stops things
-    in order), SIGTERM if `up` dies (PR_SET_PDEATHSIG), output forwarded to stderr prefixed
-    with its name, restarted with exponential backoff when it dies, except on exit 2 (its
-    configuration is wrong: retrying cannot help, so `up` stops and exits 1).
+  - The Rack child, a supervisor.ProcessSupervisor like the Snake: own session (Ctrl-C on the
+    terminal reaches `up` only, which stops things in order), SIGTERM if `up` dies
+    (PR_SET_PDEATHSIG), output forwarded to stderr prefixed with its name, restarted with
+    exponential backoff when it dies, except on exit 2 (its configuration is wrong: retrying
+    cannot help, so `up` stops and exits 1).
   - Exit: 0 after a signal-initiated stop; 1 when the Rack never becomes ready or gives up;
     2 on a configuration error (a port in use, a missing scenario file).
 """
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -37,14 +39,45 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import yaml
 
 from fluxrig.errors import ConfigError, FluxError, ScenarioError, ScenarioProblem
 from fluxrig.fileutil import write_private_atomic
 from fluxrig.scenario import parse_scenario, validate_scenario
+from fluxrig.wire.vocab import ApplyState, RackStatus
 
-__all__ = ["merge_scenarios", "load_standard_tier", "RackSupervisor", "rack_toml", "register", "find_scenarios_dir"]
+from .config import config_path, load_config, setup_logging
+from .supervisor import ProcessSupervisor
+
+__all__ = [
+    "Up",
+    "merge_scenarios",
+    "load_standard_tier",
+    "rack_toml",
+    "rack_command",
+    "rack_supervisor",
+    "resolve_binds",
+    "register",
+    "find_scenarios_dir",
+    "SCENARIO_FILES",
+    "MERGED_NAME",
+    "MERGED_VERSION",
+    "LIST_KEYS",
+    "ENDPOINTS",
+    "DEFAULT_RACK_NAME",
+    "RACK_DRAIN_TIMEOUT_S",
+    "RACK_STOP_MARGIN_S",
+    "RACK_RESTART_BACKOFF_S",
+    "RACK_RESTART_BACKOFF_MAX_S",
+    "RACK_STABLE_AFTER_S",
+    "RACK_EXIT_CONFIG",
+    "READY_TIMEOUT_S",
+    "UP_TOKEN_TTL_S",
+    "READY_POLL_S",
+    "RACK_ENV_OWNED",
+]
 
 log = logging.getLogger("fluxrig.mixer.up")
 
@@ -64,14 +97,28 @@ RACK_RESTART_BACKOFF_MAX_S = 30.0
 RACK_STABLE_AFTER_S = 10.0
 RACK_EXIT_CONFIG = 2
 READY_TIMEOUT_S = 60.0
+# The local Rack's own enrollment token (single use, bound to its name) expires after this.
+UP_TOKEN_TTL_S = 600.0
 READY_POLL_S = 0.1
 # Variables that would override what `up` writes into the Rack's fluxrig.toml (the Rack reads
 # the environment after its file); inherited from a shell, they would point the local Rack at
 # the Mixer's own state dir or another Snake.
 RACK_ENV_OWNED = (
-    "FLUXRIG_BASE_NAME", "FLUXRIG_BASE_STATE_DIR", "FLUXRIG_BASE_SCENARIO", "FLUXRIG_STORE_DIR",
-    "FLUXRIG_SNAKE_URL", "FLUXRIG_SNAKE_BOOTSTRAP_TOKEN", "FLUXRIG_SNAKE_MIXER_PUBLIC_KEY",
-    "FLUXRIG_SNAKE_ROOT_CA_FILE", "FLUXRIG_CONFIG", "FLUXRIG_RACK_DRAIN_TIMEOUT",
+    "FLUXRIG_BASE_NAME",
+    "FLUXRIG_BASE_STATE_DIR",
+    "FLUXRIG_BASE_SCENARIO",
+    "FLUXRIG_STORE_DIR",
+    "FLUXRIG_SNAKE_URL",
+    "FLUXRIG_SNAKE_BOOTSTRAP_TOKEN",
+    "FLUXRIG_SNAKE_ENROLLMENT_BUNDLE",
+    "FLUXRIG_SNAKE_MIXER_PUBLIC_KEY",
+    "FLUXRIG_SNAKE_ROOT_CA_FILE",
+    "FLUXRIG_SNAKE_TLS_CERT_FILE",
+    "FLUXRIG_SNAKE_TLS_KEY_FILE",
+    "FLUXRIG_SNAKE_TRUST_ON_FIRST_USE",
+    "FLUXRIG_SNAKE_INSECURE_PLAINTEXT",
+    "FLUXRIG_CONFIG",
+    "FLUXRIG_RACK_DRAIN_TIMEOUT",
 )
 
 
@@ -94,8 +141,10 @@ def find_scenarios_dir(explicit: str | None = None) -> str:
     for c in candidates:
         if all(os.path.isfile(os.path.join(c, f)) for f in SCENARIO_FILES):
             return c
-    raise ConfigError(f"no directory with {' and '.join(SCENARIO_FILES)} (tried {', '.join(candidates)}); "
-                      "pass --scenarios DIR", "--scenarios")
+    raise ConfigError(
+        f"no directory with {' and '.join(SCENARIO_FILES)} (tried {', '.join(candidates)}); pass --scenarios DIR",
+        "--scenarios",
+    )
 
 
 def _bind_default(doc: dict, var: str) -> str | None:
@@ -104,7 +153,7 @@ def _bind_default(doc: dict, var: str) -> str | None:
     for g in doc.get("gears") or []:
         for value in ((g or {}).get("config") or {}).values():
             if isinstance(value, str) and value.startswith(needle) and value.endswith("}"):
-                return value[len(needle):-1]
+                return value[len(needle) : -1]
     return None
 
 
@@ -134,7 +183,9 @@ def merge_scenarios(sources: list[tuple[str, str]], name: str = MERGED_NAME, ver
                 if ident:
                     first = owners.setdefault((key, ident), where)
                     if first != where:
-                        problems.append(ScenarioProblem(f"{where}: {key}[{i}]", f"{ident!r} is also defined in {first}"))
+                        problems.append(
+                            ScenarioProblem(f"{where}: {key}[{i}]", f"{ident!r} is also defined in {first}")
+                        )
                         continue
                 merged.setdefault(key, []).append(item)
     if not problems:
@@ -152,8 +203,7 @@ def load_standard_tier(scenarios_dir: str) -> tuple[dict, str]:
         with open(path, encoding="utf-8") as fh:
             sources.append((path, fh.read()))
     doc = merge_scenarios(sources)
-    header = ("# Generated by `fluxrig-mixer up` from " + " and ".join(SCENARIO_FILES)
-              + "; edit those, not this.\n")
+    header = "# Generated by `fluxrig-mixer up` from " + " and ".join(SCENARIO_FILES) + "; edit those, not this.\n"
     return doc, header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 
 
@@ -189,15 +239,16 @@ def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
         try:
             s.bind((host or "0.0.0.0", port))
         except OSError as exc:
-            raise ConfigError(f"{what} port {host}:{port} is not free ({exc.strerror}); pick another with {flag}",
-                              flag) from None
+            raise ConfigError(
+                f"{what} port {host}:{port} is not free ({exc.strerror}); pick another with {flag}", flag
+            ) from None
 
 
 async def _listening(bind: str, timeout: float = 0.5) -> bool:
     host, _, port = bind.rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(_loopback(host), int(port)), timeout)
-    except (OSError, ValueError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, ValueError):
         return False
     writer.close()
     return True
@@ -210,17 +261,32 @@ def _loopback(host: str) -> str:
 # -- the local Rack -------------------------------------------------------------------------------
 
 
-def rack_toml(*, name: str, state_dir: str, snake_url: str, token: str, mixer_key: str,
-              root_ca: str = "", drain_timeout: float = RACK_DRAIN_TIMEOUT_S) -> str:
+def rack_toml(
+    *,
+    name: str,
+    state_dir: str,
+    bundle_file: str,
+    client_cert: tuple[str, str] | None = None,
+    insecure_plaintext_url: str = "",
+    drain_timeout: float = RACK_DRAIN_TIMEOUT_S,
+) -> str:
+    """The local Rack's fluxrig.toml: it joins through its enrollment bundle (a path: the token
+    never sits in this file, in argv or in the environment)."""
     q = lambda v: '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'  # noqa: E731
     lines = [
         "# Generated by `fluxrig-mixer up` on every start; edits are overwritten.",
-        "[base]", f"name = {q(name)}", f"state_dir = {q(state_dir)}",
-        "[rack]", f'drain_timeout = "{drain_timeout:g}s"',
-        "[snake]", f"url = {q(snake_url)}", f"bootstrap_token = {q(token)}", f"mixer_public_key = {q(mixer_key)}",
+        "[base]",
+        f"name = {q(name)}",
+        f"state_dir = {q(state_dir)}",
+        "[rack]",
+        f'drain_timeout = "{drain_timeout:g}s"',
+        "[snake]",
+        f"enrollment_bundle = {q(bundle_file)}",
     ]
-    if root_ca:
-        lines.append(f"root_ca_file = {q(root_ca)}")
+    if client_cert:
+        lines += [f"tls_cert_file = {q(client_cert[0])}", f"tls_key_file = {q(client_cert[1])}"]
+    if insecure_plaintext_url:
+        lines += [f"url = {q(insecure_plaintext_url)}", "insecure_plaintext = true", "trust_on_first_use = true"]
     return "\n".join(lines) + "\n"
 
 
@@ -232,117 +298,24 @@ def rack_command(conf: str) -> list[str]:
     return [sys.executable, "-m", "fluxrig.cli.main", "run", "-c", conf]
 
 
-def _pdeathsig_preexec():  # pragma: no cover - runs in the child
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class RackSupervisor:
-    """Owns the `fluxrig run` child: `start()`, a watcher that restarts it with backoff,
-    `stop()` (SIGTERM, SIGKILL after `stop_timeout`). `on_give_up(code)` is called when the
-    child exits with RACK_EXIT_CONFIG (not restarted)."""
-
-    def __init__(self, argv: list[str], env: dict, label: str, stop_timeout: float,
-                 backoff: float = RACK_RESTART_BACKOFF_S, backoff_max: float = RACK_RESTART_BACKOFF_MAX_S,
-                 on_give_up=None, out=None):
-        self.argv, self.env, self.label = argv, env, label
-        self.stop_timeout = stop_timeout
-        self.backoff, self.backoff_max = backoff, backoff_max
-        self.on_give_up = on_give_up or (lambda code: None)
-        self.out = out or sys.stderr
-        self.restarts = 0
-        self.proc: asyncio.subprocess.Process | None = None
-        self._stopping = False
-        self._watcher: asyncio.Task | None = None
-        self._pump: asyncio.Task | None = None
-        self._started_at = 0.0
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.returncode is None else None
-
-    async def _spawn(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_pdeathsig_preexec if sys.platform.startswith("linux") else None,
-            start_new_session=True,
-        )
-        self._started_at = time.monotonic()
-        self._pump = asyncio.get_running_loop().create_task(self._forward(self.proc.stdout), name="rack-output")
-        log.info("rack %s: pid %s", self.label, self.proc.pid)
-
-    async def _forward(self, stream) -> None:
-        prefix = f"[rack {self.label}] "
-        while True:
-            line = await stream.readline()
-            if not line:
-                return
-            try:
-                self.out.write(prefix + line.decode("utf-8", "replace"))
-                self.out.flush()
-            except (OSError, ValueError):
-                pass
-
-    async def start(self) -> None:
-        self._stopping = False
-        await self._spawn()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="rack-watch")
-
-    async def _watch(self) -> None:
-        backoff = self.backoff
-        while not self._stopping:
-            code = await self.proc.wait()
-            if self._pump:
-                await asyncio.gather(self._pump, return_exceptions=True)
-            if self._stopping:
-                return
-            uptime = time.monotonic() - self._started_at
-            if code == RACK_EXIT_CONFIG:
-                log.error("rack %s exited with code 2 (configuration or scenario error, see its output above); "
-                          "not restarting it", self.label)
-                self.on_give_up(code)
-                return
-            if uptime > RACK_STABLE_AFTER_S:
-                backoff = self.backoff
-            log.error("rack %s exited (code %s) after %.1fs; restarting in %.1fs", self.label, code, uptime, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.backoff_max)
-            if self._stopping:
-                return
-            try:
-                await self._spawn()
-                self.restarts += 1
-            except OSError as exc:
-                log.error("rack %s: cannot restart: %s", self.label, exc)
-                self.on_give_up(1)
-                return
-
-    def kill_now(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.kill()
-
-    async def stop(self) -> int | None:
-        """SIGTERM (the Rack drains), SIGKILL after stop_timeout; the child's exit code."""
-        self._stopping = True
-        proc = self.proc
-        if proc and proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), self.stop_timeout)
-            except asyncio.TimeoutError:
-                log.error("rack %s ignored SIGTERM for %.0fs; killing it", self.label, self.stop_timeout)
-                proc.kill()
-                await proc.wait()
-        for task in (self._watcher, self._pump):
-            if task and not task.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), 2.0)
-                except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                    task.cancel()
-        return proc.returncode if proc else None
+def rack_supervisor(
+    argv: list[str], env: dict[str, str], name: str, stop_timeout: float, on_give_up: Callable[[int], None]
+) -> ProcessSupervisor:
+    """The local Rack's supervisor: output forwarded to stderr as `[rack <name>] ...`, restarted
+    with backoff, given up (`on_give_up`) on exit RACK_EXIT_CONFIG or when it cannot be spawned."""
+    return ProcessSupervisor(
+        argv,
+        label=f"rack {name}",
+        env=env,
+        stop_timeout=stop_timeout,
+        backoff=RACK_RESTART_BACKOFF_S,
+        backoff_max=RACK_RESTART_BACKOFF_MAX_S,
+        stable_after=RACK_STABLE_AFTER_S,
+        give_up_codes=(RACK_EXIT_CONFIG,),
+        on_give_up=on_give_up,
+        retry_spawn=False,
+        output=sys.stderr,
+    )
 
 
 def _clear_stale_passport(rack_state: str, registry, mixer_pub_hex: str) -> None:
@@ -370,6 +343,25 @@ def _clear_stale_passport(rack_state: str, registry, mixer_pub_hex: str) -> None
         for suffix in ("", ".pub"):
             if os.path.exists(path + suffix):
                 os.replace(path + suffix, path + suffix + ".stale")
+    _clear_removed_identity(rack_state, registry)
+
+
+def _clear_removed_identity(rack_state: str, registry) -> None:
+    """`up` owns its local Rack: if an operator removed it, the next `up` gives it a new
+    identity (a removed identity stays out for good, issue 12) instead of leaving it dead."""
+    from fluxrig.wire import identity
+
+    seed_path, removed = os.path.join(rack_state, "identity.nkey"), os.path.join(rack_state, "removed")
+    try:
+        with open(seed_path, encoding="ascii") as fh:
+            nkey = identity.public_key(fh.read().strip())
+    except (OSError, identity.IdentityError):
+        nkey = None
+    if os.path.exists(removed) or (nkey and registry.is_denied(nkey)):
+        log.warning("the local Rack's identity was removed; `up` gives it a new one")
+        for p in (seed_path, removed, os.path.join(rack_state, "rack.flux")):
+            if os.path.exists(p):
+                os.replace(p, p + ".removed")
 
 
 def _rack_name_from_passport(rack_state: str) -> str | None:
@@ -402,7 +394,7 @@ class Up:
         self.cfg, self.args, self.doc, self.text, self.binds = cfg, args, doc, text, binds
         self.out = out or sys.stdout
         self.mixer = None
-        self.rack: RackSupervisor | None = None
+        self.rack: ProcessSupervisor | None = None
         self.stored = None
         self.exit_code = 0
         self.stop_event = asyncio.Event()
@@ -419,6 +411,8 @@ class Up:
         self.stop_event.set()
 
     def _give_up(self, code: int) -> None:
+        if code == RACK_EXIT_CONFIG:
+            log.error("the local Rack has a configuration or scenario error (see its output above); not restarting it")
         self.exit_code = 1
         self.stop_event.set()
 
@@ -446,16 +440,47 @@ class Up:
         return env
 
     def _write_rack_config(self) -> None:
+        """The local Rack's bundle and fluxrig.toml. A Rack with no passport yet gets a fresh
+        single-use token bound to its name (expiring in UP_TOKEN_TTL_S); one already enrolled
+        gets a bundle without a token (it needs only the CA, the URL and the Mixer key)."""
+
+        from .certs import issue_client_cert
+
         os.makedirs(self.rack_state, mode=0o700, exist_ok=True)
-        s = self.cfg.snake
-        root_ca = ""
-        if s.tls_cert_file:
-            default_ca = os.path.join(self.state_dir, "certs", "ca.pem")
-            root_ca = s.tls_ca_file or (default_ca if os.path.exists(default_ca) else "")
-        write_private_atomic(self.rack_conf, rack_toml(
-            name=self.args.rack_name, state_dir=self.rack_state, snake_url=self.mixer.snake.url,
-            token=self.mixer.bootstrap_token, mixer_key=self.mixer.key.public_hex, root_ca=root_ca,
-            drain_timeout=self.args.drain_timeout).encode())
+        m = self.mixer
+        enrolled = os.path.exists(os.path.join(self.rack_state, "rack.flux"))
+        token = ""
+        if not enrolled and not self.args.no_rack:
+            token, _ = m.tokens.create(uses=1, ttl=UP_TOKEN_TTL_S, rack_name=self.args.rack_name)
+        elif not enrolled:
+            token = m.bootstrap_token  # --no-rack: the operator starts it; the first-start token
+        client = None
+        if m.tls is not None and self.cfg.snake.tls_verify:
+            cert = os.path.join(self.rack_state, f"{self.args.rack_name}.pem")
+            if not os.path.exists(cert):
+                issue_client_cert(os.path.join(self.state_dir, "certs"), self.args.rack_name, out_dir=self.rack_state)
+            client = (cert, os.path.join(self.rack_state, f"{self.args.rack_name}-key.pem"))
+        plain_url = ""
+        if m.tls is None:
+            plain_url = m.snake.url  # snake.insecure_plaintext: no CA to put in a bundle
+            bundle = ""
+        else:
+            bundle = m.write_bundle(os.path.join(self.rack_state, "enroll-bundle"), token, self._rack_urls())
+        text = rack_toml(
+            name=self.args.rack_name,
+            state_dir=self.rack_state,
+            bundle_file=bundle,
+            client_cert=client,
+            insecure_plaintext_url=plain_url,
+            drain_timeout=self.args.drain_timeout,
+        )
+        if plain_url:
+            text = text.replace('enrollment_bundle = ""\n', f'bootstrap_token = "{token}"\n')
+        write_private_atomic(self.rack_conf, text.encode())
+
+    def _rack_urls(self) -> list[str]:
+        """The Snake URLs in the local Rack's bundle: this Mixer's (up --cluster: every node's)."""
+        return [self.mixer.snake.url]
 
     async def _activate(self) -> None:
         m = self.mixer
@@ -463,7 +488,9 @@ class Up:
         active = m.scenarios.active()
         if active is None or active.digest != self.stored.digest:
             await m.controller.activate_scenario(self.stored)
-        log.info("scenario %s %s active (%s)", self.stored.name, self.stored.version, "imported" if created else "known")
+        log.info(
+            "scenario %s %s active (%s)", self.stored.name, self.stored.version, "imported" if created else "known"
+        )
 
     async def _wait_rack_ready(self) -> str:
         """The Rack's name once it is active and reports the scenario applied; FluxError if it
@@ -473,36 +500,53 @@ class Up:
         while time.monotonic() < deadline:
             name = name or _rack_name_from_passport(self.rack_state)
             row = self.mixer.registry.find(name) if name else None
-            if row is not None and row.status == "active" and row.scenario_version == self.stored.version:
+            if row is not None and row.status == RackStatus.ACTIVE and row.scenario_version == self.stored.version:
                 # The registry row may be left from the last run (same state dir): only the
                 # ports answering prove that this Rack process has applied it.
-                if row.apply_state == "applied" and all(await asyncio.gather(*map(_listening, self.binds.values()))):
+                if row.apply_state == ApplyState.APPLIED and all(
+                    await asyncio.gather(*map(_listening, self.binds.values()))
+                ):
                     return name
-                if row.apply_state == "rejected":
+                if row.apply_state == ApplyState.REJECTED:
                     raise FluxError(f"the local Rack {name} rejected {self.stored.version}: {row.apply_reason}")
             await asyncio.sleep(READY_POLL_S)
-        state = f"status {row.status}, scenario {row.scenario_version or '-'} {row.apply_state}" if row else "not enrolled"
-        raise FluxError(f"the local Rack is not ready after {self.args.ready_timeout:g}s ({state}); "
-                        "see its output above")
+        state = (
+            f"status {row.status}, scenario {row.scenario_version or '-'} {row.apply_state}" if row else "not enrolled"
+        )
+        raise FluxError(
+            f"the local Rack is not ready after {self.args.ready_timeout:g}s ({state}); see its output above"
+        )
 
     def _banner(self, rack_name: str | None) -> str:
         m, fx = self.mixer, _fluxrig_cli()
         api, token = m.api_url, m.api_token or ""
+        # Paths, never the token: a banner ends up in terminals, scrollback and the journal.
         token_file = os.path.join(self.state_dir, "api-token")
+        if token and not os.path.exists(token_file):
+            token_file = ""  # api.auth_token set in the configuration file
         echo, iso = self.binds["echo"], self.binds["iso"]
         echo_h, echo_p = echo.rpartition(":")[::2]
         iso_h, iso_p = iso.rpartition(":")[::2]
         echo_try, iso_try = f"{_loopback(echo_h)}:{echo_p}", f"{_loopback(iso_h)}:{iso_p}"
-        auth = f"--api-url {api} --api-token {token}"
         lines = [
             "",
             "fluxrig-mixer up: the Standard tier is running (Ctrl-C or SIGTERM stops "
             + ("the Rack, then the Mixer)" if rack_name else "the Mixer)"),
             "",
+            f"  Console     {api}/console   (start here: log in with the API token below)",
             f"  Mixer API   {api}   (OpenAPI UI at {api}/docs)",
-            f"  API token   {token}   (kept in {token_file})" if token else "  API token   none (auth disabled)",
-            f"  Snake       {m.snake.url}   (more Racks: snake.url = this host, bootstrap_token from "
-            f"{os.path.join(self.state_dir, 'bootstrap-token')})",
+            (
+                f"  API token   FLUXRIG_API_TOKEN_FILE={token_file}"
+                if token_file
+                else "  API token   api.auth_token in the configuration"
+            )
+            if token
+            else "  API token   none (auth disabled)",
+            f"  Snake       {m.snake.url}   TLS CA SHA-256 {m.ca_sha256[:32] or '-'}..."
+            if m.tls is not None
+            else f"  Snake       {m.snake.url}   PLAIN TEXT (snake.insecure_plaintext)",
+            f"              more Racks: `fluxrig-mixer tokens create --bundle FILE` (first-start bundle in "
+            f"{m.bundle_path or '-'})",
             f"  Scenario    {self.stored.name} {self.stored.version} ({', '.join(SCENARIO_FILES)})",
         ]
         if rack_name:
@@ -521,15 +565,22 @@ class Up:
         host, port = echo_try.rsplit(":", 1)
         lines += [
             "Try it (from another terminal):",
+            f"  export FLUXRIG_API_URL={api}" + (f" FLUXRIG_API_TOKEN_FILE={token_file}" if token_file else ""),
             f"  printf 'hello\\n' | nc {host} {port}",
             f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {port})); "
             f"s.sendall(b'hello\\n'); print(s.recv(100))\"",
             f"  {fx} iso8583 load --target {iso_try} --duration 5",
-            f"  {fx} admin racks list {auth}",
-            f"  {fx} scenario active {auth}",
-            f"  {fx} logs {auth} --rack {rack_name or self.args.rack_name} --since 15m",
-            f"  {fx} metrics {auth} --name 'flux.gear.*' --bucket 1m",
-            f"  curl -H 'Authorization: Bearer {token}' {api}/api/v1/racks",
+            f"  {fx} admin racks list",
+            f"  {fx} scenario active",
+            f"  {fx} logs --rack {rack_name or self.args.rack_name} --since 15m",
+            f"  {fx} metrics --name 'flux.gear.*' --bucket 1m",
+            # printf is a shell builtin and curl reads the header from stdin (-K -): the token
+            # never appears in any process's argv.
+            (
+                f'  printf \'header = "Authorization: Bearer %s"\\n\' "$(cat {token_file})" | curl -K - {api}/api/v1/racks'
+                if token_file
+                else f"  curl {api}/api/v1/racks"
+            ),
             "",
             "fluxrig-mixer up: ready",
         ]
@@ -562,13 +613,17 @@ class Up:
 
     async def _serve(self) -> None:
         await self._activate()
+        _clear_stale_passport(self.rack_state, self.mixer.registry, self.mixer.key.public_hex)
         self._write_rack_config()
         rack_name = None
         if not self.args.no_rack:
-            _clear_stale_passport(self.rack_state, self.mixer.registry, self.mixer.key.public_hex)
-            self.rack = RackSupervisor(
-                rack_command(self.rack_conf), self._rack_env(), self.args.rack_name,
-                stop_timeout=self.args.drain_timeout + RACK_STOP_MARGIN_S, on_give_up=self._give_up)
+            self.rack = rack_supervisor(
+                rack_command(self.rack_conf),
+                self._rack_env(),
+                self.args.rack_name,
+                stop_timeout=self.args.drain_timeout + RACK_STOP_MARGIN_S,
+                on_give_up=self._give_up,
+            )
             await self.rack.start()
             try:
                 rack_name = await self._until_stop(self._wait_rack_ready())
@@ -587,9 +642,6 @@ class Up:
 
 
 def _cmd_up(args) -> int:
-    from .cli import _config_path, _setup_logging
-    from .config import load_config
-
     overrides = {"enrollment.auto_adopt": True}
     if args.api_port is not None:
         overrides["api.port"] = args.api_port
@@ -597,19 +649,21 @@ def _cmd_up(args) -> int:
         overrides["snake.port"] = args.snake_port
     if args.state_dir:
         overrides["base.state_dir"] = args.state_dir
-    cfg = load_config(_config_path(args.config), overrides=overrides)
+    cfg = load_config(config_path(args.config), overrides=overrides)
     doc, text = load_standard_tier(find_scenarios_dir(args.scenarios))
+    cluster_nodes = getattr(args, "cluster", 0)
     if args.print_scenario:
         sys.stdout.write(text)
         return 0
-    _setup_logging(cfg.logging.level)
+    setup_logging(cfg.logging.level)
     from fluxrig.scenario.model import NAME_RE
 
     if not NAME_RE.match(args.rack_name):
         raise ConfigError(f"invalid Rack name {args.rack_name!r} (use a-z, 0-9, _ and -)", "--rack-name")
     binds = resolve_binds(doc, {"echo": args.echo_port, "iso": args.iso_port}, os.environ)
-    _check_port_free(cfg.api.host, cfg.api.port, "API", "--api-port")
-    _check_port_free(cfg.snake.host, cfg.snake.port, "Snake", "--snake-port")
+    if not cluster_nodes:
+        _check_port_free(cfg.api.host, cfg.api.port, "API", "--api-port")
+        _check_port_free(cfg.snake.host, cfg.snake.port, "Snake", "--snake-port")
     if not args.no_rack:
         for label, flag in (("echo", "--echo-port"), ("iso", "--iso-port")):
             host, _, port = binds[label].rpartition(":")
@@ -617,6 +671,10 @@ def _cmd_up(args) -> int:
                 _check_port_free(host, int(port), "TCP echo" if label == "echo" else "ISO 8583", flag)
             except ValueError:
                 raise ConfigError(f"{binds[label]!r} is not host:port", dict(ENDPOINTS)[label]) from None
+    if cluster_nodes:  # issue 14 item 7: N nodes on loopback (up_cluster.py)
+        from .up_cluster import run_cluster_up
+
+        return run_cluster_up(args, overrides, doc, text, binds)
     return asyncio.run(Up(cfg, args, doc, text, binds).run())
 
 
@@ -648,24 +706,56 @@ def register(sub) -> None:
             "not become ready or gave up, 2 configuration error (e.g. a port in use)."
         ),
     )
-    p.add_argument("-c", "--config", help="fluxrig-mixer.toml (default: $FLUXRIG_MIXER_CONFIG or "
-                   "./fluxrig-mixer.toml if present, else built-in defaults with state in ./data)")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="fluxrig-mixer.toml (default: $FLUXRIG_MIXER_CONFIG or "
+        "./fluxrig-mixer.toml if present, else built-in defaults with state in ./data)",
+    )
     p.add_argument("--state-dir", help="override base.state_dir (Mixer state; the Rack's is <state-dir>/rack)")
     p.add_argument("--api-port", type=int, help="override api.port (default 8090)")
     p.add_argument("--snake-port", type=int, help="override snake.port (default 4222)")
     p.add_argument("--echo-port", type=int, help="TCP echo port (default: $FLUXRIG_ECHO_BIND, else 9000)")
     p.add_argument("--iso-port", type=int, help="ISO 8583 authorizer port (default: $FLUXRIG_ISO_BIND, else 8583)")
-    p.add_argument("--rack-name", default=DEFAULT_RACK_NAME, help=f"name of the local Rack (default {DEFAULT_RACK_NAME})")
-    p.add_argument("--drain-timeout", type=_duration, default=RACK_DRAIN_TIMEOUT_S, metavar="DURATION",
-                   help=f"how long the local Rack may drain on stop before it is killed "
-                   f"(default {RACK_DRAIN_TIMEOUT_S:g}s; e.g. 500ms, 30s)")
-    p.add_argument("--ready-timeout", type=_duration, default=READY_TIMEOUT_S, metavar="DURATION",
-                   help=f"give up (exit 1) if the local Rack has not applied the scenario by then "
-                   f"(default {READY_TIMEOUT_S:g}s)")
-    p.add_argument("--no-rack", action="store_true",
-                   help="run only the Mixer with the scenario active; print how to start a Rack for it")
-    p.add_argument("--scenarios", metavar="DIR",
-                   help=f"directory holding {' and '.join(SCENARIO_FILES)} (default ./scenarios, else the checkout's)")
-    p.add_argument("--print-scenario", action="store_true",
-                   help="print the merged scenario (YAML) and exit; e.g. to import it on another Mixer")
+    p.add_argument(
+        "--rack-name", default=DEFAULT_RACK_NAME, help=f"name of the local Rack (default {DEFAULT_RACK_NAME})"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=RACK_DRAIN_TIMEOUT_S,
+        metavar="DURATION",
+        help=f"how long the local Rack may drain on stop before it is killed "
+        f"(default {RACK_DRAIN_TIMEOUT_S:g}s; e.g. 500ms, 30s)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=_duration,
+        default=READY_TIMEOUT_S,
+        metavar="DURATION",
+        help=f"give up (exit 1) if the local Rack has not applied the scenario by then (default {READY_TIMEOUT_S:g}s)",
+    )
+    p.add_argument(
+        "--no-rack",
+        action="store_true",
+        help="run only the Mixer with the scenario active; print how to start a Rack for it",
+    )
+    p.add_argument(
+        "--scenarios",
+        metavar="DIR",
+        help=f"directory holding {' and '.join(SCENARIO_FILES)} (default ./scenarios, else the checkout's)",
+    )
+    p.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N (3..5) Mixer nodes as one cluster on loopback (node K: API api-port+K-1, Snake "
+        "snake-port+K-1, route 6222+K-1; state in <state-dir>/node-K), streams R3, and print how to kill one",
+    )
+    p.add_argument(
+        "--print-scenario",
+        action="store_true",
+        help="print the merged scenario (YAML) and exit; e.g. to import it on another Mixer",
+    )
     p.set_defaults(func=_cmd_up)

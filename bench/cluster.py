@@ -1,0 +1,308 @@
+"""A Rack group behind HAProxy running the switch: TPS and p99 with 1, 2 and 3 members, the
+CPU each transaction costs, and the gap new connections see when a member is SIGKILLed.
+
+Real parts on loopback: a Mixer (in this process: nats-server child, DuckDB), the switch
+scenario (scenarios/iso8583-switch.yaml) turned into group `pos` (every gear `deploy: pos`; each
+member's reversal STANs from its own `saf.stan_range`, disjoint thirds of 1..999999, given per
+member through `${STAN_LO}`/`${STAN_HI}`), three `fluxrig run` member processes enrolled with
+`role=pos` tokens, the authorizer scenario as the issuer host (one standalone Rack process that
+every member dials: each member keeps its own leg), Debian's haproxy in front with the
+configuration fluxrig.balancer.haproxy_config renders (health checks on /health/pos), and
+fluxrig's ISO 8583 load tool.
+
+Runs:
+1. For N = 1, 2, 3: haproxy with the first N members; the load tool at `--tps` (a bounded,
+   held rate: the box is shared) for `--seconds`: `tps`, `p99_ms`, `cpu_ms_per_txn` (user+system
+   CPU of the N members and the issuer over the run, per answered transaction).
+2. Failover: haproxy with the three members, the held load on long-lived connections plus a
+   prober opening a new connection for one 0800 every 20 ms; member 1 SIGKILLed. `failover_gap_s`
+   is the longest stretch after the kill in which no new connection was answered (target <= 1);
+   `probe_failures` the probes that got no answer; the load's connections on the killed member
+   are lost with it (`load_errors`/`load_timeouts`: those transactions end declined by the
+   switch or unanswered; reversals for them are owed by the dead member's saga journal, which no
+   other member claims yet: issue 17 item 4 is not built).
+
+3. Cross-member matching: issuer A (the authorizer) stops, the switch fails over to issuer B, a
+   host written here that answers every request on ANOTHER leg (another member's). The member
+   that gets a reply without its ticket relays it (fluxrig.gears.group_relay) and the owner
+   matches it: `cross_leg` (TPS, p99, timeouts of the two surviving members) and
+   `cross_member_match_p99_ms` (relay publish at the receiving member to emit at the owner, from
+   the members' gear metrics in their heartbeats).
+
+    python bench/cluster.py --json [--tps 150] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "mixer"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
+
+import yaml  # noqa: E402
+from _common import PY, backend, emit, free_port, spawn, stop, wait_port  # noqa: E402
+from cluster_group import CrossLegIssuer, Haproxy, RackProcess, http_get  # noqa: E402
+
+from fluxrig.framing.config import make_framer  # noqa: E402
+from fluxrig.iso8583 import load_spec  # noqa: E402
+from fluxrig.tools.iso_load import build_request, run_load  # noqa: E402
+
+SPEC = "moov:spec87ascii"
+MEMBERS = 3
+STAN_MAX = 999_999
+
+
+def group_switch_text() -> str:
+    """scenarios/iso8583-switch.yaml as the scenario of group `pos` (see the module docstring)."""
+    with open(os.path.join(ROOT, "scenarios", "iso8583-switch.yaml"), encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    doc["meta"]["name"] = "iso8583-switch-group"
+    doc["racks"] = [{"group": "pos", "match": {"labels": {"role": "pos"}}}]
+    for gear in doc["gears"]:
+        gear["deploy"] = "pos"
+        if gear["type"] == "conductor":
+            gear["config"]["ttl"] = "2s"
+            gear["config"]["saf"]["stan_range"] = ["${STAN_LO:-1}", "${STAN_HI:-999999}"]
+        if gear["name"] == "triage":  # replies whose ticket another member holds: to the relay
+            rule = {"name": "relay", "match": {"field": "meta.error.reason", "in": ["unmatched_reply"]}}
+            gear["config"]["rules"].insert(0, rule)
+    doc["gears"].append({"name": "relay", "type": "group_relay", "deploy": "pos", "config": {"group": "pos"}})
+    doc["wires"] += [{"from": "triage.out_relay", "to": "relay.in"}, {"from": "relay.out", "to": "switch.in_reply"}]
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Prober:
+    """A new connection through the balancer for one 0800 every `period` s."""
+
+    def __init__(self, port: int, period: float = 0.02, timeout: float = 1.0):
+        self.port, self.period, self.timeout = port, period, timeout
+        self.spec = load_spec(SPEC)
+        self.results: list[tuple[float, float, bool]] = []  # (started, ended, answered)
+        self._stop = asyncio.Event()
+        self._stan = 0
+
+    async def _one(self) -> bool:
+        framer = make_framer({"framing": "len2_be"})
+        self._stan = self._stan % STAN_MAX + 1
+        frame = framer.encode(self.spec.encode(build_request("0800", self._stan, "PROBE001", "")))
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), self.timeout)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            writer.write(frame)
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                data = await asyncio.wait_for(reader.read(4096), max(0.01, deadline - time.monotonic()))
+                if not data:
+                    return False
+                for f in framer.feed(data):
+                    return self.spec.decode(f).get(0) == "0810"
+            return False
+        except (OSError, TimeoutError, ValueError):
+            return False
+        finally:
+            writer.close()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            ok = await self._one()
+            self.results.append((t0, time.monotonic(), ok))
+            await asyncio.sleep(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def gap_after(self, t_kill: float) -> tuple[float, int]:
+        """(longest stretch after t_kill without an answered new connection, failed probes)."""
+        last_ok, gap, failures = t_kill, 0.0, 0
+        for _t0, t1, ok in self.results:
+            if t1 < t_kill:
+                continue
+            if ok:
+                gap = max(gap, t1 - last_ok)
+                last_ok = t1
+            else:
+                failures += 1
+        return round(gap, 3), failures
+
+
+async def main_async(args) -> dict:
+    from fluxrig_mixer.app import Mixer
+    from fluxrig_mixer.config import load_config as mixer_config
+    from mixer_fixtures import snake_toml
+
+    work = Path(tempfile.mkdtemp(prefix="fluxrig-bench-cluster-"))
+    overrides = {"base.state_dir": str(work / "mixer"), "api.host": "127.0.0.1", "api.port": 0,
+                 "snake.host": "127.0.0.1", "snake.port": 0, "enrollment.heartbeat_interval": 1.0,
+                 "enrollment.auto_adopt": True, "telemetry.flush_interval": 0.5}  # fmt: skip
+    mixer = Mixer(mixer_config(None, environ={}, overrides=overrides), announce=lambda text: None)
+    await mixer.start()
+    issuer_port = free_port()
+    cross = await CrossLegIssuer().start()  # issuer B: answers every request on another leg
+    issuer = spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", "scenarios/iso8583-authorizer.yaml"],
+                   dict(os.environ, FLUXRIG_BASE_STATE_DIR=str(work / "issuer"),
+                        FLUXRIG_ISO_BIND=f"127.0.0.1:{issuer_port}"))  # fmt: skip
+    members: list[RackProcess] = []
+    lb = None
+    out: dict = {"backend": backend(), "held_tps": args.tps, "seconds": args.seconds, "box": "shared 2-core"}
+    try:
+        wait_port(issuer_port)
+        third = STAN_MAX // MEMBERS
+        for i in range(1, MEMBERS + 1):
+            name = f"pos-{i}"
+            r = RackProcess(work, name, snake_toml(mixer, labels={"role": "pos"}, rack_name=name))
+            r.env.update(FLUXRIG_ISO_BIND=f"127.0.0.1:{r.service_port}", FLUXRIG_ISSUER_A=f"127.0.0.1:{issuer_port}",
+                         FLUXRIG_ISSUER_B=f"127.0.0.1:{cross.port}", STAN_LO=str((i - 1) * third + 1),
+                         STAN_HI=str(i * third))  # fmt: skip
+            members.append(r.start())
+        deadline = time.monotonic() + 90
+        while not all([(await http_get(r.health_port, "/health"))[0] == 200 for r in members]):
+            if time.monotonic() > deadline:
+                raise SystemExit("members did not come up: see " + str(work))
+            await asyncio.sleep(0.2)
+        stored, _ = mixer.scenarios.import_text(group_switch_text())
+        await mixer.controller.activate_scenario(stored)
+        deadline = time.monotonic() + 90
+        while not all([(await http_get(r.health_port, "/health/pos"))[0] == 200 for r in members]):
+            if time.monotonic() > deadline:
+                raise SystemExit("members did not run the group switch: see " + str(work))
+            await asyncio.sleep(0.2)
+        for r in members:  # each member's issuer leg is up (first request waits for it)
+            await run_load(f"127.0.0.1:{r.service_port}", duration=0.5, concurrency=1, timeout=10)
+
+        for n in range(1, MEMBERS + 1):
+            (work / f"lb{n}").mkdir()
+            lb = Haproxy(work / f"lb{n}", "pos", [r.member() for r in members[:n]])
+            lb.start()
+            await lb.wait_status({r.name: "UP" for r in members[:n]}, timeout=20)
+            target = f"127.0.0.1:{lb.port}"
+            await run_load(target, duration=1.0, rate=args.tps, concurrency=64, connections=3 * n)  # warm-up
+            pids = [r.proc.pid for r in members[:n]] + [issuer.pid]
+            c0 = sum(cpu_s(p) for p in pids)
+            res = await run_load(target, duration=args.seconds, rate=args.tps, concurrency=64, connections=3 * n)
+            cpu = sum(cpu_s(p) for p in pids) - c0
+            out[f"members_{n}"] = {
+                "tps": round(res.tps, 1),
+                "p50_ms": res.p50_ms,
+                "p99_ms": res.p99_ms,
+                "answered": res.answered,
+                "mismatched": res.mismatched,
+                "timeouts": res.timeouts,
+                "cpu_ms_per_txn": round(cpu * 1000 / res.answered, 3) if res.answered else None,
+            }
+            lb.stop()
+            lb = None
+
+        (work / "lb-failover").mkdir()
+        lb = Haproxy(work / "lb-failover", "pos", [r.member() for r in members])
+        lb.start()
+        await lb.wait_status({r.name: "UP" for r in members}, timeout=20)
+        prober = Prober(lb.port)
+        probe_task = asyncio.get_running_loop().create_task(prober.run())
+        load_task = asyncio.get_running_loop().create_task(
+            run_load(f"127.0.0.1:{lb.port}", duration=args.seconds, rate=args.tps, concurrency=64, connections=9)
+        )
+        await asyncio.sleep(args.seconds / 3)
+        t_kill = time.monotonic()
+        members[0].kill()
+        down_s = None
+        while time.monotonic() - t_kill < 10:
+            if lb.status().get("pos-1", "").startswith("DOWN"):
+                down_s = round(time.monotonic() - t_kill, 3)
+                break
+            await asyncio.sleep(0.02)
+        res = await load_task
+        await asyncio.sleep(0.5)
+        prober.stop()
+        await probe_task
+        gap, failures = prober.gap_after(t_kill)
+        out["failover_gap_s"] = gap
+        out["probe_failures"] = failures
+        out["probes_after_kill"] = sum(1 for _a, b, _ok in prober.results if b >= t_kill)
+        out["marked_down_s"] = down_s
+        out["load_answered"] = res.answered
+        out["load_errors"] = res.errors
+        out["load_timeouts"] = res.timeouts
+        out["not_built"] = ["claiming a dead member's reversals (item 4)"]
+        mixer.controller.sweep_once()
+        out["stan_overlaps"] = list(mixer.controller.stan_overlaps)  # the members' reversal STAN ranges
+        out["stan_ranges"] = {}
+        for r in members:
+            sw = ((mixer.registry.get(r.name).stats or {}).get("gears") or {}).get("switch") or {}
+            if "saf_stan_lo" in sw:
+                out["stan_ranges"][r.name] = [sw["saf_stan_lo"], sw["saf_stan_hi"]]
+
+        # Cross-member matching: the authorizer (issuer A) stops, the switch fails over to issuer
+        # B, which answers each request on another member's leg: the two survivors relay.
+        stop(issuer)
+        live = members[1:]
+        deadline = time.monotonic() + 30
+        while len(cross.legs) < len(live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)  # the conductors see issuer A's links down
+        await run_load(f"127.0.0.1:{lb.port}", duration=1.0, rate=args.tps, concurrency=64, connections=4)
+        c0 = cross.crossed
+        res = await run_load(
+            f"127.0.0.1:{lb.port}", duration=args.seconds, rate=args.tps, concurrency=64, connections=4
+        )
+        await asyncio.sleep(2.5)  # two heartbeats: the members' gear metrics reach the Mixer
+        relay_p99 = []
+        for r in live:
+            gears = (mixer.registry.get(r.name).stats or {}).get("gears") or {}
+            if "relay_p99_ms" in (gears.get("relay") or {}):
+                relay_p99.append(gears["relay"]["relay_p99_ms"])
+        out["cross_member_match_p99_ms"] = max(relay_p99) if relay_p99 else None
+        out["cross_leg"] = {
+            "members": len(live),
+            "tps": round(res.tps, 1),
+            "p99_ms": res.p99_ms,
+            "answered": res.answered,
+            "timeouts": res.timeouts,
+            "mismatched": res.mismatched,
+            "replies_on_another_leg": cross.crossed - c0,
+        }
+    finally:
+        if lb is not None:
+            lb.stop()
+        for r in members:
+            r.stop()
+        stop(issuer)
+        await cross.stop()
+        await mixer.stop()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    ap.add_argument("--json", action="store_true", help="one JSON line")
+    ap.add_argument("--tps", type=float, default=150.0, help="held request rate (bounded: the box is shared)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of each measured run")
+    args = ap.parse_args(argv)
+    emit(asyncio.run(main_async(args)), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

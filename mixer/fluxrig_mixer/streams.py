@@ -1,0 +1,159 @@
+"""The Snake's JetStream streams: what they hold, how long, and what happens when one is full.
+
+Job. Define and create (or update in place) the two streams the Mixer owns, from the
+`[snake]` configuration, in one place, so a cluster can later give them replicas:
+
+* `flux-msg` (fluxrig.wire.subjects.STREAM_MSG, `flux.msg.>`): the guaranteed lane between
+  Racks. The promise is that no message a sender was acknowledged for (PubAck) is removed
+  before its consumer acknowledged it, so:
+
+  - retention LIMITS with **discard NEW**: a full stream *refuses* a new message instead of
+    evicting an old one. The publisher gets a 503 PubAck error (JetStream err_code 10077,
+    "maximum bytes exceeded" / "maximum messages per subject exceeded"; nats-py raises
+    `nats.js.errors.ServiceUnavailableError`), its records stay in its lane WAL (the Rack's
+    pump retries with back-off and counts `quota_rejections`, fluxrig/agent/publisher.py),
+    and they flow once there is room. That is the push-back into the sender's WAL.
+  - a per-source quota: `max_msgs_per_subject` (`snake.lane_max_msgs_per_subject`) with
+    `discard_new_per_subject`. A subject is one source port of one Rack
+    (`flux.msg.<rack>.<gear>.<port>`), so one Rack's big or fast output fills its own quota
+    and is pushed back alone, instead of evicting (or, with only a stream-wide cap, starving)
+    another Rack's payments. The stream-wide `max_bytes` (`snake.stream_max_bytes`) stays the
+    hard bound of the whole lane on the Mixer's disk.
+  - **no age limit** unless the operator sets `snake.lane_undelivered_max_age`: a receiver
+    away for a week finds its backlog. What an age limit costs: JetStream then deletes
+    undelivered messages older than it, without telling anyone, although their senders were
+    acknowledged (their lane WAL let them go): a receiver away longer loses them. It exists for
+    sites that prefer bounded staleness to completeness (the Mixer logs the choice at start).
+    The former `snake.stream_max_age` (24 h by default, the age of *every* message) no longer
+    applies to flux-msg: delivered messages are removed once consumed, whatever their age; a
+    non-zero value is logged at start as ignored.
+  - delivered messages are removed by the Mixer, not by a retention policy:
+    fluxrig_mixer.lanes.LaneConsumers purges, per subject, what every consumer filtering that
+    subject has acknowledged (its ack floor). Interest retention would do that natively but
+    deletes at once any message published while no consumer matches its subject (a Snake that
+    lost its store, a consumer being recreated): a silent loss this design does not have.
+    Work-queue retention forbids two consumers on one subject (one output wired to two Racks).
+
+* `flux-telemetry` (`flux.telemetry.>`): a buffer in front of the Mixer's ingest, which acks
+  only what it stored and purges what it acked (ingest._purge_loop); limits retention,
+  **discard NEW** (archive, issue 15: a store outage longer than `telemetry_max_bytes` lasts
+  pushes back into the Racks' WALs instead of evicting telemetry not yet stored),
+  `telemetry_max_age` / `telemetry_max_bytes`.
+
+Both: file storage, the duplicate window the Racks' dedup ids rely on (DUPLICATE_WINDOW_S), and
+`replicas` copies: one on a single node (the Standard tier), `cluster.replicas` (default 3) on a
+cluster member (issue 14; `replicas_for(cfg)` is the one place that decides it, for the KV
+buckets too). Raising the count of an existing stream (a single node that joined a cluster) is
+an in-place update: nats-server copies the data to the new peers. `ensure_streams()` creates a missing stream and updates an
+existing one in place (a stream created by an older Mixer with discard OLD and 24 h is moved to
+the settings above at the next start; JetStream keeps its messages).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fluxrig.wire import subjects as S
+
+__all__ = [
+    "ensure_streams",
+    "msg_stream_config",
+    "telemetry_stream_config",
+    "DUPLICATE_WINDOW_S",
+    "DEFAULT_LANE_MAX_MSGS_PER_SUBJECT",
+    "QUOTA_ALERT_RATIO",
+    "QUOTA_CLEAR_RATIO",
+    "NUM_REPLICAS",
+    "replicas_for",
+]
+
+log = logging.getLogger("fluxrig.mixer.streams")
+
+DUPLICATE_WINDOW_S = 120.0
+#: Batches (each up to 512 records / 1 MiB, fluxrig.agent.lanes.LANE_LIMITS) one source port may
+#: have unconsumed at the Snake before its sender is pushed back.
+DEFAULT_LANE_MAX_MSGS_PER_SUBJECT = 1024
+#: The Mixer alerts when a quota is this full, and clears the alert below QUOTA_CLEAR_RATIO.
+QUOTA_ALERT_RATIO = 0.8
+QUOTA_CLEAR_RATIO = 0.7
+#: JetStream's err_code for "stream name already in use with a different configuration".
+STREAM_NAME_IN_USE = 10058
+NUM_REPLICAS = 1  # a single node (Standard tier)
+
+
+def replicas_for(cfg) -> int:
+    """Replicas of every stream and bucket the Mixer creates: 1 on a single node,
+    `cluster.replicas` on a cluster member (MixerConfig.clustered)."""
+    return int(cfg.cluster.replicas) if getattr(cfg, "clustered", False) else NUM_REPLICAS
+
+
+def _cfg(snake_cfg, key: str, default):
+    value = getattr(snake_cfg, key, default)
+    return default if value is None else value
+
+
+def msg_stream_config(snake_cfg, replicas: int = NUM_REPLICAS):
+    """The StreamConfig of flux-msg for a `[snake]` section (see the module docstring)."""
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+    per_subject = int(_cfg(snake_cfg, "lane_max_msgs_per_subject", DEFAULT_LANE_MAX_MSGS_PER_SUBJECT))
+    max_age = float(_cfg(snake_cfg, "lane_undelivered_max_age", 0.0) or 0.0)
+    return StreamConfig(
+        name=S.STREAM_MSG,
+        description="fluxrig guaranteed lane: removed only once consumed (fluxrig-mixer)",
+        subjects=[S.msg_all()],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.NEW,
+        max_age=max_age,
+        max_bytes=int(snake_cfg.stream_max_bytes),
+        max_msgs_per_subject=per_subject if per_subject > 0 else -1,
+        discard_new_per_subject=per_subject > 0,
+        # JetStream refuses a duplicate window longer than max_age
+        duplicate_window=min(DUPLICATE_WINDOW_S, max_age) if max_age else DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
+    )
+
+
+def telemetry_stream_config(snake_cfg, replicas: int = NUM_REPLICAS):
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+    return StreamConfig(
+        name=S.STREAM_TELEMETRY,
+        subjects=[S.telemetry_all()],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.NEW,  # archive: the ingest purges what it acked
+        max_age=snake_cfg.telemetry_max_age,
+        max_bytes=snake_cfg.telemetry_max_bytes,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
+    )
+
+
+async def ensure_streams(js, snake_cfg, replicas: int = NUM_REPLICAS) -> None:
+    """Create or update the two streams: flux-msg (guaranteed lane) and flux-telemetry, with
+    `replicas` copies each (replicas_for)."""
+    import nats
+
+    for config in (msg_stream_config(snake_cfg, replicas), telemetry_stream_config(snake_cfg, replicas)):
+        try:
+            await js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(config)
+                continue
+            except nats.js.errors.BadRequestError as exc:
+                # Cluster nodes starting together: another one created it first (10058).
+                if getattr(exc, "err_code", None) != STREAM_NAME_IN_USE:
+                    raise
+        await js.update_stream(config)
+    if _cfg(snake_cfg, "stream_max_age", 0.0):
+        log.warning("snake.stream_max_age is ignored for flux-msg: delivered messages are removed once consumed, "
+                    "undelivered ones are kept (see snake.lane_undelivered_max_age)")  # fmt: skip
+    if _cfg(snake_cfg, "lane_undelivered_max_age", 0.0):
+        log.warning(
+            "snake.lane_undelivered_max_age = %gs: guaranteed-lane messages not consumed within it are deleted "
+            "by JetStream although their senders were acknowledged (a receiver away longer loses them)",
+            float(snake_cfg.lane_undelivered_max_age),
+        )

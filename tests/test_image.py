@@ -1,0 +1,345 @@
+"""The OCI images of `make image` (packaging/image.py), built for real: frozen programs, Debian's
+own packages for the base (marker `image`: `make image-test`, minutes; not in `make test`).
+
+* Reproducible: two builds of the same tree into fresh folders give the same index digest
+  and byte-identical archives.
+* The layout verifies from index.json down: every blob named by its sha256 and of its declared
+  size, the config's diff_ids the sha256 of the uncompressed layers; user 65532, labels with
+  version, commit and the SBOM's digest (checked against the file in the image), a HEALTHCHECK
+  that runs `<program> healthcheck`; no shell, no package manager, no setuid file inside.
+* Sizes, compressed: the Rack image <= 20 MB, the Mixer image <= 120 MB.
+* Unpacked (the layers applied in order into a folder) the entrypoint runs from that root with
+  no container runtime (chroot, as uid 65532): `version`, then the Rack serves tcp-echo and
+  answers, and its `healthcheck` (the image's) exits 0; the Mixer's `version` runs.
+* podman loads the image with its user, labels and HEALTHCHECK, and runs it read-only where its
+  runtime can start containers here (skipped with podman's reason where it cannot).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "packaging"))
+import image  # noqa: E402
+
+pytestmark = [pytest.mark.image, pytest.mark.timeout(1800)]
+
+RACK_MAX_BYTES = 20_000_000
+MIXER_MAX_BYTES = 120_000_000
+UID = 65532
+SHELLS = ("bin/sh", "bin/bash", "bin/dash", "usr/bin/sh", "usr/bin/bash", "usr/bin/dash", "bin/busybox")
+PACKAGE_MANAGERS = ("usr/bin/dpkg", "usr/bin/apt", "usr/bin/apt-get", "sbin/apk", "usr/bin/apk")
+
+
+class Builds:
+    """Each program's image built twice into fresh folders, on first use (a test of the Rack
+    alone does not wait for the Mixer's frozen build)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.epoch = image.default_epoch()
+        self.done: dict[str, tuple[dict, dict]] = {}
+
+    def pair(self, prog: str) -> tuple[dict, dict]:
+        if prog not in self.done:
+            t0 = time.monotonic()
+            a = image.build([prog], str(self.base.mktemp(f"{prog}-a")), self.epoch, ["amd64"], log=print)[prog]
+            print(f"{prog}: first build {time.monotonic() - t0:.0f} s (frozen build cached or made)")
+            b = image.build([prog], str(self.base.mktemp(f"{prog}-b")), self.epoch, ["amd64"], log=print)[prog]
+            self.done[prog] = (a, b)
+        return self.done[prog]
+
+    def __getitem__(self, prog: str) -> dict:
+        return self.pair(prog)[0]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return Builds(tmp_path_factory)
+
+
+def blob(layout: str, digest: str) -> bytes:
+    with open(os.path.join(layout, "blobs", "sha256", digest.split(":", 1)[1]), "rb") as fh:
+        data = fh.read()
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == digest, digest
+    return data
+
+
+def manifest_of(layout: str) -> tuple[dict, dict, list[bytes]]:
+    """(manifest, config, uncompressed layers) of the amd64 image in `layout`, every step checked."""
+    top = json.load(open(os.path.join(layout, "index.json")))
+    assert json.load(open(os.path.join(layout, "oci-layout"))) == {"imageLayoutVersion": "1.0.0"}
+    (ref,) = top["manifests"]
+    index = json.loads(blob(layout, ref["digest"]))
+    assert len(blob(layout, ref["digest"])) == ref["size"]
+    (desc,) = [m for m in index["manifests"] if m["platform"]["architecture"] == "amd64"]
+    raw = blob(layout, desc["digest"])
+    assert len(raw) == desc["size"]
+    manifest = json.loads(raw)
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    config_raw = blob(layout, manifest["config"]["digest"])
+    assert len(config_raw) == manifest["config"]["size"]
+    config = json.loads(config_raw)
+    layers = []
+    for layer in manifest["layers"]:
+        data = blob(layout, layer["digest"])
+        assert len(data) == layer["size"] and layer["mediaType"].endswith("tar+gzip")
+        layers.append(gzip.decompress(data))
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(x).hexdigest() for x in layers]
+    return manifest, config, layers
+
+
+def unpack(layers: list[bytes], dest: str) -> dict[str, tarfile.TarInfo]:
+    """Apply the layers in order (as a runtime would: later entries replace earlier ones)."""
+    seen: dict[str, tarfile.TarInfo] = {}
+    for raw in layers:
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            for m in tar.getmembers():
+                assert not os.path.basename(m.name).startswith(".wh."), m.name  # no whiteouts expected
+                seen[m.name.rstrip("/")] = m
+            tar.extractall(dest, numeric_owner=True, filter="fully_trusted")
+    return seen
+
+
+@pytest.mark.parametrize("prog", list(image.PROGRAMS))
+def test_two_builds_give_the_same_digests(images, prog):
+    first, second = images.pair(prog)
+    assert first["index_digest"] == second["index_digest"]
+    assert first["manifests"] == second["manifests"]
+    with open(first["archive"], "rb") as fa, open(second["archive"], "rb") as fb:
+        assert hashlib.sha256(fa.read()).digest() == hashlib.sha256(fb.read()).digest()
+    print(f"{prog}: index {first['index_digest']} compressed {first['compressed_bytes']}")
+
+
+@pytest.mark.parametrize("prog,limit", [("fluxrig", RACK_MAX_BYTES), ("fluxrig-mixer", MIXER_MAX_BYTES)])
+def test_layout_config_labels_and_contents(images, prog, limit, tmp_path):
+    res = images[prog]
+    manifest, config, layers = manifest_of(res["layout"])
+    size = res["compressed_bytes"]["amd64"]
+    print(f"{prog}: {size / 1e6:.1f} MB compressed (limit {limit / 1e6:.0f} MB)")
+    assert size <= limit, size
+    c = config["config"]
+    assert c["User"] == f"{UID}:{UID}"
+    exe = f"/opt/{prog}/{prog}"
+    assert c["Entrypoint"] == [exe] and c["Healthcheck"]["Test"] == ["CMD", exe, "healthcheck"]
+    labels = c["Labels"]
+    commit = _commit()
+    assert labels["org.opencontainers.image.revision"] == commit
+    assert labels["org.opencontainers.image.version"] == image._version()
+    assert manifest["annotations"]["org.opencontainers.image.revision"] == commit
+    root = tmp_path / "root"
+    members = unpack(layers, str(root))
+    sbom = (root / labels["io.fluxrig.sbom.path"].lstrip("/")).read_bytes()
+    assert "sha256:" + hashlib.sha256(sbom).hexdigest() == labels["io.fluxrig.sbom.digest"]
+    doc = json.loads(sbom)
+    names = {p["name"] for p in doc["packages"]}
+    assert {"libc6", "ca-certificates", "tzdata", prog}.issubset(names), names
+    assert doc["spdxVersion"] == "SPDX-2.3"
+    if prog == "fluxrig-mixer":
+        assert {"duckdb", "fastapi", "nats-server"}.issubset(names), names
+    # distroless: no shell, no package manager, no setuid/setgid file
+    for path in SHELLS + PACKAGE_MANAGERS:
+        assert path not in members, path
+    assert not [n for n, m in members.items() if m.mode & 0o6000], "setuid/setgid files in the image"
+    state = members[c["WorkingDir"].lstrip("/")]
+    assert (state.uid, state.gid) == (UID, UID) and c["WorkingDir"].lstrip("/") + "" in members
+    # the program is root's, not writable by the user it runs as
+    assert members[exe.lstrip("/")].uid == 0 and not members[exe.lstrip("/")].mode & 0o022
+    passwd = (root / "etc/passwd").read_text()
+    assert f"{prog}:x:{UID}:{UID}:" in passwd and "/bin/sh" not in passwd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_image_user():
+    def enter(root: str):
+        os.chroot(root)
+        os.chdir("/")
+        os.setgroups([])
+        os.setgid(UID)
+        os.setuid(UID)
+
+    return enter
+
+
+def _in_root(root: str, argv: list[str], env: dict, **kw) -> subprocess.Popen:
+    """Run `argv` inside the unpacked image root as uid 65532 (chroot: no container runtime)."""
+    enter = _as_image_user()
+    return subprocess.Popen(argv, preexec_fn=lambda: enter(root), env=env, cwd="/", **kw)
+
+
+def _image_env(config: dict) -> dict:
+    return dict(e.split("=", 1) for e in config["config"]["Env"])
+
+
+def test_unpacked_rack_image_runs_tcp_echo(images, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("running from the unpacked root needs chroot (root); run make image-test as root")
+    _, config, layers = manifest_of(images["fluxrig"]["layout"])
+    root = str(tmp_path / "root")
+    unpack(layers, root)
+    env = _image_env(config)
+    exe = config["config"]["Entrypoint"][0]
+    out = subprocess.run(
+        [exe, "version"], preexec_fn=lambda: _as_image_user()(root), env=env, capture_output=True, timeout=120
+    )
+    assert out.returncode == 0 and b"fluxrig" in out.stdout, out
+    port = _free_port()
+    state = os.path.join(root, "var/lib/fluxrig")
+    shutil.copy(os.path.join(ROOT, "scenarios", "tcp-echo.yaml"), os.path.join(state, "tcp-echo.yaml"))
+    os.chown(os.path.join(state, "tcp-echo.yaml"), UID, UID)
+    env = dict(env, FLUXRIG_ECHO_BIND=f"127.0.0.1:{port}")
+    err = open(tmp_path / "rack.err", "wb")
+    proc = _in_root(root, [exe, "run", "--scenario", "/var/lib/fluxrig/tcp-echo.yaml"], env, stderr=err)
+    try:
+        deadline, answer = time.monotonic() + 60, b""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+                    s.sendall(b"from the image\n")
+                    answer = s.recv(100)
+                    break
+            except OSError:
+                time.sleep(0.3)
+        assert answer == b"FROM THE IMAGE\n", (answer, open(tmp_path / "rack.err", "rb").read()[-2000:])
+        hc = config["config"]["Healthcheck"]["Test"][1:]
+        check = subprocess.run(hc, preexec_fn=lambda: _as_image_user()(root), env=env, capture_output=True, timeout=60)
+        assert check.returncode == 0, check
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        err.close()
+
+
+def test_unpacked_mixer_image_runs(images, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("running from the unpacked root needs chroot (root); run make image-test as root")
+    _, config, layers = manifest_of(images["fluxrig-mixer"]["layout"])
+    root = str(tmp_path / "root")
+    unpack(layers, root)
+    exe = config["config"]["Entrypoint"][0]
+    env = _image_env(config)
+    out = subprocess.run(
+        [exe, "version"], preexec_fn=lambda: _as_image_user()(root), env=env, capture_output=True, timeout=120
+    )
+    assert out.returncode == 0 and b"fluxrig" in out.stdout + out.stderr, out
+    nats = subprocess.run(
+        ["/opt/fluxrig-mixer/nats-server", "--version"],
+        preexec_fn=lambda: _as_image_user()(root),
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert nats.returncode == 0, nats
+
+
+def _podman_reason() -> str | None:
+    podman = shutil.which("podman")
+    if not podman:
+        return "podman is not installed here"
+    r = subprocess.run([podman, "info"], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        return f"podman cannot run here: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    return None
+
+
+# podman's defaults ask for rlimits above what a VM or CI box may grant (RLIMIT_NOFILE 1048576).
+PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+RUNTIME_ERROR = re.compile(r"OCI runtime|OCI permission|crun:|runc:")
+
+
+def _podman_runtimes() -> list[list[str]]:
+    """podman's default OCI runtime, then runc when installed (crun refuses cgroup v1 hybrid hosts)."""
+    return [[]] + ([["--runtime", shutil.which("runc")]] if shutil.which("runc") else [])
+
+
+def test_podman_loads_and_runs_the_rack_image(images, tmp_path):
+    """podman reads the image (the docker-save form, where it keeps the HEALTHCHECK) with the
+    user, labels and health check as built, runs it with a read-only root: `version`, then
+    tcp-echo answers on the host network and `podman healthcheck run` passes. Where no OCI
+    runtime podman has can start a container on this machine, the run is skipped with
+    podman's own words."""
+    reason = _podman_reason()
+    if reason:
+        print(f"SKIP podman: {reason}")
+        pytest.skip(reason)
+    res = images["fluxrig"]
+    tag = f"localhost/fluxrig:{image._version()}"
+    load = subprocess.run(
+        ["podman", "load", "-i", res["docker_archives"]["amd64"]], capture_output=True, text=True, timeout=600
+    )
+    assert load.returncode == 0 and tag in load.stdout + load.stderr, load
+    name = f"fluxrig-test-{os.getpid()}"
+    try:
+        fmt = '{{json .HealthCheck.Test}}|{{.User}}|{{index .Labels "org.opencontainers.image.revision"}}'
+        seen = subprocess.run(["podman", "image", "inspect", tag, "--format", fmt], capture_output=True, text=True)
+        test, user, revision = seen.stdout.strip().split("|")
+        assert json.loads(test) == ["CMD", "/opt/fluxrig/fluxrig", "healthcheck"] and user == f"{UID}:{UID}"
+        assert revision == _commit()
+        runtime, why = None, ""
+        for rt in _podman_runtimes():
+            r = subprocess.run(
+                ["podman", *rt, "run", "--rm", "--read-only", "--network=none", *PODMAN_LIMITS, tag, "version"],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if r.returncode == 0:
+                assert "fluxrig" in r.stdout, r
+                runtime = rt
+                break
+            errors = [ln for ln in r.stderr.splitlines() if RUNTIME_ERROR.search(ln)]
+            assert errors, r  # anything but the runtime refusing to start is a failure of the image
+            why = errors[-1]
+        if runtime is None:
+            print(f"SKIP podman run: {why}")
+            pytest.skip(f"no OCI runtime podman has can start containers here: {why}")
+        port = _free_port()
+        scen = tmp_path / "tcp-echo.yaml"
+        shutil.copy(os.path.join(ROOT, "scenarios", "tcp-echo.yaml"), scen)
+        scen.chmod(0o644)
+        run = subprocess.run(
+            ["podman", *runtime, "run", "-d", "--name", name, "--read-only", "--network=host", *PODMAN_LIMITS,
+             "-v", f"{scen}:/etc/fluxrig/tcp-echo.yaml:ro", "-e", f"FLUXRIG_ECHO_BIND=127.0.0.1:{port}",
+             tag, "run", "--scenario", "/etc/fluxrig/tcp-echo.yaml"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run
+        deadline, answer = time.monotonic() + 60, b""
+        while time.monotonic() < deadline and not answer:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+                    s.sendall(b"in podman\n")
+                    answer = s.recv(100)
+            except OSError:
+                time.sleep(0.5)
+        logs = subprocess.run(["podman", *runtime, "logs", name], capture_output=True, text=True).stderr[-2000:]
+        assert answer == b"IN PODMAN\n", logs
+        hc = subprocess.run(["podman", *runtime, "healthcheck", "run", name], capture_output=True, text=True)
+        assert hc.returncode == 0, (hc, logs)
+        print(f"podman {' '.join(runtime) or '(default runtime)'}: read-only run answered, healthcheck passed")
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,46 @@
+"""The issue 17 scenario test, on a shared box's budget: the switch as Rack group `pos`, three
+member processes behind a real haproxy, the authorizer as issuer, fluxrig's load tool at a held
+100 TPS (not the issue's 1,000: the box has 2 cores shared by a team). Runs bench/cluster.py's
+measurement and holds it to the targets it can meet: new connections served through a SIGKILL
+of a member (no new-connection probe fails, the longest gap <= 1 s), every transaction answered
+with 1, 2 and 3 members, and every reply that a host sends on another member's leg matched by the
+member holding its ticket. Not checked (not built, issue 17 item 4): that transactions in flight
+on the killed member are reversed by a survivor. `chaos`: make chaos-test."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+from cluster_group import HAPROXY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+pytestmark = [
+    pytest.mark.mixer,
+    pytest.mark.chaos,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(HAPROXY is None, reason="haproxy missing: run systemd/install-test-tools.sh"),
+]
+
+
+async def test_switch_group_behind_haproxy_survives_a_sigkill():
+    import cluster
+
+    out = await cluster.main_async(argparse.Namespace(tps=100.0, seconds=5.0))
+    for n in (1, 2, 3):
+        run = out[f"members_{n}"]
+        assert run["timeouts"] == 0 and run["mismatched"] == 0 and run["answered"] > 0, (n, run)
+    assert out["probe_failures"] == 0, out
+    assert out["probes_after_kill"] >= 10, out
+    assert out["failover_gap_s"] <= 1.0, out
+    assert out["marked_down_s"] is not None and out["marked_down_s"] < 3.0, out
+    cross = out["cross_leg"]
+    assert cross["replies_on_another_leg"] > 0 and cross["timeouts"] == 0 and cross["mismatched"] == 0, cross
+    assert cross["answered"] == cross["replies_on_another_leg"], cross
+    assert out["stan_overlaps"] == [], out  # each member its own third of 1..999999
+    assert len(out["stan_ranges"]) == 3 and len({tuple(v) for v in out["stan_ranges"].values()}) == 3, out
+    print(out)
