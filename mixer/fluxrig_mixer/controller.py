@@ -54,7 +54,7 @@ from fluxrig.wire.vocab import ApplyState, CtrlVerb, HelloStatus, RackStatus
 
 from .commands import CommandSender
 from .groups import group_conductors, member_rights, stan_overlaps
-from .kv import open_buckets
+from .kv import open_buckets, until_available
 from .lanes import LaneConsumers
 from .lease import DEFAULT_LEASE_TTL_S, Lease, LeaseLost
 from .rackstate import SharedRegistry
@@ -177,7 +177,7 @@ class Controller:
             from .tokens import SharedTokens
 
             self.shared_tokens = SharedTokens(self.tokens, buckets.tokens)
-            await self.shared_tokens.push()
+            await until_available(self.shared_tokens.push, self.ready_timeout)
             self.shared_tokens.start()
         await self.users_changed()  # the users as the shared state has them (another node's Racks)
         self.lease = Lease(buckets.leases, SWEEP_DUTY, self.node, self.lease_ttl)

@@ -58,6 +58,7 @@ __all__ = [
     "KV_WRITE_TIMEOUT_S",
     "MAX_VALUE_BYTES",
     "FOLLOW_BATCH",
+    "until_available",
 ]
 
 log = logging.getLogger("fluxrig.mixer.kv")
@@ -285,6 +286,21 @@ async def open_buckets(js, replicas: int = 1, timeout: float = KV_WRITE_TIMEOUT_
             )
         out[spec.name] = Bucket(spec, kv, js, timeout)
     return Buckets(out, replicas)
+
+
+async def until_available(op: Callable[[], Awaitable], timeout: float, retry_s: float = FOLLOW_RETRY_S):
+    """`await op()`, retried while it raises StateUnavailable, for up to `timeout` seconds: a
+    bucket just created on a forming cluster has no stream leader for a moment and answers
+    "no response from stream" (the last StateUnavailable is raised after the timeout)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await op()
+        except StateUnavailable as exc:
+            if asyncio.get_running_loop().time() + retry_s > deadline:
+                raise
+            log.info("shared state not writable yet (%s), retrying", exc.reason)
+            await asyncio.sleep(retry_s)
 
 
 async def follow(
