@@ -100,6 +100,36 @@ async def test_group_gears_run_on_every_member_and_membership_changes_touch_no_o
             await r.stop()
 
 
+GROUP_ONLY = """
+meta: {name: group-only, version: "1"}
+racks:
+  - {group: pos, match: {labels: {role: pos}}}
+gears:
+  - {name: shared, type: sink, deploy: pos, config: {mode: "null"}}
+  - {name: everywhere, type: sink, config: {mode: "null"}}
+"""
+
+
+async def test_a_member_approved_while_the_roll_out_runs_gets_the_scenario(tmp_path, hub):
+    """A Rack runnable only after the activation is in no wave of the plan: it must get the
+    active scenario, not be held at the previous one (no wave would ever send it the target)."""
+    first = await _enroll(tmp_path, hub, "pos-1", POS)
+    late = await _enroll(tmp_path, hub, "pos-2", POS, approve=False)
+    try:
+        stored, _ = hub.scenarios.import_text(GROUP_ONLY)
+        await hub.controller.activate_scenario(stored)
+        # The wave waits for pos-1's heartbeat report, so the plan is still running here.
+        assert hub.controller.rollouts.plan["state"] == "running"
+        await hub.controller.approve("pos-2")
+        for r in (first, late):
+            await wait_for(lambda r=r: r.rack.agent.applied_version == stored.version, timeout=20,
+                           what=f"{r.name} applied")  # fmt: skip
+        assert set(late.gears) == {"shared", "everywhere"}
+    finally:
+        for r in (first, late):
+            await r.stop()
+
+
 # -- the projection rule (no bus) ----------------------------------------------------------------
 
 

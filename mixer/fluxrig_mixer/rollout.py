@@ -18,7 +18,8 @@ reasons. Racks offline when their wave starts get the passport (they take it at 
 heartbeat) but are not judged. The plan is written by compare-and-set after every wave.
 
 Which scenario a Rack runs during a roll-out (`assigned(rack_id)`): the target once its wave
-has started, else the previous one. A stopped roll-out leaves every Rack where it is: the
+has started, else the previous one; a Rack in no wave (runnable only after the activation) the
+target. A stopped roll-out leaves every Rack where it is: the
 operator activates again (a new plan) or activates the previous scenario.
 
 Raises: StateConflict, StateUnavailable (kv.py).
@@ -76,6 +77,7 @@ class Rollouts:
         self.revision = 0
         self._tasks: list[asyncio.Task] = []
         self._started: set[str] = set()  # rack ids whose wave has started (of self.plan)
+        self._planned: set[str] = set()  # rack ids in any wave of a running self.plan
         self._step = asyncio.Lock()  # the driver loop and kick() never run one wave twice
 
     # -- the plan as every node sees it ------------------------------------------------------------
@@ -103,14 +105,17 @@ class Rollouts:
 
     def _set(self, plan: dict, revision: int) -> None:
         self.plan, self.revision = plan, revision
-        self._started = (
-            {r for w in plan["waves"][: plan["wave"] + 1] for r in w} if plan["state"] == "running" else set()
-        )
+        running = plan["state"] == "running"
+        self._started = {r for w in plan["waves"][: plan["wave"] + 1] for r in w} if running else set()
+        self._planned = {r for w in plan["waves"] for r in w} if running else set()
 
     def assigned(self, rack_id: str) -> str | None:
-        """The digest a Rack should run now: None = no roll-out opinion (the active one)."""
+        """The digest a Rack should run now: None = no roll-out opinion (the active one).
+        A Rack outside the plan (approved or activated after the activation) is in no wave:
+        holding it at the previous scenario would leave it there for good, since no wave ever
+        sends it the target and nothing re-sends when the plan ends."""
         p = self.plan
-        if p is None or p["state"] != "running" or rack_id in self._started:
+        if p is None or p["state"] != "running" or rack_id in self._started or rack_id not in self._planned:
             return None
         return p.get("previous") or ""
 
