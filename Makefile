@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: all install build demo demo-cluster test-cluster-chaos demo-standalone test test-tools test-compiled test-pure test-archive lint bench binary binary-mixer footprint clean firmware-test firmware-clean help image image-test deb chaos-test test-console-perf
+.PHONY: all install build demo demo-cluster test-cluster-chaos demo-standalone test test-tools test-compiled test-pure test-long test-archive lint bench binary binary-mixer footprint clean firmware-test firmware-clean help image image-test deb chaos-test test-console-perf
 
 all: build
 
@@ -15,6 +15,7 @@ help:
 	@echo "make demo-cluster  three Mixer nodes as one cluster (APIs 8090-8092, Snakes 4222-4224) + a local Rack"
 	@echo "make test-cluster-chaos  randomized kill -9 / SIGSTOP runs on a 3-node cluster (slow; one JSON line)"
 	@echo "make test          install everything, build the Cython twins, run the suite compiled then pure"
+	@echo "make test-long     the end-to-end failure runs over 20 s each (outages, SIGKILLs under load; ~6 min)"
 	@echo "make lint          ruff format --check and ruff check (part of make test)"
 	@echo "make bench         run the benchmarks (JSON lines)"
 	@echo "make binary        build dist/fluxrig (PyInstaller, one file, accelerated build required)"
@@ -71,12 +72,18 @@ test-tools:
 # Rack suites, then the Mixer suites in a fresh interpreter: the Mixer end-to-end tests run a
 # Mixer in-process and must not share it with threads other suites leave behind.
 test-compiled:
-	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "not mixer and not image and not chaos and not soak"
-	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "mixer and not soak and not console_perf and not chaos"
+	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "not mixer and not image and not chaos and not soak and not long"
+	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "mixer and not soak and not console_perf and not chaos and not long"
 
-# The backend-sensitive suites again with the pure-Python originals.
+# The suites of code with a Cython twin (marker `backend`, tests/conftest.py) again with the
+# pure-Python originals: the differential tests compare both backends in either pass.
 test-pure:
-	FLUXRIG_PURE_PYTHON=1 $(PYTEST) -q -p no:cacheprovider -m "not slow and not binary and not mixer and not image and not chaos"
+	FLUXRIG_PURE_PYTHON=1 $(PYTEST) -q -p no:cacheprovider -m "backend and not slow and not binary and not mixer and not image and not chaos and not long"
+
+# End-to-end failure runs over 20 s each (tests/conftest.py LONG_TESTS): not in `make test`.
+test-long: build test-tools
+	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "long and not mixer"
+	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "long and mixer"
 
 # The ClickHouse archive's long runs (issue 15): 20 SIGKILLs between insert and ack, a 60 s outage;
 # then the archive against the current ClickHouse engine (chdb-core, installed here: ~0.5 GB).

@@ -32,12 +32,51 @@ def start_rack(rack_env):
             p.proc.communicate()
 
 
+# Suites that run code with a Cython twin (framers, the ISO 8583 codec, the WAL and its CRC)
+# directly or through the gears built on it: `backend`, run again by the pure-Python pass.
+BACKEND_SUITES = (
+    "test_backend",
+    "test_framing",
+    "test_iso8583_",
+    "test_iso_",
+    "test_io_",
+    "test_wal_",
+    "test_msg",
+    "test_tcp_abuse",
+    "test_lanes_units",
+    "test_shipper",
+)
+
+
+# End-to-end failure runs over 20 s each (quiet 2-core box): marker `long`, run by
+# `make test-long`, kept out of `make test` so it stays under its 15 minutes.
+LONG_TESTS = (
+    "test_rack_crash.py::test_rack_process_killed_50_times_keeps_every_durable_record",
+    "test_reload_handover.py::test_bench_rebuild_io_hands_every_connection_over_and_loses_nothing",
+    "test_mixer_continuity.py::test_mixer_down_60s_under_load_then_drains",
+    "test_mixer_continuity.py::test_snake_sigkilled_three_times_under_load",
+    "test_cluster_nodes.py::test_a_rack_whose_node_dies_reconnects_to_another_and_carries_on",
+    "test_cluster_nodes.py::test_sigkill_of_the_stream_leader_under_guaranteed_traffic",
+    "test_mixer_lanes.py::test_hub_slow_to_close_gives_back_what_the_snake_still_delivers",
+    "test_mixer_lanes.py::test_killed_receiving_gear_holds_its_messages_in_jetstream_until_revived",
+    "test_mixer_lanes.py::test_hub_restarted_mid_stream",
+    "test_mixer_lanes.py::test_rack_killed_while_a_slow_gear_is_busy_then_revived",
+    "test_mixer_guard.py::test_hostile_requests_answered_while_heartbeats_flow",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """Mixer suites are marked `mixer`: the pure-Python pass of `make test` skips them (the
-    Mixer has no Cython twins), the compiled pass runs them."""
+    Mixer has no Cython twins), the compiled pass runs them. Suites exercising a twin are
+    marked `backend`: the pure-Python pass runs those."""
     for item in items:
-        if item.fspath.basename.startswith("test_mixer_"):
+        name = item.fspath.basename
+        if name.startswith("test_mixer_"):
             item.add_marker(pytest.mark.mixer)
+        if name.startswith(BACKEND_SUITES):
+            item.add_marker(pytest.mark.backend)
+        if f"{name}::{item.name}".startswith(LONG_TESTS):
+            item.add_marker(pytest.mark.long)
 
 
 # -- archive: one real ClickHouse server per session (tests/clickhouse_server.py) --------------
