@@ -61,7 +61,6 @@ cannot parse is DATA.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -73,6 +72,7 @@ import urllib.parse
 import duckdb
 
 from fluxrig.errors import ConfigError
+from fluxrig.net.addr import is_loopback
 
 from .clickhouse_native import NATIVE_TYPES, NativeBlocks, blocks_from_result, columns_sql
 from .duckdb_store import Spool, select_parts
@@ -155,15 +155,6 @@ def _read_password(path: str) -> str:
         return fh.read().strip()
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def settings_from_config(cfg) -> ClickHouseSettings:
     """`[clickhouse]` (and telemetry.retention as the default TTL) as settings; ConfigError
     naming the key for a bad URL, a password in the URL, a readable password file, or plain
@@ -184,7 +175,7 @@ def settings_from_config(cfg) -> ClickHouseSettings:
         secure = secure or u.scheme == "clickhouses"
     if not database.replace("_", "").isalnum():
         raise ConfigError("letters, digits and _ only", "clickhouse.database")
-    if not secure and not _is_loopback(host):
+    if not secure and not is_loopback(host):
         if not c.insecure_plaintext:
             raise ConfigError(
                 f"{host} is not loopback: use TLS (clickhouses:// or clickhouse.tls_ca_file), or set "
