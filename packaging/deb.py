@@ -48,7 +48,6 @@ manual page (`<program> --help` is the manual).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -503,20 +502,11 @@ def build(names: list[str], out: str, epoch: int, archs: list[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="packaging/deb.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("packages", nargs="*", metavar="PACKAGE", help="fluxrig, fluxrig-mixer (default: both)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "build", "packages"), help="output folder")
-    ap.add_argument("--epoch", type=int, help="timestamp of every file (default SOURCE_DATE_EPOCH or the commit time)")
-    ap.add_argument("--arch", action="append", choices=list(DEB_ARCHS), help="only these architectures")
-    ap.add_argument("--json", action="store_true", help="print {package: {arch: path}} as JSON")
-    args = ap.parse_args(argv)
-    names = args.packages or list(PACKAGES)
-    bad = [n for n in names if n not in PACKAGES]
-    if bad:
-        ap.error(f"unknown package {', '.join(bad)}: one of {', '.join(PACKAGES)}")
-    epoch = args.epoch if args.epoch is not None else image.default_epoch()
+    args = image.parse_dist_args(argv, prog="packaging/deb.py", doc=__doc__, noun="package", names=PACKAGES,
+                                 archs=DEB_ARCHS, out_dir="packages", json_help="print {package: {arch: path}} as JSON")  # fmt: skip
+    names = args.names
     try:
-        res = build(names, args.out, epoch, args.arch, log=lambda m: print(m, file=sys.stderr))
+        res = build(names, args.out, args.epoch, args.arch, log=lambda m: print(m, file=sys.stderr))
     except (DebError, image.ImageError) as exc:
         print(f"deb: {exc}", file=sys.stderr)
         return 1

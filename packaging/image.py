@@ -513,21 +513,34 @@ def _version() -> str:
     return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text).group(1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="packaging/image.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("programs", nargs="*", metavar="PROGRAM", help="fluxrig, fluxrig-mixer (default: both)")
-    p.add_argument("--out", default=os.path.join(ROOT, "build", "images"), help="output folder (default build/images)")
-    p.add_argument("--epoch", type=int, help="timestamp of every entry (default SOURCE_DATE_EPOCH or the commit time)")
-    p.add_argument("--arch", action="append", choices=list(DEBIAN_ARCH), help="only these architectures")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+def parse_dist_args(argv, *, prog: str, doc: str, noun: str, names, archs, out_dir: str, json_help: str):
+    """The command line shared by image.py and deb.py: which programs (default all), --out,
+    --epoch (default SOURCE_DATE_EPOCH or the commit time), --arch, --json. Exit 2 naming an
+    unknown program."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("names", nargs="*", metavar=noun.upper(), help=f"{', '.join(names)} (default: all)")
+    p.add_argument(
+        "--out", default=os.path.join(ROOT, "build", out_dir), help=f"output folder (default build/{out_dir})"
+    )
+    p.add_argument("--epoch", type=int, help="timestamp of every file (default SOURCE_DATE_EPOCH or the commit time)")
+    p.add_argument("--arch", action="append", choices=list(archs), help="only these architectures")
+    p.add_argument("--json", action="store_true", help=json_help)
     args = p.parse_args(argv)
-    progs = args.programs or list(PROGRAMS)
-    unknown = [x for x in progs if x not in PROGRAMS]
+    args.names = args.names or list(names)
+    unknown = [x for x in args.names if x not in names]
     if unknown:
-        p.error(f"unknown program {', '.join(unknown)}: one of {', '.join(PROGRAMS)}")
+        p.error(f"unknown {noun} {', '.join(unknown)}: one of {', '.join(names)}")
+    if args.epoch is None:
+        args.epoch = default_epoch()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_dist_args(argv, prog="packaging/image.py", doc=__doc__, noun="program", names=PROGRAMS,
+                           archs=DEBIAN_ARCH, out_dir="images", json_help="print the result as one JSON object")  # fmt: skip
+    progs = args.names
     try:
-        res = build(progs, args.out, args.epoch if args.epoch is not None else default_epoch(), args.arch,
-                    log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        res = build(progs, args.out, args.epoch, args.arch, log=lambda m: print(m, file=sys.stderr))
     except (ImageError, oci.LayerError) as exc:
         print(f"image: {exc}", file=sys.stderr)
         return 1
