@@ -249,3 +249,26 @@ def test_up_cluster_refuses_a_node_count_outside_3_to_5(tmp_path):
         env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")])),
     )
     assert proc.returncode == 2 and b"--cluster" in proc.stderr and b"3..5" in proc.stderr, proc.stderr
+
+
+async def test_a_stream_without_a_leader_yet_is_waited_for_at_start():
+    """A stream or bucket just created on a forming cluster answers "no response from stream"
+    until its replicas elect a leader: the start retries it (as a 503), other errors pass."""
+    import nats.js.errors
+    from fluxrig_mixer.cluster import retry_while_forming
+
+    calls = []
+
+    async def op():
+        calls.append(1)
+        if len(calls) < 3:
+            raise nats.js.errors.NoStreamResponseError()
+        return "ok"
+
+    assert await retry_while_forming(op, 10, "ingest") == "ok" and len(calls) == 3
+
+    async def bad():
+        raise ValueError("not a cluster answer")
+
+    with pytest.raises(ValueError):
+        await retry_while_forming(bad, 10, "ingest")

@@ -350,7 +350,12 @@ class Mixer:
                 quota_window=t.quota_window,
                 outage_backoff_max=t.outage_backoff_max,
             )
-            await self.ingest.start(self.js)
+            if cfg.clustered:  # its consumer and sources bucket (R3) may have no leader yet
+                from .cluster import retry_while_forming
+
+                await retry_while_forming(lambda: self.ingest.start(self.js), cfg.cluster.ready_timeout, "ingest")
+            else:
+                await self.ingest.start(self.js)
             await self._start_api()
         except BaseException:
             await self.stop()

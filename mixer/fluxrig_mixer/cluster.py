@@ -358,10 +358,14 @@ async def wait_jetstream(js, timeout: float) -> None:
 def _transient(exc: BaseException) -> bool:
     """A JetStream answer that a forming (or re-forming) cluster gives and that passes: no
     answer in time, 503 (no meta leader, no quorum), "insufficient resources / no suitable
-    peers" while peers are still joining (err 10005, 10023)."""
+    peers" while peers are still joining (err 10005, 10023), and "no response from stream" from
+    a stream or bucket just created whose replicas have not elected a leader yet."""
     import nats
+    import nats.js.errors
 
-    if isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)):
+    transient = (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError,
+                 nats.js.errors.NoStreamResponseError)  # fmt: skip
+    if isinstance(exc, transient):
         return True
     if isinstance(exc, nats.js.errors.APIError):
         return exc.code == 503 or getattr(exc, "err_code", None) in (10005, 10023, 10074)
