@@ -405,7 +405,10 @@ class TcpEndpoint:
             back.handed_to = None
             back.adopt(self)
         handed, self.handed_to = self.handed_to, None
-        self.successor = None
+        # A connection our listener accepted just before it closed has its connection_made
+        # still to come (queued by the loop, or after its TLS handshake): it goes to the
+        # endpoint that took ours over, not to the floor.
+        self.successor = handed
         if handed is not None:
             # no chain of retired endpoints through reloads: an adopted transport still holds
             # the asyncio server (and so this endpoint) that accepted it, but nothing after it
