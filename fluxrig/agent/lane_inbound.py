@@ -151,10 +151,14 @@ class Pull:
 
     async def fetch(self, batch: int, timeout: float) -> list:
         loop = asyncio.get_running_loop()
-        self.open_until = loop.time() + timeout + PULL_EXPIRY_MARGIN_S
+        older = self.open_until
+        self.open_until = max(older, loop.time() + timeout + PULL_EXPIRY_MARGIN_S)
         msgs = await self.psub.fetch(batch, timeout=timeout)
-        if len(msgs) >= batch:  # the request got all it asked for: it is over
-            self.open_until = 0.0
+        if len(msgs) >= batch:
+            # This request got all it asked for (or was never sent: nats-py serves a batch from
+            # the queue first), but one an earlier fetch left open may still deliver: a NAK
+            # given back makes the Snake redeliver to it at once, into a queue nobody reads.
+            self.open_until = older if older > loop.time() else 0.0
         return msgs
 
     async def give_back(self, nak) -> int:
