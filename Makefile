@@ -15,7 +15,7 @@ help:
 	@echo "make demo-cluster  three Mixer nodes as one cluster (APIs 8090-8092, Snakes 4222-4224) + a local Rack"
 	@echo "make test-cluster-chaos  randomized kill -9 / SIGSTOP runs on a 3-node cluster (slow; one JSON line)"
 	@echo "make test          install everything, build the Cython twins, run the suite compiled then pure"
-	@echo "make test-long     the end-to-end failure runs over 20 s each (outages, SIGKILLs under load; ~6 min)"
+	@echo "make test-long     the end-to-end failure and load runs over 8 s each (outages, SIGKILLs, clusters; ~10 min)"
 	@echo "make lint          ruff format --check and ruff check (part of make test)"
 	@echo "make bench         run the benchmarks (JSON lines)"
 	@echo "make binary        build dist/fluxrig (PyInstaller, one file, accelerated build required)"
@@ -80,7 +80,7 @@ test-compiled:
 test-pure:
 	FLUXRIG_PURE_PYTHON=1 $(PYTEST) -q -p no:cacheprovider -m "backend and not slow and not binary and not mixer and not image and not chaos and not long"
 
-# End-to-end failure runs over 20 s each (tests/conftest.py LONG_TESTS): not in `make test`.
+# End-to-end failure and load runs over 8 s each (tests/conftest.py LONG_TESTS): not in `make test`.
 test-long: build test-tools
 	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "long and not mixer"
 	FLUXRIG_REQUIRE_ACCELERATED=1 $(PYTEST) -q -p no:cacheprovider -m "long and mixer"
