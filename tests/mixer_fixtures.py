@@ -28,6 +28,7 @@ __all__ = [
     "HEARTBEAT_S",
     "start_rack_process",
     "stop_rack_process",
+    "run_cli",
 ]
 
 HEARTBEAT_S = 0.2
@@ -220,3 +221,34 @@ async def stop_rack_process(proc, timeout: float = 20.0) -> bytes:
         proc.kill()
         _, err = await proc.communicate()
     return err or b""
+
+
+async def run_cli(mixer, *args, timeout: float = 30.0) -> tuple[int, str]:
+    """`fluxrig <args>` against `mixer`'s API; (exit code, stdout+stderr). The token goes in a
+    0600 file, as an operator passes it: never in argv (where a token that happens to begin
+    with "-" is also taken for an option: argparse refused it, 1 run in ~60)."""
+    import os
+    import sys
+
+    from helpers import ROOT
+
+    token_file = os.path.join(mixer.state_dir, "cli-api-token")
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(mixer.api_token)
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fluxrig.cli.main",
+        *args,
+        "--api-url",
+        mixer.api_url,
+        "--api-token-file",
+        token_file,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(cli.communicate(), timeout)
+    return cli.returncode, out.decode()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 
 import cbor2
 from mixer_fixtures import *  # noqa: F401,F403
-from mixer_fixtures import snake_toml, start_rack_process, stop_rack_process, wait_for
+from mixer_fixtures import run_cli, snake_toml, start_rack_process, stop_rack_process, wait_for
 
 from fluxrig import ctrl as C
 from fluxrig.passport import ClusterKey
@@ -211,9 +210,9 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
         assert await _refused(port) and (await ctrl())["killed"]
 
         # -- the CLI shows it, and revives ---------------------------------------------------------
-        code, out = await _cli(mixer, "admin", "racks", "show", RACK)
+        code, out = await run_cli(mixer, "admin", "racks", "show", RACK)
         assert code == 0 and "KILLED since" in out and "incident 42" in out, out
-        code, out = await _cli(mixer, "admin", "racks", "revive", RACK, "--reason", "all clear")
+        code, out = await run_cli(mixer, "admin", "racks", "revive", RACK, "--reason", "all clear")
         assert code == 0 and "revive applied" in out, out
         await wait_for(lambda: _serving(port), timeout=10, what="serving after the CLI revive")
         s = (await rack())["scenario"]
@@ -241,25 +240,6 @@ async def test_kill_switch_with_real_rack(mixer, api, tmp_path):
     assert proc.returncode == 0, errs[-1].decode()[-2000:]
     if os.environ.get("KS_DEBUG"):
         print(b"\n=====\n".join(errs).decode())
-
-
-async def _cli(mixer, *args) -> tuple[int, str]:
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fluxrig.cli.main",
-        *args,
-        "--api-url",
-        mixer.api_url,
-        "--api-token",
-        mixer.api_token,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(cli.communicate(), 30)
-    return cli.returncode, out.decode()
 
 
 def _payload(data: bytes) -> dict:

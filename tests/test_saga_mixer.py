@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 
 import cbor2
 import pytest
 from mixer_fixtures import *  # noqa: F401,F403
-from mixer_fixtures import snake_toml, start_rack_process, stop_rack_process, wait_for
+from mixer_fixtures import run_cli, snake_toml, start_rack_process, stop_rack_process, wait_for
 from test_iso_switch import switch_text
 from test_saga import Issuer, _approved_then_gone
 
@@ -43,25 +42,6 @@ async def _serving(port: int) -> bool:
         return False
     w.close()
     return True
-
-
-async def _cli(mixer, *args) -> tuple[int, str]:
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fluxrig.cli.main",
-        *args,
-        "--api-url",
-        mixer.api_url,
-        "--api-token",
-        mixer.api_token,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(cli.communicate(), 60)
-    return cli.returncode, out.decode()
 
 
 @pytest.mark.mixer
@@ -155,12 +135,12 @@ async def test_saf_verbs_through_the_mixer_for_a_joined_rack(mixer, api, tmp_pat
         assert not replayed.ok and "replayed" in replayed.detail, replayed
 
         # -- the CLI ----------------------------------------------------------------------------------
-        code, out = await _cli(mixer, "saf", "list", "--rack", RACK)
+        code, out = await run_cli(mixer, "saf", "list", "--rack", RACK)
         assert code == 0, out
         assert [json.loads(line)["id"] for line in out.splitlines() if line.startswith("{")] == [second], out
-        code, out = await _cli(mixer, "saf", "show", second, "--rack", RACK)
+        code, out = await run_cli(mixer, "saf", "show", second, "--rack", RACK)
         assert code == 0 and json.loads(out)["id"] == second and "4111111111111111" not in out, out
-        code, out = await _cli(mixer, "saf", "park", "nosuch", "--rack", RACK)
+        code, out = await run_cli(mixer, "saf", "park", "nosuch", "--rack", RACK)
         assert code == 1 and "no reversal" in out, out
 
         # -- audited: every saf command is a rack event with its caller ------------------------------
