@@ -27,6 +27,7 @@ from fluxrig_mixer.scenarios import ScenarioStore
 from fluxrig_mixer.states import IllegalTransition
 from kv_nats import NatsCluster
 
+from fluxrig.aiotools import close_quietly
 from fluxrig.passport import ClusterKey, verify_passport
 from fluxrig.wire import identity as I
 from fluxrig.wire import messages as W
@@ -82,13 +83,13 @@ class Node:
             if t is not None:
                 t.cancel()
         c.lease._task = None
-        await self.nc.close()
+        await close_quietly(self.nc, 5.0)  # nats-py's close can hang in its reconnect loop
         self.alive = False
 
     async def stop(self) -> None:
         if self.alive:
             await self.controller.detach()
-            await self.nc.close()
+            await close_quietly(self.nc, 5.0)  # nats-py's close can hang in its reconnect loop
         self.registry.close_writer()
         self.db.close()
 
