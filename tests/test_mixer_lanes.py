@@ -227,16 +227,6 @@ async def test_snake_killed_mid_stream_nothing_lost_nothing_doubled(tmp_path, sn
     assert_once(sink_lines(out), n, ordered=False)
 
 
-# Known bug, open: NAKs the hub sends for given-back messages (kill switch, stop) are published
-# (reply subjects valid, no error) yet the Snake keeps those messages ack-pending with one
-# delivery until ack_wait (30 s); seen: 56 NAKed, num_ack_pending 56, num_redelivered 0 for 28 s.
-KNOWN_NAK = "known: NAKs sent for given-back messages are not acted on by the Snake; redelivered after ack_wait"
-
-
-# Known bug, open (issue 11): the stopping hub's last NAK is sometimes not acted on by the Snake,
-# which redelivers that message after ack_wait behind newer ones (the receiver counts it in
-# `out_of_order` and logs an ERROR). Root cause not found; see the session 3 closing note.
-@pytest.mark.xfail(reason="known: a NAK sent as the hub stops can be lost; redelivered out of order", strict=False)
 async def test_hub_restarted_mid_stream(tmp_path, snake_mixer, two_racks):
     edge, hub = two_racks
     out = tmp_path / "store.jsonl"
@@ -254,7 +244,6 @@ async def test_hub_restarted_mid_stream(tmp_path, snake_mixer, two_racks):
     assert hub.rack.bus.metrics()["out_of_order"] == 0
 
 
-@pytest.mark.xfail(reason=KNOWN_NAK, strict=False)
 @pytest.mark.timeout(120)
 async def test_hub_slow_to_close_gives_back_what_the_snake_still_delivers(tmp_path, snake_mixer, two_racks):
     """The hub stops while the edge keeps sending, and its connection closes 1.5 s after its
@@ -426,7 +415,6 @@ async def test_reload_rewiring_the_receiving_side_mid_stream(tmp_path, snake_mix
     assert hub.rack.bus.metrics()["stale_acked"] == 0
 
 
-@pytest.mark.xfail(reason=KNOWN_NAK, strict=False)
 async def test_killed_receiving_gear_holds_its_messages_in_jetstream_until_revived(tmp_path, snake_mixer, two_racks):
     """The kill switch stops the hub's sink mid-stream: what the lane still held for it goes
     back to JetStream, nothing is fetched for it meanwhile, and after the revive every message
@@ -461,7 +449,6 @@ wires:
 """
 
 
-@pytest.mark.xfail(reason=KNOWN_NAK, strict=False)
 async def test_rack_killed_while_a_slow_gear_is_busy_then_revived(tmp_path, snake_mixer, two_racks):
     """Kill switch on the whole hub while its slow gear is mid-message with a full queue: the
     message being processed and everything queued go back to JetStream (none stays stuck as

@@ -42,6 +42,15 @@ the stream's fill against its limits (stream bytes and messages, each subject's 
 `max_msgs_per_subject`): at QUOTA_ALERT_RATIO (80 %) one WARNING per subject or stream, at 100 %
 one ERROR (its senders are being pushed back into their lane WAL), cleared below 70 % (INFO);
 `quota` holds the current figures and alerts.
+
+A purge can cost a given-back message its place in the queue: nats-server (2.10 to 2.15 at
+least, `consumer.purge`) drops from a consumer's redelivery queue every entry below the
+consumer's next sequence, though the message is still pending and was not purged. A message
+a stopped or killed Rack NAKed (it waits in that queue for the next pull request) then comes
+back only after ack_wait, behind newer ones. So a subject is not purged while a consumer of it
+holds messages and no pull request waits on it (`num_ack_pending > 0`, `num_waiting == 0`:
+its receiver is away, what it gave back sits in that queue), unless the stream or the
+subject is over PURGE_EAGER_RATIO full: room then comes first (`stats["purges_deferred"]`).
 """
 
 from __future__ import annotations
@@ -162,7 +171,8 @@ class LaneConsumers:
         self.purge_interval = purge_interval
         self.group_policy = GroupConsumerPolicy()  # the `grp-<group>` consumers (groups.py)
         self.stats = {"syncs": 0, "created": 0, "updated": 0, "deleted": 0, "failures": 0,
-                      "purge_runs": 0, "purges": 0, "purge_failures": 0}  # fmt: skip
+                      "purge_runs": 0, "purges": 0, "purges_deferred": 0,
+                      "purge_failures": 0}  # fmt: skip
         self.last_error = ""
         self.last_purge_error = ""
         self.quota: dict = {}
@@ -369,7 +379,8 @@ class LaneConsumers:
         floors = []
         for c in consumers:
             pats = _filters(c.config) or [">"]
-            floors.append((pats, int(c.ack_floor.stream_seq) if c.ack_floor else 0))
+            away = bool(c.num_ack_pending) and not c.num_waiting  # see the module docstring
+            floors.append((pats, int(c.ack_floor.stream_seq) if c.ack_floor else 0, away))
         subjects = dict(info.state.subjects or {})
         cfg, st = info.config, info.state
         eager = bool(cfg.max_bytes and cfg.max_bytes > 0 and st.bytes >= cfg.max_bytes * PURGE_EAGER_RATIO)
@@ -379,21 +390,26 @@ class LaneConsumers:
         purged_now = 0
         for subject in subjects:
             floor = None
-            for pats, ack in floors:
+            away = False
+            for pats, ack, gone in floors:
                 if any(subject_matches(p, subject) for p in pats):
                     floor = ack if floor is None else min(floor, ack)
+                    away = away or gone
             if floor is None:
                 orphans.append(subject)
                 continue
             done = self._purged.get(subject, 0)
             if floor <= done:
                 continue
+            pressed = eager or (per_subject > 0 and subjects[subject] >= per_subject * PURGE_EAGER_RATIO)
             if not (
-                eager
+                pressed
                 or floor - done >= PURGE_MIN_SEQS
                 or now - self._purged_at.get(subject, 0.0) >= PURGE_MAX_DELAY_S
-                or (per_subject > 0 and subjects[subject] >= per_subject * PURGE_EAGER_RATIO)
             ):
+                continue
+            if away and not pressed:
+                self.stats["purges_deferred"] += 1
                 continue
             await self.js.purge_stream(S.STREAM_MSG, subject=subject, seq=floor + 1)
             self._purged[subject] = floor
