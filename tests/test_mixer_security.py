@@ -218,3 +218,16 @@ async def test_operator_certificates_snake(tmp_path):
             await applied.stop()
     finally:
         await m.stop()
+
+
+def test_the_first_start_api_token_never_begins_with_a_dash(tmp_path, monkeypatch):
+    """`--api-token -x...` is taken for an option: the Mixer never writes such a token."""
+    import secrets
+
+    from fluxrig_mixer.app import load_or_create_secret
+
+    draws = iter(["-dash-first", "_fine"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
+    value, created = load_or_create_secret(str(tmp_path / "api-token"))
+    assert (value, created) == ("_fine", True)
+    assert (tmp_path / "api-token").stat().st_mode & 0o077 == 0

@@ -149,7 +149,11 @@ def add_api_args(parser) -> None:
         help=f"Mixer API base URL, or a comma list of a cluster's nodes tried in turn when one does not answer "
         f"(env FLUXRIG_API_URL, default {DEFAULT_API_URL})",
     )
-    g.add_argument("--api-token", help="bearer token (env FLUXRIG_API_TOKEN); visible in `ps`: prefer --api-token-file")
+    g.add_argument(
+        "--api-token",
+        help="bearer token (env FLUXRIG_API_TOKEN); visible in `ps`: prefer --api-token-file; "
+        "a token beginning with '-' is given as --api-token=TOKEN",
+    )
     g.add_argument(
         "--api-token-file",
         help="read the token from this file, e.g. the Mixer's data/api-token (env FLUXRIG_API_TOKEN_FILE)",

@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # the HTTP stack is imported only when the API starts
 __all__ = [
     "Mixer",
     "load_or_create_secret",
+    "new_secret",
     "ensure_streams",
     "TOKEN_BYTES",
     "DUPLICATE_WINDOW_S",
@@ -65,6 +66,14 @@ __all__ = [
 log = logging.getLogger("fluxrig.mixer")
 
 TOKEN_BYTES = 32
+
+
+def new_secret() -> str:
+    """A random URL-safe secret that never begins with '-': given after an option on a
+    command line (`--api-token X`), such a value is taken for an option."""
+    while (value := secrets.token_urlsafe(TOKEN_BYTES)).startswith("-"):
+        pass
+    return value
 
 
 def load_or_create_secret(path: str) -> tuple[str, bool]:
@@ -76,7 +85,7 @@ def load_or_create_secret(path: str) -> tuple[str, bool]:
             return value, False
     except FileNotFoundError:
         pass
-    value = secrets.token_urlsafe(TOKEN_BYTES)
+    value = new_secret()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(value + "\n")
