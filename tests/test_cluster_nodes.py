@@ -84,6 +84,9 @@ def test_three_nodes_form_one_cluster_with_r3_streams_and_open_nothing_else(tmp_
 
         for n in c.nodes:  # a Rack restarted while one node is down still finds another
             assert list(read_bundle(str(n.state / "enroll-bundle")).urls) == c.snake_urls
+        # Each node's first-start token has its own id: the shared token state keeps one per id.
+        ids = {read_bundle(str(n.state / "enroll-bundle")).token.split("_")[1] for n in c.nodes}
+        assert len(ids) == 3 and all(i.startswith("first-node") for i in ids), ids
         for n in c.nodes:
             asyncio.run(wait_for(lambda n=n: streams_ready(n), 60, what=f"R3 streams current on {n.name}"))
         statuses = [cluster_status(n) for n in c.nodes]

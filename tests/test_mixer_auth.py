@@ -210,3 +210,15 @@ def test_authenticate_reads_raw_asgi_headers_only():
     assert authenticate_scope({"type": "http", "headers": []}) is None
     with pytest.raises(AuthError):
         tokens.create("bad name", "read")
+
+
+def test_each_cluster_node_has_its_own_first_start_token_id():
+    """Three nodes creating one "first-start" id left two of their bundles refused."""
+    from fluxrig_mixer.tokens import _ID_RE, FIRST_TOKEN_ID, first_token_id
+
+    assert first_token_id(None) == FIRST_TOKEN_ID
+    long = "mixer-hub-frankfurt-rack-row-{}.example.internal"
+    names = ["node1", "node2", "Node_3", long.format(1), long.format(2), "###"]
+    ids = [first_token_id(n) for n in names]
+    assert len(set(ids)) == len(ids) and all(_ID_RE.match(i) for i in ids), ids
+    assert first_token_id("node1") == first_token_id("node1")  # a restart keeps it

@@ -126,7 +126,7 @@ class Mixer:
     def _tokens(self) -> None:
         from fluxrig.wire.bundle import BundleError, read_bundle
 
-        from .tokens import FIRST_TOKEN_ID, TokenStore
+        from .tokens import TokenStore, first_token_id
 
         self.tokens = TokenStore(self.state_dir)
         self.bundle_path = os.path.join(self.state_dir, "enroll-bundle")
@@ -134,7 +134,9 @@ class Mixer:
         first = not self.tokens.exists
         if first:
             self.bootstrap_token, _ = self.tokens.create(
-                uses=e.first_token_uses, ttl=e.first_token_ttl or None, token_id=FIRST_TOKEN_ID
+                uses=e.first_token_uses,
+                ttl=e.first_token_ttl or None,
+                token_id=first_token_id(self._node_name() if self.cfg.clustered else None),
             )
         else:
             try:  # the first-start bundle is rewritten every start (the port or CA may change)
@@ -393,11 +395,13 @@ class Mixer:
         waves = {"wave_size": r.wave_size, "max_failure_ratio": r.max_failure_ratio, "wave_timeout": r.wave_timeout}
         if not self.cfg.clustered:
             return {"node": self.cfg.base.name, "replicas": replicas_for(self.cfg), **waves}
-        import socket as _socket
-
-        node = self.cfg.cluster.node_name or _socket.gethostname()  # the server_name (cluster.build_spec)
+        node = self._node_name()
         return {"node": node, "replicas": replicas_for(self.cfg), "ready_timeout": self.cfg.cluster.ready_timeout,
                 **waves}  # fmt: skip
+
+    def _node_name(self) -> str:
+        """This node's server name in a cluster (cluster.build_spec uses the same)."""
+        return self.cfg.cluster.node_name or socket.gethostname()
 
     def _scenario_checker(self):
         """API scenario documents are parsed in a child with these budgets (parse_worker.py)."""

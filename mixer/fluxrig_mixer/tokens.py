@@ -48,6 +48,7 @@ __all__ = [
     "TOKEN_PREFIX",
     "TOKENS_FILE",
     "FIRST_TOKEN_ID",
+    "first_token_id",
     "MAX_TOKENS",
     "MAX_TOKEN_LABELS",
     "parse_labels",
@@ -63,6 +64,17 @@ MAX_TOKEN_LABELS = 32
 MAX_LABEL_CHARS = 128
 _ID_RE = re.compile(r"^[a-z0-9-]{1,32}$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+
+def first_token_id(node: str | None = None) -> str:
+    """The id of a node's first-start token: FIRST_TOKEN_ID alone, or in a cluster (`node`,
+    its server name) `first-<name>-<hash>`, so that every node's first-start bundle works: the
+    shared token state keeps one record per id, and three nodes each creating "first-start"
+    left two of the three bundles refused. Within the id's 32 characters (a-z, 0-9, -)."""
+    if not node:
+        return FIRST_TOKEN_ID
+    slug = re.sub(r"[^a-z0-9]+", "-", node.lower()).strip("-")[:16].strip("-") or "node"
+    return f"first-{slug}-{hashlib.sha256(node.encode()).hexdigest()[:6]}"
 
 
 @dataclass(frozen=True)
