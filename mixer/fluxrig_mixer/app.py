@@ -118,6 +118,7 @@ class Mixer:
         self.ca_sha256 = ""
         self.started_at = time.time()
         self._api_server = None
+        self._shared_identity = None  # api/shared_identity.py, once the API runs on a bus
         self._api_task: asyncio.Task | None = None
         self._stop_event = asyncio.Event()
 
@@ -475,6 +476,12 @@ class Mixer:
 
         app = create_app(self.services())
         self._api_app = app  # stop() ends the console's live streams through it
+        state = getattr(self.controller, "state", None)
+        if state is not None:  # API tokens and logouts count on every node (api/shared_identity.py)
+            from .api.shared_identity import SharedIdentity
+
+            self._shared_identity = SharedIdentity(app.state.auth, state.b.operators)
+            await self._shared_identity.start(self.cfg.cluster.ready_timeout)
         cfg = self.cfg.api
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
         # proto says TCP, and without it every keep-alive response waits ~40 ms (Nagle meets
@@ -559,6 +566,9 @@ class Mixer:
                 except (TimeoutError, asyncio.CancelledError, Exception):
                     self._api_task.cancel()
             self._api_server = None
+        if self._shared_identity is not None:
+            await self._shared_identity.stop()
+            self._shared_identity = None
         if self.ingest is not None:
             await self.ingest.stop()  # closes the telemetry store too
         elif self.telemetry_store is not None:

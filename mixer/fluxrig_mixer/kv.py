@@ -89,6 +89,7 @@ BUCKETS = (
     BucketSpec("fluxrig-state", history=16),
     BucketSpec("fluxrig-tokens", history=4),
     BucketSpec("fluxrig-scenarios", history=1),  # content-addressed: a key never changes
+    BucketSpec("fluxrig-operators", history=4),  # API tokens and console logouts (api/shared_identity.py)
 )
 
 
@@ -257,6 +258,7 @@ class Buckets:
         self.state = by_name["fluxrig-state"]
         self.tokens = by_name["fluxrig-tokens"]
         self.scenarios = by_name["fluxrig-scenarios"]
+        self.operators = by_name["fluxrig-operators"]
 
 
 async def open_buckets(js, replicas: int = 1, timeout: float = KV_WRITE_TIMEOUT_S) -> Buckets:

@@ -9,7 +9,8 @@ Credentials.
   - `Authorization: Bearer <token>`: a named API token. Tokens are random (TOKEN_BYTES of
     entropy), shown once when created, and stored only as their SHA-256 digest in the
     `api_tokens` table of mixer.duckdb (a slow KDF buys nothing for 256-bit random secrets;
-    a leaked table gives no usable token). The first-start token (`<state_dir>/api-token`, or
+    a leaked table gives no usable token). On a Mixer with a bus that table is a cache of the
+    cluster's shared bucket (shared_identity.py): `Authenticator.create_token`/`revoke_token`. The first-start token (`<state_dir>/api-token`, or
     api.auth_token) is the admin token named INITIAL_TOKEN_NAME, held as a digest in memory.
   - the console session cookie (SESSION_COOKIE, HttpOnly, SameSite=Strict, Path=/, Secure
     when the API serves HTTPS) made by a login with a token. The session is the cookie,
@@ -212,6 +213,14 @@ class TokenStore:
 
     def create(self, name: str, role: str, ttl: float | None = None, created_by: str = "") -> tuple[TokenRecord, str]:
         """A new token: (its record, the token itself, to be shown once and never again)."""
+        rec, token = self.new(name, role, ttl, created_by)
+        self.apply(rec)
+        log.info("API token %r created (role %s) by %s", name, role, created_by or "?")
+        return rec, token
+
+    def new(self, name: str, role: str, ttl: float | None = None, created_by: str = "") -> tuple[TokenRecord, str]:
+        """A checked new token and its record, not stored yet (create(), or the cluster's
+        shared state first: shared_identity.SharedIdentity)."""
         if not isinstance(name, str) or not TOKEN_NAME_RE.match(name):
             raise AuthError("1-64 letters, digits, '_', '.', '@' or '-', starting with a letter or digit", "name")
         if role not in ROLES:
@@ -225,20 +234,33 @@ class TokenStore:
             raise AuthError(f"at most {MAX_TOKENS} live API tokens; revoke some first", "name")
         token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
         now = time.time()
-        rec = TokenRecord(name, role, hash_token(token), now, now + ttl if ttl else None, None, created_by)
-        cur = self.db.cur()
-        cur.execute("DELETE FROM api_tokens WHERE name = ?", [name])  # a revoked one of that name
-        cur.execute(
-            "INSERT INTO api_tokens VALUES (?, ?, ?, ?, ?, NULL, ?)",
-            [rec.name, rec.role, rec.digest, rec.created_at, rec.expires_at, rec.created_by],
-        )
+        return TokenRecord(name, role, hash_token(token), now, now + ttl if ttl else None, None, created_by), token
+
+    def apply(self, rec: TokenRecord) -> None:
+        """Store `rec` (new, or as the cluster's shared state has it), replacing any record of
+        its name; this node's first-start token is never replaced."""
+        old = self._by_name.get(rec.name)
+        if old is not None and old.builtin:
+            return
+        if old is not None and (old.digest, old.revoked_at, old.expires_at) == (rec.digest, rec.revoked_at,
+                                                                                rec.expires_at):  # fmt: skip
+            return
+        if self.db is not None:
+            cur = self.db.cur()
+            cur.execute("DELETE FROM api_tokens WHERE name = ?", [rec.name])  # a revoked one of that name
+            cur.execute(
+                "INSERT INTO api_tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [rec.name, rec.role, rec.digest, rec.created_at, rec.expires_at, rec.revoked_at, rec.created_by],
+            )
         if old is not None:
             self._by_digest.pop(old.digest, None)
         self._index(rec)
-        log.info("API token %r created (role %s) by %s", name, role, created_by or "?")
-        return rec, token
 
-    def revoke(self, name: str, by: str = "") -> TokenRecord:
+    def get(self, name: str) -> TokenRecord | None:
+        return self._by_name.get(name)
+
+    def revocable(self, name: str) -> TokenRecord:
+        """The record of `name`, or TokenNotFound / AuthError for the first-start token."""
         rec = self._by_name.get(name)
         if rec is None:
             raise TokenNotFound(name)
@@ -248,9 +270,14 @@ class TokenStore:
                 "and restart the Mixer to change it",
                 "name",
             )
+        return rec
+
+    def revoke(self, name: str, by: str = "") -> TokenRecord:
+        rec = self.revocable(name)
         if rec.revoked_at is None:
             rec.revoked_at = time.time()
-            self.db.cur().execute("UPDATE api_tokens SET revoked_at = ? WHERE name = ?", [rec.revoked_at, name])
+            if self.db is not None:
+                self.db.cur().execute("UPDATE api_tokens SET revoked_at = ? WHERE name = ?", [rec.revoked_at, name])
             self._by_digest.pop(rec.digest, None)
             log.info("API token %r revoked by %s", name, by or "?")
         return rec
@@ -283,6 +310,7 @@ class Authenticator:
         self.tokens = tokens
         self.sessions = sessions
         self.open_access = open_access  # api.auth_disabled_dangerously with no token at all
+        self.shared = None  # shared_identity.SharedIdentity on a Mixer with a bus (set by the app)
 
     def check(self, headers, method: str = "GET") -> tuple[Principal | None, str]:
         """(principal, why not): the reason is empty when a principal is returned."""
@@ -326,6 +354,18 @@ class Authenticator:
         rec = self.tokens.revoke(name, by)
         self.sessions.drop_token(rec.digest)
         return rec
+
+    async def create_token(self, name: str, role: str, ttl: float | None = None, created_by: str = ""):
+        """(record, token): through the cluster's shared state when there is one (every node
+        accepts the token at once), else in this Mixer's table."""
+        if self.shared is not None:
+            return await self.shared.create_token(name, role, ttl, created_by)
+        return self.tokens.create(name, role, ttl, created_by)
+
+    async def revoke_token(self, name: str, by: str = "") -> TokenRecord:
+        if self.shared is not None:
+            await self.shared.revoke(name, by)
+        return self.revoke(name, by)
 
 
 def _same_origin(origin: str, host: str) -> bool:

@@ -141,14 +141,14 @@ async def list_tokens(request: Request, _who: Admin):
 @router.post("/api/v1/auth/tokens", status_code=201)
 async def create_token(request: Request, response: Response, body: TokenBody, who: Admin):
     """A new named token (read, operate or admin). The token is in this answer only."""
-    rec, token = request.app.state.auth.tokens.create(body.name, body.role, body.ttl, created_by=who.name)
+    rec, token = await request.app.state.auth.create_token(body.name, body.role, body.ttl, created_by=who.name)
     response.headers["Cache-Control"] = "no-store"
     return {**rec.public(), "token": token}
 
 
 @router.delete("/api/v1/auth/tokens/{name}")
 async def revoke_token(request: Request, name: str, who: Admin):
-    return request.app.state.auth.revoke(name, by=who.name).public()
+    return (await request.app.state.auth.revoke_token(name, by=who.name)).public()
 
 
 @router.get("/api/v1/audit")

@@ -23,9 +23,9 @@ and an unused one ends after console.session_idle, as before.
 
 Logout. The browser's cookie is deleted, and the session id is remembered as logged out
 until the session would have expired: in memory and in the `console_logouts` table of
-mixer.duckdb, so a restart keeps it (bounded: MAX_LOGOUTS, expired rows pruned). Limit: that
-table is this Mixer's; another node of a cluster accepts a copied cookie of a logged-out
-session until it expires (a cluster-wide list needs a shared store: not built).
+mixer.duckdb, so a restart keeps it (bounded: MAX_LOGOUTS, expired rows pruned). That
+table is this Mixer's cache: on a Mixer with a bus the logout also goes to the cluster's
+shared state (shared_identity.py), and every node refuses the session from then on.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ class SessionStore:
         self._key = key
         self.db = db
         self._logouts: dict[str, float] = {}  # digest of a logged-out session id -> its expiry
+        self.on_logout = None  # (digest, expires_at) -> None: tell the cluster (SharedIdentity)
         if db is not None:
             db.ensure([_TABLE])
             now = time.time()
@@ -205,17 +206,26 @@ class SessionStore:
         digest = _digest(s.sid)
         if digest in self._logouts:
             return False
-        if len(self._logouts) >= self.limit:
+        self.remember_logout(digest, s.expires_at)
+        if self.on_logout is not None:
+            self.on_logout(digest, s.expires_at)
+        return True
+
+    def remember_logout(self, digest: str, expires_at: float) -> None:
+        """A logged-out session id (its digest), here or on another node of the cluster
+        (shared_identity.SharedIdentity), refused until `expires_at`."""
+        if expires_at <= time.time() or self._logouts.get(digest) == expires_at:
+            return
+        if digest not in self._logouts and len(self._logouts) >= self.limit:
             oldest = min(self._logouts, key=self._logouts.get)
             log.warning("%d logged-out sessions remembered: forgetting the one expiring first", self.limit)
             self._forget(oldest)
-        self._logouts[digest] = s.expires_at
+        self._logouts[digest] = expires_at
         if self.db is not None:
             try:
-                self.db.cur().execute("INSERT OR REPLACE INTO console_logouts VALUES (?, ?)", [digest, s.expires_at])
+                self.db.cur().execute("INSERT OR REPLACE INTO console_logouts VALUES (?, ?)", [digest, expires_at])
             except Exception as exc:  # logged out here; a restart would forget it: say so
                 log.error("logout not stored in mixer.duckdb (a restart would accept the session again): %s", exc)
-        return True
 
     def drop_token(self, digest: str) -> int:
         """Sessions of a revoked token end by themselves: auth.Authenticator checks the token
