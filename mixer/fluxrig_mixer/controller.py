@@ -52,6 +52,7 @@ from fluxrig.wire import messages as W
 from fluxrig.wire import subjects as S
 from fluxrig.wire.vocab import ApplyState, CtrlVerb, HelloStatus, RackStatus
 
+from .coalesce import Coalesced
 from .commands import CommandSender
 from .groups import group_conductors, member_rights, stan_overlaps
 from .kv import open_buckets, until_available
@@ -81,6 +82,9 @@ log = logging.getLogger("fluxrig.mixer.controller")
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
 SWEEP_DUTY = "sweep"  # the lease key of the offline sweep
+#: Hellos handled at once: an enrollment waits on KV writes and a Snake reload, which the
+#: others share; more in flight wait in the subscription (the Racks retry a lost one).
+HELLO_CONCURRENCY = 64
 MAX_LIVENESS_MESSAGE = 256 * 1024  # bytes of one liveness message (a fleet's share is split)
 
 
@@ -131,6 +135,10 @@ class Controller:
         self.passport_ttl = passport_ttl
         self._reload_users = reload_users  # async callable(list[BusUser])
         self._wait_reloaded = wait_reloaded  # async callable() -> bool: the Snake runs the new users
+        # Concurrent Hellos share reloads (coalesce.py): one SIGHUP serves every Rack waiting.
+        self._users_reload = Coalesced(self._reload_and_probe)
+        self._hello_slots = asyncio.Semaphore(HELLO_CONCURRENCY)
+        self._hello_tasks: set[asyncio.Task] = set()
         self.nc = None
         self._subs = []
         self._passports: dict[str, tuple[int, bytes]] = {}  # rack_id -> last signed (serial, bytes)
@@ -185,7 +193,7 @@ class Controller:
         self._subs.append(await nc.subscribe(S.MIXER_LIVENESS, cb=self._on_liveness))
         # A queue group lets a second Mixer node share the work (ARCHITECTURE §10).
         # Rate-limited per sender before any work (ratelimit.py).
-        hello_cb, beat_cb = guard_hello(self._on_hello), guard_heartbeat(self._on_heartbeat, self.heartbeat_interval)
+        hello_cb, beat_cb = guard_hello(self._hello_task), guard_heartbeat(self._on_heartbeat, self.heartbeat_interval)
         self._subs.append(await nc.subscribe(S.HELLO, queue="mixer", cb=hello_cb))
         self._subs.append(await nc.subscribe(S.heartbeat_all(), queue="mixer", cb=beat_cb))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="liveness-sweeper")
@@ -194,6 +202,10 @@ class Controller:
         self.lanes.start()
 
     async def detach(self) -> None:
+        for task in list(self._hello_tasks):
+            task.cancel()
+        await asyncio.gather(*self._hello_tasks, return_exceptions=True)
+        await self._users_reload.close()
         if self.lanes is not None:
             await self.lanes.stop()
         if self._sweeper:
@@ -239,12 +251,15 @@ class Controller:
         return users
 
     async def users_changed(self, wait: bool = False) -> None:
-        """Regenerate the Snake's users; with `wait`, until it runs them (a Rack told its
-        passport at once must find its identity accepted)."""
-        if self._reload_users is not None:
-            await self._reload_users(self.bus_users())
-            if wait and self._wait_reloaded is not None and not await self._wait_reloaded():
-                log.warning("the Snake has not applied the new users yet; the Rack will retry")
+        """Regenerate the Snake's users and wait until it runs them (a Rack told its passport
+        at once must find its identity accepted). Callers at the same time share one reload
+        (coalesce.py); `wait` logs when the Snake did not confirm it."""
+        if self._reload_users is not None and not await self._users_reload() and wait:
+            log.warning("the Snake has not applied the new users yet; the Rack will retry")
+
+    async def _reload_and_probe(self) -> bool:
+        await self._reload_users(self.bus_users())
+        return True if self._wait_reloaded is None else await self._wait_reloaded()
 
     # -- passports -------------------------------------------------------------------------------
 
@@ -326,6 +341,20 @@ class Controller:
         await self.nc.publish(S.ctrl(rack.name, verb), W.CtrlMessage(passport).encode())
 
     # -- Hello -----------------------------------------------------------------------------------
+
+    async def _hello_task(self, msg) -> None:
+        """Each Hello in its own task, at most HELLO_CONCURRENCY at once: enrollments wait on
+        the shared state and a reload, and many share both."""
+        await self._hello_slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._hello_in_slot(msg), name="hello")
+        self._hello_tasks.add(task)
+        task.add_done_callback(self._hello_tasks.discard)
+
+    async def _hello_in_slot(self, msg) -> None:
+        try:
+            await self._on_hello(msg)
+        finally:
+            self._hello_slots.release()
 
     async def _on_hello(self, msg) -> None:
         try:
