@@ -70,5 +70,10 @@ def test_an_illegal_transition_writes_nothing(tmp_path):
         moved = reg.transition(rack.rack_id, "approve")
         assert moved.status == "active"
         assert [e["event"] for e in reg.events(rack.rack_id)] == ["approve", "enroll"]
+        # The table in the file knows a rename too: the status stays (issue 13).
+        assert reg.transition(rack.rack_id, "rename").status == "active"
+        reg.transition(rack.rack_id, "remove")
+        with pytest.raises(IllegalTransition):
+            reg.transition(rack.rack_id, "rename")
     finally:
         db.close()

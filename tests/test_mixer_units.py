@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fluxrig_mixer.scenarios import project
 from fluxrig_mixer.snake import BusUser, rack_permissions, render_config
-from fluxrig_mixer.states import TRANSITIONS, IllegalTransition, next_status
+from fluxrig_mixer.states import EVENTS, TRANSITIONS, IllegalTransition, next_status
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -64,6 +64,14 @@ def test_state_table():
     # Every status but removed can be removed; nothing leaves removed.
     assert {f for (f, ev) in TRANSITIONS if ev == "remove"} == {"pending", "active", "offline", "suspended"}
     assert not [k for k in TRANSITIONS if k[0] == "removed"]
+    # A rename keeps the status, from every status but removed (issue 13).
+    assert {f: t for (f, ev), t in TRANSITIONS.items() if ev == "rename"} == {
+        s: s for s in ("pending", "active", "offline", "suspended")
+    }
+    assert "rename" in EVENTS and {ev for (_f, ev) in TRANSITIONS} <= set(EVENTS)
+    with pytest.raises(IllegalTransition) as e:
+        next_status("r", "removed", "rename")
+    assert "cannot rename" in str(e.value)
 
 
 def test_rack_permissions_and_config():

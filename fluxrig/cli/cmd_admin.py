@@ -3,7 +3,7 @@
 kill|revive`, `fluxrig admin gears stop`, `fluxrig admin conn close`.
 
 All of them take --api-url/--api-token (or FLUXRIG_API_URL/FLUXRIG_API_TOKEN) and --json.
-Destructive actions (suspend, remove, shutdown, kill, gear stop, connection close) ask for
+Destructive actions (suspend, rename, remove, shutdown, kill, gear stop, connection close) ask for
 confirmation unless -f/--force; an answer other than y/yes, or end of input, means no. Exit
 codes: 0 done, 1 refused by the Mixer or by the Rack (message printed), 3 Mixer unreachable,
 4 not confirmed, 5 kill switch command sent but the Rack did not confirm it in time.
@@ -16,6 +16,7 @@ import sys
 from urllib.parse import quote
 
 from ..textsafe import escape_text
+from ..wire import subjects as S
 from ..wire.vocab import ApplyState, LogLevel
 from .mixer_api import add_api_args, print_table, run_api_command
 
@@ -101,13 +102,20 @@ def _print_time_state(ks: dict) -> None:
 
 def _action(verb: str, confirm: bool):
     def run(client, args) -> int:
-        if confirm and not _confirm(args, verb, args.rack):
+        if verb == "rename" and (not S.RACK_NAME_RE.match(args.name) or len(args.name) > S.MAX_RACK_NAME):
+            print(f"--name: invalid rack name {args.name!r}: use 1-{S.MAX_RACK_NAME} of a-z, 0-9, _ and -",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        shown = f"{args.rack} to {args.name}" if verb == "rename" else args.rack
+        if confirm and not _confirm(args, verb, shown):
             print("not confirmed; nothing done", file=sys.stderr)
             return 4
         if verb == "remove":
             out = client.delete(f"/api/v1/racks/{args.rack}")
         elif verb == "approve":
             out = client.post(f"/api/v1/racks/{args.rack}/approve", {"name": args.name} if args.name else {})
+        elif verb == "rename":
+            out = client.post(f"/api/v1/racks/{args.rack}/rename", {"name": args.name})
         elif verb == "shutdown":
             out = client.post(f"/api/v1/racks/{args.rack}/shutdown", {"reason": args.reason})
         elif verb == "log-level":
@@ -275,7 +283,7 @@ def register(subparsers) -> None:
     admin.set_defaults(func=lambda a: (admin.print_help(), 2)[1])
     racks = asub.add_parser(
         "racks",
-        help="list, approve, suspend, activate, remove, shut down, kill, revive Racks",
+        help="list, approve, suspend, activate, rename, remove, shut down, kill, revive Racks",
         description="Rack registry operations. RACK is a rack name or id.",
     )
     rsub = racks.add_subparsers(dest="racks_command", metavar="ACTION")
@@ -294,6 +302,21 @@ def register(subparsers) -> None:
     )
     p.add_argument("rack")
     p.add_argument("--name", help="rename the Rack on approval")
+    p = _leaf(
+        rsub,
+        "rename",
+        "rename a Rack (pending, active, offline or suspended; its status stays)",
+        _action("rename", True),
+        "Rename a Rack. It gets a new signed passport with the new name and reconnects under it; a Rack "
+        "offline now learns it when it comes back. Messages it queued in its guaranteed-lane WAL under the "
+        "old name are sent under the new one. Scenarios place gears by Rack name: activate a scenario "
+        "version that names the new name (the Rack keeps running what it runs until then). "
+        "Example: fluxrig admin racks rename edge --name edge-2. Exit 1 when the name is invalid "
+        "(a-z, 0-9, _ and -, at most 63), taken by another Rack, or the Rack is removed.",
+    )
+    p.add_argument("rack", help="rack name or id")
+    p.add_argument("--name", required=True, help="the new name (a-z, 0-9, _ and -, at most 63)")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
     for verb, help_, confirm in (
         ("suspend", "suspend a Rack: it keeps only heartbeat rights until activated", True),
         ("activate", "re-activate a suspended Rack", False),

@@ -16,9 +16,9 @@ Job. Everything that turns a registry change into bus traffic lives here, on the
   time signed for the heartbeat's challenge (fluxrig/timesync.py: the Rack judges command
   freshness by it), and the desired kill state as a signed command while the Rack's reported
   kill-state serial is behind (commands.py: level-triggered kill).
-- Operator actions (approve, suspend, activate, remove): a transition through the state
-  machine, the Snake's users regenerated when bus rights change, a fresh passport pushed on
-  `flux.ctrl.<rack>.passport`. Shutdown and log level are signed commands (commands.py).
+- Operator actions (approve, suspend, activate, remove, rename): a transition through the
+  state machine, the Snake's users regenerated when bus rights or names change, a fresh
+  passport pushed on `flux.ctrl.<rack>.passport` (to the former name first on a rename). Shutdown and log level are signed commands (commands.py).
 - Scenario activation: every projection validated first (nothing changes if one is bad),
   then one passport per Rack carrying its projection, signalled on `flux.ctrl.<rack>.reload`.
 
@@ -60,7 +60,7 @@ from .lanes import LaneConsumers
 from .lease import DEFAULT_LEASE_TTL_S, Lease, LeaseLost
 from .rackstate import SharedRegistry
 from .ratelimit import guard_heartbeat, guard_hello
-from .registry import RackRow, Registry
+from .registry import InvalidRackName, RackRow, Registry
 from .rollout import (
     DEFAULT_MAX_FAILURE_RATIO,
     DEFAULT_WAVE_SIZE,
@@ -653,6 +653,38 @@ class Controller:
             except Exception:
                 pass  # logged by sync(); its reconcile deletes the consumer later (lanes.py)
         return after
+
+    async def rename(self, key: str, new_name: str, actor: str = "api") -> RackRow:
+        """Rename a Rack in any status but removed (the status stays; issue 13). The Rack gets
+        a passport with its new name (pushed to the former name, which it still listens on,
+        then to the new one), the Snake's users are re-rendered for the new subjects, and the
+        guaranteed-lane consumers follow (`in-<new>`). A Rack away meanwhile learns the name
+        when it comes back: the Snake refuses its former heartbeat subject, and it asks for
+        its passport with a Hello (fluxrig/agent/agent.py); records it queued under the former
+        name are sent under the new one (lane_codec.py, `migrated`).
+
+        The active scenario is projected by name: a scenario placing gears on the former name
+        only gives the renamed Rack no new projection until a version naming it is activated
+        (it keeps running what it runs). Same name: nothing done. InvalidRackName (400),
+        NameConflict (409), IllegalTransition (409: a removed Rack, named by its id; its former
+        name is no Rack's any more: RackNotFound, 404)."""
+        before = self.registry.get(key, include_removed=True)
+        if not isinstance(new_name, str) or not S.RACK_NAME_RE.match(new_name) or len(new_name) > S.MAX_RACK_NAME:
+            raise InvalidRackName(str(new_name))
+        if new_name == before.name:
+            next_status(before.name, before.status, "rename")  # still refused for a removed Rack
+            return before
+        after = await self._move(before, "rename", f"name={before.name}->{new_name} by={actor}", rename=new_name)
+        await self._after_status_change(
+            before, after, CtrlVerb.RELOAD if self.scenarios.active() else CtrlVerb.PASSPORT
+        )
+        if self.lanes is not None:
+            try:
+                await self.lanes.sync()
+            except Exception:
+                pass  # logged by sync(); its reconcile loop retries
+        log.info("rack %s (%s) renamed %s by %s", after.name, after.rack_id, before.name, actor)
+        return self.registry.get(after.rack_id)
 
     def _sender(self) -> CommandSender:
         if self.commands is None:

@@ -28,7 +28,7 @@ Contract.
   doing the same cannot duplicate them).
 
 Raises: StateConflict, StateUnavailable (kv.py), IllegalTransition (states.py), RackNotFound,
-NameConflict (registry.py), FluxError (identity denied or held).
+NameConflict, InvalidRackName (registry.py), FluxError (identity denied or held).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from fluxrig.wire import subjects as S
 from fluxrig.wire.vocab import RackStatus
 
 from .kv import MAX_CAS_RETRIES, Buckets, Change, StateConflict, StateUnavailable, follow
-from .registry import MAX_LABELS, NameConflict, RackNotFound, RackRow, Registry
+from .registry import MAX_LABELS, InvalidRackName, NameConflict, RackNotFound, RackRow, Registry
 from .states import FULL_BUS_STATUSES, TRANSITIONS, next_status
 
 __all__ = ["SharedRegistry", "BUS_CHANGE_DEBOUNCE_S", "MAX_NAME_TRIES"]
@@ -320,11 +320,13 @@ class SharedRegistry:
             # Between our first read and now someone else moved or renamed it: theirs stands.
             raise StateConflict(self.b.racks.name, before.rack_id, 0, f"it is {before.status} now")
         to = next_status(before.name, before.status, event)
-        row = dataclasses.replace(before, status=to, status_since=dt.datetime.now(dt.UTC))
+        # status_since is when the status last changed: a rename (same status) leaves it.
+        since = before.status_since if to == before.status else dt.datetime.now(dt.UTC)
+        row = dataclasses.replace(before, status=to, status_since=since)
         old_name = before.name
         if rename and rename != before.name:
             if not S.RACK_NAME_RE.match(rename) or len(rename) > S.MAX_RACK_NAME:
-                raise FluxError(f"invalid rack name {rename!r}: use a-z, 0-9, _ and - (at most {S.MAX_RACK_NAME})")
+                raise InvalidRackName(rename)
             holder = self.registry.find(rename)
             if holder is not None and holder.rack_id != before.rack_id:
                 raise NameConflict(rename)

@@ -61,6 +61,7 @@ __all__ = [
     "RackRow",
     "RackNotFound",
     "NameConflict",
+    "InvalidRackName",
     "SCHEMA_VERSION",
     "transaction",
     "MAX_LABELS",
@@ -130,6 +131,19 @@ class NameConflict(FluxError):
     def __init__(self, name: str):
         self.name = name
         super().__init__(f"rack name {name!r} is taken by another rack")
+
+
+class InvalidRackName(FluxError):
+    """A new Rack name the subject rules refuse; `field` is the request field that carried it,
+    `name` the name."""
+
+    def __init__(self, name: str, field: str = "name"):
+        self.name = name
+        self.field = field
+        super().__init__(
+            f"{field}: invalid rack name {name!r}: use 1-{S.MAX_RACK_NAME} of a-z, 0-9, _ and - "
+            "(it becomes part of the Rack's bus subjects)"
+        )
 
 
 @contextlib.contextmanager

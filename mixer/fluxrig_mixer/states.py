@@ -4,6 +4,7 @@
     new ──enroll_adopted──▶ active  ──silent───▶ offline
     pending|active|offline ──suspend──▶ suspended ──activate──▶ active
     any but removed ──remove──▶ removed
+    any but removed ──rename──▶ itself (the name changes, the status stays; issue 13)
 
 `new` is the pseudo-state of a Rack not registered yet. The table is also written into the
 registry (table `rack_status_transitions`) and the registry changes a status only through a
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 STATUSES = (RackStatus.PENDING, RackStatus.ACTIVE, RackStatus.OFFLINE, RackStatus.SUSPENDED, RackStatus.REMOVED)
-EVENTS = ("enroll", "enroll_adopted", "approve", "suspend", "activate", "silent", "heard", "remove")
+EVENTS = ("enroll", "enroll_adopted", "approve", "suspend", "activate", "silent", "heard", "remove", "rename")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     (RackStatus.NEW, "enroll"): RackStatus.PENDING,
@@ -46,6 +47,11 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (RackStatus.ACTIVE, "remove"): RackStatus.REMOVED,
     (RackStatus.OFFLINE, "remove"): RackStatus.REMOVED,
     (RackStatus.SUSPENDED, "remove"): RackStatus.REMOVED,
+    # A rename keeps the status (a removed Rack's name is released, not renamed: 409).
+    (RackStatus.PENDING, "rename"): RackStatus.PENDING,
+    (RackStatus.ACTIVE, "rename"): RackStatus.ACTIVE,
+    (RackStatus.OFFLINE, "rename"): RackStatus.OFFLINE,
+    (RackStatus.SUSPENDED, "rename"): RackStatus.SUSPENDED,
 }
 
 FULL_BUS_STATUSES = TRAFFIC_STATUSES

@@ -92,6 +92,8 @@ async def _flux_error(_req: Request, exc: FluxError) -> JSONResponse:
     body: dict = {"error": str(exc)}
     if isinstance(exc, ScenarioError):
         body["problems"] = [{"location": p.location, "message": p.message} for p in exc.problems]
+    if isinstance(getattr(exc, "field", None), str):  # the request field at fault (InvalidRackName)
+        body["field"] = exc.field
     return JSONResponse(body, status_code=_status_of(exc))
 
 

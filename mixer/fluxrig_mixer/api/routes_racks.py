@@ -1,7 +1,10 @@
-"""Routes: the Rack registry (list, show, approve, suspend, activate, remove, shutdown, log level).
+"""Routes: the Rack registry (list, show, approve, suspend, activate, rename, remove, shutdown,
+log level).
 
-Every route needs the bearer token. Status changes go through the controller (the state
-machine in states.py, 409 on a move it refuses) and reach the Rack as a new passport.
+Every route needs the bearer token (state-changing ones the `operate` role; each call is an
+`api_audit` row). Status changes and renames go through the controller (the state machine in
+states.py, 409 on a move it refuses) and reach the Rack as a new passport. A rename's
+rack_events entry names its caller (`by=`), like the signed commands.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .services import GUARDED, Services
 __all__ = [
     "router",
     "ApproveBody",
+    "RenameBody",
     "LogLevelBody",
     "ShutdownBody",
     "RACK_EVENTS_SHOWN",
@@ -25,6 +29,7 @@ __all__ = [
     "approve",
     "suspend",
     "activate",
+    "rename",
     "remove",
     "shutdown",
     "log_level",
@@ -38,6 +43,10 @@ router = APIRouter(prefix="/api/v1/racks", tags=["racks"], dependencies=GUARDED)
 
 class ApproveBody(BaseModel):
     name: str | None = None
+
+
+class RenameBody(BaseModel):
+    name: str | None = None  # required; checked in the route so a missing one is a 400 naming it
 
 
 class LogLevelBody(BaseModel):
@@ -76,6 +85,15 @@ async def suspend(services: Services, rack: str):
 @router.post("/{rack}/activate")
 async def activate(services: Services, rack: str):
     return (await services.controller.activate(rack)).public()
+
+
+@router.post("/{rack}/rename")
+async def rename(services: Services, request: Request, rack: str, body: RenameBody | None = None):
+    """Rename a Rack in any status but removed (its status stays). 400 `name` missing or
+    invalid (a-z, 0-9, _ and -, at most 63), 409 taken by another Rack or the Rack removed."""
+    if body is None or not body.name:
+        raise HTTPException(400, 'name: give the new rack name, e.g. {"name": "edge-2"}')
+    return (await services.controller.rename(rack, body.name, actor_of(request))).public()
 
 
 @router.delete("/{rack}")
