@@ -38,6 +38,11 @@ Lifecycle.
    message may carry a newer passport: older or equal serials are ignored (no replay), a
    changed name or bus user restarts the session, status `removed` wipes the passport and
    marks the Rack removed (no re-enrollment), a new scenario version is applied and reported on the next heartbeat.
+2b. Renamed while away (issue 13): the Snake accepts the NKey but refuses the former name's
+   heartbeat and ctrl subjects (permissions violation): the session ends and the Rack says
+   Hello with its own identity (no token needed); the reply's passport carries the new name,
+   and the next session runs under it (no restart). Still the same name (the Snake has not
+   applied its new users yet): it waits `reconnect_wait` and connects again.
 3. Credentials refused `AUTH_FAILURES_BEFORE_REENROLL` times over at least
    `AUTH_REVOKED_AFTER_S` while the server is reachable: the Mixer no longer knows this Rack,
    so wipe and enroll again.
@@ -179,6 +184,16 @@ class AgentConfig:
         )
 
 
+def _names_own_subject(error_text: str, rack: str) -> bool:
+    """A permissions-violation text (lower-cased by nats-py) names this Rack's heartbeat or
+    ctrl subject."""
+    try:
+        own = (S.heartbeat(rack), S.ctrl_of(rack))
+    except ValueError:
+        return False
+    return any(f'"{subject}"' in error_text or f" {subject}" in error_text for subject in own)
+
+
 class _SessionEnd(Exception):
     """Internal: leave the current bus session (identity changed, removed, stopping)."""
 
@@ -216,6 +231,8 @@ class RackAgent:
         self._session_end = asyncio.Event()
         self._auth_failures = 0
         self._auth_failing_since = 0.0
+        self._name_refused = False  # the Snake refused this session's own subjects (renamed?)
+        self.name_recoveries = 0  # Hellos sent for that reason
         self._apply_lock = asyncio.Lock()
         self._first_apply: asyncio.Task | None = None
         self._bg: set[asyncio.Task] = set()
@@ -433,6 +450,8 @@ class RackAgent:
                     continue
                 await self._session(self.passport)
                 backoff = self.config.reconnect_wait
+                if self._name_refused:
+                    await self._recover_name()
             except asyncio.CancelledError:
                 raise
             except RackRemoved as exc:
@@ -501,6 +520,14 @@ class RackAgent:
                 if not self._auth_failures:
                     self._auth_failing_since = time.monotonic()
                 self._auth_failures += 1
+            elif seed is not None and "permissions violation" in text and _names_own_subject(text, user):
+                # Our own heartbeat or ctrl subject refused: the Mixer renamed this Rack (or
+                # the Snake still runs the users from before it told us the new name).
+                if not self._name_refused:
+                    log.warning("the Snake refuses rack %s its own subjects (%s): asking the Mixer for "
+                                "this rack's passport", user, exc)  # fmt: skip
+                self._name_refused = True
+                self._session_end.set()
             log.debug("snake: %s", exc)
 
         tls = self._tls()
@@ -554,6 +581,55 @@ class RackAgent:
 
     # -- enrollment ----------------------------------------------------------------------------
 
+    def _hello(self, token: str) -> tuple[bytes, bytes]:
+        """(one-use reply secret key, encoded Hello) proving this Rack's NKey."""
+        c = self.config
+        sk, pk = W.new_reply_keypair()
+        name = S.sanitize_rack_name(c.name or socket.gethostname())
+        seed = self._identity()
+        return sk, W.Hello(token, name, pk, _version.__version__, socket.gethostname(), c.labels,
+                           nkey=I.public_key(seed), nkey_sig=I.prove(seed, pk)).encode()  # fmt: skip
+
+    async def _recover_name(self) -> None:
+        """The Snake refused this session's own subjects (see 2b in the module docstring): a
+        Hello with this Rack's identity brings its current passport (the Mixer answers a known
+        identity without a token). A passport with another name starts the next session under
+        it; otherwise wait `reconnect_wait` (the Snake reloading its users). RackRemoved when
+        the Mixer says removed; any other failure is logged and the session is tried again."""
+        self._name_refused = False
+        self.name_recoveries += 1
+        name = self.rack_name
+        sk, hello = self._hello(self.config.bootstrap_token)
+        try:
+            nc = await self._connect(None, S.ENROLL_INBOX, reconnect=False, user=S.ENROLL_USER)
+        except FluxError as exc:
+            log.warning("cannot ask for this rack's passport: %s", exc)
+            nc = None
+        if nc is not None:
+            try:
+                msg = await nc.request(S.HELLO, hello, timeout=max(1.0, self.config.enrollment_interval))
+                reply = W.HelloReply.decode(msg.data)
+                if reply.status is HelloStatus.REMOVED:
+                    raise RackRemoved(reply.message or "removed")
+                if reply.status is HelloStatus.DENIED:
+                    log.warning("the Mixer did not give this rack its passport: %s", reply.message)
+                else:
+                    accepted = self._accept_passport(W.unseal(sk, reply.sealed), "hello")
+                    if accepted is not None:
+                        # In the background: applying may wait for the lanes, which need the
+                        # session this loop is about to open.
+                        self._spawn(self._follow_passport(*accepted))
+            except RackRemoved:
+                raise
+            except Exception as exc:  # no answer, a bad reply: the next session tries again
+                log.warning("no passport from the Mixer after the Snake refused rack %s: %s", name, exc)
+            finally:
+                await close_quietly(nc, CLOSE_TIMEOUT_S)
+        if self.rack_name == name and not self._stopping:
+            await asyncio.sleep(self.config.reconnect_wait)
+        else:
+            log.info("rack %s is now rack %s (renamed at the Mixer)", name, self.rack_name)
+
     async def _enroll(self) -> None:
         c = self.config
         if not c.bootstrap_token:
@@ -565,11 +641,7 @@ class RackAgent:
                 "no pinned Mixer key: refusing to trust whichever Mixer answers first. Set snake.enrollment_bundle "
                 "(it carries the key) or snake.mixer_public_key; snake.trust_on_first_use = true allows it (insecure)"
             )
-        sk, pk = W.new_reply_keypair()
-        name = S.sanitize_rack_name(c.name or socket.gethostname())
-        seed = self._identity()
-        hello = W.Hello(c.bootstrap_token, name, pk, _version.__version__, socket.gethostname(), c.labels,
-                        nkey=I.public_key(seed), nkey_sig=I.prove(seed, pk)).encode()  # fmt: skip
+        sk, hello = self._hello(c.bootstrap_token)
         nc = await self._connect(None, S.ENROLL_INBOX, reconnect=False, user=S.ENROLL_USER)
         try:
             deadline = time.monotonic() + c.enrollment_timeout
@@ -739,25 +811,37 @@ class RackAgent:
     # -- passports and scenarios -------------------------------------------------------------------
 
     async def _receive_passport(self, data: bytes, via: str) -> None:
+        accepted = self._accept_passport(data, via)
+        if accepted is not None:
+            await self._follow_passport(*accepted)
+
+    def _accept_passport(self, data: bytes, via: str) -> tuple[Passport | None, Passport] | None:
+        """Verify and store a newer passport: (the one it replaces, the new one), or None when
+        refused (counted in `refusals`) or not newer."""
         try:
             new = self.store.verify(data)
         except PassportError as exc:
             self.refusals.note(f"passport via {via}", exc.reason, exc)
-            return
+            return None
         old = self.passport
         if old is not None and (new.rack_id != old.rack_id or new.serial <= old.serial):
             if new.rack_id != old.rack_id or new.serial < old.serial:  # ordered by serial, not time
                 self.refusals.note(f"passport via {via}", "stale", f"serial {new.serial}, have {old.serial}")
-            return
+            return None
         try:
             self.passport = self.store.accept(data)
         except PassportError as exc:
             self.refusals.note(f"passport via {via}", exc.reason, exc)
-            return
+            return None
         self._refresh_state()
         log.info(
             "passport %d via %s: status %s, scenario %s", new.serial, via, new.status, new.scenario_version or "none"
         )
+        return old, new
+
+    async def _follow_passport(self, old: Passport | None, new: Passport) -> None:
+        """What an accepted passport changes: removed, a new name (a new session), suspended
+        (leave groups), a scenario version to apply (awaited)."""
         if new.status == RackStatus.REMOVED:
             self._forget()
             self._mark_removed(f"passport {new.serial} says removed")

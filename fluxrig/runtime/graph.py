@@ -258,7 +258,10 @@ class Runtime:
                 key = ("bus-in", consumer)
                 old = reuse.get(key)
                 dst_gear = gears[w.dst.gear]
-                if old is not None and old.gear is dst_gear:
+                # Same subject too: the source Rack renamed (issue 13) keeps the consumer key
+                # (gear and port names) but publishes on its new name's subject; the old source
+                # would route nothing of it (parked as "no input").
+                if old is not None and old.gear is dst_gear and old.subject == subject:
                     lanes[key] = old
                 else:
                     # A group gear's input from outside the group is one consumer shared by
