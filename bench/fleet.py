@@ -270,11 +270,12 @@ async def run_single(args) -> dict:
         )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "mixer")]))
     prof = ["-m", "cProfile", "-o", os.environ["FLEET_PROFILE"]] if os.environ.get("FLEET_PROFILE") else []
+    log_path = os.environ.get("FLEET_MIXER_LOG")  # the Mixer's log, to see why a Hello failed
     proc = subprocess.Popen(
         [sys.executable, *prof, "-m", "fluxrig_mixer.cli", "serve", "-c", conf],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(log_path, "w") if log_path else subprocess.DEVNULL,  # noqa: SIM115
     )
     fleet = None
     try:

@@ -26,6 +26,7 @@ nothing and registers nothing. The first-start token (`first-start`) is created 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -330,6 +331,7 @@ class SharedTokens:
         self.bucket = bucket
         self._pushed_mtime: int | None = None
         self._task = None
+        self._spending: dict[str, asyncio.Lock] = {}  # token id -> its spends on this node, one at a time
 
     async def push(self) -> int:
         """New ids and revocations of the file into the KV; how many records were written."""
@@ -435,12 +437,15 @@ class SharedTokens:
                 racks=(r.get("racks", []) + [rack_name])[-100:],
             )
 
-        got = await self.bucket.cas(token_id, spend)
-        if verdict.get("refused"):
-            return Grant(verdict["refused"])
-        r = verdict["record"]
-        unchanged = self._pushed_mtime == self._mtime_now()
-        self.store.record_use(token_id, got.value)  # `tokens list` on this node counts it too
-        if unchanged:  # our own write: nothing new to push
-            self._pushed_mtime = self._mtime_now()
+        # One spend of a token at a time on this node: a fleet enrolling with one token sends
+        # its Hellos at once, and racing compare-and-sets on one key lost 9 times in a row.
+        async with self._spending.setdefault(token_id, asyncio.Lock()):
+            got = await self.bucket.cas(token_id, spend)
+            if verdict.get("refused"):
+                return Grant(verdict["refused"])
+            r = verdict["record"]
+            unchanged = self._pushed_mtime == self._mtime_now()
+            self.store.record_use(token_id, got.value)  # `tokens list` on this node counts it too
+            if unchanged:  # our own write: nothing new to push
+                self._pushed_mtime = self._mtime_now()
         return Grant(None, token_id, dict(r["labels"]), r["rack_name"])
