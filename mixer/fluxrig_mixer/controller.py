@@ -55,7 +55,7 @@ from fluxrig.wire.vocab import ApplyState, CtrlVerb, HelloStatus, RackStatus
 from .coalesce import Coalesced
 from .commands import CommandSender
 from .groups import group_conductors, member_rights, stan_overlaps
-from .kv import open_buckets, until_available
+from .kv import StateConflict, StateUnavailable, open_buckets, until_available
 from .lanes import LaneConsumers
 from .lease import DEFAULT_LEASE_TTL_S, Lease, LeaseLost
 from .rackstate import SharedRegistry
@@ -276,8 +276,6 @@ class Controller:
 
     def _state(self) -> SharedRegistry:
         if self.state is None:
-            from .kv import StateUnavailable
-
             raise StateUnavailable("fluxrig-racks", "*", "the Mixer is not connected to the Snake")
         return self.state
 
@@ -359,6 +357,9 @@ class Controller:
     async def _on_hello(self, msg) -> None:
         try:
             reply = await self.handle_hello(msg.data)
+        except (StateConflict, StateUnavailable) as exc:  # nothing was written: the Rack's retry is safe
+            log.warning("hello not answered now: %s", exc)
+            reply = W.HelloReply(HelloStatus.DENIED, f"the Mixer's shared state is busy ({exc}); retry").encode()
         except Exception as exc:  # never let one Hello kill the subscription
             log.exception("hello failed: %s", exc)
             reply = W.HelloReply(HelloStatus.DENIED, "internal error at the Mixer; see its log").encode()
@@ -729,8 +730,6 @@ class Controller:
         """Make `stored` the active scenario and send every runnable Rack its projection."""
         self.check_activation(stored)
         if self.shared_scenarios is None:
-            from .kv import StateUnavailable
-
             raise StateUnavailable("fluxrig-state", "active", "the Mixer is not connected to the Snake")
         previous = self.scenarios.active()
         await self.shared_scenarios.activate(stored)  # CAS: two nodes activating at once, one 409
