@@ -179,6 +179,11 @@ class Rack:
         self._lock()
         watchdog = None
         try:
+            # Before anything starts: a reload asked for during the cold start is queued and
+            # handled before READY. Installed after the swap, a SIGHUP that came once the
+            # listeners were up killed the Rack (its default action; seen in CI). SIGTERM and
+            # SIGINT keep theirs until the Rack runs: a stop during start ends it at once.
+            loop.add_signal_handler(signal.SIGHUP, self.requests.post_nowait, ReloadFile())
             await self._start_health()
             self.killswitch = KillSwitch(self.config.base.state_dir, time_source=self._judge_time)
             self.killswitch.load()
@@ -199,7 +204,6 @@ class Rack:
                 self.ctrl_status()  # logs where the stored passport stands in time
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.requests.post_nowait, Stop(sig.name))
-            loop.add_signal_handler(signal.SIGHUP, self.requests.post_nowait, ReloadFile())
             # What the agent posted at start (a stored passport's scenario) runs before READY.
             stop = False
             while not stop and (request := self.requests.get_nowait()) is not None:
