@@ -110,8 +110,9 @@ async def nodes(tmp_path, request):
 
 
 async def wait_for(pred, timeout: float, what: str) -> float:
+    """Poll `pred` (sync, or a coroutine function) until truthy; returns the seconds it took."""
     t0 = time.monotonic()
-    while not pred():
+    while not ((await got) if asyncio.iscoroutine(got := pred()) else got):
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
