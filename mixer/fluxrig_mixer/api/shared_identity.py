@@ -40,6 +40,7 @@ log = logging.getLogger("fluxrig.mixer.api")
 
 TOKEN_KEY_PREFIX = "token."
 LOGOUT_PREFIX = "logout."
+STOP_WAIT_S = 2.0  # at most this long for the watch and pending logout writes at stop
 
 
 def token_key(name: str) -> str:
@@ -93,12 +94,13 @@ class SharedIdentity:
     async def stop(self) -> None:
         self.auth.shared = None
         self.auth.sessions.on_logout = None
+        # Bounded: the watch's clean-up (an UNSUB) must not hold up the Mixer's stop.
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=STOP_WAIT_S)
             self._task = None
         if self._bg:
-            await asyncio.gather(*self._bg, return_exceptions=True)
+            await asyncio.wait(list(self._bg), timeout=STOP_WAIT_S)
 
     async def create_token(self, name: str, role: str, ttl: float | None, created_by: str):
         tokens = self.auth.tokens
