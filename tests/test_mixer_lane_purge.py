@@ -12,22 +12,13 @@ defers a subject while a consumer of it holds messages and nobody pulls (fluxrig
 from __future__ import annotations
 
 import pytest
-from mixer_fixtures import make_mixer
+from mixer_fixtures import *  # noqa: F401,F403  the `mixer` fixture
 
 from fluxrig.wire import subjects as S
 
 pytestmark = pytest.mark.timeout(60)
 
 SUBJECT = "flux.msg.probe.gen.out"
-
-
-@pytest.fixture
-async def mixer(tmp_path):
-    m = await make_mixer(tmp_path / "mixer")
-    try:
-        yield m
-    finally:
-        await m.stop()
 
 
 async def _given_back(mixer, name: str):
