@@ -1,37 +1,78 @@
-"""Small asyncio helpers shared by the Rack's background workers."""
+"""Small asyncio helpers shared by the Rack's and the Mixer's background workers.
+
+A stop path must never hang: every wait here is bounded, and what overruns is logged by name
+and left to finish in the background. asyncio.wait_for is not enough for that on Python 3.11:
+after its timeout it cancels the awaited task and then waits for it without a bound, and it
+swallows a cancellation that lands in the same loop turn as its inner future completing
+(CPython gh-86296, fixed in 3.12). nats-py calls wait_for inside its KV watchers and requests,
+so a worker looping over them can miss one cancel and run on: cancel_and_wait cancels it
+again."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Iterable
 
-__all__ = ["cancel_and_wait", "close_quietly"]
+__all__ = ["STOP_GRACE_S", "cancel_all_and_wait", "cancel_and_wait", "close_quietly", "finish_within"]
 
 log = logging.getLogger("fluxrig.aiotools")
 
+STOP_GRACE_S = 5.0  # how long a stopping worker may take to end once cancelled
 
-async def cancel_and_wait(task: asyncio.Task | None) -> None:
-    """Cancel a background task and wait until it has finished; its exception, if any, was
-    already logged by the task itself, so it is not raised again here."""
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass
+
+async def cancel_all_and_wait(tasks: Iterable[asyncio.Future | None], grace: float = STOP_GRACE_S) -> bool:
+    """Cancel background tasks and wait until they have finished. A task still running after
+    `grace` seconds is cancelled once more (it swallowed the first cancel, or its clean-up is
+    stuck) and given `grace` again; what still runs then is logged by name and left behind.
+    Their exceptions were logged by the tasks themselves and are not raised here. True when
+    every one ended."""
+    pending = {t for t in tasks if t is not None and not t.done()}
+    for _attempt in range(2):
+        if not pending:
+            return True
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=grace)
+    if pending:
+        names = ", ".join(sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in pending))
+        log.warning("still running %.1fs after being cancelled twice, left behind: %s", 2 * grace, names)
+        return False
+    return True
+
+
+async def cancel_and_wait(task: asyncio.Future | None, grace: float = STOP_GRACE_S) -> bool:
+    """cancel_all_and_wait for one task (None is allowed and already done)."""
+    return await cancel_all_and_wait([task], grace)
+
+
+async def finish_within(aw: Awaitable, timeout: float, what: str) -> bool:
+    """Await `aw` for at most `timeout` seconds without ever hanging past it (the overrun is
+    logged with `what` and keeps running in the background). Its exception is logged, not
+    raised: for stop paths, where one step failing must not keep the next from running.
+    True when it finished in time and without error."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        log.warning("%s still pending after %.1fs; left to finish in the background", what, timeout)
+        task.add_done_callback(_consume)
+        return False
+    if task.cancelled():
+        return False
+    if task.exception() is not None:
+        log.debug("%s failed: %s", what, task.exception())
+        return False
+    return True
 
 
 async def close_quietly(nc, timeout: float) -> bool:
     """Close a nats-py connection without ever hanging: nats-py's close() can stay blocked
     behind a reconnect loop (e.g. credentials just revoked) and does not always honour
-    cancellation, so asyncio.wait_for would wait for it forever. The close keeps running in
-    the background if it overruns. True when it finished in time."""
-    task = asyncio.ensure_future(nc.close())
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        log.debug("bus connection close still pending after %.1fs; left to finish in the background", timeout)
-        return False
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("bus connection close failed: %s", task.exception())
-    return True
+    cancellation. True when it finished in time."""
+    return await finish_within(nc.close(), timeout, "bus connection close")
+
+
+def _consume(fut: asyncio.Future) -> None:
+    # nobody awaits a task left behind: retrieve its outcome so asyncio does not report it
+    if not fut.cancelled():
+        fut.exception()

@@ -100,6 +100,43 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.long)
 
 
+# -- a timed-out async test says where each of its tasks waits ----------------------------------
+# pytest-timeout dumps the threads; an asyncio test that hangs is one thread idle in poll, so
+# its dump alone does not say which await never returned. Its SIGALRM handler runs on the
+# loop's thread, where the tasks can be read safely: one line each, innermost awaits last.
+def _await_chain(coro) -> str:
+    where = []
+    while coro is not None and len(where) < 32:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        where.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(where[-5:])
+
+
+def _dump_stacks_and_tasks(terminal) -> None:
+    _dump_thread_stacks(terminal)
+    import asyncio
+
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # no loop running on this thread
+        return
+    terminal.sep("~", title=f"{len(tasks)} asyncio tasks")
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        terminal.write(f"{task.get_name()}: {_await_chain(task.get_coro())}\n")
+
+
+try:
+    import pytest_timeout
+
+    _dump_thread_stacks = pytest_timeout.dump_stacks
+    pytest_timeout.dump_stacks = _dump_stacks_and_tasks
+except (ImportError, AttributeError):  # another pytest-timeout: its own dump only
+    pass
+
+
 # -- archive: one real ClickHouse server per session (tests/clickhouse_server.py) --------------
 @pytest.fixture(scope="session")
 def clickhouse(tmp_path_factory):

@@ -29,6 +29,7 @@ import os
 import time
 from collections import deque
 
+from ..aiotools import cancel_all_and_wait
 from ..ids import uuid7
 from ..msg import FluxMsg
 from ..wire import meta as M
@@ -545,13 +546,7 @@ class Reversals:
             )
 
     async def stop(self) -> None:
-        for task in (self._pump, self._sender):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                    pass
+        await cancel_all_and_wait([self._pump, self._sender])
         self._pump = self._sender = None
         await self.store.close()
 

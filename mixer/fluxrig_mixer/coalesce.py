@@ -18,6 +18,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from fluxrig.aiotools import cancel_and_wait
+
 __all__ = ["Coalesced"]
 
 T = TypeVar("T")
@@ -55,9 +57,7 @@ class Coalesced(Generic[T]):
                 fut.set_result(result)
 
     async def close(self) -> None:
-        if self._runner is not None and not self._runner.done():
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        await cancel_and_wait(self._runner)
 
 
 def _consume(fut: asyncio.Future) -> None:

@@ -43,6 +43,7 @@ import time
 import nats.errors
 
 from fluxrig import ctrl as C
+from fluxrig.aiotools import STOP_GRACE_S, cancel_all_and_wait, cancel_and_wait, finish_within
 from fluxrig.errors import FluxError, ScenarioError
 from fluxrig.passport import ClusterKey, Passport, sign_passport, verify_passport
 from fluxrig.scenario.groups import group_labels
@@ -202,39 +203,23 @@ class Controller:
         self.lanes.start()
 
     async def detach(self) -> None:
-        for task in list(self._hello_tasks):
-            task.cancel()
-        await asyncio.gather(*self._hello_tasks, return_exceptions=True)
-        await self._users_reload.close()
+        """Stop every worker, each step bounded (aiotools): a Mixer that is stopping must
+        stop, whatever state the bus or a worker is in."""
+        await cancel_all_and_wait(list(self._hello_tasks))
+        await finish_within(self._users_reload.close(), STOP_GRACE_S, "the users reload")
         if self.lanes is not None:
             await self.lanes.stop()
-        if self._sweeper:
-            self._sweeper.cancel()
-            try:
-                await self._sweeper
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._sweeper)
         if self._liveness_write is not None and not self._liveness_write.done():
-            try:  # the file is closed after this: the writer thread must be done with it
-                await asyncio.wait_for(asyncio.shield(self._liveness_write), 10)
-            except Exception:
-                pass
-        if self.shared_tokens is not None:
-            await self.shared_tokens.stop()
-        if self.shared_scenarios is not None:
-            await self.shared_scenarios.stop()
-        if self.rollouts is not None:
-            await self.rollouts.stop()
-        if self.lease is not None:
-            await self.lease.stop()  # released: the next node takes the sweep at once
-        if self.state is not None:
-            await self.state.stop()
+            # the file is closed after this: the writer thread must be done with it
+            await finish_within(asyncio.shield(self._liveness_write), 10, "the last liveness write")
+        for part, name in ((self.shared_tokens, "tokens"), (self.shared_scenarios, "scenarios"),
+                           (self.rollouts, "rollouts"), (self.lease, "sweep lease"), (self.state, "registry")):  # fmt: skip
+            if part is not None:  # the lease is released: the next node takes the sweep at once
+                await finish_within(part.stop(), 2 * STOP_GRACE_S, f"stopping the shared {name}")
         await asyncio.to_thread(self.registry.close_writer)  # queued file writes done before the file closes
         for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+            await finish_within(sub.unsubscribe(), 2.0, f"unsubscribing {sub.subject}")
         self._subs.clear()
 
     def bus_users(self) -> list[BusUser]:

@@ -59,6 +59,7 @@ import asyncio
 import datetime
 import logging
 
+from fluxrig.aiotools import cancel_and_wait
 from fluxrig.wire import subjects as S
 from fluxrig.wire.vocab import RackStatus
 
@@ -191,12 +192,7 @@ class LaneConsumers:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(task)
 
     async def _reconcile(self) -> None:
         loop = asyncio.get_running_loop()

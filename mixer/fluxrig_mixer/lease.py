@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from fluxrig.aiotools import cancel_and_wait
 from fluxrig.errors import FluxError
 
 from .kv import Bucket, StateConflict, StateUnavailable
@@ -166,13 +167,8 @@ class Lease:
         return self._task
 
     async def stop(self, release: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if release and self.revision > 0:
             try:
                 await self.bucket.delete(self.duty, self.revision)

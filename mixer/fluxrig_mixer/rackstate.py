@@ -41,6 +41,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from fluxrig.aiotools import cancel_all_and_wait
 from fluxrig.errors import FluxError
 from fluxrig.ids import uuid7_str
 from fluxrig.wire import subjects as S
@@ -106,13 +107,7 @@ class SharedRegistry:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), timeout)
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *([self._bus_dirty] if self._bus_dirty else [])]:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_all_and_wait([*self._tasks, self._bus_dirty])
         self._tasks = []
 
     async def _migrate(self) -> None:

@@ -52,6 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import TextIO
 
+from fluxrig.aiotools import cancel_and_wait
 from fluxrig.textsafe import escape_text
 
 __all__ = [
@@ -267,9 +268,7 @@ class ProcessSupervisor:
         if self._watcher is not None:
             # Cancelled first, so no restart can start behind our back; a spawn cut short
             # by the cancellation is killed by asyncio itself.
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
+            await cancel_and_wait(self._watcher)
             self._watcher = None
         proc = self.proc
         if proc is not None and proc.returncode is None:

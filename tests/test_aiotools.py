@@ -1,0 +1,88 @@
+"""Stop paths never hang (fluxrig/aiotools.py): a worker that swallows a cancel is cancelled
+again, one that never ends is left behind by name, a stuck step is skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fluxrig.aiotools import cancel_all_and_wait, cancel_and_wait, finish_within
+
+
+async def _stubborn(swallow: int) -> asyncio.Task:
+    """A worker that ignores its first `swallow` cancels, as a loop over Python 3.11's
+    asyncio.wait_for does when a cancel lands in the turn its inner future completes."""
+
+    async def run() -> None:
+        left = swallow
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if left == 0:
+                    raise
+                left -= 1
+
+    task = asyncio.get_running_loop().create_task(run(), name=f"stubborn-{swallow}")
+    await asyncio.sleep(0)  # inside its try: a task cancelled before its first step just ends
+    return task
+
+
+async def test_a_swallowed_cancel_is_repeated_after_the_grace():
+    task = await _stubborn(1)
+    t0 = time.monotonic()
+    assert await cancel_and_wait(task, grace=0.5)
+    assert task.cancelled()
+    assert 0.4 < time.monotonic() - t0 < 2.0
+
+
+async def test_a_task_that_never_ends_is_left_behind_by_name_after_the_grace(caplog):
+    never = await _stubborn(1000)  # more cancels than the grace gives it
+    quick = await _stubborn(0)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="fluxrig.aiotools"):
+        assert not await cancel_all_and_wait([never, quick, None], grace=0.3)
+    assert 0.5 < time.monotonic() - t0 < 2.0
+    assert quick.cancelled() and not never.done()
+    assert "stubborn-1000" in caplog.text and "stubborn-0" not in caplog.text
+    while not never.done():  # the loop's own teardown must not meet it
+        never.cancel()
+        await asyncio.sleep(0)
+
+
+async def test_a_real_wait_for_loop_stops():
+    """The pattern of nats-py's KeyWatcher.updates under a busy watch: it must stop."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def watch() -> None:
+        while True:
+            try:
+                await asyncio.wait_for(q.get(), 0.01)
+            except TimeoutError:
+                pass
+
+    async def feed() -> None:
+        while True:
+            q.put_nowait(1)
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(watch()), asyncio.create_task(feed())]
+    await asyncio.sleep(0.2)
+    assert await cancel_all_and_wait(tasks, grace=3.0)
+
+
+async def test_finish_within_skips_a_stuck_step_and_reports_failures(caplog):
+    stuck = asyncio.Event()
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="fluxrig.aiotools"):
+        assert not await finish_within(stuck.wait(), 0.3, "the stuck step")
+    assert time.monotonic() - t0 < 1.5
+    assert "the stuck step still pending" in caplog.text
+
+    async def boom() -> None:
+        raise RuntimeError("no")
+
+    assert not await finish_within(boom(), 1.0, "a failing step")
+    assert await finish_within(asyncio.sleep(0), 1.0, "a quick step")
+    stuck.set()
