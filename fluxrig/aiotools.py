@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Iterable
 
-__all__ = ["STOP_GRACE_S", "cancel_all_and_wait", "cancel_and_wait", "close_quietly", "finish_within"]
+__all__ = ["STOP_GRACE_S", "cancel_all_and_wait", "cancel_and_wait", "close_quietly", "finish_within", "next_within"]
 
 log = logging.getLogger("fluxrig.aiotools")
 
@@ -31,12 +31,13 @@ async def cancel_all_and_wait(tasks: Iterable[asyncio.Future | None], grace: flo
     for _attempt in range(2):
         if not pending:
             return True
+        if _attempt:
+            log.info("cancelling again, still running %.1fs after a cancel: %s", grace, _names(pending))
         for t in pending:
             t.cancel()
         _, pending = await asyncio.wait(pending, timeout=grace)
     if pending:
-        names = ", ".join(sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in pending))
-        log.warning("still running %.1fs after being cancelled twice, left behind: %s", 2 * grace, names)
+        log.warning("still running %.1fs after being cancelled twice, left behind: %s", 2 * grace, _names(pending))
         return False
     return True
 
@@ -70,6 +71,25 @@ async def close_quietly(nc, timeout: float) -> bool:
     behind a reconnect loop (e.g. credentials just revoked) and does not always honour
     cancellation. True when it finished in time."""
     return await finish_within(nc.close(), timeout, "bus connection close")
+
+
+async def next_within(source, timeout: float):
+    """The next item of an async iterator, or TimeoutError after `timeout` seconds. Unlike
+    asyncio.wait_for (Python 3.11) it never swallows a cancellation of the caller: the item
+    being fetched is dropped then, which is what a worker being stopped wants."""
+    step = asyncio.ensure_future(anext(source))
+    try:
+        done, _ = await asyncio.wait({step}, timeout=timeout)
+    finally:
+        if not step.done():
+            step.cancel()
+    if not done:
+        raise TimeoutError
+    return step.result()
+
+
+def _names(tasks) -> str:
+    return ", ".join(sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in tasks))
 
 
 def _consume(fut: asyncio.Future) -> None:

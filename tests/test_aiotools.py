@@ -4,10 +4,13 @@ again, one that never ends is left behind by name, a stuck step is skipped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
-from fluxrig.aiotools import cancel_all_and_wait, cancel_and_wait, finish_within
+import pytest
+
+from fluxrig.aiotools import cancel_all_and_wait, cancel_and_wait, finish_within, next_within
 
 
 async def _stubborn(swallow: int) -> asyncio.Task:
@@ -86,3 +89,33 @@ async def test_finish_within_skips_a_stuck_step_and_reports_failures(caplog):
     assert not await finish_within(boom(), 1.0, "a failing step")
     assert await finish_within(asyncio.sleep(0), 1.0, "a quick step")
     stuck.set()
+
+
+async def test_next_within_gives_the_next_item_times_out_and_never_swallows_a_cancel():
+    queue: asyncio.Queue = asyncio.Queue()
+
+    class Items:  # shaped like nats-py's KeyWatcher: __anext__ awaits its queue
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            return await queue.get()
+
+    source = Items()
+    with pytest.raises(TimeoutError):
+        await next_within(source, 0.05)
+    queue.put_nowait("a")
+    assert await next_within(source, 1.0) == "a"
+
+    async def follower():
+        while True:  # what kv.follow does: a loop that only a cancel ends
+            with contextlib.suppress(TimeoutError):
+                await next_within(source, 3600)
+
+    for _ in range(200):  # the cancel lands as an item arrives: wait_for would swallow some
+        task = asyncio.ensure_future(follower())
+        await asyncio.sleep(0)
+        queue.put_nowait("x")
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert done, "a cancel was swallowed"

@@ -41,6 +41,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from fluxrig.aiotools import finish_within, next_within
 from fluxrig.errors import FluxError
 
 __all__ = [
@@ -321,9 +322,9 @@ async def follow(
             initial = True
             batch: list[Change] = []
             while True:
-                try:
-                    entry = await watcher.updates(timeout=0.05 if batch else 3600)
-                except nats.errors.TimeoutError:
+                try:  # not watcher.updates(): its wait_for can swallow the cancel that stops us
+                    entry = await next_within(watcher, 0.05 if batch else 3600)
+                except TimeoutError:
                     entry = False  # quiet: deliver what is gathered
                 if entry is None:  # end of the initial replay
                     await on_batch(batch, True)
@@ -346,10 +347,7 @@ async def follow(
             await asyncio.sleep(retry_s)
         finally:
             if watcher is not None:
-                try:
-                    await watcher.stop()
-                except Exception:
-                    pass
+                await finish_within(watcher.stop(), 2.0, f"stopping the watch of {bucket.name}")
 
 
 def _reason(exc: BaseException) -> str:
