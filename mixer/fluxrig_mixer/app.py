@@ -66,6 +66,7 @@ __all__ = [
 log = logging.getLogger("fluxrig.mixer")
 
 TOKEN_BYTES = 32
+SLOW_STOP_S = 10.0  # a slower stop is a warning: the unit's TimeoutStopSec kills one that runs on
 
 
 def new_secret() -> str:
@@ -554,6 +555,12 @@ class Mixer:
     # -- stop ------------------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        t0 = time.monotonic()
+        await self._stop_parts()
+        took = time.monotonic() - t0
+        (log.warning if took > SLOW_STOP_S else log.info)("mixer stopped in %.1fs", took)
+
+    async def _stop_parts(self) -> None:
         if self._api_server is not None:
             # The console's server-sent event streams never end by themselves: end them first.
             feed = getattr(getattr(getattr(self, "_api_app", None), "state", None), "feed", None)
