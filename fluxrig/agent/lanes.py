@@ -445,10 +445,13 @@ class JetStreamBus(SendingSide):
                     continue
                 self.m["fetched"] += len(msgs)
             for i, m in enumerate(msgs):
-                if self._holds or self._closing:
+                if self._holds or self._closing or not self._live(shared):
                     # A drain or a reload began while this fetch was being routed: its inputs
                     # may be joined already, and a gear being stopped must get nothing more.
-                    # The rest waits for the inputs after the hold (or goes back at close).
+                    # The rest waits for the inputs after the hold, or goes back in stream
+                    # order at once (every gear stopped: a stop, the kill switch). Routed, it
+                    # would be NAKed with a delay, and newer messages fetched meanwhile by the
+                    # next incarnation or the revived gear would overtake it.
                     self.m["held_back"] += len(msgs) - i
                     carry = msgs[i:]
                     break

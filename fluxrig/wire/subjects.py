@@ -27,6 +27,7 @@ from .vocab import CommandVerb, CtrlVerb, TelemetryKind
 
 __all__ = [
     "js_stream_leader_stepdown",
+    "js_nak_advisories",
     "HELLO",
     "MIXER_LIVENESS",
     "HEARTBEAT_PREFIX",
@@ -181,6 +182,11 @@ def group_consumer_api(group: str) -> tuple[str, ...]:
 def js_stream_leader_stepdown(stream: str) -> str:
     """JetStream API: the stream's Raft leader steps down, another replica is elected (cluster, issue 14)."""
     return f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}"
+
+
+def js_nak_advisories(stream: str) -> str:
+    """JetStream advisory: a message of `stream` was NAKed, one per NAK, any consumer (the Mixer's purge)."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MSG_NAKED.{stream}.*"
 
 
 def group_relay(group: str, gear: str) -> str:

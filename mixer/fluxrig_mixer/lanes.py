@@ -51,15 +51,24 @@ back only after ack_wait, behind newer ones. So a subject is not purged while a 
 holds messages and no pull request waits on it (`num_ack_pending > 0`, `num_waiting == 0`:
 its receiver is away, what it gave back sits in that queue), unless the stream or the
 subject is over PURGE_EAGER_RATIO full: room then comes first (`stats["purges_deferred"]`).
+Room never comes before a NAKed message, though: the Mixer follows JetStream's NAK advisories
+and keeps, per consumer, the highest stream seq it NAKed; while that consumer's ack floor is
+below it, a NAKed message may still wait in its redelivery queue, and no subject of that
+consumer is purged, however full (`stats["purges_held_for_naks"]`). What this costs: the
+acknowledged messages since that subject's last purge (at most PURGE_MIN_SEQS or
+PURGE_MAX_DELAY_S of traffic) stay until the consumer acks past what it gave back; a full
+quota meanwhile pushes the senders back into their lane WAL. An advisory missed (the Mixer
+restarted, its connection was down) leaves the `num_ack_pending` rule above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 
-from fluxrig.aiotools import cancel_and_wait
+from fluxrig.aiotools import cancel_and_wait, finish_within
 from fluxrig.wire import subjects as S
 from fluxrig.wire.vocab import RackStatus
 
@@ -97,6 +106,8 @@ PURGE_MIN_SEQS = 4096
 PURGE_MAX_DELAY_S = 30.0
 PURGE_EAGER_RATIO = 0.5
 API_TIMEOUT_S = 5.0
+#: Consumers whose NAKs are followed at most (one int each; more are Racks than a Mixer serves).
+MAX_NAK_TRACKED = 100_000
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -162,8 +173,10 @@ class LaneConsumers:
         max_ack_pending: int = DEFAULT_MAX_ACK_PENDING,
         interval: float = RECONCILE_INTERVAL_S,
         purge_interval: float = PURGE_INTERVAL_S,
+        nc=None,
     ):
         self.js = js
+        self.nc = nc  # for the NAK advisories (None: only the num_ack_pending rule)
         self.registry = registry
         self.scenarios = scenarios
         self.ack_wait = ack_wait
@@ -172,7 +185,7 @@ class LaneConsumers:
         self.purge_interval = purge_interval
         self.group_policy = GroupConsumerPolicy()  # the `grp-<group>` consumers (groups.py)
         self.stats = {"syncs": 0, "created": 0, "updated": 0, "deleted": 0, "failures": 0,
-                      "purge_runs": 0, "purges": 0, "purges_deferred": 0,
+                      "purge_runs": 0, "purges": 0, "purges_deferred": 0, "purges_held_for_naks": 0,
                       "purge_failures": 0}  # fmt: skip
         self.last_error = ""
         self.last_purge_error = ""
@@ -185,6 +198,8 @@ class LaneConsumers:
         self.current: dict[str, list[str]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self.naked: dict[str, int] = {}  # consumer -> highest stream seq it NAKed (advisories)
+        self._nak_sub = None
 
     def start(self) -> None:
         if self._task is None:
@@ -193,10 +208,34 @@ class LaneConsumers:
     async def stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        sub, self._nak_sub = self._nak_sub, None
+        if sub is not None:
+            await finish_within(sub.unsubscribe(), 2.0, "unsubscribing the NAK advisories")
+
+    async def follow_naks(self) -> None:
+        """Subscribe to flux-msg's NAK advisories (see the module docstring); a failure is
+        logged and leaves the num_ack_pending rule alone in force."""
+        if self.nc is None or self._nak_sub is not None:
+            return
+        try:
+            self._nak_sub = await self.nc.subscribe(S.js_nak_advisories(S.STREAM_MSG), cb=self._on_nak)
+        except Exception as exc:
+            log.warning("guaranteed lane: NAK advisories not followed (%s): a purge may cost a message given "
+                        "back its place in the queue", exc)  # fmt: skip
+
+    async def _on_nak(self, msg) -> None:
+        try:
+            event = json.loads(msg.data)
+            name, seq = str(event["consumer"]), int(event["stream_seq"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if seq > self.naked.get(name, 0) and (name in self.naked or len(self.naked) < MAX_NAK_TRACKED):
+            self.naked[name] = seq
 
     async def _reconcile(self) -> None:
         loop = asyncio.get_running_loop()
         next_sync = 0.0
+        await self.follow_naks()
         while True:
             if loop.time() >= next_sync:
                 next_sync = loop.time() + self.interval
@@ -376,7 +415,11 @@ class LaneConsumers:
         for c in consumers:
             pats = _filters(c.config) or [">"]
             away = bool(c.num_ack_pending) and not c.num_waiting  # see the module docstring
-            floors.append((pats, int(c.ack_floor.stream_seq) if c.ack_floor else 0, away))
+            ack = int(c.ack_floor.stream_seq) if c.ack_floor else 0
+            naked = c.name in self.naked and self.naked[c.name] > ack  # a NAKed one may be queued
+            if c.name in self.naked and not naked:
+                del self.naked[c.name]  # acked past everything it gave back
+            floors.append((pats, ack, away, naked))
         subjects = dict(info.state.subjects or {})
         cfg, st = info.config, info.state
         eager = bool(cfg.max_bytes and cfg.max_bytes > 0 and st.bytes >= cfg.max_bytes * PURGE_EAGER_RATIO)
@@ -386,11 +429,12 @@ class LaneConsumers:
         purged_now = 0
         for subject in subjects:
             floor = None
-            away = False
-            for pats, ack, gone in floors:
+            away = held = False
+            for pats, ack, gone, naked in floors:
                 if any(subject_matches(p, subject) for p in pats):
                     floor = ack if floor is None else min(floor, ack)
                     away = away or gone
+                    held = held or naked
             if floor is None:
                 orphans.append(subject)
                 continue
@@ -403,6 +447,9 @@ class LaneConsumers:
                 or floor - done >= PURGE_MIN_SEQS
                 or now - self._purged_at.get(subject, 0.0) >= PURGE_MAX_DELAY_S
             ):
+                continue
+            if held:
+                self.stats["purges_held_for_naks"] += 1
                 continue
             if away and not pressed:
                 self.stats["purges_deferred"] += 1
