@@ -57,10 +57,6 @@ LONG_TESTS = (
     "test_mixer_continuity.py::test_snake_sigkilled_three_times_under_load",
     "test_cluster_nodes.py::test_a_rack_whose_node_dies_reconnects_to_another_and_carries_on",
     "test_cluster_nodes.py::test_sigkill_of_the_stream_leader_under_guaranteed_traffic",
-    "test_mixer_lanes.py::test_hub_slow_to_close_gives_back_what_the_snake_still_delivers",
-    "test_mixer_lanes.py::test_killed_receiving_gear_holds_its_messages_in_jetstream_until_revived",
-    "test_mixer_lanes.py::test_hub_restarted_mid_stream",
-    "test_mixer_lanes.py::test_rack_killed_while_a_slow_gear_is_busy_then_revived",
     "test_mixer_guard.py::test_hostile_requests_answered_while_heartbeats_flow",
     # 8-21 s each; moved in session 4 to keep make test under 15 minutes on 2 cores
     # 20-24 s each; moved in session 5 (the CI run at 52d1d7e took 15 min 24 s)
@@ -81,6 +77,8 @@ LONG_TESTS = (
     "test_reload.py::test_100_sighup_reloads_at_1000_msgs_per_s_lose_nothing",
     "test_wal_crash.py::test_sigkill_during_appends_loses_nothing_acknowledged",
     "test_io_serial.py::test_115200_baud_stream_for_10_seconds_without_loss",
+    # The four give-back runs of test_mixer_lanes (7-10 s each) are back in make test since
+    # session 7: they guard the order of what a stopped or killed receiver gives back.
     # issue 13: a Rack renamed while cut off (~11 s) / while connected, by the CLI (~8.5 s)
     "test_mixer_rename.py::",
 )
