@@ -21,6 +21,8 @@ from mixer_fixtures import *  # noqa: F401,F403 (fixtures: mixer, agent_factory)
 from mixer_fixtures import make_mixer, run_cli, wait_for
 from test_mixer_lanes import RackRunner, TcpProxy, rack_config, sink_lines
 
+from fluxrig.wire import subjects as S
+
 pytestmark = pytest.mark.timeout(60)
 
 SCENARIO = """
@@ -145,6 +147,67 @@ async def test_a_rack_renamed_while_cut_off_sends_its_queued_records_under_its_n
         await edge.stop()
         await hub.stop()
         await proxy.cut()
+
+
+RECEIVER = """
+meta: {{name: lane, version: "{version}"}}
+racks: [{{name: edge}}, {{name: {hub}}}]
+gears:
+  - {{name: gen, type: generator, deploy: edge,
+     config: {{count: {count}, interval: 5ms, template: {{raw: "{prefix}{{{{ seq }}}}"}}}}}}
+  - {{name: store, type: sink, deploy: {hub}, config: {{mode: file, path: "{path}"}}}}
+wires:
+  - {{from: gen.out, to: store.in}}
+"""
+
+
+async def test_a_receiving_rack_renamed_while_stopped_gets_everything_sent_meanwhile(tmp_path, snake_mixer, api):
+    """The hub stops, the edge sends on (JetStream holds it for `in-hub`), the operator renames
+    the hub `hub2`: its consumer is carried over to `in-hub2` from its ack floor, so nothing
+    sent meanwhile is skipped; the hub comes back (it learns its name), runs what it ran, and
+    a version naming hub2 later keeps the consumer's place. Every message arrives once."""
+    edge = RackRunner(rack_config(tmp_path, "edge", snake_mixer.snake.url, snake_mixer))
+    hub = RackRunner(rack_config(tmp_path, "hub", snake_mixer.snake.url, snake_mixer))
+    out = tmp_path / "store.jsonl"
+    n, k = 400, 40
+    js = snake_mixer.js
+    try:
+        await edge.start()
+        await hub.start()
+        v1 = RECEIVER.format(version=1, hub="hub", count=n, prefix="m", path=out)
+        await _activate(snake_mixer, v1, [edge, hub])
+        await wait_for(lambda: len(sink_lines(out)) >= 50, timeout=15, what="traffic flowing")
+        await hub.stop()
+        at_stop = len(sink_lines(out))
+        await wait_for(lambda: edge.rack.runtime.gears["gen"].counters.messages_out >= n, timeout=15,
+                       what="every m* sent")  # fmt: skip
+        assert len(sink_lines(out)) == at_stop < n
+
+        r = await api.post("/api/v1/racks/hub/rename", json={"name": "hub2"})
+        assert r.status_code == 200, r.text
+        names = [c.name for c in await js.consumers_info(S.STREAM_MSG)]
+        assert "in-hub2" in names and "in-hub" not in names, names
+        info = await js.consumer_info(S.STREAM_MSG, "in-hub2")
+        assert info.num_pending > 0 and info.delivered.consumer_seq == 0, info  # waits for hub2, from the floor
+        assert snake_mixer.controller.lanes.stats["carried_over"] == 1
+
+        await hub.start()
+        await wait_for(lambda: hub.rack.agent.rack_name == "hub2", timeout=15, what="hub learns its new name")
+        await wait_for(lambda: len(sink_lines(out)) >= n, timeout=20, what="every m* at the renamed hub")
+        # A version naming hub2: the carried consumer keeps its place (no replay, no skip).
+        v2 = RECEIVER.format(version=2, hub="hub2", count=k, prefix="v", path=out)
+        await _activate(snake_mixer, v2, [edge, hub])
+        await wait_for(lambda: len(sink_lines(out)) >= n + k, timeout=20, what="every v* too")
+        await asyncio.sleep(0.3)  # a doubled message would land now
+        lines = sink_lines(out)
+        _assert_each_once(lines, "m", n)
+        _assert_each_once(lines, "v", k)
+        assert len(lines) == n + k
+        cfg = (await js.consumer_info(S.STREAM_MSG, "in-hub2")).config
+        assert cfg.metadata.get("fluxrig_rack_id") == r.json()["id"] and "fluxrig_carried_from" not in cfg.metadata
+    finally:
+        await edge.stop()
+        await hub.stop()
 
 
 async def test_a_connected_pending_rack_renamed_by_the_cli_carries_on_under_its_new_name(mixer, agent_factory):

@@ -29,6 +29,14 @@ are never replayed, while a message published after the activation is delivered 
 the consumer is created late (Snake down at activation). An existing consumer keeps its
 position; only its filter and limits are updated (nats-server >= 2.10: several filters).
 
+Renames (issue 13). Every `in-<rack>` consumer carries the id of the Rack it feeds in its
+metadata (RACK_ID_KEY). A sync that finds one whose Rack now has another name carries it over
+(`_carry_over`): `in-<new>` is created from the stream seq after the old one's ack floor, with
+its filter, and the old one is deleted, so what was sent to a receiving Rack while it was being
+renamed (stopped, cut off) waits for it under its new name; nothing past the floor is skipped,
+what was delivered and not acked comes again and the Rack's record LRU masks it. The carried
+consumer keeps its filter (the Rack runs what it ran) until a scenario wires into the new name.
+
 Removal and quotas (`LaneConsumers.purge()`, every `purge_interval` s, under the same lock as
 `sync()` so a consumer being created is always seen). Stream `flux-msg` (fluxrig_mixer.streams:
 limits retention, discard NEW, no age limit by default) never evicts; what is delivered is
@@ -64,9 +72,12 @@ restarted, its connection was down) leaves the `num_ack_pending` rule above.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
+
+import nats.js.errors
 
 from fluxrig.aiotools import cancel_and_wait, finish_within
 from fluxrig.wire import subjects as S
@@ -106,6 +117,10 @@ PURGE_MIN_SEQS = 4096
 PURGE_MAX_DELAY_S = 30.0
 PURGE_EAGER_RATIO = 0.5
 API_TIMEOUT_S = 5.0
+#: Consumer metadata: the Rack (by id) an `in-<rack>` consumer feeds, so that a rename carries
+#: it over to `in-<new name>` (`_carry_over`), and the consumer a carried one came from.
+RACK_ID_KEY = "fluxrig_rack_id"
+CARRIED_KEY = "fluxrig_carried_from"
 #: Consumers whose NAKs are followed at most (one int each; more are Racks than a Mixer serves).
 MAX_NAK_TRACKED = 100_000
 
@@ -184,7 +199,7 @@ class LaneConsumers:
         self.interval = interval
         self.purge_interval = purge_interval
         self.group_policy = GroupConsumerPolicy()  # the `grp-<group>` consumers (groups.py)
-        self.stats = {"syncs": 0, "created": 0, "updated": 0, "deleted": 0, "failures": 0,
+        self.stats = {"syncs": 0, "created": 0, "updated": 0, "deleted": 0, "carried_over": 0, "failures": 0,
                       "purge_runs": 0, "purges": 0, "purges_deferred": 0, "purges_held_for_naks": 0,
                       "purge_failures": 0}  # fmt: skip
         self.last_error = ""
@@ -253,6 +268,44 @@ class LaneConsumers:
                 pass  # counted and logged by purge()
             await asyncio.sleep(max(0.01, min(self.purge_interval, next_sync - loop.time())))
 
+    async def _carry_over(self, have, racks: dict, existing: dict, wanted: dict):
+        """The consumer of a Rack that was renamed (its metadata names a Rack whose name is
+        now another) goes on as `in-<new name>`: created from the stream seq after its ack
+        floor, with its filter (the Rack runs what it ran until a scenario names it anew), then
+        the old one is deleted. What the old one delivered and the Rack had not acked comes
+        again (the Rack's record LRU masks what it processed); nothing after its floor is
+        skipped. Returns the new consumer's info, or None when this is not a renamed one."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        rack = racks.get((have.config.metadata or {}).get(RACK_ID_KEY, ""))
+        if rack is None or have.name == S.rack_consumer(rack.name) or not have.name.startswith(CONSUMER_PREFIX):
+            return None
+        name = S.rack_consumer(rack.name)
+        floor = int(have.ack_floor.stream_seq) if have.ack_floor else 0
+        if name not in existing:
+            subjects = wanted.get(name) or _filters(have.config)
+            config = ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description=f"guaranteed lane into rack {rack.name}, carried over from {have.name} (fluxrig-mixer)",
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=floor + 1,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=self.max_ack_pending,
+                filter_subjects=subjects,
+                metadata={RACK_ID_KEY: rack.rack_id, CARRIED_KEY: have.name},
+            )
+            await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
+            self.stats["carried_over"] += 1
+            log.info("guaranteed lane: consumer %s carried over to %s (rack %s renamed) from stream seq %d",
+                     have.name, name, rack.rack_id, floor + 1)  # fmt: skip
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # another node carried it first
+            await self.js.delete_consumer(S.STREAM_MSG, have.name)
+            self.stats["deleted"] += 1
+        return await self.js.consumer_info(S.STREAM_MSG, name)
+
     def _start_time(self) -> datetime.datetime:
         history = self.scenarios.history(1)
         if history:
@@ -286,6 +339,18 @@ class LaneConsumers:
             for c in await self.js.consumers_info(S.STREAM_MSG)
             if c.name and c.name.startswith((CONSUMER_PREFIX, GROUP_CONSUMER_PREFIX))
         }
+        racks = {r.rack_id: r for r in self.registry.list() if r.status != RackStatus.REMOVED}
+        owners = {S.rack_consumer(r.name): r.rack_id for r in racks.values()}
+        for name in list(existing):
+            carried = await self._carry_over(existing[name], racks, existing, wanted)
+            if carried is not None:
+                existing.pop(name)
+                existing[carried.name] = carried
+        carried_only = set()
+        for name, have in existing.items():  # a carried consumer keeps its filter until wires name its rack
+            if name not in wanted and name in owners and (have.config.metadata or {}).get(CARRIED_KEY):
+                wanted[name] = _filters(have.config)
+                carried_only.add(name)
         for name, subjects in wanted.items():
             have = existing.get(name)
             if name.startswith(GROUP_CONSUMER_PREFIX):
@@ -312,16 +377,23 @@ class LaneConsumers:
                     max_deliver=-1,
                     max_ack_pending=self.max_ack_pending,
                     filter_subjects=subjects,
+                    metadata={RACK_ID_KEY: owners[name]} if name in owners else None,
                 )
                 await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
                 self.stats["created"] += 1
                 log.info("guaranteed lane: consumer %s created for %s", name, ", ".join(subjects))
                 continue
             cfg = have.config
+            # the Rack it feeds, by id (a carried one keeps saying so until wires name its Rack)
+            ours = {k: v for k, v in (cfg.metadata or {}).items() if not k.startswith("_nats")}  # the server's own
+            metadata = ours
+            if name in owners and not (name in carried_only and ours.get(CARRIED_KEY)):
+                metadata = {RACK_ID_KEY: owners[name]}
             if (
                 _filters(cfg) == subjects
                 and cfg.max_ack_pending == self.max_ack_pending
                 and abs((cfg.ack_wait or 0) - self.ack_wait) < 1e-3
+                and ours == metadata
             ):
                 continue
             config = cfg.evolve(
@@ -329,6 +401,7 @@ class LaneConsumers:
                 filter_subjects=subjects,
                 ack_wait=self.ack_wait,
                 max_ack_pending=self.max_ack_pending,
+                metadata=metadata or None,
             )
             if config.name is None:
                 config.name = name
