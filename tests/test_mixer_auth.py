@@ -222,3 +222,28 @@ def test_each_cluster_node_has_its_own_first_start_token_id():
     ids = [first_token_id(n) for n in names]
     assert len(set(ids)) == len(ids) and all(_ID_RE.match(i) for i in ids), ids
     assert first_token_id("node1") == first_token_id("node1")  # a restart keeps it
+
+
+async def test_refusals_are_audited_once_per_client_and_status_per_window(tmp_path):
+    """A stranger's flood of refused requests is one audit row (and a counter), not a flood of
+    writes; what the front door refuses before any route runs (413 from Content-Length) is
+    audited too, with the principal it came with."""
+    services, db = _services(tmp_path)
+    app = create_app(services)
+    try:
+        async with _client(app) as stranger:
+            for _ in range(30):
+                r = await stranger.post("/api/v1/racks/edge-1/approve", content=b"{}")
+                assert r.status_code == 401
+        async with _client(app, TOKEN) as admin:
+            r = await admin.post("/api/v1/scenarios/import", content=b"#" * (11 * 1024 * 1024))
+            assert r.status_code == 413, r.text
+            rows = (await admin.get("/api/v1/audit")).json()
+        seen = [(a["principal"], a["method"], a["path"], a["status"]) for a in reversed(rows)]
+        assert seen == [
+            (None, "POST", "/api/v1/racks/edge-1/approve", 401),
+            (INITIAL_TOKEN_NAME, "POST", "/api/v1/scenarios/import", 413),
+        ], seen
+        assert app.state.refusals.suppressed == 29 and app.state.refusals.audited == 2
+    finally:
+        db.close()

@@ -36,7 +36,16 @@ from . import (
     routes_scenarios,
     routes_telemetry,
 )
-from .auth import SESSION_COOKIE, AuditLog, AuditMiddleware, Authenticator, AuthError, TokenNotFound, TokenStore
+from .auth import (
+    SESSION_COOKIE,
+    AuditLog,
+    AuditMiddleware,
+    Authenticator,
+    AuthError,
+    RefusalAudit,
+    TokenNotFound,
+    TokenStore,
+)
 from .services import GUARDED, MixerServices
 from .sessions import SessionRefreshMiddleware, SessionStore, session_key
 
@@ -126,8 +135,9 @@ def create_app(services: MixerServices) -> FastAPI:
         open_access=services.api_token is None and cfg.api.auth_disabled_dangerously,
     )
     app.state.audit = AuditLog(db)
+    app.state.refusals = RefusalAudit(app.state.audit)  # shared with the front door (_guard)
     app.add_middleware(SessionRefreshMiddleware, sessions=sessions, cookie_name=SESSION_COOKIE)
-    app.add_middleware(AuditMiddleware, audit=app.state.audit)
+    app.add_middleware(AuditMiddleware, audit=app.state.audit, refusals=app.state.refusals)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(FluxError, _flux_error)
 
@@ -147,9 +157,11 @@ def _guard(app: FastAPI, services: MixerServices) -> None:
     from .guard import EXEMPT_FROM_REQUEST_CAP, GuardMiddleware
 
     api = services.config.api
-    # Added last, so outermost: nothing inside (the audit included) runs for a refused body.
+    # Added last, so outermost: nothing inside runs for a refused body; its refusals are
+    # audited by RefusalAudit, bounded per client address (auth.REFUSAL_AUDIT_WINDOW_S).
     app.add_middleware(
         GuardMiddleware,
+        on_refused=app.state.refusals,
         max_body_bytes=api.max_body_bytes,
         route_limits={"/api/v1/scenarios/import": api.max_import_bytes},
         body_timeout=api.body_timeout,

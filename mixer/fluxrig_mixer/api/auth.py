@@ -28,7 +28,10 @@ A request whose method changes state needs `operate` at least.
 
 Audit. `AuditMiddleware` writes one `api_audit` row per state-changing request, refused ones
 included: when, token name and role (or none), how (bearer or session), method, path,
-status, client address.
+status, client address. A request refused for want of credentials (401), here or at the front
+door (guard.py: also 413, 408, 503 before any route runs), goes through `RefusalAudit`: at most
+one row per client address and status every REFUSAL_AUDIT_WINDOW_S, the rest counted and
+summed up in a WARNING, so that a stranger's flood cannot turn into a flood of writes.
 """
 
 from __future__ import annotations
@@ -384,6 +387,55 @@ def authenticate_scope(scope: dict) -> Principal | None:
     return auth.authenticate(scope.get("headers") or [], scope.get("method", "GET"))
 
 
+#: The front door (guard.py) refuses some requests before any route runs (401 before the body,
+#: 413, 408, 503): each gets an audit row, but at most one per client address and status in
+#: this many seconds, so a flood of refusals is not a flood of writes; the rest are counted and
+#: summed up in one WARNING per window. At most REFUSAL_AUDIT_CLIENTS addresses are followed.
+REFUSAL_AUDIT_WINDOW_S = 10.0
+REFUSAL_AUDIT_CLIENTS = 10_000
+
+
+class RefusalAudit:
+    """`guard.GuardMiddleware`'s `on_refused`: audit rows for what the front door refused, for
+    state-changing methods as AuditMiddleware does, bounded (REFUSAL_AUDIT_WINDOW_S)."""
+
+    def __init__(self, audit: AuditLog, window: float = REFUSAL_AUDIT_WINDOW_S, clock=time.monotonic):
+        self.audit = audit
+        self.window = window
+        self.clock = clock
+        self.audited = 0
+        self.suppressed = 0  # in the current window
+        self._last: dict[tuple[str, int], float] = {}  # (client address, status) -> when audited
+        self._window_start = clock()
+
+    def __call__(self, scope, status: int) -> None:
+        method = scope.get("method", "GET")
+        if method in SAFE_METHODS:
+            return
+        now = self.clock()
+        if now - self._window_start >= self.window:
+            if self.suppressed:
+                log.warning("front door: %d more refused requests in the last %.0fs were not audited one by one "
+                            "(one row per client address and status per window)", self.suppressed, self.window)  # fmt: skip
+            self.suppressed = 0
+            self._window_start = now
+            self._last = {k: t for k, t in self._last.items() if now - t < self.window}
+        client = scope.get("client")
+        key = (client[0] if client else "", status)
+        last = self._last.get(key)
+        if (last is not None and now - last < self.window) or (
+            last is None and len(self._last) >= REFUSAL_AUDIT_CLIENTS
+        ):
+            self.suppressed += 1
+            return
+        self._last[key] = now
+        principal = None if status == 401 else authenticate_scope(scope)
+        self.audit.record(
+            principal, method, scope.get("path", ""), status, f"{client[0]}:{client[1]}" if client else ""
+        )
+        self.audited += 1
+
+
 class AuditLog:
     """`api_audit` rows: one per state-changing API call."""
 
@@ -437,9 +489,10 @@ class AuditMiddleware:
     auth dependency put in `scope["state"]["principal"]` (None when it was refused) and the
     response status."""
 
-    def __init__(self, app, audit: AuditLog):
+    def __init__(self, app, audit: AuditLog, refusals: RefusalAudit | None = None):
         self.app = app
         self.audit = audit
+        self.refusals = refusals  # a request without credentials, refused: bounded like the front door's
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method", "GET") in SAFE_METHODS:
@@ -460,10 +513,13 @@ class AuditMiddleware:
             if principal is None and status["code"] < 400:
                 principal = authenticate_scope(scope)  # e.g. a login: the session's owner
             client = scope.get("client")
-            self.audit.record(
-                principal,
-                scope.get("method", ""),
-                scope.get("path", ""),
-                status["code"],
-                f"{client[0]}:{client[1]}" if client else "",
-            )
+            if principal is None and status["code"] == 401 and self.refusals is not None:
+                self.refusals(scope, 401)
+            else:
+                self.audit.record(
+                    principal,
+                    scope.get("method", ""),
+                    scope.get("path", ""),
+                    status["code"],
+                    f"{client[0]}:{client[1]}" if client else "",
+                )

@@ -120,6 +120,7 @@ class GuardMiddleware:
         body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         exempt: frozenset[str] = EXEMPT_FROM_REQUEST_CAP,
+        on_refused: Callable[[dict, int], None] | None = None,
     ):
         self.app = app
         self.authenticate = authenticate
@@ -132,6 +133,14 @@ class GuardMiddleware:
         self.exempt = exempt
         self.in_flight = 0
         self.refused = {"unauthenticated_body": 0, "too_large": 0, "body_timeout": 0, "busy": 0}
+        self.on_refused = on_refused  # the audit of refusals (auth.RefusalAudit)
+
+    def _refuse(self, scope, status: int) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(scope, status)
+            except Exception as exc:  # the refusal stands; its audit row is what failed
+                log.error("front door: refusal %d of %s not audited: %s", status, scope.get("path", ""), exc)
 
     def _limit_for(self, path: str) -> int:
         for prefix, limit in self.route_limits:
@@ -146,6 +155,7 @@ class GuardMiddleware:
         exempt = path in self.exempt
         if not exempt and self.in_flight >= self.max_requests:
             self.refused["busy"] += 1
+            self._refuse(scope, 503)
             return await _respond(
                 send,
                 503,
@@ -161,12 +171,14 @@ class GuardMiddleware:
         try:
             length = int(declared) if declared is not None else None
         except ValueError:
+            self._refuse(scope, 400)
             return await _respond(send, 400, "Content-Length is not a number")
         has_body = chunked or bool(length)
         authed = (self.authenticate(scope) is not None) if has_body else True
         if has_body and not authed:
             if chunked or length > self.unauthenticated_body_bytes:
                 self.refused["unauthenticated_body"] += 1
+                self._refuse(scope, 401)
                 return await _respond(
                     send,
                     401,
@@ -176,6 +188,7 @@ class GuardMiddleware:
         limit = self._limit_for(path) if authed else self.unauthenticated_body_bytes
         if length is not None and length > limit:
             self.refused["too_large"] += 1
+            self._refuse(scope, 413)
             return await _respond(send, 413, f"body of {length} bytes exceeds the limit of {limit} bytes")
         started = False
         received = 0
@@ -209,10 +222,12 @@ class GuardMiddleware:
             await self.app(scope, guarded_receive if has_body else receive, tracked_send)
         except _BodyTooLarge:
             self.refused["too_large"] += 1
+            self._refuse(scope, 413)
             if not started:
                 await _respond(send, 413, f"body exceeds the limit of {limit} bytes")
         except _BodyTimeout:
             self.refused["body_timeout"] += 1
+            self._refuse(scope, 408)
             if not started:
                 await _respond(send, 408, f"the body did not arrive within {self.body_timeout:g}s (api.body_timeout)")
         finally:
