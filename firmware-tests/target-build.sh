@@ -8,9 +8,11 @@
 #   arm64  every dependency has a manylinux aarch64 wheel, PyInstaller included (prebuilt
 #          bootloader); uvloop (optional extra) too. A plain venv, nothing from Debian.
 #   armhf  no armv7 wheel for PyNaCl, cbor2, PyInstaller or uvloop. The venv sees Debian's
-#          python3-nacl (+ python3-cffi-backend) and python3-cbor2 (5.4, with its C extension)
-#          through --system-site-packages: cbor2 6.x builds with Rust, which a gateway build
-#          root should not need. pip builds PyInstaller from its sdist, compiling the bootloader
+#          python3-nacl (+ python3-cffi-backend) through --system-site-packages. cbor2 is
+#          built by pip from the 5.x sdist (its C extension, with the target's gcc): Debian's
+#          python3-cbor2 is 5.4, below the security floor (constraints.txt: CVE-2026-26209,
+#          CVE-2025-68131), and 6.x builds with Rust, which a gateway build root should not
+#          need. pip builds PyInstaller from its sdist, compiling the bootloader
 #          with the target's gcc and zlib; PyYAML builds from its sdist (pure, no libyaml);
 #          uvloop is left out (optional; libuv under emulation costs tens of minutes) and the
 #          Rack runs on the stock asyncio loop.
@@ -21,8 +23,8 @@ VENV=/opt/fluxrig-venv
 COMMON=("setuptools>=68" "wheel" "Cython>=3.0" "pyinstaller>=6.0" "nats-py>=2.6" "pyserial>=3.5"
         "PyYAML>=6.0")
 case "$arch" in
-  arm64) VENV_ARGS=(); EXTRA=("cbor2>=5.4" "pynacl>=1.5" "uvloop>=0.19"); DEBIAN=() ;;
-  armhf) VENV_ARGS=(--system-site-packages); EXTRA=(); DEBIAN=(python3-cbor2) ;;
+  arm64) VENV_ARGS=(); EXTRA=("cbor2>=5.9.0" "pynacl>=1.5" "uvloop>=0.19"); DEBIAN=() ;;
+  armhf) VENV_ARGS=(--system-site-packages); EXTRA=("cbor2>=5.9.0,<6"); DEBIAN=() ;;
   *) echo "unknown architecture $arch" >&2; exit 2 ;;
 esac
 want="$arch ${VENV_ARGS[*]:-} ${COMMON[*]} ${EXTRA[*]:-} debian:${DEBIAN[*]:-}"
@@ -42,8 +44,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.fluxrig-reqs" 2>/dev/null)" !
   # --no-binary is not needed: where no wheel exists pip builds the sdist with the local gcc.
   "$VENV/bin/pip" install -q --disable-pip-version-check "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
   if [ "$arch" = armhf ]; then
-    # Debian's PyNaCl and cbor2 must be what the frozen binary bundles.
-    "$VENV/bin/python" -c 'import nacl.bindings, cbor2; assert all(m.__file__.startswith("/usr/lib/python3/") for m in (nacl.bindings, cbor2)), (nacl.bindings.__file__, cbor2.__file__)'
+    # Debian's PyNaCl must be what the frozen binary bundles; cbor2 is the venv's, at the floor.
+    "$VENV/bin/python" -c 'import nacl.bindings, cbor2, importlib.metadata as md; assert nacl.bindings.__file__.startswith("/usr/lib/python3/"), nacl.bindings.__file__; assert not cbor2.__file__.startswith("/usr/lib/python3/") and tuple(map(int, md.version("cbor2").split(".")[:2])) >= (5, 9), (cbor2.__file__, md.version("cbor2"))'
   fi
   echo "$want" > "$VENV/.fluxrig-reqs"
 fi

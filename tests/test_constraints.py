@@ -48,3 +48,18 @@ def test_security_floors():
     floors = {canonicalize_name(r.name): r.specifier for r in _requirements()}
     assert not floors["cbor2"].contains("5.8.0") and floors["cbor2"].contains("5.9.0")
     assert not floors["h11"].contains("0.15.0") and floors["h11"].contains("0.16.0")
+
+
+def test_the_gateway_builds_respect_the_security_floors():
+    """firmware-tests/target-build.sh installs its own requirements inside the ARM build roots:
+    each cbor2 it asks for refuses the versions below the floor, and none comes from Debian
+    (python3-cbor2 is 5.4 there)."""
+    import re
+
+    with open(os.path.join(ROOT, "firmware-tests", "target-build.sh")) as fh:
+        script = fh.read()
+    asked = [Requirement(w) for w in re.findall(r'"(cbor2\s*[<>=!~][^"]*)"', script)]
+    assert len(asked) >= 2, asked  # arm64 and armhf
+    for req in asked:
+        assert not req.specifier.contains("5.8.0") and req.specifier.contains("5.9.0"), req
+    assert not re.search(r"DEBIAN=\([^)]*python3-cbor2", script)
