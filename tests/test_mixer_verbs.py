@@ -387,11 +387,6 @@ async def test_rack_disconnected_while_killed_is_killed_on_reconnect(mixer, api,
     assert code == 0, racks.log()[-3000:]
 
 
-@pytest.mark.xfail(
-    reason="known (session 4 CI): once the passport is re-checked by the Mixer's time at 1970, the "
-    "Rack's clock status sometimes reports offset_s 0.0 instead of ~56 years; cause not found",
-    strict=False,
-)
 async def test_expired_passport_and_clock_at_1970_still_run_the_last_scenario(mixer, api, tmp_path):
     racks = Racks(mixer, api, tmp_path)
     conf = _conf(tmp_path, mixer.snake.url, mixer)
@@ -432,7 +427,9 @@ async def test_expired_passport_and_clock_at_1970_still_run_the_last_scenario(mi
             return p.get("clock") == "mixer" and p.get("state") == "valid" and c
 
         c = await wait_for(rechecked, timeout=10, what="the passport re-checked by the Mixer's time")
-        assert c["clock"]["offset_s"] > 50 * 365 * 86400
+        # Seen once in session 4's CI: offset_s 0.0 (cause not found; xfail until session 7, which
+        # saw it pass in every run): the whole status, so a recurrence says what the Rack saw.
+        assert c["clock"]["offset_s"] > 50 * 365 * 86400, {"clock": c["clock"], "passport": c.get("passport")}
         # 4. Passports by serial: an older serial with a later time stamp is refused.
         rack_id = (await racks.row())["id"]
         have = c["passport"]["serial"]
