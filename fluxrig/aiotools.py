@@ -28,10 +28,10 @@ async def cancel_all_and_wait(tasks: Iterable[asyncio.Future | None], grace: flo
     Their exceptions were logged by the tasks themselves and are not raised here. True when
     every one ended."""
     pending = {t for t in tasks if t is not None and not t.done()}
-    for _attempt in range(2):
+    for attempt in range(2):
         if not pending:
             return True
-        if _attempt:
+        if attempt:
             log.info("cancelling again, still running %.1fs after a cancel: %s", grace, _names(pending))
         for t in pending:
             t.cancel()

@@ -121,7 +121,7 @@ API_TIMEOUT_S = 5.0
 #: it over to `in-<new name>` (`_carry_over`), and the consumer a carried one came from.
 RACK_ID_KEY = "fluxrig_rack_id"
 CARRIED_KEY = "fluxrig_carried_from"
-#: Consumers whose NAKs are followed at most (one int each; more are Racks than a Mixer serves).
+#: Consumers whose NAKs are followed at most (one int each; more consumers than a Mixer serves).
 MAX_NAK_TRACKED = 100_000
 
 
