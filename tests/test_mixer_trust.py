@@ -344,8 +344,11 @@ async def test_reused_name_gets_none_of_the_old_racks_guaranteed_messages(mixer,
     # Messages for the old dst, never fetched by it.
     for i in range(5):
         await mixer.js.publish(S.msg("src", "gen", "out"), f"old-{i}".encode())
-    info = await mixer.js.consumer_info(S.STREAM_MSG, consumer)
-    assert info.num_pending == 5
+
+    async def five_pending():  # the server counts a consumer's pending messages as it gets to them
+        return (await mixer.js.consumer_info(S.STREAM_MSG, consumer)).num_pending == 5
+
+    await wait_for(five_pending, timeout=5, what="5 messages pending for the old dst")
     await api.delete("/api/v1/racks/dst")
     await wait_for(lambda: old.removed, what="old dst removed")
     await old.stop()
