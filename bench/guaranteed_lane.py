@@ -57,6 +57,7 @@ from fluxrig_mixer.config import load_config as mixer_config  # noqa: E402
 from fluxrig.config import load_config as rack_config  # noqa: E402
 from fluxrig.msg import FluxMsg  # noqa: E402
 from fluxrig.rack import Rack  # noqa: E402
+from fluxrig.wire import subjects as S  # noqa: E402
 
 CEILING_INFLIGHT = 256
 
@@ -76,7 +77,7 @@ def scenario(messages: int, emitters: int, sink_path: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tcp_scenario(port: int, sink_path: str | None) -> str:
+def tcp_scenario(port: int, sink_path: str | None, connections: int = 32) -> str:
     return (
         "\n".join(
             [
@@ -84,7 +85,10 @@ def tcp_scenario(port: int, sink_path: str | None) -> str:
                 "racks: [{name: edge}, {name: hub}]",
                 "gears:",
                 f'  - {{name: gw, type: io_tcp, deploy: edge, config: {{mode: server, bind: "127.0.0.1:{port}", '
-                f"framing: delimiter, idle_timeout: 0s}}}}",
+                # every peer comes from 127.0.0.1: past the per-IP cap (64) the rest were refused
+                # and the run waited forever for their messages
+                f"framing: delimiter, idle_timeout: 0s, max_connections: {max(4096, connections)}, "
+                f"max_connections_per_ip: {max(64, connections)}}}}}",
                 _store(sink_path),
                 "wires:",
                 "  - {from: gw.out, to: store.in}",
@@ -261,7 +265,7 @@ async def run_processes(args, mixer, tmp) -> dict:
         if args.source == "tcp":
             n = args.messages - args.messages % args.connections
             port = free_port()
-            text = tcp_scenario(port, path)
+            text = tcp_scenario(port, path, args.connections)
         else:
             n = args.messages - args.messages % args.emitters
             text = scenario(n, args.emitters, path)
@@ -277,6 +281,10 @@ async def run_processes(args, mixer, tmp) -> dict:
         await wait(lambda: _newlines(path) >= full, args.timeout, "the hub's file", 0.05)
         t_last = time.perf_counter()
         await asyncio.sleep(1.0)
+        # The Racks' pump metrics are in other processes: the hub's consumer counts the
+        # JetStream messages it delivered, each one batch (redeliveries not counted).
+        info = await mixer.js.consumer_info(S.STREAM_MSG, S.rack_consumer("hub"))
+        batches = max(0, int(info.delivered.consumer_seq) - int(info.num_redelivered or 0))
         for p in procs:
             p.terminate()
         for p in procs:
@@ -290,6 +298,8 @@ async def run_processes(args, mixer, tmp) -> dict:
             "lost": max(0, n - distinct),
             "duplicated": lines - distinct,
             "in_process": False,
+            "records_per_batch": round(n / batches, 1) if batches else None,
+            "batches_published": batches,
             "elapsed_s": round(t_last - t0, 3),
             "activation_s": round(t_first - t0, 3),
         }
@@ -388,7 +398,7 @@ async def run(args) -> dict:
         if args.source in ("tcp", "burst"):
             n = args.messages - args.messages % args.connections
             port = free_port()
-            text = tcp_scenario(port, path)
+            text = tcp_scenario(port, path, args.connections)
         else:
             n = args.messages - args.messages % args.emitters
             text = scenario(n, args.emitters, path)
