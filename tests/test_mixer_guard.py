@@ -384,3 +384,32 @@ async def test_body_caps(mixer_proc):
         assert r.status_code == 401, r.text
         # The health probe stays open.
         assert (await api.get("/api/v1/health")).status_code == 200
+
+
+@pytest.mark.parametrize("keepalive", [0.5, 5.0])
+async def test_an_idle_keep_alive_connection_is_closed_after_api_keepalive_timeout(tmp_path, keepalive):
+    """One request on an HTTP/1.1 connection, then silence: at api.keepalive_timeout the Mixer
+    closes it (a stranger cannot hold connections open for free); before it, it stays open."""
+    from urllib.parse import urlsplit
+
+    from mixer_fixtures import make_mixer
+
+    mixer = await make_mixer(tmp_path / "mixer", **{"api.keepalive_timeout": keepalive})
+    try:
+        url = urlsplit(mixer.api_url)
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: mixer\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(b":")[1])
+        await reader.readexactly(length)
+        try:
+            rest = await asyncio.wait_for(reader.read(1), 1.5)
+            closed = rest == b""
+        except TimeoutError:
+            closed = False
+        assert closed == (keepalive < 1.5), f"keepalive_timeout {keepalive}s: closed after 1.5 s idle = {closed}"
+        writer.close()
+    finally:
+        await mixer.stop()
