@@ -14,7 +14,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Iterable
 
-__all__ = ["STOP_GRACE_S", "cancel_all_and_wait", "cancel_and_wait", "close_quietly", "finish_within", "next_within"]
+__all__ = [
+    "STOP_GRACE_S",
+    "cancel_all_and_wait",
+    "cancel_and_wait",
+    "close_quietly",
+    "finish_within",
+    "next_within",
+    "retrieve_outcome",
+]
 
 log = logging.getLogger("fluxrig.aiotools")
 
@@ -27,7 +35,10 @@ async def cancel_all_and_wait(tasks: Iterable[asyncio.Future | None], grace: flo
     stuck) and given `grace` again; what still runs then is logged by name and left behind.
     Their exceptions were logged by the tasks themselves and are not raised here. True when
     every one ended."""
-    pending = {t for t in tasks if t is not None and not t.done()}
+    tasks = [t for t in tasks if t is not None]
+    for t in tasks:  # their outcome is retrieved, so asyncio does not report it as never retrieved
+        t.add_done_callback(retrieve_outcome)
+    pending = {t for t in tasks if not t.done()}
     for attempt in range(2):
         if not pending:
             return True
@@ -56,7 +67,7 @@ async def finish_within(aw: Awaitable, timeout: float, what: str) -> bool:
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if not done:
         log.warning("%s still pending after %.1fs; left to finish in the background", what, timeout)
-        task.add_done_callback(_consume)
+        task.add_done_callback(retrieve_outcome)
         return False
     if task.cancelled():
         return False
@@ -92,7 +103,8 @@ def _names(tasks) -> str:
     return ", ".join(sorted(t.get_name() if isinstance(t, asyncio.Task) else repr(t) for t in tasks))
 
 
-def _consume(fut: asyncio.Future) -> None:
-    # nobody awaits a task left behind: retrieve its outcome so asyncio does not report it
+def retrieve_outcome(fut: asyncio.Future) -> None:
+    """A done-callback for a future nobody may await (a task left behind, every caller gone):
+    its exception is retrieved, so asyncio does not report it as never retrieved."""
     if not fut.cancelled():
         fut.exception()

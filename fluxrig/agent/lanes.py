@@ -90,6 +90,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 
+from ..aiotools import cancel_all_and_wait, cancel_and_wait
 from ..errors import ScenarioError, ScenarioProblem
 from ..msg import FluxMsg
 from ..runtime.states import GearState
@@ -307,19 +308,15 @@ class JetStreamBus(SendingSide):
         task, self._puller_task = self._puller_task, None
         tasks = [t for t in (task, *self._shared_pullers.values()) if t is not None]
         self._shared_pullers.clear()
-        if tasks:
-            _done, pending = await asyncio.wait(set(tasks), timeout=self.fetch_timeout + CLOSE_WAIT_S)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # a fetch in progress ends by itself within its timeout; past that, cancelled
+            await asyncio.wait(set(tasks), timeout=self.fetch_timeout + CLOSE_WAIT_S)
+            await cancel_all_and_wait(tasks)
         for routes in list(self._routes.values()):
             for source in list(routes.values()):
                 source.close()
         if self._bg:
             await asyncio.gather(*list(self._bg), return_exceptions=True)
-        if self._reopen_task is not None:
-            self._reopen_task.cancel()
-            await asyncio.gather(self._reopen_task, return_exceptions=True)
+        await cancel_and_wait(self._reopen_task)
         if self.publisher is not None:
             await self.publisher.close()
         await self.session.flush(1.0)

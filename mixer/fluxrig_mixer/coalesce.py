@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from fluxrig.aiotools import cancel_and_wait
+from fluxrig.aiotools import cancel_and_wait, retrieve_outcome
 
 __all__ = ["Coalesced"]
 
@@ -36,7 +36,7 @@ class Coalesced(Generic[T]):
         loop = asyncio.get_running_loop()
         if self._next is None:
             self._next = loop.create_future()
-            self._next.add_done_callback(_consume)
+            self._next.add_done_callback(retrieve_outcome)  # every caller may have gone (cancelled)
         fut = self._next
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run(), name="coalesced-run")
@@ -58,9 +58,3 @@ class Coalesced(Generic[T]):
 
     async def close(self) -> None:
         await cancel_and_wait(self._runner)
-
-
-def _consume(fut: asyncio.Future) -> None:
-    # Every caller may have gone (cancelled): do not let asyncio report the exception unread.
-    if not fut.cancelled():
-        fut.exception()

@@ -275,7 +275,7 @@ class LaneConsumers:
         the old one is deleted. What the old one delivered and the Rack had not acked comes
         again (the Rack's record LRU masks what it processed); nothing after its floor is
         skipped. Returns the new consumer's info, or None when this is not a renamed one."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.api import DeliverPolicy
 
         rack = racks.get((have.config.metadata or {}).get(RACK_ID_KEY, ""))
         if rack is None or have.name == S.rack_consumer(rack.name) or not have.name.startswith(CONSUMER_PREFIX):
@@ -283,19 +283,13 @@ class LaneConsumers:
         name = S.rack_consumer(rack.name)
         floor = int(have.ack_floor.stream_seq) if have.ack_floor else 0
         if name not in existing:
-            subjects = wanted.get(name) or _filters(have.config)
-            config = ConsumerConfig(
-                name=name,
-                durable_name=name,
-                description=f"guaranteed lane into rack {rack.name}, carried over from {have.name} (fluxrig-mixer)",
+            config = self._rack_consumer(
+                name,
+                wanted.get(name) or _filters(have.config),
+                f"guaranteed lane into rack {rack.name}, carried over from {have.name} (fluxrig-mixer)",
+                {RACK_ID_KEY: rack.rack_id, CARRIED_KEY: have.name},
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=floor + 1,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=self.max_ack_pending,
-                filter_subjects=subjects,
-                metadata={RACK_ID_KEY: rack.rack_id, CARRIED_KEY: have.name},
             )
             await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
             self.stats["carried_over"] += 1
@@ -305,6 +299,23 @@ class LaneConsumers:
             await self.js.delete_consumer(S.STREAM_MSG, have.name)
             self.stats["deleted"] += 1
         return await self.js.consumer_info(S.STREAM_MSG, name)
+
+    def _rack_consumer(self, name: str, subjects: list[str], description: str, metadata: dict | None, **start):
+        """The config of an `in-<rack>` consumer; `start`: where it begins (deliver policy)."""
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        return ConsumerConfig(
+            name=name,
+            durable_name=name,
+            description=description,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=self.max_ack_pending,
+            filter_subjects=subjects,
+            metadata=metadata,
+            **start,
+        )
 
     def _start_time(self) -> datetime.datetime:
         history = self.scenarios.history(1)
@@ -330,16 +341,17 @@ class LaneConsumers:
                 raise
 
     async def _sync(self) -> dict[str, list[str]]:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.api import DeliverPolicy
 
         active = self.scenarios.active()
-        wanted = wanted_consumers(active.doc if active else None, self.registry.list())
+        rows = self.registry.list()
+        wanted = wanted_consumers(active.doc if active else None, rows)
         existing = {
             c.name: c
             for c in await self.js.consumers_info(S.STREAM_MSG)
             if c.name and c.name.startswith((CONSUMER_PREFIX, GROUP_CONSUMER_PREFIX))
         }
-        racks = {r.rack_id: r for r in self.registry.list() if r.status != RackStatus.REMOVED}
+        racks = {r.rack_id: r for r in rows if r.status != RackStatus.REMOVED}
         owners = {S.rack_consumer(r.name): r.rack_id for r in racks.values()}
         for name in list(existing):
             carried = await self._carry_over(existing[name], racks, existing, wanted)
@@ -366,18 +378,13 @@ class LaneConsumers:
                 log.info("guaranteed lane: consumer %s deleted (it belonged to a removed rack of that name)", name)
                 have = None
             if have is None:
-                config = ConsumerConfig(
-                    name=name,
-                    durable_name=name,
-                    description=f"guaranteed lane into rack {name[len(CONSUMER_PREFIX) :]} (fluxrig-mixer)",
+                config = self._rack_consumer(
+                    name,
+                    subjects,
+                    f"guaranteed lane into rack {name[len(CONSUMER_PREFIX) :]} (fluxrig-mixer)",
+                    {RACK_ID_KEY: owners[name]} if name in owners else None,
                     deliver_policy=DeliverPolicy.BY_START_TIME,
                     opt_start_time=max(self._start_time(), released) if released else self._start_time(),
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=self.ack_wait,
-                    max_deliver=-1,
-                    max_ack_pending=self.max_ack_pending,
-                    filter_subjects=subjects,
-                    metadata={RACK_ID_KEY: owners[name]} if name in owners else None,
                 )
                 await self.js.add_consumer(S.STREAM_MSG, config, timeout=API_TIMEOUT_S)
                 self.stats["created"] += 1
@@ -386,9 +393,7 @@ class LaneConsumers:
             cfg = have.config
             # the Rack it feeds, by id (a carried one keeps saying so until wires name its Rack)
             ours = {k: v for k, v in (cfg.metadata or {}).items() if not k.startswith("_nats")}  # the server's own
-            metadata = ours
-            if name in owners and not (name in carried_only and ours.get(CARRIED_KEY)):
-                metadata = {RACK_ID_KEY: owners[name]}
+            metadata = {RACK_ID_KEY: owners[name]} if name in owners and name not in carried_only else ours
             if (
                 _filters(cfg) == subjects
                 and cfg.max_ack_pending == self.max_ack_pending
