@@ -21,6 +21,7 @@ __all__ = [
     "close_quietly",
     "finish_within",
     "next_within",
+    "wait_event",
     "retrieve_outcome",
 ]
 
@@ -97,6 +98,20 @@ async def next_within(source, timeout: float):
     if not done:
         raise TimeoutError
     return step.result()
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set, at most `timeout` seconds; True when it is. Built on
+    asyncio.wait for the reason next_within is: a cancel of the caller always lands."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    return event.is_set()
 
 
 def _names(tasks) -> str:

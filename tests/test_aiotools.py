@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fluxrig.aiotools import cancel_all_and_wait, cancel_and_wait, finish_within, next_within
+from fluxrig.aiotools import cancel_all_and_wait, cancel_and_wait, finish_within, next_within, wait_event
 
 
 async def _stubborn(swallow: int) -> asyncio.Task:
@@ -116,6 +116,28 @@ async def test_next_within_gives_the_next_item_times_out_and_never_swallows_a_ca
         task = asyncio.ensure_future(follower())
         await asyncio.sleep(0)
         queue.put_nowait("x")
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert done, "a cancel was swallowed"
+
+
+async def test_wait_event_answers_whether_it_was_set_and_never_swallows_a_cancel():
+    event = asyncio.Event()
+    assert await wait_event(event, 0.05) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_event(event, 1.0) is True
+    assert await wait_event(event, 0) is True  # already set: no wait at all
+
+    async def pump():
+        while True:  # what shared_audit's pump does: a loop that only a cancel ends
+            await wait_event(event, 3600)
+            event.clear()
+
+    event.clear()
+    for _ in range(200):  # the cancel lands as the event is set
+        task = asyncio.ensure_future(pump())
+        await asyncio.sleep(0)
+        event.set()
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=1.0)
         assert done, "a cancel was swallowed"

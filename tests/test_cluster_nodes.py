@@ -93,7 +93,7 @@ def test_three_nodes_form_one_cluster_with_r3_streams_and_open_nothing_else(tmp_
         assert [s["node"] for s in statuses] == ["node1", "node2", "node3"]
         for st in statuses:
             assert st["clustered"] and st["cluster"] == "fluxrig-test" and st["replicas"] == 3 and st["route_tls"]
-            assert set(st["streams"]) == {S.STREAM_MSG, S.STREAM_TELEMETRY}
+            assert set(st["streams"]) == {S.STREAM_MSG, S.STREAM_TELEMETRY, S.STREAM_AUDIT}
             for s in st["streams"].values():
                 assert s["replicas"] == 3
                 assert sorted(p["node"] for p in s["peers"]) == ["node1", "node2", "node3"]
@@ -128,6 +128,17 @@ def test_three_nodes_form_one_cluster_with_r3_streams_and_open_nothing_else(tmp_
                 what="a new flux-msg leader after the step-down",
             )
         )
+        # The audit trail is the cluster's (api/shared_audit.py): the step-down asked of node2
+        # is listed by every node, with the node that served it.
+        def audited(n) -> list:
+            with n.client() as api:
+                rows = api.get("/api/v1/audit", params={"path": "step-down"}).json()
+            return [(r["method"], r["path"], r["status"], r["node"]) for r in rows]
+
+        want = [("POST", "/api/v1/cluster/streams/nope/step-down", 400, "node2"),
+                ("POST", f"/api/v1/cluster/streams/{S.STREAM_MSG}/step-down", 200, "node2")]  # fmt: skip
+        for n in c.nodes:
+            asyncio.run(wait_for(lambda n=n: audited(n) == want, 20, what=f"the audit trail on {n.name}"))
 
 
 def test_sigkill_of_the_stream_leader_under_guaranteed_traffic(tmp_path):

@@ -32,6 +32,8 @@ __all__ = [
     "MIXER_LIVENESS",
     "HEARTBEAT_PREFIX",
     "STREAM_MSG",
+    "MIXER_AUDIT",
+    "STREAM_AUDIT",
     "STREAM_TELEMETRY",
     "ENROLL_USER",
     "ENROLL_INBOX",
@@ -67,6 +69,10 @@ HEARTBEAT_PREFIX = "fluxrig.agent.heartbeat"
 # Mixer nodes tell each other which Racks they heard (issue 14: heartbeats go to a queue
 # group, so each node hears a share; the offline sweep needs them all). Racks cannot publish it.
 MIXER_LIVENESS = "fluxrig.mixer.liveness"
+# The operators' audit trail, shared by the Mixer nodes (issues 14 and 19: every node answers
+# GET /api/v1/audit the same); its stream keeps it. Racks cannot publish it.
+MIXER_AUDIT = "fluxrig.mixer.audit"
+STREAM_AUDIT = "fluxrig-audit"
 _TELEMETRY = "flux.telemetry"
 _MSG = "flux.msg"
 _CTRL = "flux.ctrl"

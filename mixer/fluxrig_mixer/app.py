@@ -120,6 +120,7 @@ class Mixer:
         self.started_at = time.time()
         self._api_server = None
         self._shared_identity = None  # api/shared_identity.py, once the API runs on a bus
+        self._shared_audit = None  # api/shared_audit.py, likewise
         self._api_task: asyncio.Task | None = None
         self._stop_event = asyncio.Event()
 
@@ -443,7 +444,7 @@ class Mixer:
 
         from .cluster import ClusterView
 
-        return ClusterView(self.snake.cluster, self.js, (S.STREAM_MSG, S.STREAM_TELEMETRY), self.nc)
+        return ClusterView(self.snake.cluster, self.js, (S.STREAM_MSG, S.STREAM_TELEMETRY, S.STREAM_AUDIT), self.nc)
 
     async def _bus_error(self, exc) -> None:
         log.debug("mixer bus: %s", exc)
@@ -470,6 +471,21 @@ class Mixer:
         # Racks learn the other nodes from what each advertises: the name they can dial.
         return build_spec(self.cfg, self.state_dir), self.cfg.snake.advertise_host
 
+    async def _start_shared_audit(self, audit) -> None:
+        from .api.shared_audit import SharedAudit
+        from .streams import audit_stream_config, replicas_for
+
+        api = self.cfg.api
+        config = audit_stream_config(api.audit_max_age, api.audit_max_bytes, replicas_for(self.cfg))
+        shared = SharedAudit(audit, self._shared_state_options()["node"])
+        if self.cfg.clustered:  # the stream (R3) may have no leader yet
+            from .cluster import retry_while_forming
+
+            await retry_while_forming(lambda: shared.start(self.js, config), self.cfg.cluster.ready_timeout, "audit")
+        else:
+            await shared.start(self.js, config)
+        self._shared_audit = shared
+
     async def _start_api(self) -> None:
         import uvicorn
 
@@ -483,6 +499,8 @@ class Mixer:
 
             self._shared_identity = SharedIdentity(app.state.auth, state.b.operators)
             await self._shared_identity.start(self.cfg.cluster.ready_timeout)
+        if self.js is not None:  # the audit trail every node answers the same (api/shared_audit.py)
+            await self._start_shared_audit(app.state.audit)
         cfg = self.cfg.api
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
         # proto says TCP, and without it every keep-alive response waits ~40 ms (Nagle meets
@@ -576,6 +594,9 @@ class Mixer:
         if self._shared_identity is not None:
             await self._shared_identity.stop()
             self._shared_identity = None
+        if self._shared_audit is not None:
+            await self._shared_audit.stop()
+            self._shared_audit = None
         if self.ingest is not None:
             await self.ingest.stop()  # closes the telemetry store too
         elif self.telemetry_store is not None:

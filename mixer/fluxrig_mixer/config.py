@@ -107,6 +107,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
             None,
         ),
         "scenario_check_memory_mb": (INT, 512, "address-space cap of that child process, MiB", None),
+        # The audit trail every node of a cluster reads (api/shared_audit.py).
+        "audit_max_age": (DUR, "9600h", "rows older than this leave the shared audit stream (each node keeps its own)", None),
+        "audit_max_bytes": (INT, 1024 * 1024 * 1024, "the shared audit stream's size cap; past it the oldest rows leave it", None),
     },
     "snake": {
         "host": (STR, "0.0.0.0", "address nats-server listens on", None),
@@ -337,6 +340,8 @@ RANGES: dict[str, tuple] = {
     "api.max_requests": (1, 100_000),
     "api.scenario_check_timeout": (0.5, 600.0),
     "api.scenario_check_memory_mb": (64, 1024 * 1024),
+    "api.audit_max_age": (86400.0, None),
+    "api.audit_max_bytes": (1024 * 1024, None),
     "snake.stream_max_bytes": (0, None),
     "snake.telemetry_max_bytes": (0, None),
     "snake.ready_timeout": (0.1, 3600.0),

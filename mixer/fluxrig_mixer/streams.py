@@ -1,7 +1,9 @@
 """The Snake's JetStream streams: what they hold, how long, and what happens when one is full.
 
-Job. Define and create (or update in place) the two streams the Mixer owns, from the
-`[snake]` configuration, in one place, so a cluster can later give them replicas:
+Job. Define and create (or update in place) the streams the Mixer owns, in one place: the
+two below from the `[snake]` configuration, and `fluxrig-audit` (audit_stream_config, the
+operators' audit trail every node reads: api/shared_audit.py, limits `api.audit_max_age` and
+`api.audit_max_bytes`, discard OLD):
 
 * `flux-msg` (fluxrig.wire.subjects.STREAM_MSG, `flux.msg.>`): the guaranteed lane between
   Racks. The promise is that no message a sender was acknowledged for (PubAck) is removed
@@ -57,6 +59,8 @@ from fluxrig.wire import subjects as S
 
 __all__ = [
     "ensure_streams",
+    "ensure_stream",
+    "audit_stream_config",
     "msg_stream_config",
     "telemetry_stream_config",
     "DUPLICATE_WINDOW_S",
@@ -131,23 +135,48 @@ def telemetry_stream_config(snake_cfg, replicas: int = NUM_REPLICAS):
     )
 
 
+def audit_stream_config(max_age: float, max_bytes: int, replicas: int = NUM_REPLICAS):
+    """The StreamConfig of fluxrig-audit, the operators' audit trail every node reads
+    (api/shared_audit.py). Limits retention, discard OLD: past `max_age` or `max_bytes` the
+    oldest rows leave the shared trail (each node's DuckDB keeps the rows it served)."""
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+    return StreamConfig(
+        name=S.STREAM_AUDIT,
+        description="fluxrig operators' audit trail, shared by the Mixer nodes (fluxrig-mixer)",
+        subjects=[S.MIXER_AUDIT],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        duplicate_window=DUPLICATE_WINDOW_S,  # a row re-sent after a lost ack is dropped by its id
+        num_replicas=replicas,
+    )
+
+
+async def ensure_stream(js, config) -> None:
+    """Create `config`'s stream, or update the existing one in place (JetStream keeps its messages)."""
+    import nats
+
+    try:
+        await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except nats.js.errors.BadRequestError as exc:
+            # Cluster nodes starting together: another one created it first (10058).
+            if getattr(exc, "err_code", None) != STREAM_NAME_IN_USE:
+                raise
+    await js.update_stream(config)
+
+
 async def ensure_streams(js, snake_cfg, replicas: int = NUM_REPLICAS) -> None:
     """Create or update the two streams: flux-msg (guaranteed lane) and flux-telemetry, with
     `replicas` copies each (replicas_for)."""
-    import nats
-
     for config in (msg_stream_config(snake_cfg, replicas), telemetry_stream_config(snake_cfg, replicas)):
-        try:
-            await js.stream_info(config.name)
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(config)
-                continue
-            except nats.js.errors.BadRequestError as exc:
-                # Cluster nodes starting together: another one created it first (10058).
-                if getattr(exc, "err_code", None) != STREAM_NAME_IN_USE:
-                    raise
-        await js.update_stream(config)
+        await ensure_stream(js, config)
     if _cfg(snake_cfg, "stream_max_age", 0.0):
         log.warning("snake.stream_max_age is ignored for flux-msg: delivered messages are removed once consumed, "
                     "undelivered ones are kept (see snake.lane_undelivered_max_age)")  # fmt: skip

@@ -32,6 +32,8 @@ status, client address. A request refused for want of credentials (401), here or
 door (guard.py: also 413, 408, 503 before any route runs), goes through `RefusalAudit`: at most
 one row per client address and status every REFUSAL_AUDIT_WINDOW_S, the rest counted and
 summed up in a WARNING, so that a stranger's flood cannot turn into a flood of writes.
+Each row has an id and the name of the node that served the call; on a Mixer with a bus the
+rows are shared with every node of the cluster (shared_audit.py), so each node lists them all.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fluxrig.errors import FluxError
+from fluxrig.ids import uuid7_str
 
 from .sessions import DEFAULT_SESSION_IDLE_S, DEFAULT_SESSION_TTL_S, Session, SessionStore
 
@@ -81,6 +84,8 @@ __all__ = [
     "DEFAULT_SESSION_TTL_S",
     "DEFAULT_SESSION_IDLE_S",
     "AUDIT_SHOWN",
+    "AUDIT_COLUMNS",
+    "AUDIT_PATH_CHARS",
     "hash_token",
     "ensure_tables",
 ]
@@ -103,6 +108,9 @@ TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MAX_TOKENS = 1000
 MAX_SESSIONS = 1000  # console.max_sessions' default; sessions are signed cookies now (not held)
 AUDIT_SHOWN = 200
+AUDIT_PATH_CHARS = 512  # an audit row's path is cut here (a URL can be longer than anyone reads)
+AUDIT_METHOD_CHARS = 16
+AUDIT_CLIENT_CHARS = 64  # "address:port", IPv6 included
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS api_tokens(
@@ -111,7 +119,16 @@ _TABLES = [
     """CREATE TABLE IF NOT EXISTS api_audit(
            ts TIMESTAMPTZ NOT NULL, principal VARCHAR, role VARCHAR, via VARCHAR,
            method VARCHAR NOT NULL, path VARCHAR NOT NULL, status INTEGER NOT NULL, client VARCHAR)""",
+    # The cluster's shared trail (shared_audit.py): each row's id, the node that served the
+    # call, and whether the row is in the shared stream yet (the table is its outbox).
+    "ALTER TABLE api_audit ADD COLUMN IF NOT EXISTS id VARCHAR",
+    "ALTER TABLE api_audit ADD COLUMN IF NOT EXISTS node VARCHAR",
+    "ALTER TABLE api_audit ADD COLUMN IF NOT EXISTS shared BOOLEAN DEFAULT false",
+    "UPDATE api_audit SET id = CAST(gen_random_uuid() AS VARCHAR) WHERE id IS NULL",
+    "CREATE INDEX IF NOT EXISTS api_audit_id ON api_audit(id)",
 ]
+#: api_audit's columns in the order record() and the shared trail write them.
+AUDIT_COLUMNS = ("ts", "principal", "role", "via", "method", "path", "status", "client", "id", "node", "shared")
 
 
 class AuthError(FluxError):
@@ -440,10 +457,14 @@ class RefusalAudit:
 
 
 class AuditLog:
-    """`api_audit` rows: one per state-changing API call."""
+    """`api_audit` rows: one per state-changing API call. `node` names this Mixer node in each
+    row; `on_record`, when set (shared_audit.SharedAudit), is called after each row is written,
+    to share it with the other nodes."""
 
-    def __init__(self, db):
+    def __init__(self, db, node: str = ""):
         self.db = db
+        self.node = node
+        self.on_record = None
         if db is not None:
             ensure_tables(db)
 
@@ -452,19 +473,24 @@ class AuditLog:
             return
         try:
             self.db.cur().execute(
-                "INSERT INTO api_audit VALUES (now(), ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO api_audit ({', '.join(AUDIT_COLUMNS)}) VALUES (now(), ?, ?, ?, ?, ?, ?, ?, ?, ?, false)",
                 [
                     principal.name if principal else None,
                     principal.role if principal else None,
                     principal.via if principal else None,
-                    method,
-                    path[:512],
+                    method[:AUDIT_METHOD_CHARS],
+                    path[:AUDIT_PATH_CHARS],
                     status,
-                    client,
+                    client[:AUDIT_CLIENT_CHARS],
+                    uuid7_str(),
+                    self.node,
                 ],
             )
         except Exception as exc:  # the call happened; a failed audit row is logged, not hidden
             log.error("audit row not written for %s %s (%s): %s", method, path, status, exc)
+            return
+        if self.on_record is not None:
+            self.on_record()
 
     def list(
         self, limit: int = AUDIT_SHOWN, path_contains: str | None = None, principal: str | None = None
@@ -478,12 +504,12 @@ class AuditLog:
         if principal:
             where.append("principal = ?")
             args.append(principal)
-        sql = "SELECT ts, principal, role, via, method, path, status, client FROM api_audit"
+        sql = "SELECT ts, principal, role, via, method, path, status, client, node FROM api_audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts DESC LIMIT ?"
+        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
         rows = self.db.cur().execute(sql, [*args, max(1, min(int(limit), 10 * AUDIT_SHOWN))]).fetchall()
-        keys = ("ts", "principal", "role", "via", "method", "path", "status", "client")
+        keys = ("ts", "principal", "role", "via", "method", "path", "status", "client", "node")
         return [{**dict(zip(keys, r)), "ts": r[0].isoformat()} for r in rows]
 
 

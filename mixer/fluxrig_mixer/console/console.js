@@ -773,10 +773,11 @@ function viewScenarios() {
 }
 
 // -- tokens and audit -----------------------------------------------------------------------------
-function auditHead() { return h("thead", {}, h("tr", {}, ["When", "Who", "Call", "Status"].map((c) => h("th", { scope: "col", text: c })))); }
+function auditHead() { return h("thead", {}, h("tr", {}, ["When", "Who", "Call", "Status", "Node"].map((c) => h("th", { scope: "col", text: c })))); }
 function auditRow(a) {
   return h("tr", {}, h("td", { title: a.ts, text: ago(a.ts) }), h("td", { text: a.principal ? `${a.principal} (${a.role}, ${a.via})` : "refused: no valid credentials" }),
-    h("td", { class: "mono wrap", text: `${a.method} ${a.path}` }), h("td", {}, a.status < 400 ? badge("a-applied", String(a.status)) : badge("a-rejected", String(a.status))));
+    h("td", { class: "mono wrap", text: `${a.method} ${a.path}` }), h("td", {}, a.status < 400 ? badge("a-applied", String(a.status)) : badge("a-rejected", String(a.status))),
+    h("td", { class: "mono", title: "the Mixer node that served the call", text: a.node || "" }));
 }
 
 async function viewAudit() {
@@ -787,7 +788,7 @@ async function viewAudit() {
   async function load() {
     try { body.replaceChildren(...(await api("GET", `/api/v1/audit?${qs({ principal: who.value.trim(), path: path.value.trim(), limit: 500 })}`)).map(auditRow)); ready("audit"); } catch (_) { /* logged out */ }
   }
-  main().replaceChildren(h("h1", { text: "Audit trail" }), h("p", { class: "muted", text: "Every state-changing API call, refused ones included: when, which token, what, the answer." }),
+  main().replaceChildren(h("h1", { text: "Audit trail" }), h("p", { class: "muted", text: "Every state-changing API call, refused ones included: when, which token, what, the answer, and which node of the cluster served it (every node lists them all)." }),
     h("form", { class: "row panel", on: { submit: (e) => { e.preventDefault(); load(); } } }, h("label", {}, "Token", who), h("label", {}, "Path", path), h("button", { type: "submit", text: "Filter" })),
     h("div", { class: "scroll" }, h("table", {}, auditHead(), body)));
   load();
