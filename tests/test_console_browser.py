@@ -39,6 +39,7 @@ import uuid
 import httpx
 import pytest
 import yaml
+from fluxrig_mixer.api.auth import AuditLog
 from fluxrig_mixer.up import load_standard_tier
 from mixer_fixtures import make_mixer
 from selenium import webdriver
@@ -450,27 +451,38 @@ async def test_console_500_racks(tmp_path):
                 wait(d, lambda: len(d.find_elements(By.CSS_SELECTOR, "#fleet-body tr")) == 42, 5, "label filter")
                 erase(d.find_element(By.ID, "fleet-filter"))
                 wait(d, lambda: len(d.find_elements(By.CSS_SELECTOR, "#fleet-body tr")) == FLEET_SIZE, 5, "unfiltered")
-                heads = d.find_elements(By.CSS_SELECTOR, "#fleet thead button.sort")
-                backlog = next(b for b in heads if b.text.startswith("Telemetry"))
+                # The live feed repaints the table: an element found one step may be gone the
+                # next (StaleElementReference), so each read and click is one script, retried.
+                sort_backlog = (
+                    "const b = [...document.querySelectorAll('#fleet thead button.sort')]"
+                    ".find((e) => e.textContent.startsWith('Telemetry')); b.click(); return true;"
+                )
 
                 def first_backlog() -> str:
-                    return d.find_elements(By.CSS_SELECTOR, "#fleet-body tr:first-child td")[5].text
+                    return d.execute_script(
+                        "const td = document.querySelectorAll('#fleet-body tr:first-child td')[5];"
+                        "return td ? td.textContent : '';"
+                    )
 
-                backlog.click()
+                wait(d, lambda: d.execute_script(sort_backlog), 5, "the backlog column's sort button")
                 wait(d, lambda: first_backlog() == "0", 5, "ascending backlog")
-                backlog.click()
+                wait(d, lambda: d.execute_script(sort_backlog), 5, "the backlog column's sort button")
                 wait(d, lambda: first_backlog() == "16", 5, "descending backlog")
                 step("filter and sort")
                 # Tab reaches every action of the Rack page.
                 d.get(f"{base}/console#/rack/sim-0042")
                 wait(d, lambda: d.find_element(By.ID, "main").get_attribute("data-ready") == "rack", 10, "rack")
-                wanted = {b.get_attribute("id") for b in d.find_elements(By.CSS_SELECTOR, "#rack-actions button")}
-                wanted |= {"act-loglevel", "act-conn-close", "conn-id", "logout"}
+                wanted = set(
+                    d.execute_script("return [...document.querySelectorAll('#rack-actions button')].map((b) => b.id)")
+                )
+                wanted |= {"act-loglevel", "act-conn-close", "conn-id", "rename-to", "act-rename", "logout"}
                 reached = set()
                 d.find_element(By.TAG_NAME, "body").click()
-                for _ in range(90):
-                    el = d.switch_to.active_element
-                    reached.add(el.get_attribute("id") or el.get_attribute("data-gear") or el.tag_name)
+                for _ in range(100):
+                    el = d.execute_script(
+                        "const e = document.activeElement; return e.id || e.dataset.gear || e.tagName;"
+                    )
+                    reached.add(el)
                     # Through the driver's keyboard, not the element: a live repaint must keep focus.
                     ActionChains(d).send_keys(Keys.TAB).perform()
                 assert wanted <= reached, wanted - reached
@@ -478,11 +490,31 @@ async def test_console_500_racks(tmp_path):
                 d.set_window_size(420, 800)
                 narrow, overflow = _page_times(d, base, pages, shots="narrow")
                 step("narrow pages timed")
+                # Rename from the Rack page, in the narrow window: a bad name is refused before
+                # any call; a good one is confirmed, done, and the page follows the Rack.
+                d.get(f"{base}/console#/rack/sim-0042")
+                wait(d, lambda: d.find_element(By.ID, "main").get_attribute("data-ready") == "rack", 10, "rack")
+                d.find_element(By.ID, "rename-to").send_keys("Not A Name")
+                d.find_element(By.ID, "act-rename").click()
+                wait(d, lambda: "a Rack name is 1-63" in d.find_element(By.ID, "toast").text, 5, "the name refused")
+                erase(d.find_element(By.ID, "rename-to"))
+                d.find_element(By.ID, "rename-to").send_keys("gw-renamed-42")
+                d.find_element(By.ID, "act-rename").click()
+                confirm(d, "Rename Rack sim-0042 to gw-renamed-42")
+                wait(d, lambda: d.current_url.endswith("#/rack/gw-renamed-42"), 10, "the page of the renamed Rack")
+                wait(d, lambda: d.find_element(By.ID, "main").get_attribute("data-ready") == "rack", 10, "its page")
+                assert text_of(d, "h1").startswith("Rack gw-renamed-42")
+                step("rename")
                 return wide, narrow, overflow, js_errors(d)
             finally:
                 d.quit()
 
         wide, narrow, overflow, errors = await asyncio.to_thread(drive)
+        names = {r.name for r in reg.list()}
+        assert "gw-renamed-42" in names and "sim-0042" not in names
+        audited = [r for r in AuditLog(m.registry.db).list(path_contains="/rename")]
+        assert [(r["path"], r["status"], r["principal"]) for r in audited] == [
+            ("/api/v1/racks/sim-0042/rename", 200, "initial-admin")]  # fmt: skip
         print(f"render ms at 1280x800: {wide}; at 420x800: {narrow}")
         assert all(v < RENDER_BUDGET_MS for v in wide.values()), wide
         assert all(v < RENDER_BUDGET_MS for v in narrow.values()), narrow

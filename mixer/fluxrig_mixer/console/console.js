@@ -443,6 +443,8 @@ function drawGraph(g, onGear) {
   return svg;
 }
 
+const RACK_NAME_RE = /^[a-z0-9_-]{1,63}$/; // fluxrig.wire.subjects.RACK_NAME_RE, checked again by the API
+
 function rackActions(r, reload) {
   const n = r.name, base = `/api/v1/racks/${enc(n)}`;
   const cmd = (reason) => ({ reason, wait: 5 });
@@ -490,6 +492,15 @@ async function viewRack([name]) {
   const range = rangeSelect("rack-range", () => loadChart());
   const chartGear = h("select", { id: "rack-chart-gear", on: { change: () => loadChart() } }, h("option", { value: "", text: "all gears" }), graph.gears.map((g) => h("option", { value: g.name, text: g.name })));
 
+  const renameTo = h("input", { id: "rename-to", type: "text", placeholder: "a-z, 0-9, _ and -", size: 24, maxlength: 63, autocomplete: "off" });
+  async function renameRack() {
+    const to = renameTo.value.trim();
+    if (!RACK_NAME_RE.test(to)) { toast("a Rack name is 1-63 of a-z, 0-9, _ and -", true); renameTo.focus(); return; }
+    if (to === rack.name) { toast(`the Rack is already named ${to}`, true); renameTo.focus(); return; }
+    const out = await act("Rename", `Rename Rack ${rack.name} to ${to}. Its status stays; it gets a passport with the new name, and its wires and guaranteed-lane backlog follow it.`,
+      "POST", `/api/v1/racks/${enc(rack.name)}/rename`, { name: to }, { danger: false });
+    if (out) location.hash = `#/rack/${enc(out.name || to)}`;
+  }
   function reload() { api("GET", `/api/v1/racks/${enc(name)}`).then((r) => { rack = r; paint(); }).catch(() => {}); }
   function paint() {
     const r = rack;
@@ -551,7 +562,9 @@ async function viewRack([name]) {
         h("button", { type: "button", id: "act-conn-close", text: "Close connection", on: { click: () => {
           if (!connId.value.trim()) { toast("give the connection id (conn.id, in the gear's log lines)", true); connId.focus(); return; }
           act("Close connection", `Close connection ${connId.value.trim()} on ${connGear.value ? `gear ${connGear.value}` : "whichever gear"} of Rack ${name}.`, "POST", `/api/v1/racks/${enc(name)}/connections/${enc(connId.value.trim())}/close`, (reason) => ({ reason, gear: connGear.value, wait: 5 }), { reason: true });
-        } } })))),
+        } } })),
+      h("h2", { text: "Rename" }), h("form", { class: "row", on: { submit: (e) => { e.preventDefault(); renameRack(); } } }, h("label", {}, "New name", renameTo),
+        h("button", { type: "submit", id: "act-rename", text: "Rename" })))),
     h("section", { class: "panel", "aria-label": "Scenario graph" }, h("h2", { text: `Scenario graph${graph.scenario ? ` · ${graph.scenario.name} ${graph.scenario.version}` : " · no active scenario"}` }),
       h("p", { class: "muted legend", text: "Boxes are gears (inputs left, outputs right), arrows are wires; dashed orange arrows are cross-Rack wires on the guaranteed lane. Rates update with each heartbeat." }), svgBox, detail),
     h("section", { class: "panel" }, h("h2", { text: "Gears" }), h("div", { class: "scroll" }, h("table", { id: "gears" }, h("thead", {}, h("tr", {}, ["Gear", "Type", "In/s", "Out/s", "Errors/s", "In / out / errors", "Connections", ""].map((c) => h("th", { scope: "col", text: c })))), gearBody))),
