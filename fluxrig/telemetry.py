@@ -11,6 +11,9 @@ the Snake and acknowledges them in the WAL only once JetStream has them on disk.
   `messages_out`, `errors`, `dropped`, plus what a gear adds, e.g. connections) become
   `metrics` records, with the WAL's own health (`flux.wal.*`).
 * `Telemetry.event(...)`: Rack events (a reload) as a log record plus a `traces` span.
+* `record_span(...)`: the same for code that does not hold the Telemetry (a conductor's
+  reversal saga, ended: answered or parked), into the running Rack's telemetry; a span, unlike
+  a log line, does not depend on the log level.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .ids import uuid7
 from .wire.telemetry import SEVERITY
 from .wire.vocab import TelemetryKind
 
-__all__ = ["Telemetry", "WalLogHandler", "MetricsReporter"]
+__all__ = ["Telemetry", "WalLogHandler", "MetricsReporter", "record_span"]
 
 log = logging.getLogger("fluxrig.telemetry")
 
@@ -140,20 +143,26 @@ class Telemetry:
         self.metrics = MetricsReporter(wal, snapshot, interval)
 
     async def start(self) -> None:
+        global _current
         logging.getLogger().addHandler(self.handler)
         await self.metrics.start()
+        _current = self
 
     async def stop(self) -> None:
+        global _current
+        if _current is self:
+            _current = None
         logging.getLogger().removeHandler(self.handler)
         await self.metrics.stop()
 
-    def event(self, name: str, attrs: dict, start_ns: int, end_ns: int, ok: bool = True) -> None:
-        """One span for a Rack-level operation (a reload): start, end, status, attributes."""
+    def event(self, name: str, attrs: dict, start_ns: int, end_ns: int, ok: bool = True, trace_id: str = "") -> None:
+        """One span for a Rack-level operation (a reload, a reversal saga): start, end, status,
+        attributes; `trace_id` ties it to the traffic it belongs to (a new one when empty)."""
         # "kind" is the record type for the shipper; the span's own kind goes in span_kind
         doc = {
             "kind": TelemetryKind.TRACES,
             "span_kind": "internal",
-            "trace_id": uuid7().hex(),
+            "trace_id": trace_id or uuid7().hex(),
             "span_id": uuid7().hex()[:16],
             "parent_span_id": "",
             "name": name,
@@ -173,3 +182,16 @@ class Telemetry:
             "logs_dropped": self.handler.dropped,
             "metrics_dropped": self.metrics.dropped,
         }
+
+
+_current: Telemetry | None = None  # the running Rack's telemetry, record_span's sink
+
+
+def record_span(name: str, attrs: dict, start_ns: int, end_ns: int, ok: bool = True, trace_id: str = "") -> bool:
+    """One `traces` span into the running Rack's telemetry WAL (Telemetry.event); False when
+    no telemetry runs (a Rack without a Mixer). Never blocks: a full WAL counts it dropped."""
+    telemetry = _current
+    if telemetry is None:
+        return False
+    telemetry.event(name, attrs, start_ns, end_ns, ok, trace_id)
+    return True

@@ -126,6 +126,19 @@ async def test_saf_verbs_through_the_mixer_for_a_joined_rack(mixer, api, tmp_pat
         r = await api.post(f"/api/v1/racks/{RACK}/saf/{first}/retry", json={})
         assert r.status_code == 409, r.text
 
+        # -- the parked saga is one `reversal` trace span ------------------------------------------
+        async def span():
+            r = await api.get("/api/v1/telemetry/traces", params={"rack": RACK, "name": "reversal"})
+            return r.status_code == 200 and r.json()
+
+        spans = await wait_for(span, timeout=20, what="the reversal's trace span at the Mixer")
+        attrs = json.loads(spans[0]["attributes"])
+        assert spans[0]["status"] == "error" and spans[0]["trace_id"], spans[0]
+        assert rows[0]["trace"] in ("", spans[0]["trace_id"])  # the request's trace, when it had one
+        assert (attrs["saga"], attrs["outcome"], attrs["why"], attrs["gear"]) == (
+            first, "parked", "settled with issuer", "switch")  # fmt: skip
+        assert attrs["stan"] == rows[0]["stan"] and attrs["cause"] == rows[0]["cause"] and spans[0]["duration_ms"] > 0
+
         # -- a park captured on the bus and sent again: refused (nonce already spent) ---------------
         await wait_for(lambda: len(captured) > n_before, timeout=5, what="the park seen on the bus")
         park_bytes = [d for d in captured[n_before:] if cbor2.loads(cbor2.loads(d)["payload"])["args"]["op"] == "park"]

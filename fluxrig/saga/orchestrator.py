@@ -17,7 +17,9 @@ the original leg is down). Everything else is here:
 - **Bounded**: at most `max_owed` open sagas; beyond that a new reversal is refused with an
   ERROR and the `refused_full` counter, never dropped silently.
 
-Every step is logged with the saga id, trace id and RRN as telemetry attributes.
+Every step is logged with the saga id, trace id and RRN as telemetry attributes, and each saga
+that ends (answered or parked) is one `reversal` trace span from owed to its end, on the trace
+of the transaction it reverses (fluxrig.telemetry.record_span: the Mixer's traces and console).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections import deque
 from ..aiotools import cancel_all_and_wait
 from ..ids import uuid7
 from ..msg import FluxMsg
+from ..telemetry import record_span
 from ..wire import meta as M
 from .reversal import NEVER_COPIED, ReversalPolicy, build_reversal, is_reversal_class
 from .saf import (
@@ -112,6 +115,9 @@ def _fields(msg: FluxMsg) -> dict:
     iso = msg.data.get(FIELD)
     fields = iso.get("field") if isinstance(iso, dict) else None
     return fields if isinstance(fields, dict) else {}
+
+
+SPAN_NAME = "reversal"  # the trace span of one saga, owed to answered or parked
 
 
 def _attrs(saga: Saga, step: str, **more) -> dict:
@@ -345,8 +351,16 @@ class Reversals:
             "%s: reversal %s answered (%s 39=%s) after %d attempt(s)",
             self.gear, sid, mti, code, saga.attempts, extra=_attrs(saga, "answered", code=code),
         )  # fmt: skip
+        self._span(saga, ANSWERED, code=code)
         asyncio.get_running_loop().create_task(self._finish(saga, ev))
         return True
+
+    def _span(self, saga: Saga, outcome: str, **more) -> None:
+        attrs = {"gear": self.gear, "saga": saga.id, "rrn": saga.rrn, "stan": saga.stan, "mti": saga.mti,
+                 "cause": saga.cause, "route": saga.route, "attempts": saga.attempts, "outcome": outcome, **more}  # fmt: skip
+        end = time.time_ns()
+        start = int(saga.created_wall * 1e9) if saga.created_wall else end
+        record_span(SPAN_NAME, attrs, min(start, end), end, outcome == ANSWERED, saga.trace)
 
     async def _finish(self, saga: Saga, ev: dict) -> None:
         try:
@@ -368,6 +382,7 @@ class Reversals:
             "%s: reversal %s PARKED after %d attempt(s): %s; `fluxrig saf show %s` has its trail",
             self.gear, saga.id, saga.attempts, why, saga.id, extra=_attrs(saga, "parked", why=why),
         )  # fmt: skip
+        self._span(saga, PARKED, code=code, why=why)
         try:
             await self.store.park(saga, ev, now)
         except Exception as exc:  # noqa: BLE001 (kept open in the journal: a restart resumes it)

@@ -672,7 +672,9 @@ function viewTelemetry() {
       traces.replaceChildren(...rows.map((r) => {
         let attrs = {};
         try { attrs = JSON.parse(r.attributes || "{}"); } catch (_) { /* raw */ }
-        const what = r.name === "reload" ? `${attrs.old_version || "?"} → ${attrs.new_version || "?"}${attrs.reason ? ` (${attrs.reason})` : ""}` : r.attributes;
+        const what = r.name === "reload" ? `${attrs.old_version || "?"} → ${attrs.new_version || "?"}${attrs.reason ? ` (${attrs.reason})` : ""}`
+          : r.name === "reversal" ? `${attrs.gear || "?"}: ${attrs.mti || "?"} STAN ${attrs.stan || "?"}${attrs.rrn ? ` RRN ${attrs.rrn}` : ""} (${attrs.cause || "?"}) ${attrs.outcome || "?"} after ${attrs.attempts ?? "?"} attempt(s)${attrs.code ? `, 39=${attrs.code}` : ""}${attrs.why ? `: ${attrs.why}` : ""}`
+          : r.attributes;
         return h("tr", {}, h("td", { title: r.start, text: ago(r.start) }), h("td", { text: r.rack }), h("td", { text: r.name }), h("td", {}, r.status === "ok" ? badge("a-applied", "ok") : badge("a-rejected", r.status || "?")),
           h("td", { text: r.duration_ms === null ? "" : `${r.duration_ms.toFixed(1)} ms` }), h("td", { class: "wrap mono", text: what }));
       }));
@@ -687,8 +689,8 @@ function viewTelemetry() {
     h("section", { class: "panel" }, h("h2", { text: "Metrics" }),
       h("form", { class: "row", on: { submit: (e) => { e.preventDefault(); loadChart(); } } }, h("label", {}, "Rack", chartRack), h("label", {}, "Gear", chartGear),
         h("label", {}, "Metric (empty = rates)", metric), names, h("label", {}, "Range", range), h("button", { type: "submit", id: "chart-apply", text: "Show" })), chart),
-    h("section", { class: "panel" }, h("h2", { text: "Traces: scenario reloads" }),
-      h("p", { class: "muted", text: "Reversal sagas are not built yet; their traces will be listed here when they are." }),
+    h("section", { class: "panel" }, h("h2", { text: "Traces: scenario reloads and reversal sagas" }),
+      h("p", { class: "muted", text: "One row per reload and per reversal saga that ended (answered, or parked for settlement by hand: list them with `fluxrig saf list --rack NAME`)." }),
       h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, ["When", "Rack", "Trace", "Status", "Took", "What"].map((c) => h("th", { scope: "col", text: c })))), traces))));
   start();
   loadTraces();
