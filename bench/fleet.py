@@ -2,7 +2,8 @@
 
 Setup: `fluxrig-mixer serve` as a real subprocess (auto-adopt, heartbeat 1s, loopback ports,
 temp state dir). N Racks enroll through the shared enroll user (real Hello, sealed passport
-verified against the Mixer key), then each opens its own bus connection with its own
+verified against the Mixer key; 256 Hellos in flight at once, as a fleet powered on together
+sends them, with one token of N uses), then each opens its own bus connection with its own
 credentials and heartbeats once per interval (real request/reply).
 
 Measured: latency of the control API (GET /api/v1/racks with all N Racks, GET one Rack,
@@ -103,7 +104,7 @@ class Fleet:
         self.running = False
         self.conns = []
 
-    async def enroll(self, concurrency: int = 25) -> None:
+    async def enroll(self, concurrency: int = 256) -> None:
         ncs = [await nats.connect([u], tls=self.tls, inbox_prefix=S.ENROLL_INBOX) for u in self.urls]
         sem = asyncio.Semaphore(concurrency)
 

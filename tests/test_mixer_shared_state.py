@@ -386,6 +386,17 @@ async def test_scenarios_the_active_one_and_tokens_are_shared(nodes, tmp_path):
     assert sorted(g.refused is None for g in grants) == [False, True], grants
     assert [g for g in grants if g.refused][0].refused.endswith("is spent")
     assert [g for g in grants if not g.refused][0].labels == {"site": "lab"}
+    # A fleet enrolling with one 25-use token: 60 Hellos at once through two nodes. Each node
+    # spends its waiting Hellos in rounds (one write each): 25 admitted, 35 refused, 25 counted.
+    token3, rec3 = files[0].create(uses=25)
+    await shared[0].push()
+    grants = await asyncio.gather(*(shared[i % 2].consume(token3, f"gw-{i}") for i in range(60)))
+    assert sum(g.refused is None for g in grants) == 25, grants
+    assert all(g.refused.endswith("is spent") for g in grants if g.refused)
+    counted = (await ns[2].controller.state.b.tokens.get(rec3["id"])).value
+    assert (counted["uses"], counted["uses_left"]) == (25, 0)
+    assert sorted(counted["racks"]) == sorted(f"gw-{i}" for i, g in enumerate(grants) if g.refused is None)
+    assert not shared[0]._spending and not shared[1]._waiting  # nothing left waiting
     # Revoked in node 0's file: refused by node 1 at the next Hello.
     token2, rec = files[0].create(uses=5)
     files[0].revoke(rec["id"])

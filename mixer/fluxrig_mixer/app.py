@@ -327,6 +327,7 @@ class Mixer:
             reload_users=self.snake.reload,
             wait_reloaded=self.snake.wait_reloaded,
             tokens=self.tokens,
+            hello_rate=cfg.enrollment.hello_rate,
             **self._shared_state_options(),
         )
         try:

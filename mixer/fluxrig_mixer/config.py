@@ -108,8 +108,18 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         ),
         "scenario_check_memory_mb": (INT, 512, "address-space cap of that child process, MiB", None),
         # The audit trail every node of a cluster reads (api/shared_audit.py).
-        "audit_max_age": (DUR, "9600h", "rows older than this leave the shared audit stream (each node keeps its own)", None),
-        "audit_max_bytes": (INT, 1024 * 1024 * 1024, "the shared audit stream's size cap; past it the oldest rows leave it", None),
+        "audit_max_age": (
+            DUR,
+            "9600h",
+            "rows older than this leave the shared audit stream (each node keeps its own)",
+            None,
+        ),
+        "audit_max_bytes": (
+            INT,
+            1024 * 1024 * 1024,
+            "the shared audit stream's size cap; past it the oldest rows leave it",
+            None,
+        ),
     },
     "snake": {
         "host": (STR, "0.0.0.0", "address nats-server listens on", None),
@@ -182,6 +192,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
             None,
         ),
         "first_token_ttl": (DUR, "0s", "validity of the first-start token; 0s = no expiry", None),
+        "hello_rate": (
+            FLOAT,
+            200.0,
+            "Hellos this node serves per second, all Racks together (burst twice that); past it they are dropped "
+            "and the Racks retry",
+            None,
+        ),
     },
     "console": {
         "session_ttl": (DUR, "12h", "a console login lasts at most this long", None),
@@ -341,6 +358,7 @@ RANGES: dict[str, tuple] = {
     "api.scenario_check_timeout": (0.5, 600.0),
     "api.scenario_check_memory_mb": (64, 1024 * 1024),
     "api.audit_max_age": (86400.0, None),
+    "enrollment.hello_rate": (1.0, 100_000.0),
     "api.audit_max_bytes": (1024 * 1024, None),
     "snake.stream_max_bytes": (0, None),
     "snake.telemetry_max_bytes": (0, None),

@@ -63,6 +63,7 @@ SECRET_BYTES = 32
 MAX_TOKENS = 10_000
 MAX_TOKEN_LABELS = 32
 MAX_LABEL_CHARS = 128
+MAX_SPEND_BATCH = 256  # uses of one token spent in one shared-state write (SharedTokens._spend)
 _ID_RE = re.compile(r"^[a-z0-9-]{1,32}$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
 
@@ -331,7 +332,8 @@ class SharedTokens:
         self.bucket = bucket
         self._pushed_mtime: int | None = None
         self._task = None
-        self._spending: dict[str, asyncio.Lock] = {}  # token id -> its spends on this node, one at a time
+        self._waiting: dict[str, list] = {}  # token id -> [(rack name, now, future)] waiting for a round
+        self._spending: dict[str, asyncio.Task] = {}  # token id -> its rounds of spends (one at a time)
 
     async def push(self) -> int:
         """New ids and revocations of the file into the KV; how many records were written."""
@@ -418,9 +420,52 @@ class SharedTokens:
             cur = await self.bucket.get(token_id)
         if cur is None or not hmac.compare_digest(cur.value.get("sha256", ""), _hash(token)):
             return Grant("unknown enrollment token")
+        return await self._spend(token_id, rack_name, now)
+
+    async def _spend(self, token_id: str, rack_name: str, now: float) -> Grant:
+        """One use of `token_id`, spent together with every other Hello waiting on that token
+        on this node: a fleet enrolling with one token sends its Hellos at once, and one
+        compare-and-set per Hello, one at a time (racing ones lost 9 times in a row), held
+        enrollment to ~45 per second. Each round spends all that wait (at most
+        MAX_SPEND_BATCH) in one write; the first ones get the uses left, the rest are refused."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(token_id, []).append((rack_name, now, waiter))
+        if token_id not in self._spending:
+            task = asyncio.get_running_loop().create_task(self._spend_rounds(token_id), name="token-spend")
+            self._spending[token_id] = task
+        return await waiter
+
+    async def _spend_rounds(self, token_id: str) -> None:
+        queue = self._waiting[token_id]
+        try:
+            while queue:
+                batch = queue[:MAX_SPEND_BATCH]
+                del queue[: len(batch)]
+                try:
+                    grants = await self._spend_round(token_id, [name for name, _t, _w in batch], batch[0][1])
+                except asyncio.CancelledError:
+                    queue[:0] = batch
+                    raise
+                except Exception as exc:  # StateUnavailable ...: each Hello of the round hears it
+                    grants = [exc] * len(batch)
+                for (_name, _t, waiter), grant in zip(batch, grants):
+                    if waiter.done():
+                        continue
+                    if isinstance(grant, Exception):
+                        waiter.set_exception(grant)
+                    else:
+                        waiter.set_result(grant)
+        finally:
+            self._spending.pop(token_id, None)
+            self._waiting.pop(token_id, None)
+            for _name, _t, waiter in queue:  # stopped: the Hellos still waiting are not answered
+                waiter.cancel()
+
+    async def _spend_round(self, token_id: str, names: list[str], now: float) -> list[Grant]:
         verdict: dict = {}
 
         def spend(r):
+            verdict.clear()
             if r is None:
                 verdict["refused"] = "unknown enrollment token"
                 return None
@@ -429,23 +474,22 @@ class SharedTokens:
                 verdict["refused"] = f"enrollment token {token_id} is {state}"
                 return None
             left = r["uses_left"]
-            verdict["record"] = r
+            n = len(names) if left is None else min(left, len(names))
+            verdict["record"], verdict["granted"] = r, n
             return dict(
                 r,
-                uses=r["uses"] + 1,
-                uses_left=None if left is None else left - 1,
-                racks=(r.get("racks", []) + [rack_name])[-100:],
+                uses=r["uses"] + n,
+                uses_left=None if left is None else left - n,
+                racks=(r.get("racks", []) + names[:n])[-100:],
             )
 
-        # One spend of a token at a time on this node: a fleet enrolling with one token sends
-        # its Hellos at once, and racing compare-and-sets on one key lost 9 times in a row.
-        async with self._spending.setdefault(token_id, asyncio.Lock()):
-            got = await self.bucket.cas(token_id, spend)
-            if verdict.get("refused"):
-                return Grant(verdict["refused"])
-            r = verdict["record"]
-            unchanged = self._pushed_mtime == self._mtime_now()
-            self.store.record_use(token_id, got.value)  # `tokens list` on this node counts it too
-            if unchanged:  # our own write: nothing new to push
-                self._pushed_mtime = self._mtime_now()
-        return Grant(None, token_id, dict(r["labels"]), r["rack_name"])
+        got = await self.bucket.cas(token_id, spend)
+        if verdict.get("refused"):
+            return [Grant(verdict["refused"])] * len(names)
+        r, n = verdict["record"], verdict["granted"]
+        unchanged = self._pushed_mtime == self._mtime_now()
+        self.store.record_use(token_id, got.value)  # `tokens list` on this node counts it too
+        if unchanged:  # our own write: nothing new to push
+            self._pushed_mtime = self._mtime_now()
+        granted = [Grant(None, token_id, dict(r["labels"]), r["rack_name"]) for _ in range(n)]
+        return granted + [Grant(f"enrollment token {token_id} is spent")] * (len(names) - n)
