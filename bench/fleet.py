@@ -50,6 +50,10 @@ from fluxrig.wire import subjects as S  # noqa: E402
 from fluxrig.wire.bundle import read_bundle  # noqa: E402
 
 
+HELLO_TIMEOUT_S = 5.0  # a Rack waits this long for the answer to a Hello, then sends another
+HELLO_ATTEMPTS = 10
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,6 +105,7 @@ class Fleet:
         self.racks: list[dict] = []
         self.beats = 0
         self.beat_errors = 0
+        self.hello_retries = 0  # Hellos sent again after no answer (dropped past enrollment.hello_rate)
         self.running = False
         self.conns = []
 
@@ -116,7 +121,14 @@ class Fleet:
                 hello = W.Hello(
                     self.token, f"sim-{i:04d}", pk, "bench", nkey=I.public_key(seed), nkey_sig=I.prove(seed, pk)
                 )
-                msg = await nc.request(S.HELLO, hello.encode(), timeout=30)
+                for _attempt in range(HELLO_ATTEMPTS):  # as a Rack does: a Hello the Mixer dropped is sent again
+                    try:
+                        msg = await nc.request(S.HELLO, hello.encode(), timeout=HELLO_TIMEOUT_S)
+                        break
+                    except nats.errors.TimeoutError:
+                        self.hello_retries += 1
+                else:
+                    raise RuntimeError(f"hello {i}: no answer to {HELLO_ATTEMPTS} Hellos")
                 reply = W.HelloReply.decode(msg.data)
                 if not reply.sealed:
                     raise RuntimeError(f"hello {i} refused: {reply.status} {reply.message}")
@@ -217,6 +229,7 @@ async def measure(args, fleet: Fleet, api_ports, tokens) -> dict:
         "heartbeat_errors": fleet.beat_errors,
         "enroll_s": round(enroll_s, 2),
         "enroll_per_s": round(args.racks / enroll_s, 1),
+        "hello_retries": fleet.hello_retries,
     }
 
 
