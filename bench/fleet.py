@@ -49,7 +49,6 @@ from fluxrig.wire import messages as W  # noqa: E402
 from fluxrig.wire import subjects as S  # noqa: E402
 from fluxrig.wire.bundle import read_bundle  # noqa: E402
 
-
 HELLO_TIMEOUT_S = 5.0  # a Rack waits this long for the answer to a Hello, then sends another
 HELLO_ATTEMPTS = 10
 
