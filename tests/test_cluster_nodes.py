@@ -128,6 +128,7 @@ def test_three_nodes_form_one_cluster_with_r3_streams_and_open_nothing_else(tmp_
                 what="a new flux-msg leader after the step-down",
             )
         )
+
         # The audit trail is the cluster's (api/shared_audit.py): the step-down asked of node2
         # is listed by every node, with the node that served it.
         def audited(n) -> list:
