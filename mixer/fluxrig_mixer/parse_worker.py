@@ -80,6 +80,8 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # A child serves this many checks, or one request larger than RECYCLE_LARGE_BYTES, then exits.
 RECYCLE_AFTER = 50
 RECYCLE_LARGE_BYTES = 256 * 1024
+# How much of a dead child's stderr is read for why it died.
+STDERR_TAIL_BYTES = 8192
 # Requests and answers on the pipes: an 8-byte big-endian length, then JSON.
 _FRAME = struct.Struct(">Q")
 
@@ -243,8 +245,11 @@ class ScenarioChecker:
                 "api.scenario_check_timeout",
             )
         if code != 0 or len(out) > MAX_ANSWER_BYTES:
-            tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] if err else []
-            memory = code in (-9, 137) or any("MemoryError" in line for line in tail)
+            text = err[-STDERR_TAIL_BYTES:].decode("utf-8", "replace") if err else ""
+            tail = text.strip().splitlines()[-1:]
+            # Out of memory, the child's last line is often not the MemoryError itself but
+            # "Exception ignored in ..." from a finaliser that could not allocate either.
+            memory = code in (-9, 137) or "MemoryError" in text
             log.warning("scenario check child failed (code %s): %s", code, tail[0][:200] if tail else "")
             if memory:
                 raise ScenarioCheckFailed(
