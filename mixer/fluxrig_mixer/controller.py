@@ -200,12 +200,22 @@ class Controller:
         # Rate-limited per sender before any work (ratelimit.py).
         hello_cb = guard_hello(self._hello_task, total_rate=self.hello_rate)
         beat_cb = guard_heartbeat(self._on_heartbeat, self.heartbeat_interval)
+        self._guards = {"hello": hello_cb, "heartbeat": beat_cb}  # their drops: dropped()
         self._subs.append(await nc.subscribe(S.HELLO, queue="mixer", cb=hello_cb))
         self._subs.append(await nc.subscribe(S.heartbeat_all(), queue="mixer", cb=beat_cb))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="liveness-sweeper")
         # Guaranteed lane: the in-<rack> consumers follow the active scenario (lanes.py).
         self.lanes = LaneConsumers(nc.jetstream(), self.registry, self.scenarios, nc=nc)
         self.lanes.start()
+
+    def dropped(self) -> dict[str, int]:
+        """Messages dropped before any work since attach (ratelimit.py): `hello` and
+        `heartbeat` over their sender's rate, `*_oversized` past their size cap."""
+        out = {}
+        for what, guard in getattr(self, "_guards", {}).items():
+            out[what] = guard.limiter.refused
+            out[f"{what}_oversized"] = guard.oversized.refused
+        return out
 
     async def detach(self) -> None:
         """Stop every worker, each step bounded (aiotools): a Mixer that is stopping must

@@ -126,6 +126,12 @@ def prometheus_text(services: MixerServices) -> str:
         ],
     )
     metric("fluxrig_mixer_heartbeats_total", "counter", "Heartbeats received", [({}, c["heartbeats"])])
+    metric(
+        "fluxrig_mixer_dropped_total",
+        "counter",
+        "Hellos and heartbeats dropped before any work: over their sender's rate, or too large",
+        [({"what": what}, n) for what, n in sorted(services.controller.dropped().items())],
+    )
     snake = services.snake
     metric(
         "fluxrig_mixer_snake_up", "gauge", "1 when nats-server accepts connections", [({}, 1 if snake.running else 0)]
