@@ -158,3 +158,51 @@ def test_card_numbers_masked_in_log_text(caplog):
     assert line == f"declined 411111******1111 ref {not_a_card} stan 123456"
     # a run inside a longer digit string (a timestamp with a card-looking tail) is left alone
     assert mask_card_numbers("x" + "9" * 25 + "x") == "x" + "9" * 25 + "x"
+
+
+async def test_bad_frame_logs_are_rate_limited_per_connection_with_a_suppressed_count(caplog):
+    """A peer sending garbage frames provokes one decode-error line each: at most the burst per
+    connection gets through in a window, the rest are counted; another connection has a burst
+    of its own."""
+    port = free_port()
+    scenario = f"""
+meta: {{version: '1'}}
+gears:
+  - name: gw
+    type: io_tcp
+    config: {{mode: server, bind: "127.0.0.1:{port}", framing: length_prefix2}}
+  - name: dec
+    type: codec_iso8583
+    config: {{spec: "moov:spec87ascii", direction: decode, on_error: drop}}
+  - name: sink
+    type: sink
+    config: {{mode: "null"}}
+wires:
+  - {{from: gw.out, to: dec.in}}
+  - {{from: dec.out, to: sink.in}}
+"""
+    junk = b"\x00\x10" + b"ZZZZ-not-iso8583"  # a whole frame, not an ISO 8583 message
+
+    async def flood(n: int, dec) -> None:
+        before = dec.counters.dropped
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(junk * n)
+        await w.drain()
+        for _ in range(200):
+            if dec.counters.dropped >= before + n:
+                break
+            await asyncio.sleep(0.02)
+        assert dec.counters.dropped == before + n
+        w.close()
+
+    with caplog.at_level(logging.WARNING):
+        async with running(scenario) as rt:
+            dec = rt.gears["dec"]
+            await flood(100, dec)
+            first = [r.getMessage() for r in caplog.records if "decode_error" in r.getMessage()]
+            await flood(10, dec)
+    lines = [r.getMessage() for r in caplog.records if "decode_error" in r.getMessage()]
+    burst = dec._limiter.burst
+    assert len(first) == burst, first  # 100 bad frames, 5 lines
+    assert len(lines) == 2 * burst, lines  # the second connection: 5 more
+    assert dec._limiter.suppressed_total == 110 - 2 * burst  # every line not written is counted
