@@ -154,6 +154,20 @@ fluxrig-mixer: hardening-no-pie [usr/lib/fluxrig-mixer/fluxrig-mixer]
 
 
 # -- maintainer scripts (the snippets dh_installsystemd / dh_installsysusers generate) ----------
+def _tmpfiles_fallback(entries: str) -> str:
+    """`install -d` lines (tab-indented twice) for each `d` line of a tmpfiles.d entry: on a box
+    without systemd-tmpfiles every directory it names is made, not only the state folder (the
+    Rack's tmp/, where the one-file binary unpacks, was missing there)."""
+    out = []
+    for line in entries.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[0] == "d":
+            out.append(f"\t\tinstall -d -m {f[2]} -o {f[3]} -g {f[4]} {f[1]}")
+    if not out:
+        raise ValueError(f"no directory in the tmpfiles entry {entries!r}")
+    return "\n".join(out)
+
+
 def postinst(p: dict) -> str:
     user, unit, conf, state = p["user"], p["unit"], "/" + p["conf"], "/" + p["state"]
     return f"""#!/bin/sh
@@ -171,7 +185,8 @@ if [ "$1" = "configure" ]; then
 	if command -v systemd-tmpfiles >/dev/null 2>&1; then
 		systemd-tmpfiles --create {user}.conf || true
 	else
-		install -d -m 0750 -o {user} -g {user} {state}
+		# What the tmpfiles entry says, without systemd-tmpfiles: every directory of it.
+{_tmpfiles_fallback(p["tmpfiles"])}
 	fi
 	# First install: the configuration may hold an enrollment token, readable by the
 	# service's group only (an operator's later choice of owner is kept on upgrades).

@@ -153,6 +153,7 @@ class Controller:
         # Signed commands (shutdown, log level; the kill state in heartbeat replies). The app
         # shares its own sender here; otherwise one is made on attach.
         self.commands: CommandSender | None = None
+        self._storage_failed: dict[str, tuple[str, ...]] = {}  # rack id -> WALs its heartbeat says failed
         self.counters = {"hello_ok": 0, "hello_denied": 0, "hello_bad": 0, "hello_removed": 0, "heartbeats": 0,
                          "heartbeat_unknown": 0}  # fmt: skip
         self._heard_offline: set[str] = set()  # offline Racks heard again, persisted by the sweeper
@@ -456,6 +457,20 @@ class Controller:
         if msg.reply and reply is not None:
             await self.nc.publish(msg.reply, reply)
 
+    def _storage_changed(self, rack: RackRow, failed: tuple[str, ...]) -> None:
+        """One ERROR when a Rack's heartbeat first says a WAL of it refuses writes (a full disk:
+        the Rack drops telemetry, or holds guaranteed sends), one line when it healed."""
+        before = self._storage_failed.get(rack.rack_id, ())
+        if tuple(failed) == before:
+            return
+        if failed:
+            self._storage_failed[rack.rack_id] = tuple(failed)
+            log.error("rack %s: its %s WAL refuses writes (storage full or failing on the Rack); it heals by "
+                      "itself once space returns", rack.name, " and ".join(failed))  # fmt: skip
+        else:
+            self._storage_failed.pop(rack.rack_id, None)
+            log.warning("rack %s: its %s WAL takes writes again", rack.name, " and ".join(before))
+
     def _rack_by_name(self, name: str) -> RackRow | None:
         rack = self.registry.find(name)
         return rack if rack and rack.name == name else None
@@ -486,6 +501,7 @@ class Controller:
         if hb.stats:
             self.registry.update_info(rack.rack_id, stats=hb.stats)
             self._stats_here[rack.rack_id] = hb.stats
+        self._storage_changed(rack, hb.storage_failed)
         passport = None
         current = await self.current_passport(rack.rack_id)
         half_life = rack.passport_expires - self.passport_ttl / 2

@@ -91,7 +91,15 @@ def fleet_row(r: RackRow) -> dict:
         "killed": bool(ctrl.get("killed")),
         "kill_reason": ctrl.get("reason") or "",
         "stopped_gears": list(ctrl.get("stopped_gears") or []),
+        "storage_failed": storage_failed(stats),
     }
+
+
+def storage_failed(stats: dict | None) -> list[str]:
+    """The Rack's WALs refusing writes right now (`telemetry`, `lanes`: a full disk), from its
+    last heartbeat's stats (fluxrig.mixer_link.storage_stats)."""
+    failed = ((stats or {}).get("storage") or {}).get("failed") or []
+    return [str(w) for w in failed][:8] if isinstance(failed, list) else []
 
 
 class _Subscriber:

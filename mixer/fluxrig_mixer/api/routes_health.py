@@ -17,6 +17,7 @@ from fluxrig.wire.vocab import TRAFFIC_STATUSES, TelemetryKind
 from .._version import __version__
 from ..scenarios import project
 from ..states import STATUSES
+from .feed import storage_failed
 from .services import GUARDED, MixerServices, Services
 
 __all__ = [
@@ -106,13 +107,23 @@ def prometheus_text(services: MixerServices) -> str:
     counts = registry.counts()
     metric("fluxrig_mixer_racks", "gauge", "Racks by status", [({"status": s}, counts.get(s, 0)) for s in STATUSES])
     apply_counts: dict[str, int] = {}
+    storage_counts = {"telemetry": 0, "lanes": 0}
     for r in registry.list():
         apply_counts[r.apply_state] = apply_counts.get(r.apply_state, 0) + 1
+        for wal in storage_failed(r.stats):
+            if wal in storage_counts:
+                storage_counts[wal] += 1
     metric(
         "fluxrig_mixer_rack_scenario_apply",
         "gauge",
         "Racks by scenario apply state",
         [({"state": s}, n) for s, n in sorted(apply_counts.items())],
+    )
+    metric(
+        "fluxrig_mixer_racks_storage_failed",
+        "gauge",
+        "Racks whose WAL refuses writes (a full disk) by their last heartbeat; it heals when space returns",
+        [({"wal": w}, n) for w, n in storage_counts.items()],
     )
     c = services.controller.counters
     metric(

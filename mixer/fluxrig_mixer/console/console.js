@@ -283,7 +283,13 @@ function fleetRow(r) {
   a.dataset.link = r.name;
   a.textContent = r.name;
   td(tr).appendChild(a);
-  td(tr).appendChild(statusBadge(r.status));
+  const st = td(tr);
+  st.appendChild(statusBadge(r.status));
+  if (r.storage_failed && r.storage_failed.length) {
+    const b = badge("a-rejected", `storage: ${r.storage_failed.join(", ")}`);
+    b.title = "a WAL on this Rack refuses writes (its disk is full); it heals by itself once space returns";
+    st.append(" ", b);
+  }
   td(tr, r.target && r.target !== r.scenario ? `${r.scenario || "none"} → ${r.target}` : r.scenario || "none", "mono");
   const ap = td(tr, null, "wrap");
   ap.appendChild(applyBadge(r.apply_state));
