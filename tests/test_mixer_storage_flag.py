@@ -1,8 +1,8 @@
 """A Rack's failed WAL as the Mixer shows it (issue 13: "a metric and a heartbeat flag
 meanwhile"): a heartbeat whose storage flag names a WAL gives one ERROR line, the flag in the
 console's fleet row and the count in /metrics; the next heartbeat without it clears both and
-says so once. (A Rack's own WAL failing and healing on a full disk, with that flag in its
-heartbeat, is test_mixer_wal_enospc.py.)"""
+says so once. (A Rack's WALs failing and healing on a real full disk are test_mixer_wal_enospc.py;
+a whole Rack on a full disk with its heartbeat reaching the Mixer is not tested end to end.)"""
 
 from __future__ import annotations
 
