@@ -197,6 +197,7 @@ class SharedAudit:
     async def _follow(self) -> None:
         from nats.js.api import ConsumerConfig, DeliverPolicy
 
+        failing = False
         while True:
             sub = None
             try:
@@ -215,6 +216,9 @@ class SharedAudit:
                 sub = await self._js.subscribe(
                     S.MIXER_AUDIT, stream=S.STREAM_AUDIT, ordered_consumer=True, config=config
                 )
+                if failing:
+                    log.info("reading the shared audit stream again from %d", cursor + 1)
+                    failing = False
                 batch: list[tuple[int, bytes]] = []
                 while True:
                     try:
@@ -231,8 +235,10 @@ class SharedAudit:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("reading the shared audit stream failed (%s: %s): again in %.1f s",
-                            type(exc).__name__, exc, RETRY_S)  # fmt: skip
+                if not failing:  # once per outage, not every RETRY_S
+                    log.warning("reading the shared audit stream failed (%s: %s): retrying every %.1f s",
+                                type(exc).__name__, exc, RETRY_S)  # fmt: skip
+                failing = True
                 await asyncio.sleep(RETRY_S)
             finally:
                 if sub is not None:
