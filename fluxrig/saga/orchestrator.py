@@ -55,7 +55,7 @@ from .saf import (
 from .stan import STAN_FILE, STAN_MAX, StanCounter
 from .store import SagaStore, end_event, take_requests
 
-__all__ = ["Reversals", "SagaSettings", "OwedReversal", "DEFAULT_MAX_OWED", "DEFAULT_REFUSAL_CODES"]
+__all__ = ["Reversals", "SagaSettings", "OwedReversal", "DEFAULT_MAX_OWED", "DEFAULT_REFUSAL_CODES", "SPAN_NAME"]
 
 log = logging.getLogger("fluxrig.saga")
 

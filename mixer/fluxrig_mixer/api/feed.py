@@ -36,6 +36,7 @@ from ..registry import RackRow
 __all__ = [
     "FleetFeed",
     "fleet_row",
+    "storage_failed",
     "sse",
     "rack_stream",
     "log_stream",
