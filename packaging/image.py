@@ -154,7 +154,7 @@ def fetch_debs(arch: str, cache: str) -> list[str]:
         found = sorted(f for f in os.listdir(cache) if f.startswith(pkg + "_") and f.endswith(".deb"))
         if not found:
             try:
-                _run(["apt-get", "download", "-q", f"{pkg}:{arch}"], cwd=cache)
+                _run(["apt-get", "download", "-q", _apt_name(pkg, arch)], cwd=cache)
             except ImageError as exc:
                 hint = (
                     ""
@@ -167,6 +167,16 @@ def fetch_debs(arch: str, cache: str) -> list[str]:
             raise ImageError(f"{cache} holds {len(found)} versions of {pkg}: {found}; delete the old ones")
         out.append(os.path.join(cache, found[0]))
     return out
+
+
+def _apt_name(pkg: str, arch: str) -> str:
+    """`pkg:arch`, or `pkg` alone for a package of Architecture: all (ca-certificates, tzdata):
+    apt has no `ca-certificates:arm64` candidate, so the foreign-architecture images never got
+    their base."""
+    r = subprocess.run(["apt-cache", "show", "--no-all-versions", pkg], capture_output=True, text=True)
+    if r.returncode == 0 and re.search(r"^Architecture: all$", r.stdout, re.M):
+        return pkg
+    return f"{pkg}:{arch}"
 
 
 def _host_arch() -> str:

@@ -17,6 +17,18 @@ if { ! command -v podman || ! command -v runc || ! command -v systemd-nspawn; } 
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc systemd-container \
     >/dev/null 2>&1 || echo "podman/systemd-nspawn could not be installed: their tests say so and skip" >&2
 fi
+# The arm Rack images take their base from Debian's arm packages: where `make firmware-test`
+# left an arm binary, apt must know that architecture (packaging/image.py downloads from it).
+if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null 2>&1; then
+  here="$(cd "$(dirname "$0")/.." && pwd)"
+  added=0
+  for arch in arm64 armhf; do
+    if [ -x "$here/firmware-tests/cache/bin-$arch/fluxrig" ] && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+      dpkg --add-architecture "$arch" && added=1
+    fi
+  done
+  if [ "$added" = 1 ]; then apt-get update -qq || echo "apt-get update failed: the arm images will say why" >&2; fi
+fi
 [ "${#missing[@]}" -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "missing: ${missing[*]} (apt-get install ${missing[*]}; needed by make deb / make image-test)" >&2
