@@ -135,7 +135,6 @@ chaos-test: build
 DIST_EPOCH = SOURCE_DATE_EPOCH=$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct)}
 
 image: build
-	packaging/install-dist-tools.sh
 	$(DIST_EPOCH) $(BIN)/python packaging/image.py
 
 image-test: build test-tools
