@@ -89,7 +89,10 @@ def _build(target: str, python: str | None, path: str, home: str) -> str:
     tmp = home + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     env = dict(os.environ)
-    env.update(DISTPATH=tmp, WORKPATH=os.path.join(ROOT, "build", "pyinstaller", target))
+    # Not under build/pyinstaller: packaging/build.sh's own default work folder keeps
+    # build/pyinstaller/<spec>/<program>, a file where this build wants a folder of that name
+    # (PyInstaller then failed with FileExistsError after a `make binary-mixer`).
+    env.update(DISTPATH=tmp, WORKPATH=os.path.join(ROOT, "build", "pyinstaller-frozen", target))
     env.setdefault("PYTHON", python or sys.executable)
     nice = ["nice", "-n", "10"] if shutil.which("nice") else []
     subprocess.run([*nice, os.path.join(ROOT, "packaging", "build.sh"), target], cwd=ROOT, env=env, check=True)
