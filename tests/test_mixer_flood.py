@@ -50,7 +50,7 @@ async def test_a_flood_from_one_sender_is_dropped_past_its_burst_and_counted(mix
     await wait_for(
         lambda: mixer.controller.dropped()["heartbeat"] >= FLOOD - HEARTBEAT_BURST - 2,
         10,
-        "the heartbeat flood dropped",
+        what="the heartbeat flood dropped",
     )
     assert c["heartbeats"] + c["heartbeat_unknown"] - beats0 <= HEARTBEAT_BURST + 2
 
