@@ -11,7 +11,9 @@
 # smoke driver is host Python talking TCP and a pty to the emulated Rack). Slow the first time
 # (debootstrap, pip builds under emulation: see target-build.sh); everything is cached under
 # firmware-tests/cache/: the rootfs and the target venv until their package lists change, the
-# binary until the source tree changes. FIRMWARE_CACHE, FIRMWARE_SUITE, FIRMWARE_MIRROR override.
+# binary until the source tree changes (bin-<arch>/src.sha256: firmware-tests/src-hash.sh of the
+# tree it was built from; bin-<arch>/commit: the commit it was built at). FIRMWARE_CACHE,
+# FIRMWARE_SUITE, FIRMWARE_MIRROR override.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=firmware-tests/common.sh
@@ -41,15 +43,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The source as the build sees it: tracked and untracked-but-not-ignored files of the work tree
-# (what `make binary` would build), limited to what goes into the Rack binary (so a change to the
-# tests or the Mixer does not cost an emulated rebuild), packed deterministically so its hash
-# says "unchanged".
-BUILD_INPUTS=(setup.py pyproject.toml README.md fluxrig packaging firmware-tests/target-build.sh)
-(cd "$REPO_DIR" && git ls-files -z -co --exclude-standard -- "${BUILD_INPUTS[@]}" \
-  | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
-  | tar --null -T - --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$src_tar")
-src_hash="$(sha256sum "$src_tar" | cut -d' ' -f1)"
+# The source as the build sees it (firmware-tests/src-hash.sh says which files and how they are
+# packed; packaging/image.py and deb.py run the same script to refuse a binary of another tree).
+src_hash="$("$here/src-hash.sh" --tar "$src_tar")" || die "cannot pack the source (firmware-tests/src-hash.sh)"
 commit="$(git -C "$REPO_DIR" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 [ -z "$(git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit-dirty"
 
@@ -79,7 +75,11 @@ build_arch() {
     FLUXRIG_COMMIT="$commit" /src/firmware-tests/target-build.sh "$arch" \
     || die "$arch: target build failed"
   mkdir -p "$out"
+  # src.sha256 last: it is what says "this binary is of that source", so a run stopped midway
+  # leaves a binary that image.py and deb.py refuse, never an old hash beside a new binary.
+  rm -f "$out/src.sha256" "$out/commit"
   cp "$root/src/dist/fluxrig" "$out/fluxrig"
+  echo "$commit" > "$out/commit"
   echo "$src_hash" > "$out/src.sha256"
   log "$arch: built in $((SECONDS - t0)) s: $(stat -c %s "$out/fluxrig") bytes"
 }

@@ -3,7 +3,9 @@
     python packaging/deb.py [fluxrig] [fluxrig-mixer] [--arch amd64|arm64|armhf ...] [--out build/packages]
 
 writes `fluxrig_<version>_<arch>.deb` (amd64, and arm64/armhf when `make firmware-test` has
-left its binaries in firmware-tests/cache/bin-<arch>/fluxrig) and `fluxrig-mixer_<version>_amd64.deb`.
+left its binaries in firmware-tests/cache/bin-<arch>/fluxrig, refused when built from another
+source than this tree's unless --allow-stale-arm: packaging/frozen.py) and
+`fluxrig-mixer_<version>_amd64.deb`.
 Install with `apt install ./fluxrig_<version>_amd64.deb`, then edit /etc/fluxrig/fluxrig.toml.
 
 What is inside `fluxrig`:
@@ -357,8 +359,9 @@ def control_text(name: str, p: dict, version: str, arch: str, installed_kib: int
     )
 
 
-def _binary(name: str, arch: str) -> tuple[str, bool]:
-    """(path, is_folder) of the frozen program for `arch`."""
+def _binary(name: str, arch: str, allow_stale: bool | None = None, log=print) -> tuple[str, bool]:
+    """(path, is_folder) of the frozen program for `arch`; DebError when there is none (the
+    architecture is skipped), frozen.StaleBinaryError for an arm Rack of another source."""
     host = image._host_arch()
     if name == "fluxrig-mixer":
         if arch != host:
@@ -366,10 +369,10 @@ def _binary(name: str, arch: str) -> tuple[str, bool]:
         return frozen.ensure("fluxrig-mixer"), True
     if arch == host:
         return frozen.ensure("fluxrig"), False
-    path = os.path.join(ROOT, "firmware-tests", "cache", f"bin-{arch}", "fluxrig")
-    if not os.path.exists(path):
+    found = frozen.firmware_binary(arch, allow_stale=allow_stale, log=log)
+    if found is None:
         raise DebError(f"no {arch} Rack binary: `make firmware-test` builds firmware-tests/cache/bin-{arch}/fluxrig")
-    return path, False
+    return found.path, False
 
 
 def _put(stage: str, rel: str, data: bytes, mode: int = 0o644) -> None:
@@ -430,9 +433,11 @@ def _normalize(stage: str, epoch: int) -> int:
     return total
 
 
-def build_package(name: str, arch: str, out: str, epoch: int, version: str, commit: str) -> str:
+def build_package(
+    name: str, arch: str, out: str, epoch: int, version: str, commit: str, allow_stale: bool | None = None, log=print
+) -> str:
     p = PACKAGES[name]
-    bundle, is_folder = _binary(name, arch)
+    bundle, is_folder = _binary(name, arch, allow_stale, log)
     with tempfile.TemporaryDirectory(prefix=f"deb-{name}-{arch}-") as tmp:
         stage = os.path.join(tmp, "root")
         os.makedirs(stage)
@@ -493,8 +498,12 @@ def build_package(name: str, arch: str, out: str, epoch: int, version: str, comm
     return dest
 
 
-def build(names: list[str], out: str, epoch: int, archs: list[str] | None = None, log=print) -> dict:
-    """{name: {arch: path}}; an architecture with no binary here is skipped and said so."""
+def build(
+    names: list[str], out: str, epoch: int, archs: list[str] | None = None, log=print, allow_stale: bool | None = None
+) -> dict:
+    """{name: {arch: path}}; an architecture with no binary here is skipped and said so; an arm
+    Rack binary of another source than this tree's raises frozen.StaleBinaryError unless
+    `allow_stale` (default: FLUXRIG_ALLOW_STALE_ARM=1)."""
     version = image._version()
     commit = image.git("rev-parse", "HEAD")
     results: dict[str, dict[str, str]] = {}
@@ -503,7 +512,7 @@ def build(names: list[str], out: str, epoch: int, archs: list[str] | None = None
             if arch not in PACKAGES[name]["archs"]:
                 continue
             try:
-                path = build_package(name, arch, out, epoch, version, commit)
+                path = build_package(name, arch, out, epoch, version, commit, allow_stale, log)
             except DebError as exc:
                 if arch == image._host_arch():
                     raise
@@ -521,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                                  archs=DEB_ARCHS, out_dir="packages", json_help="print {package: {arch: path}} as JSON")  # fmt: skip
     names = args.names
     try:
-        res = build(names, args.out, args.epoch, args.arch, log=lambda m: print(m, file=sys.stderr))
-    except (DebError, image.ImageError) as exc:
+        res = build(names, args.out, args.epoch, args.arch, log=lambda m: print(m, file=sys.stderr),
+                    allow_stale=args.allow_stale_arm)  # fmt: skip
+    except (DebError, image.ImageError, frozen.FirmwareError) as exc:
         print(f"deb: {exc}", file=sys.stderr)
         return 1
     if args.json:

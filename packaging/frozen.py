@@ -12,18 +12,42 @@ The build itself is packaging/build.sh (accelerated twins required, commit and b
 stamped). SOURCE_DATE_EPOCH is passed through: set, the stamped build date is the commit time,
 and with PYTHONHASHSEED=0 (build.sh) two builds of the same tree are byte-identical where
 PyInstaller allows (packaging/README.md says what was measured).
+
+The arm Racks are not built here but by `make firmware-test` (firmware-tests/run.sh, under
+QEMU), which leaves them in firmware-tests/cache/bin-<arch>/ (FIRMWARE_CACHE moves it) with the
+hash of the source they were built from (src.sha256) and the commit (commit).
+`firmware_binary(arch)` hands such a binary out only when that hash is the one
+firmware-tests/src-hash.sh gives for the current tree, and otherwise raises StaleBinaryError
+naming both hashes and commits: an image or package must not pack an older tree's binary under
+a label that names HEAD. `allow_stale=True` (image.py / deb.py `--allow-stale-arm`, or
+FLUXRIG_ALLOW_STALE_ARM=1) packs it anyway, with a WARNING per architecture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 
-__all__ = ["ROOT", "TARGETS", "source_hash", "built", "ensure"]
+__all__ = [
+    "ROOT",
+    "TARGETS",
+    "source_hash",
+    "built",
+    "ensure",
+    "ALLOW_STALE_ENV",
+    "FirmwareBinary",
+    "FirmwareError",
+    "StaleBinaryError",
+    "firmware_cache",
+    "firmware_source_hash",
+    "firmware_binary",
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP = 2
@@ -110,6 +134,97 @@ def _prune(target: str, keep: str) -> None:
     mine.sort(key=os.path.getmtime, reverse=True)
     for old in [d for d in mine if d != keep][KEEP - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the arm Racks of `make firmware-test` --------------------------------------------------------
+ALLOW_STALE_ENV = "FLUXRIG_ALLOW_STALE_ARM"
+SRC_HASH_SCRIPT = os.path.join(ROOT, "firmware-tests", "src-hash.sh")
+SRC_HASH_TIMEOUT_S = 120.0  # a tar of the Rack's sources: well under a second on a quiet box
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class FirmwareError(RuntimeError):
+    """The firmware cache cannot be checked (src-hash.sh failed)."""
+
+
+class StaleBinaryError(FirmwareError):
+    """An arm Rack binary in the firmware cache was built from another source than the tree's
+    (or its hash was never recorded): the fields name both sides and what fixes it."""
+
+    def __init__(self, arch: str, path: str, built_hash: str, built_commit: str, tree_hash: str, tree_commit: str):
+        self.arch, self.path = arch, path
+        self.built_hash, self.built_commit = built_hash, built_commit
+        self.tree_hash, self.tree_commit = tree_hash, tree_commit
+        super().__init__(
+            f"the {arch} Rack binary {path} is stale: built from source {built_hash or '(no src.sha256)'} "
+            f"at commit {built_commit}, but this tree is source {tree_hash} at commit {tree_commit}. "
+            f"Run `make firmware-test` (as root) to rebuild it, or pass --allow-stale-arm "
+            f"({ALLOW_STALE_ENV}=1) to pack it anyway"
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FirmwareBinary:
+    arch: str
+    path: str
+    source_sha256: str  # of the tree it was built from ("" when never recorded)
+    commit: str  # the commit it was built at, as run.sh recorded it
+    stale: bool  # packed though the tree's source differs (allow_stale)
+
+
+def firmware_cache() -> str:
+    return os.environ.get("FIRMWARE_CACHE") or os.path.join(ROOT, "firmware-tests", "cache")
+
+
+def firmware_source_hash() -> str:
+    """firmware-tests/src-hash.sh of the current tree: the hash run.sh records for a build."""
+    try:
+        r = subprocess.run([SRC_HASH_SCRIPT], capture_output=True, text=True, timeout=SRC_HASH_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FirmwareError(f"cannot run {SRC_HASH_SCRIPT}: {exc}") from None
+    out = r.stdout.strip()
+    if r.returncode != 0 or not _SHA256.match(out):
+        raise FirmwareError(f"{SRC_HASH_SCRIPT} failed (exit {r.returncode}): {r.stderr.strip() or out!r}")
+    return out
+
+
+def _tree_commit() -> str:
+    r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    commit = r.stdout.strip() if r.returncode == 0 else "unknown"
+    dirty = subprocess.run(
+        ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    return commit + "-dirty" if dirty else commit
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def firmware_binary(arch: str, *, allow_stale: bool | None = None, log=print) -> FirmwareBinary | None:
+    """The `make firmware-test` Rack for `arch`, None when there is none; StaleBinaryError when
+    it was not built from the current tree, unless `allow_stale` (default: ALLOW_STALE_ENV=1),
+    then it is returned with stale=True after a WARNING through `log`."""
+    home = os.path.join(firmware_cache(), f"bin-{arch}")
+    path = os.path.join(home, "fluxrig")
+    if not os.path.isfile(path):
+        return None
+    built_hash = _read(os.path.join(home, "src.sha256"))
+    built_commit = _read(os.path.join(home, "commit")) or "unknown (not recorded by that run.sh)"
+    tree_hash = firmware_source_hash()
+    if built_hash == tree_hash:
+        return FirmwareBinary(arch, path, built_hash, built_commit, stale=False)
+    err = StaleBinaryError(arch, path, built_hash, built_commit, tree_hash, _tree_commit())
+    if allow_stale is None:
+        allow_stale = os.environ.get(ALLOW_STALE_ENV, "") == "1"
+    if not allow_stale:
+        raise err
+    log(f"WARNING: packing a STALE binary ({ALLOW_STALE_ENV}=1 / --allow-stale-arm): {err}")
+    return FirmwareBinary(arch, path, built_hash, built_commit, stale=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,14 @@ build/debs/ to take it.
 Architectures: amd64 from the host build; arm64 and armhf Rack images when `make firmware-test`
 has left its binaries in firmware-tests/cache/bin-<arch>/fluxrig (one-file builds: that image
 sets TMPDIR to an exec-able folder of the state volume) and apt can download that architecture
-(`dpkg --add-architecture arm64 && apt-get update`). The Mixer is amd64 only.
+(`dpkg --add-architecture arm64 && apt-get update`). The Mixer is amd64 only. An arm binary
+built from another source than this tree's (its bin-<arch>/src.sha256 is not what
+firmware-tests/src-hash.sh prints now) is refused, naming both hashes and commits, before
+anything is written: `make firmware-test` rebuilds it; `--allow-stale-arm` (or
+FLUXRIG_ALLOW_STALE_ARM=1) packs it anyway with a WARNING and the label
+io.fluxrig.binary.stale=true. Each arm image labels the binary's own source hash and commit
+(io.fluxrig.binary.source-sha256, io.fluxrig.binary.commit): the commit can be older than the
+revision when only files outside the Rack's build inputs changed since.
 """
 
 from __future__ import annotations
@@ -430,23 +437,39 @@ def image_config(prog, spec, arch, epoch, version, commit, labels, onefile) -> d
     return doc
 
 
-def _binary_for(prog: str, spec: dict, arch: str) -> tuple[str, bool] | None:
-    """(path, onefile) of the program for `arch`, or None when no build exists here."""
+def _binary_for(prog: str, spec: dict, arch: str, allow_stale: bool | None, log) -> tuple[str, bool, dict] | None:
+    """(path, onefile, extra labels) of the program for `arch`, or None when no build exists
+    here; frozen.StaleBinaryError for an arm Rack of another source than this tree's."""
     if arch == _host_arch():
-        return frozen.ensure(spec["frozen"]), False
+        return frozen.ensure(spec["frozen"]), False, {}
     if prog == "fluxrig":
-        path = os.path.join(ROOT, "firmware-tests", "cache", f"bin-{arch}", "fluxrig")
-        if os.path.exists(path):
-            return path, True
+        found = frozen.firmware_binary(arch, allow_stale=allow_stale, log=log)
+        if found is not None:
+            # What the binary was built from, beside the index's revision (HEAD): the same source
+            # hash as this tree unless packed with --allow-stale-arm, and then it says so.
+            labels = {"io.fluxrig.binary.source-sha256": found.source_sha256, "io.fluxrig.binary.commit": found.commit}
+            if found.stale:
+                labels["io.fluxrig.binary.stale"] = "true"
+            return found.path, True, labels
     return None
 
 
-def build(progs: list[str], out: str, epoch: int, archs: list[str] | None = None, log=print) -> dict:
-    """Build the images; {prog: {"layout", "archive", "index_digest", "manifests": {arch: digest}}}."""
+def build(
+    progs: list[str], out: str, epoch: int, archs: list[str] | None = None, log=print, allow_stale: bool | None = None
+) -> dict:
+    """Build the images; {prog: {"layout", "archive", "index_digest", "manifests": {arch: digest}}}.
+    An arm Rack binary of another source than this tree's raises frozen.StaleBinaryError before
+    anything is written, unless `allow_stale` (default: FLUXRIG_ALLOW_STALE_ARM=1)."""
     version = _version()
     commit = git("rev-parse", "HEAD")
     results = {}
     bases: dict[str, tuple[bytes, list[dict]]] = {}
+    # Every binary is found (and the arm ones checked against this tree) before any layout is
+    # touched: a refused stale binary leaves the previous images in place.
+    binaries = {}
+    for prog in progs:
+        for arch in archs or PROGRAMS[prog]["archs"]:
+            binaries[prog, arch] = _binary_for(prog, PROGRAMS[prog], arch, allow_stale, log)
     for prog in progs:
         spec = PROGRAMS[prog]
         layout_dir = os.path.join(out, prog)
@@ -454,11 +477,11 @@ def build(progs: list[str], out: str, epoch: int, archs: list[str] | None = None
         layout = oci.Layout(layout_dir)
         manifests, dockers = {}, {}
         for arch in archs or spec["archs"]:
-            found = _binary_for(prog, spec, arch)
+            found = binaries[prog, arch]
             if found is None:
                 log(f"{prog}: no {arch} build here (make firmware-test builds the arm Racks): skipped")
                 continue
-            bundle, onefile = found
+            bundle, onefile, binary_labels = found
             if arch not in bases:
                 layer, infos = base_layer(fetch_debs(arch, os.path.join(ROOT, "build", "debs", arch)))
                 bases[arch] = (layer.tar(epoch), infos)
@@ -481,6 +504,7 @@ def build(progs: list[str], out: str, epoch: int, archs: list[str] | None = None
                 "io.fluxrig.sbom.format": "SPDX-2.3+json",
                 "io.fluxrig.sbom.digest": oci.sha256(sbom_bytes),
                 "io.fluxrig.build": "onefile" if onefile else "onedir",
+                **binary_labels,
             }
             app_tar = app_layer(prog, spec, bundle, onefile, sbom_bytes).tar(epoch)
             config = image_config(prog, spec, arch, epoch, version, commit, labels, onefile)
@@ -535,6 +559,14 @@ def parse_dist_args(argv, *, prog: str, doc: str, noun: str, names, archs, out_d
     p.add_argument("--epoch", type=int, help="timestamp of every file (default SOURCE_DATE_EPOCH or the commit time)")
     p.add_argument("--arch", action="append", choices=list(archs), help="only these architectures")
     p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument(
+        "--allow-stale-arm",
+        action="store_true",
+        default=os.environ.get(frozen.ALLOW_STALE_ENV, "") == "1",
+        help="pack an arm64/armhf Rack from firmware-tests/cache/bin-<arch>/ even when it was built from another "
+        "source than this tree's (refused by default: `make firmware-test` rebuilds it); logged as a WARNING and "
+        f"labelled io.fluxrig.binary.stale=true. Also {frozen.ALLOW_STALE_ENV}=1",
+    )
     args = p.parse_args(argv)
     args.names = args.names or list(names)
     unknown = [x for x in args.names if x not in names]
@@ -550,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                            archs=DEBIAN_ARCH, out_dir="images", json_help="print the result as one JSON object")  # fmt: skip
     progs = args.names
     try:
-        res = build(progs, args.out, args.epoch, args.arch, log=lambda m: print(m, file=sys.stderr))
-    except (ImageError, oci.LayerError) as exc:
+        res = build(progs, args.out, args.epoch, args.arch, log=lambda m: print(m, file=sys.stderr),
+                    allow_stale=args.allow_stale_arm)  # fmt: skip
+    except (ImageError, oci.LayerError, frozen.FirmwareError) as exc:
         print(f"image: {exc}", file=sys.stderr)
         return 1
     if args.json:

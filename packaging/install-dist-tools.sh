@@ -23,7 +23,7 @@ if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null 2>&1; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
   added=0
   for arch in arm64 armhf; do
-    if [ -x "$here/firmware-tests/cache/bin-$arch/fluxrig" ] && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+    if [ -x "${FIRMWARE_CACHE:-$here/firmware-tests/cache}/bin-$arch/fluxrig" ] && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
       dpkg --add-architecture "$arch" && added=1
     fi
   done

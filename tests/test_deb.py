@@ -34,6 +34,7 @@ from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "packaging"))
 import deb  # noqa: E402
+import frozen  # noqa: E402
 import image  # noqa: E402
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(2400)]
@@ -256,7 +257,7 @@ def test_amd64_package_installs_and_echoes(debs, tmp_path):
 def test_arm_package_installs_and_echoes_under_qemu(debs, tmp_path, arch):
     _need_root()
     path = debs["fluxrig"].get(arch)
-    rootfs = os.path.join(ROOT, "firmware-tests", "cache", f"rootfs-{arch}")
+    rootfs = os.path.join(frozen.firmware_cache(), f"rootfs-{arch}")
     if path is None:
         pytest.skip(f"no {arch} Rack binary: make firmware-test builds firmware-tests/cache/bin-{arch}/fluxrig")
     if not os.path.exists(os.path.join(rootfs, "usr/bin/dpkg")):

@@ -13,6 +13,12 @@ own packages for the base (marker `image`: `make image-test`, minutes; not in `m
   answers, and its `healthcheck` (the image's) exits 0; the Mixer's `version` runs.
 * podman loads the image with its user, labels and HEALTHCHECK, and runs it read-only where its
   runtime can start containers here (skipped with podman's reason where it cannot).
+* The arm Racks `make firmware-test` leaves are packed only when built from this tree's source
+  (firmware-tests/src-hash.sh, the one definition run.sh records): a binary with another or no
+  recorded hash is refused before anything is written, naming the arch, both hashes and
+  commits and `make firmware-test`; `--allow-stale-arm` / FLUXRIG_ALLOW_STALE_ARM=1 packs it
+  with a WARNING and the label io.fluxrig.binary.stale=true. src-hash.sh changes with the
+  Rack's sources and not with the tests or the image writer.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import pytest
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "packaging"))
+import deb  # noqa: E402
+import frozen  # noqa: E402
 import image  # noqa: E402
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1800)]
@@ -355,7 +363,7 @@ def test_arm_rack_images_verify_are_reproducible_and_run_under_qemu(tmp_path):
     Racks, the Rack image carries an arm64 and an armhf manifest beside amd64's; each layout
     verifies, its platform, user, labels and size are right, two builds give the same index,
     and each arm image's entrypoint answers `version` from its unpacked root under QEMU."""
-    have = [a for a in ARM if os.path.exists(os.path.join(ROOT, "firmware-tests", "cache", f"bin-{a}", "fluxrig"))]
+    have = [a for a in ARM if os.path.exists(os.path.join(frozen.firmware_cache(), f"bin-{a}", "fluxrig"))]
     if not have:
         pytest.skip("no arm Rack binary: make firmware-test builds firmware-tests/cache/bin-<arch>/fluxrig")
     epoch = image.default_epoch()
@@ -373,6 +381,10 @@ def test_arm_rack_images_verify_are_reproducible_and_run_under_qemu(tmp_path):
         c = config["config"]
         assert config["architecture"] == image.DEBIAN_ARCH[arch][0] and c["User"] == f"{UID}:{UID}"
         assert c["Labels"]["org.opencontainers.image.revision"] == _commit()
+        # built from this tree's source (image.build refuses a stale one; this says it was checked)
+        assert c["Labels"]["io.fluxrig.binary.source-sha256"] == frozen.firmware_source_hash()
+        assert "io.fluxrig.binary.stale" not in c["Labels"]
+        print(f"fluxrig {arch}: binary built at commit {c['Labels']['io.fluxrig.binary.commit']}")
         if os.geteuid() != 0:
             continue
         root = str(tmp_path / f"root-{arch}")
@@ -382,3 +394,146 @@ def test_arm_rack_images_verify_are_reproducible_and_run_under_qemu(tmp_path):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and b"fluxrig" in out, (out, err[-2000:])
         print(f"fluxrig {arch} image: {out.decode().splitlines()[0]}")
+
+
+# -- stale arm binaries ---------------------------------------------------------------------------
+SRC_HASH = os.path.join(ROOT, "firmware-tests", "src-hash.sh")
+OLD_HASH = "0" * 63 + "1"
+OLD_COMMIT = "0123456789ab"
+
+
+def _src_hash(root: str = ROOT, *args: str) -> str:
+    r = subprocess.run([os.path.join(root, "firmware-tests", "src-hash.sh"), *args], capture_output=True, text=True)
+    assert r.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}\n", r.stdout), r
+    return r.stdout.strip()
+
+
+def _arm_binary_bytes() -> bytes:
+    """A real arm64 Rack when make firmware-test left one (its own hash is not used here),
+    else this interpreter's ELF: the check refuses before it reads the binary."""
+    real = os.path.join(frozen.firmware_cache(), "bin-arm64", "fluxrig")
+    with open(real if os.path.exists(real) else sys.executable, "rb") as fh:
+        return fh.read()
+
+
+@pytest.fixture
+def arm_cache(tmp_path, monkeypatch):
+    """A firmware cache (FIRMWARE_CACHE) holding an arm64 binary; the test writes its src.sha256."""
+    cache = tmp_path / "cache"
+    (cache / "bin-arm64").mkdir(parents=True)
+    exe = cache / "bin-arm64" / "fluxrig"
+    exe.write_bytes(_arm_binary_bytes())
+    exe.chmod(0o755)
+    (cache / "bin-arm64" / "commit").write_text(OLD_COMMIT + "\n")
+    monkeypatch.setenv("FIRMWARE_CACHE", str(cache))
+    monkeypatch.delenv(frozen.ALLOW_STALE_ENV, raising=False)
+    return cache / "bin-arm64"
+
+
+def test_src_hash_follows_the_rack_sources_only(tmp_path):
+    """One definition of the source: the same hash twice and with --tar (what run.sh builds
+    from, holding the Rack's sources and not the tests); in a clone of HEAD the same hash as
+    this tree when clean, another after a change to fluxrig/, the same after a change to the
+    tests or to packaging/image.py."""
+    first = _src_hash()
+    assert _src_hash() == first
+    tar = tmp_path / "src.tar"
+    assert _src_hash(ROOT, "--tar", str(tar)) == first == hashlib.sha256(tar.read_bytes()).hexdigest()
+    names = tarfile.open(tar).getnames()
+    assert "fluxrig/__init__.py" in names and "packaging/fluxrig.spec" in names, names[:20]
+    assert not [n for n in names if n.startswith(("tests/", "mixer/"))] and "packaging/image.py" not in names
+    clone = str(tmp_path / "clone")
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", ROOT, clone], check=True, capture_output=True)
+    shutil.copy2(SRC_HASH, os.path.join(clone, "firmware-tests", "src-hash.sh"))  # this tree's script on HEAD's files
+    base = _src_hash(clone)
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "fluxrig", "setup.py", "pyproject.toml",
+                            "README.md", "packaging", "firmware-tests"], capture_output=True, text=True).stdout  # fmt: skip
+    if not dirty:  # a committed tree: the clone's hash is this tree's
+        assert base == first
+    with open(os.path.join(clone, "tests", "test_image.py"), "a") as fh:
+        fh.write("# a test change\n")
+    with open(os.path.join(clone, "packaging", "image.py"), "a") as fh:
+        fh.write("# an image writer change\n")
+    assert _src_hash(clone) == base
+    with open(os.path.join(clone, "fluxrig", "__init__.py"), "a") as fh:
+        fh.write("# a Rack change\n")
+    assert _src_hash(clone) != base
+
+
+def _assert_refusal(text: str, built_hash: str) -> None:
+    for part in ("arm64", built_hash, OLD_COMMIT, frozen.firmware_source_hash(), "make firmware-test",
+                 "--allow-stale-arm", frozen.ALLOW_STALE_ENV):  # fmt: skip
+        assert part in text, (part, text)
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    assert head.stdout.strip() in text, text
+
+
+@pytest.mark.parametrize("recorded", ["other source", "no src.sha256"])
+def test_stale_arm_binary_is_refused(arm_cache, tmp_path, recorded):
+    """A binary of another source (or whose source was never recorded) is refused by
+    image.build and deb.build, before any layout or package is written, and by the command
+    (exit 1, the same words); the previous output stays."""
+    built = OLD_HASH if recorded == "other source" else ""
+    if built:
+        (arm_cache / "src.sha256").write_text(built + "\n")
+    out = tmp_path / "out"
+    (out / "fluxrig").mkdir(parents=True)
+    (out / "fluxrig" / "index.json").write_text("{}")  # what an earlier build left
+    with pytest.raises(frozen.StaleBinaryError) as exc:
+        image.build(["fluxrig"], str(out), image.default_epoch(), ["arm64"], log=print)
+    _assert_refusal(str(exc.value), built or "(no src.sha256)")
+    assert exc.value.arch == "arm64" and exc.value.built_hash == built
+    assert (out / "fluxrig" / "index.json").read_text() == "{}" and sorted(os.listdir(out)) == ["fluxrig"]
+    with pytest.raises(frozen.StaleBinaryError) as exc:
+        deb.build(["fluxrig"], str(tmp_path / "debs"), image.default_epoch(), ["arm64"], log=print)
+    _assert_refusal(str(exc.value), built or "(no src.sha256)")
+    assert not os.path.exists(tmp_path / "debs")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "packaging", "image.py"), "fluxrig", "--arch", "arm64",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1, r
+    _assert_refusal(r.stderr, built or "(no src.sha256)")
+    print(r.stderr.strip())
+
+
+def _arm64_base_or_skip() -> None:
+    try:
+        image.fetch_debs("arm64", os.path.join(ROOT, "build", "debs", "arm64"))
+    except image.ImageError as exc:
+        pytest.skip(f"the arm64 base packages cannot be fetched here: {exc}")
+
+
+def _arm64_labels(layout: str) -> dict:
+    _, config, _ = manifest_of(layout, "arm64")
+    return config["config"]["Labels"]
+
+
+def test_fresh_arm_binary_is_packed_and_a_stale_one_only_when_asked_loudly(arm_cache, tmp_path, monkeypatch):
+    """The hash src-hash.sh gives for this tree: packed, with that hash and the recorded commit
+    in its labels and no WARNING. Another hash with allow_stale: packed, one WARNING naming the
+    arch and both hashes, labelled stale; the same through the command with
+    FLUXRIG_ALLOW_STALE_ARM=1 (and with --allow-stale-arm)."""
+    _arm64_base_or_skip()
+    epoch = image.default_epoch()
+    tree = frozen.firmware_source_hash()
+    (arm_cache / "src.sha256").write_text(tree + "\n")
+    lines: list[str] = []
+    res = image.build(["fluxrig"], str(tmp_path / "fresh"), epoch, ["arm64"], log=lines.append)["fluxrig"]
+    labels = _arm64_labels(res["layout"])
+    assert labels["io.fluxrig.binary.source-sha256"] == tree and labels["io.fluxrig.binary.commit"] == OLD_COMMIT
+    assert "io.fluxrig.binary.stale" not in labels and not [ln for ln in lines if "WARNING" in ln], lines
+
+    (arm_cache / "src.sha256").write_text(OLD_HASH + "\n")
+    lines.clear()
+    res = image.build(["fluxrig"], str(tmp_path / "stale"), epoch, ["arm64"], log=lines.append, allow_stale=True)
+    warnings = [ln for ln in lines if ln.startswith("WARNING")]
+    assert len(warnings) == 1 and "STALE" in warnings[0], lines
+    _assert_refusal(warnings[0], OLD_HASH)
+    labels = _arm64_labels(res["fluxrig"]["layout"])
+    assert labels["io.fluxrig.binary.stale"] == "true" and labels["io.fluxrig.binary.source-sha256"] == OLD_HASH
+
+    cmd = [sys.executable, os.path.join(ROOT, "packaging", "image.py"), "fluxrig", "--arch", "arm64"]
+    for extra, env in (([], {frozen.ALLOW_STALE_ENV: "1"}), (["--allow-stale-arm"], {})):
+        r = subprocess.run([*cmd, *extra, "--out", str(tmp_path / "cli")], capture_output=True, text=True,
+                           timeout=600, env=dict(os.environ, **env))  # fmt: skip
+        assert r.returncode == 0 and "WARNING: packing a STALE binary" in r.stderr and "arm64" in r.stderr, r
+        assert _arm64_labels(str(tmp_path / "cli" / "fluxrig"))["io.fluxrig.binary.stale"] == "true"
