@@ -226,6 +226,12 @@ def test_group_inputs_go_to_one_shared_consumer_not_the_members():
     pub, _ = rack_permissions("w1", full=True, groups=["work"])
     assert "$JS.API.CONSUMER.MSG.NEXT.flux-msg.grp-work" in pub and "$JS.ACK.flux-msg.grp-work.>" in pub
     assert not any("grp-" in p for p in rack_permissions("w1", full=False, groups=["work"])[0])
+    # The group's saga mirror (issue 17 item 4): its subjects and the read side of its own stream only.
+    assert {"flux.saf.work.>", "$JS.API.STREAM.INFO.fluxrig-saf-work", "$JS.API.DIRECT.GET.fluxrig-saf-work"} <= set(
+        pub
+    )
+    assert not any("fluxrig-saf-" in p or "flux.saf" in p for p in rack_permissions("w1", full=True)[0])
+    assert not any("saf" in p for p in rack_permissions("w1", full=False, groups=["work"])[0])
     # The Rack agrees: its input of store is shared, its input of every is its own.
     from fluxrig.agent.lanes import scenario_from_projection
     from fluxrig.scenario.groups import shared_input

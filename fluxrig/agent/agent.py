@@ -317,6 +317,12 @@ class RackAgent:
             raise SessionUnavailable(state)
         return await self._js.publish(subject, payload, timeout=timeout, headers=headers or None)
 
+    def jetstream(self):
+        """The JetStream context while the session is usable, else None: for a group's saga
+        mirror (fluxrig.saga.mirror.JsSafBus, issue 17 item 4), which makes its own few calls
+        on its group's stream (its bus user may make no others)."""
+        return self._js if self.state is SessionState.USABLE else None
+
     # -- group relay (issue 17 item 3): core NATS, no JetStream, between members of a group ------
 
     async def relay_publish(self, subject: str, payload: bytes) -> bool:

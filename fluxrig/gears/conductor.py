@@ -32,6 +32,16 @@ requests at once with `error.reason=link_lost`. Card numbers are sealed at rest 
 `saf.key_file` (default `<state_dir>/saga.key`; fluxrig/saga/seal.py); new STANs come from
 `saf.stan_range` (fluxrig/saga/stan.py: disjoint ranges per Rack of a group).
 
+In a Rack group (`saf.group`, the group the gear is deployed to), owed reversals outlive their
+Rack: each member mirrors its sagas to the group's stream, and a member silent for a lease
+(15 s) has its open reversals claimed by a survivor, resumed at their attempt counts on the
+survivor's leg of the same name, else on the route's failover choice (fluxrig/saga/mirror.py).
+The members must share `saf.key_file` (a survivor must open the card numbers it sends). An
+owed reversal is declined to the acquirer once it is also in the stream, or after
+`saf.mirror_wait` (a member whose bus is down owes alone; its own restart resumes those).
+Requests in flight are not mirrored (a round trip to the Snake per transaction): a member
+killed with requests written to an issuer reverses them when it restarts.
+
 A reversal from the acquirer (an 0400/0420 on `in` with DE 90) goes to the leg that carried its
 original. If the original is still open, the acquirer's reversal wins: the original's ticket is
 closed, its reply (if any) is dropped and counted (`superseded`), and the switch owes no
@@ -52,6 +62,7 @@ from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 from ..runtime.states import GearState
+from ..saga.mirror import JsSafBus, SagaMirror
 from ..saga.orchestrator import DEFAULT_MAX_OWED, DEFAULT_REFUSAL_CODES, OwedReversal, Reversals, SagaSettings
 from ..saga.reversal import CAUSES, DEFAULT_COPY_FIELDS, ReversalPolicy, is_reversal_class
 from ..saga.saf import DEFAULT_BACKOFF_CAP_S, DEFAULT_BACKOFF_INITIAL_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_WINDOW
@@ -60,6 +71,7 @@ from ..saga.stan import STAN_MAX, check_range
 from ..saga.store import SagaStore
 from ..templates import compile_path
 from ..wire import meta as M
+from ..wire import subjects as S
 from ..wire.messages import LinkEvent
 
 __all__ = ["mti_class", "ConductorGear"]
@@ -69,6 +81,7 @@ DEFAULT_KEY = ["mti_class", 11, 41]
 DEFAULT_PER_MTI = {"0800": ["mti_class", 11]}
 RETURN_META = M.RETURN_KEYS
 MAX_TICKETS = 100_000
+MIRROR_START_WAIT_S = 5.0  # at start, how long the group's saga mirror may take to be read
 MAX_REMEMBERED = 100_000  # timed-out tickets kept for a late approval, and legs of recent originals
 
 REVERSAL_SCHEMA = {
@@ -113,6 +126,17 @@ REVERSAL_SCHEMA = {
 SAF_SCHEMA = {
     "type": "object",
     "properties": {
+        "group": {
+            "type": "string",
+            "default": "",
+            "description": "the Rack group whose members take over each other's owed reversals (the gear's deploy)",
+        },
+        "mirror_wait": {
+            "type": "string",
+            "format": "duration",
+            "default": "500ms",
+            "description": "how long an owed reversal waits for the group's stream before the acquirer hears the decline",
+        },
         "dir": {
             "type": "string",
             "default": "",
@@ -352,6 +376,9 @@ class ConductorGear(Gear):
             stan_range=check_range(saf.get("stan_range")),
         )
         self._saf_key_file = saf.get("key_file") or ""
+        self._saf_group = saf.get("group") or ""
+        self._mirror_wait = parse_duration(saf.get("mirror_wait", "500ms"))
+        self.mirror: SagaMirror | None = None
         self._saf_dir = saf.get("dir") or ""
         self.reversals: Reversals | None = None
         # Timed-out tickets (key -> route, request, leg, owed) for a late approval, and the legs
@@ -434,6 +461,7 @@ class ConductorGear(Gear):
         swap gives everything back (stop)."""
         if old.reversals is not None and self._policies:
             self.reversals, old.reversals = old.reversals, None
+            self.mirror, old.mirror = old.mirror, None  # the journal's mirror goes with it
             self.reversals.rebind(self._saf_settings, self.emit, self._up, self._pick_for, self._reply_key)
         if old.config.get("correlation") == self.config.get("correlation"):
             self.open, self._deadlines, self.closed = old.open, old._deadlines, old.closed
@@ -444,6 +472,7 @@ class ConductorGear(Gear):
     def _give_back(self, old: ConductorGear) -> None:
         if self.reversals is not None and old.reversals is None and old._policies:
             old.reversals, self.reversals = self.reversals, None
+            old.mirror, self.mirror = self.mirror, None
             old.reversals.rebind(old._saf_settings, old.emit, old._up, old._pick_for, old._reply_key)
         if old.open is not self.open and not old.open:
             old.open, old._deadlines, old.closed = self.open, self._deadlines, self.closed
@@ -465,10 +494,29 @@ class ConductorGear(Gear):
             self.reversals = Reversals(
                 self.name, store, self._saf_settings, self.emit, self._up, self._pick_for, self._reply_key
             )
+            if self._saf_group:
+                await self._start_mirror(store)
         if self.reversals is not None:
             await self._owe_recovered()
             self.reversals.start()
         self._sweeper = loop.create_task(self._sweep(), name=f"conductor:{self.name}")
+
+    async def _start_mirror(self, store: SagaStore) -> None:
+        """Share the sagas with the group (issue 17 item 4) before any is sent: a survivor may
+        have adopted some while this Rack was away (they are handed over first)."""
+        session = getattr(self.ctx.bus, "session", None)
+        if session is None or not hasattr(session, "jetstream"):
+            raise GearError("no_bus", f"{self.name}: saf.group needs a Rack joined to a Mixer (snake.url)")
+        rev = self.reversals
+        self.mirror = SagaMirror(
+            JsSafBus(session.jetstream, S.saf_stream(self._saf_group)), self._saf_group, self.name,
+            self.ctx.rack_name, store.seal, rev.adopt, rev.hand_over, rev.open_sagas, owe_wait=self._mirror_wait,
+        )  # fmt: skip
+        store.mirror = self.mirror
+        self.mirror.start()
+        if not await self.mirror.reconciled(MIRROR_START_WAIT_S):
+            self.log.warning("%s: the group's saga mirror is not reachable yet: owed reversals are sent from "
+                             "here meanwhile (one another member adopted may be repeated)", self.name)  # fmt: skip
 
     async def _owe_recovered(self) -> None:
         """Requests the previous run wrote to an issuer and never saw answered: reversed now
@@ -772,6 +820,9 @@ class ConductorGear(Gear):
             self._sweeper = None
         for task in list(self._tasks):
             task.cancel()
+        if self.mirror is not None:
+            mirror, self.mirror = self.mirror, None
+            await mirror.stop()
         if self.reversals is not None:
             reversals, self.reversals = self.reversals, None
             await reversals.stop()
@@ -783,4 +834,6 @@ class ConductorGear(Gear):
         m["links_up"] = sum(1 for v in self._link_up.values() if v)
         if self.reversals is not None:
             m.update(self.reversals.metrics())
+        if self.mirror is not None:
+            m.update(self.mirror.metrics())
         return m

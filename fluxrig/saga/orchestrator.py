@@ -48,6 +48,7 @@ from .saf import (
     EV_OPEN,
     EV_OWE,
     EV_TRY,
+    HANDED,
     PARKED,
     SafQueue,
     Saga,
@@ -147,7 +148,8 @@ class Reversals:
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task | None = None
         self._expiry_due = 0.0
-        self.stats = {"owed": 0, "refused_full": 0, "parked": 0, "answered": 0, "late_answers": 0, "recovered": 0}
+        self.stats = {"owed": 0, "refused_full": 0, "parked": 0, "answered": 0, "late_answers": 0, "recovered": 0,
+                      "adopted": 0, "handed_over": 0}  # fmt: skip
         now = time.monotonic()
         for saga in sorted(store.recovered.values(), key=lambda s: s.created_wall):
             self._queue(saga.queue).add(saga, now)
@@ -420,6 +422,76 @@ class Reversals:
             return False
         await self._spawn_park(hit[0], hit[1], why)
         return True
+
+    # -- a group's members (issue 17 item 4: fluxrig.saga.mirror) -------------------------------
+    def open_sagas(self) -> list[Saga]:
+        return [s for q in self.queues.values() for s in q.sagas.values()]
+
+    async def adopt(self, sagas: dict[str, Saga], owner: str) -> int:
+        """Journal the open sagas of a silent member `owner` here, at their attempt counts and
+        ages, and queue them; returns how many were taken. Affinity: a saga keeps its leg (the
+        members run one scenario, so that port is this member's own connection to the same
+        host); when that leg is down here, the route's failover choice carries it (`_leg_for`),
+        and with no leg of the route up it waits, counted in its queue, like any other."""
+        wall, now = time.time(), time.monotonic()
+        staged = []
+        for saga in sorted(sagas.values(), key=lambda s: s.created_wall):
+            if self.find(saga.id) is not None:
+                continue  # already ours (a claim repeated after a lost `adopted`)
+            owe = {k: v for k, v in saga.trail[0].items() if k != "ticket"}  # its ticket was the owner's
+            owe["from"] = owner
+            events = [owe]
+            if saga.attempts:
+                events.append({"e": EV_TRY, "id": saga.id, "n": saga.attempts, "age": round(saga.age_base, 3),
+                               "leg": saga.queue, "wall": wall})  # fmt: skip
+            try:
+                staged.append((saga, events, [self.store.append_nowait(ev) for ev in events]))
+            except Exception as exc:  # noqa: BLE001 (WalFailed ...: left on the owner's subject)
+                log.error("%s: reversal %s of %s NOT adopted: the saga journal refused it: %s",
+                          self.gear, saga.id, owner, exc)  # fmt: skip
+        taken = 0
+        for saga, events, futs in staged:
+            try:
+                seqs = [await f for f in futs]
+            except Exception as exc:  # noqa: BLE001
+                log.error("%s: reversal %s of %s NOT adopted: %s", self.gear, saga.id, owner, exc)
+                continue
+            mine = Saga(events[0], seqs[0])
+            mine.attempts, mine.age_base = saga.attempts, saga.age_base
+            if len(events) > 1:
+                mine.seqs.append(seqs[1])
+                mine.trail.append(events[1])
+            self._queue(mine.queue).add(mine, now)
+            self._index(mine)
+            taken += 1
+            log.info("%s: reversal %s adopted from %s at attempt %d (original STAN %s, on %s)",
+                     self.gear, mine.id, owner, mine.attempts, mine.fields.get("90", "")[4:10], mine.queue,
+                     extra=_attrs(mine, "adopted", owner=owner))  # fmt: skip
+        self.stats["adopted"] += taken
+        self._wake.set()
+        return taken
+
+    async def hand_over(self, upto: int, by: str) -> int:
+        """Another member adopted the sagas this journal owed at or below seq `upto` while this
+        Rack was away: end them here (`handed`), never to be sent from here again."""
+        handed = []
+        for q in list(self.queues.values()):
+            for saga in list(q.sagas.values()):
+                if saga.seqs and saga.seqs[0] <= upto:
+                    q.remove(saga.id)
+                    self._by_key.pop(self._reply_key(saga.mti, saga.fields), None)
+                    handed.append(saga)
+        for saga in handed:
+            ev = end_event(saga.id, HANDED, time.time(), why=f"taken over by {by}")
+            saga.trail.append(ev)
+            saga.final = HANDED
+            try:
+                saga.seqs.append(await self.store.append(ev))
+                self.store.finished(saga)
+            except Exception as exc:  # noqa: BLE001 (a restart hands it over again: same claim)
+                log.error("%s: hand-over of reversal %s not journaled: %s", self.gear, saga.id, exc)
+        self.stats["handed_over"] += len(handed)
+        return len(handed)
 
     # -- the pump --------------------------------------------------------------------------------
     def start(self) -> None:

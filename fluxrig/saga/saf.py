@@ -9,7 +9,7 @@ The journal is a sequence of events (CBOR maps in a WAL, see fluxrig.saga.store)
 
     {"e": "owe", "id", "queue", "route", "mti", "fields", "cause", "trace", "rrn", "wall"}
     {"e": "try", "id", "n", "age", "leg", "wall"}    written (fsync'd) BEFORE attempt n is sent
-    {"e": "end", "id", "how", "code", "why", "wall"}  how: answered | parked
+    {"e": "end", "id", "how", "code", "why", "wall"}  how: answered | parked | handed
     {"e": "open", "route", "leg", "mti", "fields", "trace"}  a request written to an issuer leg
     {"e": "close", "s": <seq of its open>}                 its reply reached the switch in time
 
@@ -45,6 +45,7 @@ __all__ = [
     "Folded",
     "ANSWERED",
     "PARKED",
+    "HANDED",
     "Saga",
     "fold",
     "backoff",
@@ -58,6 +59,8 @@ __all__ = [
 
 EV_OWE, EV_TRY, EV_END, EV_OPEN, EV_CLOSE = "owe", "try", "end", "open", "close"
 ANSWERED, PARKED = "answered", "parked"
+#: Ended here because another member of the group took the saga over (fluxrig.saga.mirror).
+HANDED = "handed"
 
 DEFAULT_WINDOW = 32
 DEFAULT_BACKOFF_INITIAL_S = 1.0

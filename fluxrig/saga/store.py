@@ -27,8 +27,8 @@ import logging
 import os
 import time
 
-from ..wal import FSYNC_ALWAYS, AsyncWal
-from .saf import EV_END, PARKED, Folded, Saga, fold
+from ..wal import FSYNC_ALWAYS, AsyncWal, WalFull
+from .saf import EV_END, EV_OWE, EV_TRY, PARKED, Folded, Saga, fold
 from .seal import KEY_FILE, FieldSeal
 
 __all__ = [
@@ -51,6 +51,7 @@ PARKED_FILE = "parked.jsonl"
 REQUESTS_DIR = "requests"
 VERBS = ("retry", "park")
 READ_BATCH = 1000
+MIRRORED = frozenset((EV_OWE, EV_TRY, EV_END))  # saga events a group mirror shares (not tickets)
 
 
 def _events(wal) -> list:
@@ -127,6 +128,8 @@ class SagaStore:
         self.recovered: dict[str, Saga] = {}
         self.open_tickets: dict[int, dict] = {}
         self.top_stan = 0
+        #: The group's saga mirror (fluxrig.saga.mirror), when the conductor shares its sagas.
+        self.mirror = None
 
     @classmethod
     async def open(cls, directory: str, key_file: str = "") -> SagaStore:
@@ -153,12 +156,24 @@ class SagaStore:
         return self
 
     def append_nowait(self, event: dict) -> asyncio.Future:
-        """Stage an event (its PANs sealed); the future gives its seq once fsync'd. Raises the
-        WAL's errors."""
-        return self.wal.append_nowait(self.seal.seal(event) if "fields" in event else event)
+        """Stage an event (its PANs sealed); the future gives its seq once fsync'd (and, for an
+        `owe` of a conductor with a group mirror, once the mirror has it too or gave up
+        waiting: fluxrig.saga.mirror). Raises the WAL's errors."""
+        sealed = self.seal.seal(event) if "fields" in event else event
+        durable = self.wal.append_nowait(sealed)
+        mirror = self.mirror
+        if mirror is None or event.get("e") not in MIRRORED:
+            return durable
+        return mirror.follow(durable, sealed, wait=event.get("e") == EV_OWE)
 
     async def append(self, event: dict) -> int:
-        return await self.wal.append(self.seal.seal(event) if "fields" in event else event)
+        while True:
+            try:
+                fut = self.append_nowait(event)
+                break
+            except WalFull:
+                await asyncio.sleep(0.01)  # the writer is committing: room comes with it
+        return await fut
 
     def ack(self, seqs) -> None:
         self.wal.ack_many(seqs)

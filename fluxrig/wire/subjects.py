@@ -57,6 +57,10 @@ __all__ = [
     "group_consumer_api",
     "group_relay",
     "group_relay_all",
+    "saf_stream",
+    "saf_subject",
+    "saf_subjects",
+    "saf_member_api",
     "enroll_inbox_all",
     "sanitize_rack_name",
     "rack_of_subject",
@@ -205,6 +209,38 @@ def group_relay(group: str, gear: str) -> str:
 def group_relay_all(group: str) -> str:
     """Every relay subject of a group (a member's bus permission, both ways)."""
     return f"flux.grp.{check_rack_name(group)}.>"
+
+
+def saf_stream(group: str) -> str:
+    """The JetStream stream that mirrors the saga journals of a Rack group's conductors
+    (issue 17 item 4: a survivor claims a dead member's owed reversals from it). One stream
+    per group, so a member's bus permissions name its own groups' streams and no other."""
+    return f"fluxrig-saf-{check_rack_name(group)}"
+
+
+def saf_subject(group: str, gear: str, rack: str) -> str:
+    """The mirror of one member's saga journal for one conductor gear (its events, its lease
+    beats, and the claim a survivor writes on it: fluxrig.saga.mirror_wire)."""
+    return f"flux.saf.{check_rack_name(group)}.{gear}.{check_rack_name(rack)}"
+
+
+def saf_subjects(group: str, gear: str | None = None) -> str:
+    """Every mirror subject of a group (the stream's subjects), or of one of its gears."""
+    return f"flux.saf.{check_rack_name(group)}.{gear}.*" if gear else f"flux.saf.{check_rack_name(group)}.>"
+
+
+def saf_member_api(group: str) -> tuple[str, ...]:
+    """What a member's bus user may publish for its group's saga mirror: the mirror subjects
+    (its own, and a claim on a dead member's: members of a group vouch for each other, they
+    share the key that seals card numbers), and the read side of the group's stream only
+    (its info with a subject filter, direct gets by subject)."""
+    stream = saf_stream(group)
+    return (
+        saf_subjects(group),
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+    )
 
 
 def enroll_inbox_all() -> str:

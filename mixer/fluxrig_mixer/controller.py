@@ -206,7 +206,7 @@ class Controller:
         self._subs.append(await nc.subscribe(S.heartbeat_all(), queue="mixer", cb=beat_cb))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="liveness-sweeper")
         # Guaranteed lane: the in-<rack> consumers follow the active scenario (lanes.py).
-        self.lanes = LaneConsumers(nc.jetstream(), self.registry, self.scenarios, nc=nc)
+        self.lanes = LaneConsumers(nc.jetstream(), self.registry, self.scenarios, nc=nc, replicas=self.replicas)
         self.lanes.start()
 
     def dropped(self) -> dict[str, int]:

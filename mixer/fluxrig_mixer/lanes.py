@@ -80,6 +80,7 @@ import logging
 import nats.js.errors
 
 from fluxrig.aiotools import cancel_and_wait, finish_within
+from fluxrig.scenario.groups import group_labels
 from fluxrig.wire import subjects as S
 from fluxrig.wire.vocab import RackStatus
 
@@ -189,9 +190,12 @@ class LaneConsumers:
         interval: float = RECONCILE_INTERVAL_S,
         purge_interval: float = PURGE_INTERVAL_S,
         nc=None,
+        replicas: int = 1,
     ):
         self.js = js
         self.nc = nc  # for the NAK advisories (None: only the num_ack_pending rule)
+        self.replicas = replicas  # of the groups' saga mirror streams (streams.saf_stream_config)
+        self._saf_streams: set[str] = set()
         self.registry = registry
         self.scenarios = scenarios
         self.ack_wait = ack_wait
@@ -345,6 +349,7 @@ class LaneConsumers:
 
         active = self.scenarios.active()
         rows = self.registry.list()
+        await self._ensure_saf_streams(active.doc if active else None)
         wanted = wanted_consumers(active.doc if active else None, rows)
         existing = {
             c.name: c
@@ -422,6 +427,18 @@ class LaneConsumers:
         self.current = wanted
         self.last_error = ""
         return wanted
+
+    async def _ensure_saf_streams(self, doc: dict | None) -> None:
+        """Each group of the active scenario has its saga mirror stream (issue 17 item 4). A
+        group that leaves the scenario keeps its stream: owed reversals in it outlive a
+        scenario change (max_age bounds it)."""
+        from .streams import ensure_stream, saf_stream_config
+
+        for group in sorted(group_labels(doc or {})):
+            if group not in self._saf_streams:
+                await ensure_stream(self.js, saf_stream_config(group, self.replicas))
+                self._saf_streams.add(group)
+                log.info("group %s: saga mirror stream %s ready", group, S.saf_stream(group))
 
     async def _sync_group(self, name: str, subjects: list[str], have) -> None:
         """Create or update a group's shared consumer (issue 17, fluxrig_mixer.groups)."""

@@ -126,8 +126,8 @@ def rack_permissions(rack: str, full: bool, groups=()) -> tuple[tuple[str, ...],
             S.msg_of(rack),
             *S.rack_consumer_api(rack),
         ]
-        for group in groups:  # issue 17: the shared consumer and the relay of each of its groups
-            publish += [*S.group_consumer_api(group), S.group_relay_all(group)]
+        for group in groups:  # issue 17: the shared consumer, the relay and the saga mirror of each group
+            publish += [*S.group_consumer_api(group), S.group_relay_all(group), *S.saf_member_api(group)]
     subscribe = [S.ctrl_of(rack), S.inbox_of(rack)]
     if full:
         subscribe += [S.group_relay_all(group) for group in groups]

@@ -155,6 +155,36 @@ def audit_stream_config(max_age: float, max_bytes: int, replicas: int = NUM_REPL
     )
 
 
+#: How long a group's saga mirror keeps a silent member's last word: a member gone for a month
+#: still has its owed reversals claimable (a live member restates its subject every minute).
+SAF_MAX_AGE_S = 60 * 86400.0
+SAF_MAX_BYTES = 1 << 30
+
+
+def saf_stream_config(group: str, replicas: int = NUM_REPLICAS):
+    """The StreamConfig of `fluxrig-saf-<group>`, the group's saga mirrors (issue 17 item 4,
+    fluxrig.saga.mirror). Limits retention, discard NEW (a full stream refuses a member's new
+    events, which stay in its own journal, rather than evicting another member's owed
+    reversals); rollups allowed (each member's checkpoint replaces its subject's history);
+    direct gets (a claimer reads a silent member's subject message by message)."""
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+    return StreamConfig(
+        name=S.saf_stream(group),
+        description=f"fluxrig saga mirrors of Rack group {group} (fluxrig-mixer)",
+        subjects=[S.saf_subjects(group)],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.NEW,
+        max_age=SAF_MAX_AGE_S,
+        max_bytes=SAF_MAX_BYTES,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
+    )
+
+
 async def ensure_stream(js, config) -> None:
     """Create `config`'s stream, or update the existing one in place (JetStream keeps its messages)."""
     import nats

@@ -1,0 +1,443 @@
+"""The saga mirror of one group conductor: its journal's sagas copied to the group's stream, a
+lease on them, and the claim of a silent member's sagas (issue 17 item 4). The asyncio adapter
+around fluxrig.saga.mirror_wire (the messages and the replay rule are there).
+
+Owner side. The saga store (fluxrig.saga.store) hands every saga event (`owe`, `try`, `end`)
+here once it is fsync'd (`follow`). One task publishes them, in journal order and in batches,
+on `flux.saf.<group>.<gear>.<rack>`; every publish names the subject's last seq it knows
+(`Nats-Expected-Last-Subject-Sequence`), so a claim written meanwhile makes the next one fail
+instead of interleaving. An `owe`'s future resolves only once its batch is acknowledged by
+the stream, or after `owe_wait` (the conductor declines to the acquirer after it): a member
+killed right after owing has shared the reversal already, unless its bus was down or slow
+(then the reversal is in its own journal only, resumed when it restarts: counted `late`).
+With nothing to publish the owner beats every BEAT_S (its lease). Every CHECKPOINT_MESSAGES
+messages or CHECKPOINT_S with news it publishes a checkpoint with `Nats-Rollup: sub`: the
+subject then holds its open sagas and nothing older, so a claim reads little. The checkpoint is
+the fold of what this task published (not the conductor's memory), so it never drops a saga
+it already shared. A checkpoint above MAX_MESSAGE_BYTES (thousands of open sagas) is not
+published (WARNING): the subject keeps its history and a claim reads longer.
+
+Claimer side. Every CHECK_S it lists the gear's subjects in the group's stream and watches the
+other members' last seqs (mirror_wire.Lease, monotonic clock). A subject that stood still
+LEASE_S and is not settled is claimed: read whole, replayed, its events opened with this
+member's seal (the group's members must share `saf.key_file`: a claimer whose key does not
+open the card numbers refuses the claim, ERROR, and leaves it to one that can), `claim`
+written with the subject's last seq as the expected one (a silent owner that wakes up, or
+another survivor first, makes it fail: nothing taken), the sagas handed to `adopt` (which
+journals them in this member's own journal, fsync, at their attempt counts), then `adopted`.
+
+Back from the dead. At start, and whenever a publish fails on the expected seq, the owner
+reads its subject's last message. An `adopted` by another member: every saga it journaled at or
+below `upto` is handed over (`hand_over`: ended here as `handed`, never sent again from here)
+and the owner publishes on from there. A bare `claim`: a claimer is adopting; the owner waits
+up to LEASE_S for its `adopted`, and takes its subject back with a checkpoint if none comes.
+
+What this does not do: requests in flight (journal tickets, `open`/`close`) are not mirrored,
+so a request a dead member had written to an issuer is reversed when that member restarts
+(its journal), not by a survivor. Mirroring them would cost every transaction a round trip to
+the Snake before its request and before its reply (see the conductor's docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..aiotools import cancel_and_wait
+from . import mirror_wire as W
+from .saf import fold
+
+__all__ = ["SagaMirror", "JsSafBus", "Claimed", "CHECKPOINT_MESSAGES", "CHECKPOINT_S", "DEFAULT_OWE_WAIT_S"]
+
+log = logging.getLogger("fluxrig.saga.mirror")
+
+CHECKPOINT_MESSAGES = 200
+CHECKPOINT_S = 60.0
+DEFAULT_OWE_WAIT_S = 0.5
+PUBLISH_TIMEOUT_S = 5.0
+RETRY_S = 0.5
+MAX_CLAIM_MESSAGES = 200_000  # a claim reads at most this many messages of a subject
+WRONG_LAST_SEQUENCE = 10071  # JetStream err_code: Nats-Expected-Last-Subject-Sequence did not hold
+H_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
+H_MSG_ID = "Nats-Msg-Id"
+H_ROLLUP = "Nats-Rollup"
+
+
+class Claimed(Exception):
+    """A publish found another writer's message last on our subject."""
+
+
+class JsSafBus:
+    """The four JetStream calls the mirror makes, over nats-py (`get_js()`: the current
+    JetStreamContext or None while the bus is down)."""
+
+    def __init__(self, get_js, stream: str):
+        self.get_js = get_js
+        self.stream = stream
+
+    def usable(self) -> bool:
+        return self.get_js() is not None
+
+    def _js(self):
+        js = self.get_js()
+        if js is None:
+            raise ConnectionError("the Snake session is down")
+        return js
+
+    async def publish(self, subject: str, payload: bytes, headers: dict) -> int:
+        """Stream seq of the stored message; Claimed when the expected last seq did not hold."""
+        import nats.js.errors
+
+        try:
+            ack = await self._js().publish(subject, payload, timeout=PUBLISH_TIMEOUT_S, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if getattr(exc, "err_code", None) == WRONG_LAST_SEQUENCE:
+                raise Claimed(str(exc)) from None
+            raise
+        return ack.seq
+
+    async def last(self, subject: str):
+        """(stream seq, payload, headers) of the subject's last message, or None."""
+        import nats.js.errors
+
+        try:
+            m = await self._js().get_msg(self.stream, subject=subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return m.seq, m.data or b"", m.headers or {}
+
+    async def next(self, subject: str, from_seq: int):
+        """(stream seq, payload) of the subject's first message at or after `from_seq`, or None."""
+        import nats.js.errors
+
+        try:
+            m = await self._js().get_msg(self.stream, seq=from_seq, subject=subject, direct=True, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return m.seq, m.data or b""
+
+    async def subjects(self, pattern: str) -> list[str]:
+        info = await self._js().stream_info(self.stream, subjects_filter=pattern)
+        return sorted((info.state.subjects or {}) if info.state else {})
+
+
+class SagaMirror:
+    """See the module docstring. `adopt(sagas: dict, by_rack) -> awaitable int`,
+    `hand_over(upto, by) -> awaitable int` and `state() -> open Sagas` are the conductor's
+    sagas' (fluxrig.saga.orchestrator.Reversals)."""
+
+    def __init__(self, bus, group: str, gear: str, rack: str, seal, adopt, hand_over, state, *,
+                 owe_wait: float = DEFAULT_OWE_WAIT_S, lease_s: float = W.LEASE_S, beat_s: float = W.BEAT_S,
+                 check_s: float = W.CHECK_S, checkpoint_messages: int = CHECKPOINT_MESSAGES,
+                 checkpoint_s: float = CHECKPOINT_S):  # fmt: skip
+        from ..wire import subjects as S
+
+        self.bus = bus
+        self.group, self.gear, self.rack = group, gear, rack
+        self.subject = S.saf_subject(group, gear, rack)
+        self.pattern = S.saf_subjects(group, gear)
+        self.seal = seal
+        self._adopt, self._hand_over, self._state = adopt, hand_over, state
+        self.owe_wait, self.beat_s, self.check_s = owe_wait, beat_s, check_s
+        self.checkpoint_messages, self.checkpoint_s = checkpoint_messages, checkpoint_s
+        self.lease = W.Lease(lease_s)
+        self._buffer: list[tuple[int, dict, list]] = []  # (seq, sealed event, waiters)
+        self._wake = asyncio.Event()
+        self._published: list[tuple[int, dict]] = []  # what the subject holds from us since the checkpoint
+        self._since_cp = 0
+        self._cp_at = 0.0
+        self._cp_too_big_warned = False
+        self._last = None  # the subject's last stream seq as we know it (None: not read yet)
+        self._last_pub = 0.0
+        self._settled: dict[str, int] = {}  # subject -> last seq at which it was settled (adopted)
+        self._tasks: list[asyncio.Task] = []
+        self._reconciled = asyncio.Event()
+        self.stats = dict.fromkeys(("published", "events", "beats", "checkpoints", "late", "errors", "claims",
+                                    "adopted", "handed_over", "claims_lost", "claims_refused", "skipped"), 0)  # fmt: skip
+        self.last_error = ""
+
+    # -- the store's side ----------------------------------------------------------------------
+    def follow(self, durable: asyncio.Future, sealed: dict, wait: bool) -> asyncio.Future:
+        """A future like `durable` (the journal seq once fsync'd) that, when `wait`, resolves
+        only once the event is also in the stream (or owe_wait passed)."""
+        loop = asyncio.get_running_loop()
+        out = loop.create_future()
+
+        def on_durable(f: asyncio.Future) -> None:
+            if f.cancelled():
+                out.cancel()
+                return
+            exc = f.exception()
+            if exc is not None:
+                if not out.done():
+                    out.set_exception(exc)
+                return
+            seq = f.result()
+            waiters = []
+            if wait and self.bus.usable():
+                waiters.append(out)
+                loop.call_later(self.owe_wait, self._late, out, seq)
+            elif not out.done():
+                out.set_result(seq)
+            self._buffer.append((seq, sealed, waiters))
+            self._wake.set()
+
+        durable.add_done_callback(on_durable)
+        return out
+
+    def _late(self, fut: asyncio.Future, seq: int) -> None:
+        if not fut.done():
+            self.stats["late"] += 1
+            fut.set_result(seq)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._publisher(), name=f"saga-mirror:{self.gear}"),
+                           loop.create_task(self._watcher(), name=f"saga-claims:{self.gear}")]  # fmt: skip
+
+    async def reconciled(self, timeout: float) -> bool:
+        """Wait (at most `timeout`) until the owner has read its subject once and handed over
+        what another member adopted meanwhile: the conductor sends nothing before that."""
+        try:
+            await asyncio.wait_for(self._reconciled.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            await cancel_and_wait(t)
+        for _, _, waiters in self._buffer:
+            for w in waiters:
+                if not w.done():
+                    w.cancel()
+
+    def metrics(self) -> dict:
+        return {f"mirror_{k}": v for k, v in self.stats.items()} | {"mirror_backlog": len(self._buffer)}
+
+    # -- owner ---------------------------------------------------------------------------------
+    async def _publisher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.beat_s / 2)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.bus.usable():
+                self._release_all()
+                await asyncio.sleep(RETRY_S)
+                continue
+            try:
+                if self._last is None:
+                    await self._reconcile()
+                while self._buffer:
+                    await self._publish_batch()
+                now = loop.time()
+                if self._checkpoint_due(now):
+                    await self._checkpoint(now)
+                elif now - self._last_pub >= self.beat_s:
+                    await self._publish(W.encode(W.KIND_BEAT), f"beat-{time.time_ns()}")
+                    self.stats["beats"] += 1
+            except asyncio.CancelledError:
+                raise
+            except Claimed:
+                self._last = None  # read what was written and reconcile at the next round
+                self._wake.set()
+            except Exception as exc:  # noqa: BLE001 (the bus: retried; the journal holds the events)
+                self.stats["errors"] += 1
+                text = f"{type(exc).__name__}: {exc}"[:300]
+                if text != self.last_error:
+                    log.warning("%s: saga mirror on %s: %s (retrying)", self.gear, self.subject, text)
+                self.last_error = text
+                await asyncio.sleep(RETRY_S)
+                self._wake.set()
+
+    def _release_all(self) -> None:
+        for seq, _, waiters in self._buffer:
+            for w in waiters:
+                if not w.done():
+                    self.stats["late"] += 1
+                    w.set_result(seq)
+            waiters.clear()
+
+    async def _publish(self, payload: bytes, msg_id: str, rollup: bool = False) -> int:
+        headers = {H_EXPECTED: str(self._last or 0), H_MSG_ID: f"{self.rack}.{self.gear}.{msg_id}"}
+        if rollup:
+            headers[H_ROLLUP] = "sub"
+        seq = await self.bus.publish(self.subject, payload, headers)
+        self._last = seq
+        self._last_pub = asyncio.get_running_loop().time()
+        self._since_cp += 1
+        self.stats["published"] += 1
+        return seq
+
+    async def _publish_batch(self) -> None:
+        batch, size = [], 0
+        for seq, ev, waiters in self._buffer:
+            n = len(W.encode(W.KIND_EVENTS, [(seq, ev)]))
+            if batch and size + n > W.MAX_MESSAGE_BYTES:
+                break
+            batch.append((seq, ev, waiters))
+            size += n
+        pairs = [(seq, ev) for seq, ev, _ in batch]
+        await self._publish(W.encode(W.KIND_EVENTS, pairs), f"ev-{pairs[0][0]}-{pairs[-1][0]}")
+        del self._buffer[: len(batch)]
+        self._published.extend(pairs)
+        self.stats["events"] += len(pairs)
+        for seq, _, waiters in batch:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(seq)
+
+    def _checkpoint_due(self, now: float) -> bool:
+        if self._since_cp >= self.checkpoint_messages:
+            return True
+        return bool(self._published) and now - self._cp_at >= self.checkpoint_s
+
+    async def _checkpoint(self, now: float) -> None:
+        folded = fold(self._published)
+        pairs = W.checkpoint_events(folded.sagas.values(), folded.tickets)
+        payload = W.encode(W.KIND_CHECKPOINT, pairs)
+        self._cp_at = now
+        if len(payload) > W.MAX_MESSAGE_BYTES:
+            if not self._cp_too_big_warned:
+                log.warning("%s: saga mirror checkpoint of %d open reversals is %d bytes (limit %d): not "
+                            "published; %s keeps its history and a claim reads it all", self.gear,
+                            len(folded.sagas), len(payload), W.MAX_MESSAGE_BYTES, self.subject)  # fmt: skip
+                self._cp_too_big_warned = True
+            self._since_cp = 0
+            return
+        self._cp_too_big_warned = False
+        await self._publish(payload, f"cp-{time.time_ns()}", rollup=True)
+        self._published = pairs
+        self._since_cp = 0
+        self.stats["checkpoints"] += 1
+
+    async def _reconcile(self) -> None:
+        """Learn the subject's last seq; hand over what an adoption took (module docstring)."""
+        deadline = asyncio.get_running_loop().time() + self.lease.lease_s
+        while True:
+            last = await self.bus.last(self.subject)
+            if last is None:
+                self._last = 0
+                if not self._reconciled.is_set():
+                    self._restate()
+                self._reconciled.set()
+                return
+            seq, payload, _ = last
+            try:
+                m = W.decode(payload, seq)
+            except W.MirrorMessageError as exc:
+                log.error("%s: %s", self.gear, exc)
+                m = W.MirrorMessage(W.KIND_BEAT, seq=seq)
+            if m.kind == W.KIND_ADOPTED and m.by != self.rack:
+                n = await self._hand_over(m.upto, m.by)
+                self.stats["handed_over"] += n
+                log.warning("%s: %s took over the owed reversals journaled here up to seq %d while this Rack "
+                            "was away: %d handed over, not sent from here", self.gear, m.by, m.upto, n)  # fmt: skip
+                # What it adopted is no longer ours to checkpoint.
+                self._published = [p for p in self._published if p[0] > m.upto]
+            elif m.kind == W.KIND_CLAIM and m.by != self.rack and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(self.check_s / 4)  # its claimer is adopting: wait for `adopted`
+                continue
+            self._last = seq
+            if not self._reconciled.is_set():
+                self._restate()
+            if m.kind == W.KIND_CLAIM and m.by != self.rack:
+                log.warning("%s: %s claimed this Rack's reversals and never adopted them: taken back",
+                            self.gear, m.by)  # fmt: skip
+                self._since_cp = self.checkpoint_messages  # a checkpoint now restates what is ours
+            self._reconciled.set()
+            return
+
+    def _restate(self) -> None:
+        """This run's first word on the subject restates the journal's open sagas (a
+        checkpoint): what the previous run published is not in memory here, and a rollup built
+        from this run's events alone would erase it."""
+        self._published = [(q, self.seal.seal(ev) if "fields" in ev else ev)
+                           for q, ev in W.checkpoint_events(self._state(), {})]  # fmt: skip
+        self._since_cp = self.checkpoint_messages
+
+    # -- claimer -------------------------------------------------------------------------------
+    async def _watcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.check_s)
+            if not self.bus.usable():
+                continue
+            try:
+                for subject in await self.bus.subjects(self.pattern):
+                    if subject == self.subject:
+                        continue
+                    last = await self.bus.last(subject)
+                    if last is not None:
+                        self.lease.observe(subject, last[0], loop.time())
+                for subject in self.lease.expired(loop.time()):
+                    if self._settled.get(subject) == self.lease.last_seq(subject):
+                        continue
+                    await self._claim(subject)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (looked at again at the next round)
+                self.stats["errors"] += 1
+                log.warning("%s: watching the group's saga mirrors: %s: %s", self.gear, type(exc).__name__, exc)
+
+    async def _read_all(self, subject: str) -> list:
+        out, seq = [], 1
+        while len(out) < MAX_CLAIM_MESSAGES:
+            got = await self.bus.next(subject, seq)
+            if got is None:
+                return out
+            seq, payload = got
+            try:
+                out.append(W.decode(payload, seq))
+            except W.MirrorMessageError as exc:
+                log.error("%s: %s: %s (skipped)", self.gear, subject, exc)
+                out.append(exc)
+            seq += 1
+        log.error("%s: %s holds more than %d messages: the claim reads the first %d only",
+                  self.gear, subject, MAX_CLAIM_MESSAGES, MAX_CLAIM_MESSAGES)  # fmt: skip
+        return out
+
+    async def _claim(self, subject: str) -> None:
+        owner = subject.rsplit(".", 1)[-1]
+        replayed = W.replay(await self._read_all(subject))
+        self.stats["skipped"] += replayed.skipped
+        if replayed.settled:
+            self._settled[subject] = replayed.last_seq
+            return
+        unopened_before = self.seal.unopened
+        events = [(seq, self.seal.open(ev)) for seq, ev in replayed.events]
+        if self.seal.unopened > unopened_before:
+            self.stats["claims_refused"] += 1
+            log.error("%s: the owed reversals of silent member %s do NOT open with this Rack's saga key "
+                      "(%s): the group's members must share saf.key_file; left for a member that can",
+                      self.gear, owner, self.seal.path)  # fmt: skip
+            self.lease.forget(subject)
+            return
+        folded = fold(events)
+        upto = max(replayed.top_seq, replayed.claimed_upto)
+        try:
+            claim_seq = await self.bus.publish(subject, W.encode(W.KIND_CLAIM, by=self.rack, upto=upto),
+                                               {H_EXPECTED: str(replayed.last_seq)})  # fmt: skip
+        except Claimed:
+            self.stats["claims_lost"] += 1
+            log.info("%s: %s moved while being claimed (back, or claimed by another member)", self.gear, owner)
+            return
+        self.stats["claims"] += 1
+        log.warning("%s: member %s silent for %.0f s: claiming its %d owed reversals", self.gear, owner,
+                    self.lease.lease_s, len(folded.sagas))  # fmt: skip
+        n = await self._adopt(folded.sagas, owner)
+        self.stats["adopted"] += n
+        try:
+            seq = await self.bus.publish(subject, W.encode(W.KIND_ADOPTED, by=self.rack, upto=upto, sagas=n),
+                                         {H_EXPECTED: str(claim_seq)})  # fmt: skip
+            self._settled[subject] = seq
+        except Claimed:
+            log.warning("%s: %s wrote again while its reversals were being adopted: both may send them "
+                        "(repeats: the issuer answers the second as a duplicate)", self.gear, owner)  # fmt: skip
