@@ -19,8 +19,10 @@ Runs:
    is the longest stretch after the kill in which no new connection was answered (target <= 1);
    `probe_failures` the probes that got no answer; the load's connections on the killed member
    are lost with it (`load_errors`/`load_timeouts`: those transactions end declined by the
-   switch or unanswered; reversals for them are owed by the dead member's saga journal, which no
-   other member claims yet: issue 17 item 4 is not built).
+   switch or unanswered). `claim` (issue 17 item 4): the survivors claim the dead member's
+   requests in flight and owed reversals from the group's saga stream after the lease (15 s):
+   `claimed_within_s` (seen through heartbeats: an upper bound), `tickets_claimed`,
+   `sagas_adopted`, and how many of the survivors' reversals were answered.
 
 3. Cross-member matching: issuer A (the authorizer) stops, the switch fails over to issuer B, a
    host written here that answers every request on ANOTHER leg (another member's). The member
@@ -62,8 +64,9 @@ MEMBERS = 3
 STAN_MAX = 999_999
 
 
-def group_switch_text() -> str:
-    """scenarios/iso8583-switch.yaml as the scenario of group `pos` (see the module docstring)."""
+def group_switch_text(key_file: str) -> str:
+    """scenarios/iso8583-switch.yaml as the scenario of group `pos` (see the module docstring),
+    its reversals shared by the members (`saf.group`, one `saf.key_file` for all)."""
     with open(os.path.join(ROOT, "scenarios", "iso8583-switch.yaml"), encoding="utf-8") as fh:
         doc = yaml.safe_load(fh)
     doc["meta"]["name"] = "iso8583-switch-group"
@@ -73,6 +76,7 @@ def group_switch_text() -> str:
         if gear["type"] == "conductor":
             gear["config"]["ttl"] = "2s"
             gear["config"]["saf"]["stan_range"] = ["${STAN_LO:-1}", "${STAN_HI:-999999}"]
+            gear["config"]["saf"].update({"group": "pos", "key_file": key_file})
         if gear["name"] == "triage":  # replies whose ticket another member holds: to the relay
             rule = {"name": "relay", "match": {"field": "meta.error.reason", "in": ["unmatched_reply"]}}
             gear["config"]["rules"].insert(0, rule)
@@ -182,7 +186,11 @@ async def main_async(args) -> dict:
             if time.monotonic() > deadline:
                 raise SystemExit("members did not come up: see " + str(work))
             await asyncio.sleep(0.2)
-        stored, _ = mixer.scenarios.import_text(group_switch_text())
+        from fluxrig.saga.seal import FieldSeal
+
+        key_file = str(work / "pos-saga.key")
+        FieldSeal.load(key_file)  # 0600, created once: every member seals and opens with it
+        stored, _ = mixer.scenarios.import_text(group_switch_text(key_file))
         await mixer.controller.activate_scenario(stored)
         deadline = time.monotonic() + 90
         while not all([(await http_get(r.health_port, "/health/pos"))[0] == 200 for r in members]):
@@ -245,7 +253,6 @@ async def main_async(args) -> dict:
         out["load_answered"] = res.answered
         out["load_errors"] = res.errors
         out["load_timeouts"] = res.timeouts
-        out["not_built"] = ["claiming a dead member's reversals (item 4)"]
         mixer.controller.sweep_once()
         out["stan_overlaps"] = list(mixer.controller.stan_overlaps)  # the members' reversal STAN ranges
         out["stan_ranges"] = {}
@@ -282,6 +289,24 @@ async def main_async(args) -> dict:
             "timeouts": res.timeouts,
             "mismatched": res.mismatched,
             "replies_on_another_leg": cross.crossed - c0,
+        }
+        # Item 4: the survivors claim pos-1's requests in flight and owed reversals (lease 15 s).
+        claimed_at = None
+        while time.monotonic() - t_kill < 45:
+            sw = [((mixer.registry.get(r.name).stats or {}).get("gears") or {}).get("switch") or {} for r in live]
+            if any(x.get("mirror_claims", 0) for x in sw):
+                claimed_at = time.monotonic()
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(5.0)  # their reversals are sent and answered; heartbeats carry the counts
+        sw = [((mixer.registry.get(r.name).stats or {}).get("gears") or {}).get("switch") or {} for r in live]
+        out["claim"] = {
+            "claimed_within_s": round(claimed_at - t_kill, 1) if claimed_at else None,  # heartbeat-coarse
+            "tickets_claimed": sum(x.get("mirror_tickets_claimed", 0) for x in sw),
+            "sagas_adopted": sum(x.get("saf_adopted", 0) for x in sw),
+            "survivor_reversals_answered": sum(x.get("saf_answered", 0) for x in sw),
+            "survivor_reversals_open": sum(x.get("saf_open", 0) for x in sw),
+            "unshared": sum(x.get("unshared", 0) for x in sw),
         }
     finally:
         if lb is not None:

@@ -6,7 +6,9 @@ per member, whether to send it new connections. A TCP connect to the service por
 socket listens; this endpoint says whether the Rack takes traffic: its event loop turns, its
 graph runs (not starting, stopping or kill-switched), its passport lets it carry traffic, and,
 for `/health/<group>`, it is a member of that group right now (a suspended member has left its
-groups and answers 503 there while its own gears still run).
+groups and answers 503 there while its own gears still run) and its group conductors can share
+their requests with the group's saga stream (fluxrig.saga.mirror: cut off from it they decline
+every reversible request, so the balancer should send the acquirers to another member).
 
 Contract:
   * `rack.health_listen = "host:port"` (empty = off; port 0 = any free port, see `.port`).
@@ -98,6 +100,8 @@ def ready(snapshot: dict, group: str | None = None) -> tuple[bool, str]:
         return False, f"rack status is {passport}"
     if group is not None and group not in (snapshot.get("groups") or ()):
         return False, f"not a member of group {group}"
+    if group is not None and group in (snapshot.get("unshared_groups") or ()):
+        return False, f"group {group}'s saga stream is unreachable: reversible requests are declined here"
     return True, ""
 
 

@@ -325,9 +325,20 @@ class Rack:
             # Issue 17: what a balancer decides on (fluxrig/balancer.py).
             "rack_status": self._rack_status(),
             "groups": sorted(scenario.groups) if scenario is not None else [],
+            "unshared_groups": self._unshared_groups(),
             # Where the passport stands in time (never a reason to stop: fluxrig/passport.py).
             "passport": self._passport_report() if self.joined else None,
         }
+
+    def _unshared_groups(self) -> list[str]:
+        """Groups whose conductors here cannot share with the group's stream right now: they
+        decline every reversible request (fluxrig.saga.mirror), so a balancer should go elsewhere."""
+        out = set()
+        for gear in self.runtime.gears.values() if self.runtime is not None else ():
+            mirror = getattr(gear, "mirror", None)
+            if mirror is not None and mirror.share_tickets and not mirror.bus.usable():
+                out.add(mirror.group)
+        return sorted(out)
 
     def _rack_status(self) -> str | None:
         """The status in this Rack's passport (None standalone, `unenrolled` before one)."""

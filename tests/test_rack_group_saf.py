@@ -6,7 +6,9 @@ three reversals, which the issuer leaves unanswered: member 1 repeats them). Mem
 stopped dead (its task cancelled: from the group's stream it falls silent, like a SIGKILL);
 member 2 claims the three within the 15 s lease (+ its 2 s look), resends them on its own leg
 to the same issuer as repeats, and the issuer, now answering, closes each: the ledger holds
-every approval reversed."""
+every approval reversed. Second: requests in flight at the death (written to the issuer,
+approved, no reply yet) are reversed by the survivor, which read their `open` tickets in the
+group's stream (saf.share_tickets, the default)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ gears:
     type: conductor
     deploy: pos
     config:
-      ttl: 500ms
+      ttl: {ttl}
       routes: [{{name: issuer, destination: out_issuer, reversal: {{enabled: true}}}}]
       saf: {{group: pos, key_file: "{key}", backoff_initial: 300ms, backoff_cap: 600ms}}
   - {{name: iss_encode, type: codec_iso8583, deploy: pos, config: {{direction: encode}}}}
@@ -70,21 +72,34 @@ async def hub(tmp_path):
         await m.stop()
 
 
-async def test_a_dead_members_owed_reversals_are_claimed_and_answered_by_a_survivor(tmp_path, hub):
+async def _group(tmp_path, hub, issuer, ttl: str) -> list[GroupRack]:
     key = str(tmp_path / "pos-saga.key")
     FieldSeal.load(key)  # 0600; every member of the group is given this same file
+    members = [GroupRack(group_rack_config(tmp_path, f"pos-{i}", hub, {"role": "pos"})) for i in (1, 2)]
+    for m in members:
+        await m.start()
+    stored, _ = hub.scenarios.import_text(SWITCH.format(issuer=issuer.port, key=key, ttl=ttl))
+    await hub.controller.activate_scenario(stored)
+    for m in members:
+        await wait_for(lambda m=m: m.rack.agent.applied_version == stored.version, timeout=30, what=m.name)
+        assert m.rack.agent.apply_state == "applied", m.rack.agent.apply_reason
+    await wait_for(lambda: len(issuer.writers) == 2, timeout=20, what="both members' issuer legs")
+    return members
+
+
+async def _kill(member: GroupRack) -> float:
+    member.task.cancel()  # dead: nothing more from it, on any wire
+    await asyncio.gather(member.task, return_exceptions=True)
+    member.task = None
+    return time.monotonic()
+
+
+async def test_a_dead_members_owed_reversals_are_claimed_and_answered_by_a_survivor(tmp_path, hub):
     issuer = Issuer(free_port(), drop=1.0, answer_after=3600.0)  # approves, answers nothing yet
     await issuer.start()
-    members = [GroupRack(group_rack_config(tmp_path, f"pos-{i}", hub, {"role": "pos"})) for i in (1, 2)]
+    members = []
     try:
-        for m in members:
-            await m.start()
-        stored, _ = hub.scenarios.import_text(SWITCH.format(issuer=issuer.port, key=key))
-        await hub.controller.activate_scenario(stored)
-        for m in members:
-            await wait_for(lambda m=m: m.rack.agent.applied_version == stored.version, timeout=30, what=m.name)
-            assert m.rack.agent.apply_state == "applied", m.rack.agent.apply_reason
-        await wait_for(lambda: len(issuer.writers) == 2, timeout=20, what="both members' issuer legs")
+        members = await _group(tmp_path, hub, issuer, "500ms")
         one, two = members
         sw1 = lambda: one.rack.runtime.gears["switch"].metrics()  # noqa: E731
         sw2 = lambda: two.rack.runtime.gears["switch"].metrics()  # noqa: E731
@@ -105,10 +120,7 @@ async def test_a_dead_members_owed_reversals_are_claimed_and_answered_by_a_survi
                        what="member 1 sending its reversals twice")  # fmt: skip
         assert sw1()["mirror_events"] >= 3 and sw1()["mirror_late"] == 0, sw1()
 
-        one.task.cancel()  # dead: nothing more from member 1, on any wire
-        await asyncio.gather(one.task, return_exceptions=True)
-        one.task = None
-        t_dead = time.monotonic()
+        t_dead = await _kill(one)
         issuer.answer_after = 0.0  # the issuer answers from now on
         await wait_for(lambda: sw2().get("saf_adopted") == 3, timeout=40, what="member 2 adopting the reversals")
         claimed_s = time.monotonic() - t_dead
@@ -122,6 +134,37 @@ async def test_a_dead_members_owed_reversals_are_claimed_and_answered_by_a_survi
         late = [x for x in issuer.reversals[6:] if x["mti"] == "0400"]
         assert late == [], late
         print(f"claimed {claimed_s:.1f} s after the member died; member 2: {sw2()}")
+    finally:
+        for m in members:
+            await m.stop()
+        await issuer.stop()
+
+
+async def test_requests_in_flight_on_a_dead_member_are_reversed_by_a_survivor(tmp_path, hub):
+    issuer = Issuer(free_port(), drop=1.0)  # approves every 0200 and never answers it
+    await issuer.start()
+    members = []
+    try:
+        members = await _group(tmp_path, hub, issuer, "60s")  # the replies are still awaited at the death
+        one, two = members
+        sw1 = lambda: one.rack.runtime.gears["switch"].metrics()  # noqa: E731
+        sw2 = lambda: two.rack.runtime.gears["switch"].metrics()  # noqa: E731
+        port = one.rack.runtime.gears["acquirer"].endpoint.port
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"".join(request("0200", s) for s in STANS))
+        await wait_for(lambda: len(issuer.ledger) == 3, timeout=10, what="the issuer approving all three")
+        assert sw1()["open_tickets"] == 3 and sw1()["unshared"] == 0, sw1()
+        t_dead = await _kill(one)
+        w.close()
+        await wait_for(lambda: sw2().get("saf_answered") == 3, timeout=45, what="member 2 reversing the three")
+        took = time.monotonic() - t_dead
+        assert sw2()["mirror_tickets_claimed"] == 3 and sw2()["saf_owed"] == 3, sw2()
+        for s in STANS:
+            entry = issuer.ledger[(s, "TERM0001")]
+            assert entry["reversals"] == ["0400"], entry  # reversed once, by the survivor
+        # the survivor's reversals carry its own new STANs, the originals in DE 90
+        assert sorted(x["original"][4:10] for x in issuer.reversals) == STANS
+        print(f"in flight at the death, reversed {took:.1f} s later by member 2: {sw2()}")
     finally:
         for m in members:
             await m.stop()

@@ -4,8 +4,9 @@ member processes behind a real haproxy, the authorizer as issuer, fluxrig's load
 measurement and holds it to the targets it can meet: new connections served through a SIGKILL
 of a member (no new-connection probe fails, the longest gap <= 1 s), every transaction answered
 with 1, 2 and 3 members, and every reply that a host sends on another member's leg matched by the
-member holding its ticket. Not checked (not built, issue 17 item 4): that transactions in flight
-on the killed member are reversed by a survivor. `chaos`: make chaos-test."""
+member holding its ticket. That transactions in flight on a killed member are reversed by a
+survivor (issue 17 item 4) is checked in tests/test_rack_group_saf.py (in-process members, an
+issuer ledger); bench/cluster.py reports `reversed_by_survivors` here. `chaos`: make chaos-test."""
 
 from __future__ import annotations
 

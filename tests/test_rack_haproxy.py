@@ -62,6 +62,10 @@ def test_ready_rule():
     assert ready(dict(RUNNING, rack_status="suspended")) == (False, "rack status is suspended")
     assert ready(dict(RUNNING, rack_status="offline"))[0] is True  # cut off from the Mixer: still serves
     assert ready(dict(RUNNING, rack_status=None))[0] is True  # standalone
+    # cut off from the group's saga stream: it declines reversible requests, send them elsewhere
+    cut = dict(RUNNING, unshared_groups=["pos"])
+    assert ready(cut, "pos") == (False, "group pos's saga stream is unreachable: reversible requests are declined here")
+    assert ready(cut) == (True, "")
 
 
 def test_requests_and_answers():

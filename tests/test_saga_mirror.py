@@ -127,7 +127,8 @@ class Member:
                              lambda _p: self.up, lambda _r, _l: None, reply_key)  # fmt: skip
         js = self.nc.jetstream()
         self.mirror = SagaMirror(JsSafBus(lambda: js, S.saf_stream(GROUP)), GROUP, GEAR, self.name, store.seal,
-                                 self.rev.adopt, self.rev.hand_over, self.rev.open_sagas, lease_s=self.lease_s,
+                                 lambda sagas, _tickets, owner: self.rev.adopt(sagas, owner), self.rev.hand_over,
+                                 self.rev.open_state, lease_s=self.lease_s,
                                  beat_s=0.5, check_s=0.3, checkpoint_messages=20)  # fmt: skip
         store.mirror = self.mirror
         self.mirror.start()
@@ -280,3 +281,54 @@ async def test_the_checkpoint_compacts_the_subject_and_a_restarted_owner_restate
     assert len(fold(W.replay(got).events).sagas) == 5
     await a2.stop()
     assert os.path.isdir(a2.dir)
+
+
+@pytest.mark.mixer
+@pytest.mark.timeout(120)
+async def test_shared_tickets_wait_for_the_stream_and_are_refused_when_it_is_gone(snake, tmp_path):
+    """share_tickets: a request's `open` and its reply's `close` resolve only once the stream
+    holds them; with the bus gone they raise MirrorUnavailable (on disk all the same), so the
+    conductor neither sends nor delivers what a survivor could not see."""
+    from fluxrig.saga.mirror import MirrorUnavailable
+
+    key = _key(tmp_path)
+    store = await SagaStore.open(str(tmp_path / "t"), key)
+    js = snake.jetstream()
+    live = {"up": True}
+    bus = JsSafBus(lambda: js if live["up"] else None, S.saf_stream(GROUP))
+
+    async def emit(_p, _m):
+        pass
+
+    rev = Reversals(
+        GEAR, store, SagaSettings(), emit, lambda _p: True, lambda _r, _l: None, lambda m, f: (m, f.get("11"))
+    )
+    mirror = SagaMirror(bus, GROUP, GEAR, "rack-t", store.seal, lambda *_a: 0, rev.hand_over, rev.open_state,
+                        beat_s=0.5, check_s=0.3, share_tickets=True, owe_wait=0.5)  # fmt: skip
+    store.mirror = mirror
+    mirror.start()
+    assert await mirror.reconciled(10)
+    req = FluxMsg(meta={M.ISO_MTI: "0200"}, data={"iso8583": {"field": {"0": "0200", "2": PAN, "11": "000001"}}})
+    seq = await rev.stage_ticket("main", "out_iss", req)
+    assert mirror.stats["events"] >= 1  # in the stream before the future resolved
+    await rev.close_ticket(seq)
+    live["up"] = False
+    with pytest.raises(MirrorUnavailable, match="did not take journal event") as refused:
+        await rev.stage_ticket("main", "out_iss", req)
+    assert mirror.stats["unshared"] == 1
+    await rev.close_ticket(refused.value.seq, strict=False)  # what the conductor does: never sent
+    live["up"] = True
+    seq2 = await rev.stage_ticket("main", "out_iss", req)
+    live["up"] = False
+    with pytest.raises(MirrorUnavailable):
+        await rev.close_ticket(seq2)
+    live["up"] = True
+    # what could not be shared is published when the stream is back, in journal order
+    await _wait(lambda: not mirror._buffer, 10, "the backlog published")
+    got, s = [], 1
+    while (m := await bus.next(S.saf_subject(GROUP, GEAR, "rack-t"), s)) is not None:
+        got.append(W.decode(m[1], m[0]))
+        s = m[0] + 1
+    assert fold(W.replay(got).events).tickets == {}  # every request closed, as on disk
+    await mirror.stop()
+    await rev.stop()

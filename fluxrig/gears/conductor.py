@@ -39,8 +39,11 @@ survivor's leg of the same name, else on the route's failover choice (fluxrig/sa
 The members must share `saf.key_file` (a survivor must open the card numbers it sends). An
 owed reversal is declined to the acquirer once it is also in the stream, or after
 `saf.mirror_wait` (a member whose bus is down owes alone; its own restart resumes those).
-Requests in flight are not mirrored (a round trip to the Snake per transaction): a member
-killed with requests written to an issuer reverses them when it restarts.
+With `saf.share_tickets` (default) requests in flight are shared too: a request is sent, and
+an approval delivered, only once the group's stream holds its ticket (within
+`saf.mirror_wait`; else it is declined, and an approval reversed from here), so a survivor
+reverses what a dead member had sent and nothing it had answered. The cost: two stream
+acknowledgements per reversible transaction.
 
 A reversal from the acquirer (an 0400/0420 on `in` with DE 90) goes to the leg that carried its
 original. If the original is still open, the acquirer's reversal wins: the original's ticket is
@@ -62,7 +65,7 @@ from ..msg import FluxMsg
 from ..runtime.gear import Gear, Manifest
 from ..runtime.registry import register
 from ..runtime.states import GearState
-from ..saga.mirror import JsSafBus, SagaMirror
+from ..saga.mirror import JsSafBus, MirrorUnavailable, SagaMirror
 from ..saga.orchestrator import DEFAULT_MAX_OWED, DEFAULT_REFUSAL_CODES, OwedReversal, Reversals, SagaSettings
 from ..saga.reversal import CAUSES, DEFAULT_COPY_FIELDS, ReversalPolicy, is_reversal_class
 from ..saga.saf import DEFAULT_BACKOFF_CAP_S, DEFAULT_BACKOFF_INITIAL_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_WINDOW
@@ -130,6 +133,12 @@ SAF_SCHEMA = {
             "type": "string",
             "default": "",
             "description": "the Rack group whose members take over each other's owed reversals (the gear's deploy)",
+        },
+        "share_tickets": {
+            "type": "boolean",
+            "default": True,
+            "description": "with saf.group: share requests in flight too, so a survivor reverses what a dead member had sent "
+            "(each request and approval waits for the group's stream; without it the member declines)",
         },
         "mirror_wait": {
             "type": "string",
@@ -378,6 +387,7 @@ class ConductorGear(Gear):
         self._saf_key_file = saf.get("key_file") or ""
         self._saf_group = saf.get("group") or ""
         self._mirror_wait = parse_duration(saf.get("mirror_wait", "500ms"))
+        self._share_tickets = bool(saf.get("share_tickets", True))
         self.mirror: SagaMirror | None = None
         self._saf_dir = saf.get("dir") or ""
         self.reversals: Reversals | None = None
@@ -403,7 +413,7 @@ class ConductorGear(Gear):
         self._draining = False
         self.stats = {
             "absorbed": 0, "replayed": 0, "timeouts": 0, "unmatched": 0, "matched": 0,
-            "link_lost": 0, "superseded": 0, "acquirer_reversals": 0, "never_sent": 0,
+            "link_lost": 0, "superseded": 0, "acquirer_reversals": 0, "never_sent": 0, "unshared": 0,
         }  # fmt: skip
 
     @staticmethod
@@ -510,7 +520,8 @@ class ConductorGear(Gear):
         rev = self.reversals
         self.mirror = SagaMirror(
             JsSafBus(session.jetstream, S.saf_stream(self._saf_group)), self._saf_group, self.name,
-            self.ctx.rack_name, store.seal, rev.adopt, rev.hand_over, rev.open_sagas, owe_wait=self._mirror_wait,
+            self.ctx.rack_name, store.seal, self._adopt, rev.hand_over, rev.open_state, owe_wait=self._mirror_wait,
+            share_tickets=self._share_tickets,
         )  # fmt: skip
         store.mirror = self.mirror
         self.mirror.start()
@@ -518,11 +529,11 @@ class ConductorGear(Gear):
             self.log.warning("%s: the group's saga mirror is not reachable yet: owed reversals are sent from "
                              "here meanwhile (one another member adopted may be repeated)", self.name)  # fmt: skip
 
-    async def _owe_recovered(self) -> None:
-        """Requests the previous run wrote to an issuer and never saw answered: reversed now
-        (their replies, if any, went to a connection that no longer exists)."""
+    def _owed_for_tickets(self, tickets: dict[int, dict], ours: bool) -> list[OwedReversal]:
+        """Reversals for requests journaled `open` and never answered: ours (recovered from
+        this journal: each owe names its ticket) or a dead member's (adopted: no ticket here)."""
         owed = []
-        for seq, ev in self.reversals.recovered_tickets().items():
+        for seq, ev in tickets.items():
             policy = self._policies.get(ev.get("route", ""))
             if policy is None:
                 policy = next(iter(self._policies.values()))
@@ -530,12 +541,33 @@ class ConductorGear(Gear):
                 meta={M.ISO_MTI: ev.get("mti", "")}, data={"iso8583": {"field": dict(ev.get("fields") or {})}}
             )
             request.trace = ev.get("trace", "")
-            owed.append(OwedReversal(ev.get("route", ""), policy, request, ev.get("leg", ""), "timeout", seq))
+            owed.append(OwedReversal(ev.get("route", ""), policy, request, ev.get("leg", ""), "timeout",
+                                     seq if ours else None))  # fmt: skip
+        return owed
+
+    async def _owe_recovered(self) -> None:
+        """Requests the previous run wrote to an issuer and never saw answered: reversed now
+        (their replies, if any, went to a connection that no longer exists)."""
+        owed = self._owed_for_tickets(self.reversals.recovered_tickets(), ours=True)
         if owed:
             self.log.warning(
                 "%s: %d requests were in flight when the Rack stopped: reversing them", self.name, len(owed)
             )
             await self.reversals.owe(owed)
+
+    async def _adopt(self, sagas: dict, tickets: dict[int, dict], owner: str) -> int:
+        """A silent member's sagas and requests in flight, claimed by this member's mirror: its
+        sagas resumed here, its requests reversed from here (their replies went to its legs)."""
+        rev = self.reversals
+        if rev is None:
+            return 0
+        taken = await rev.adopt(sagas, owner)
+        owed = self._owed_for_tickets(tickets, ours=False)
+        if owed:
+            self.log.warning("%s: %d requests member %s had written to an issuer: reversing them", self.name,
+                             len(owed), owner)  # fmt: skip
+            taken += len(await rev.owe(owed))
+        return taken
 
     def _on_link(self, port: str):
         def cb(cmd: dict) -> None:
@@ -629,6 +661,13 @@ class ConductorGear(Gear):
         journal = ticket[5]
         try:
             journal[0] = await durable
+        except MirrorUnavailable as exc:  # on disk, not in the group's stream: not sent, declined
+            if self.open.get(key) is ticket:
+                del self.open[key]
+            self.stats["unshared"] += 1
+            await reversals.close_ticket(exc.seq, strict=False)
+            await self.emit_error(ticket[1], "no_destination", str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 (not journaled: not sent; the acquirer is declined)
             if self.open.get(key) is ticket:
                 del self.open[key]
@@ -638,7 +677,7 @@ class ConductorGear(Gear):
         if self.open.get(key) is not ticket and (
             self._successor is None or self._successor.open.get(key) is not ticket
         ):
-            await reversals.close_ticket(journal[0])  # timed out meanwhile: never sent
+            await reversals.close_ticket(journal[0], strict=False)  # timed out meanwhile: never sent
             return
         try:
             await self.emit(out, msg)
@@ -695,6 +734,14 @@ class ConductorGear(Gear):
     async def _reply_when_closed(self, key, ticket, msg: FluxMsg, reversals) -> None:
         try:  # `reversals` bound when the reply came: a reload may hand self.reversals on meanwhile
             await reversals.close_ticket(ticket[5][0])
+        except MirrorUnavailable as exc:
+            # Closed on disk, but a survivor reading the group's stream would still see it open
+            # and reverse it: so it is not delivered; it is declined and reversed from here.
+            self.stats["unshared"] += 1
+            why = f"reply not shared with the group: {exc}"
+            self.log.warning("%s: %s (declined, reversal owed)", self.name, why)
+            await self._decline([(key, ticket)], "timeout", lambda _t: why)
+            return
         except Exception as exc:  # noqa: BLE001 (not closed: not answered; a restart reverses it)
             self.log.error("%s: reply not journaled, held back (the request will be reversed): %s", self.name, exc)
             return
@@ -754,7 +801,7 @@ class ConductorGear(Gear):
         for key, ticket in tickets:
             _deadline, request, _back, port, route, journal = ticket
             if journal[0] is not None and id(request) not in owed_ids:
-                await self.reversals.close_ticket(journal[0])  # superseded: nothing owed for it
+                await self.reversals.close_ticket(journal[0], strict=False)  # superseded: nothing owed for it
             if route in self._policies:
                 self._remember(self._timed_out, key, (route, request, port, id(request) in owed_ids))
             try:

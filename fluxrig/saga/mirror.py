@@ -32,10 +32,21 @@ below `upto` is handed over (`hand_over`: ended here as `handed`, never sent aga
 and the owner publishes on from there. A bare `claim`: a claimer is adopting; the owner waits
 up to LEASE_S for its `adopted`, and takes its subject back with a checkpoint if none comes.
 
-What this does not do: requests in flight (journal tickets, `open`/`close`) are not mirrored,
-so a request a dead member had written to an issuer is reversed when that member restarts
-(its journal), not by a survivor. Mirroring them would cost every transaction a round trip to
-the Snake before its request and before its reply (see the conductor's docstring).
+Requests in flight (`share_tickets`, the conductor's default in a group). The journal's
+tickets are shared too, strictly: a request is written to its issuer only once its `open` is
+in the stream, an approval reaches its acquirer only once its `close` is (each within
+`owe_wait`, batched with the other members' traffic). So a survivor that claims a dead
+member finds every request that member had sent and not answered, and reverses it, and never
+one whose approval was delivered. When the stream does not take a ticket event in time (the
+bus is down or slow) the future raises MirrorUnavailable: the request is declined unsent, the
+approval is declined and reversed from here; the event stays queued and reaches the stream
+when the bus is back (the Rack's balancer health says 503 for the group meanwhile). What it
+costs: every reversible transaction waits for two stream acknowledgements. A member cut off
+from the Snake for longer than the lease while it still runs is claimed: its shared
+requests are reversed by the claimer, and those it declined are reversed by it too (a
+duplicate reversal, which the issuer answers as such), never a reversal of a delivered
+approval. Without `share_tickets` only owed reversals are shared, and a request a dead member
+had sent is reversed when that member restarts (its own journal).
 """
 
 from __future__ import annotations
@@ -45,10 +56,19 @@ import logging
 import time
 
 from ..aiotools import cancel_and_wait
+from ..errors import FluxError
 from . import mirror_wire as W
-from .saf import fold
+from .saf import EV_CLOSE, EV_OPEN, EV_OWE, fold
 
-__all__ = ["SagaMirror", "JsSafBus", "Claimed", "CHECKPOINT_MESSAGES", "CHECKPOINT_S", "DEFAULT_OWE_WAIT_S"]
+__all__ = [
+    "SagaMirror",
+    "JsSafBus",
+    "Claimed",
+    "MirrorUnavailable",
+    "CHECKPOINT_MESSAGES",
+    "CHECKPOINT_S",
+    "DEFAULT_OWE_WAIT_S",
+]
 
 log = logging.getLogger("fluxrig.saga.mirror")
 
@@ -57,6 +77,7 @@ CHECKPOINT_S = 60.0
 DEFAULT_OWE_WAIT_S = 0.5
 PUBLISH_TIMEOUT_S = 5.0
 RETRY_S = 0.5
+DOWN_POLL_S = 0.05  # a bus back up is noticed at once: the first requests after it wait for it
 MAX_CLAIM_MESSAGES = 200_000  # a claim reads at most this many messages of a subject
 WRONG_LAST_SEQUENCE = 10071  # JetStream err_code: Nats-Expected-Last-Subject-Sequence did not hold
 H_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
@@ -66,6 +87,16 @@ H_ROLLUP = "Nats-Rollup"
 
 class Claimed(Exception):
     """A publish found another writer's message last on our subject."""
+
+
+class MirrorUnavailable(FluxError):
+    """A ticket event (`seq` in the journal, fsync'd) is not in the group's stream in time:
+    the request is not sent, the approval not delivered (the conductor declines instead)."""
+
+    def __init__(self, seq: int, why: str):
+        self.seq = seq
+        super().__init__(f"the group's saga stream did not take journal event {seq}: {why}; "
+                         "check the Rack's link to the Snake (fluxrig status)")  # fmt: skip
 
 
 class JsSafBus:
@@ -123,14 +154,14 @@ class JsSafBus:
 
 
 class SagaMirror:
-    """See the module docstring. `adopt(sagas: dict, by_rack) -> awaitable int`,
-    `hand_over(upto, by) -> awaitable int` and `state() -> open Sagas` are the conductor's
+    """See the module docstring. `adopt(sagas: dict, tickets: dict, by_rack) -> awaitable int`,
+    `hand_over(upto, by) -> awaitable int` and `state() -> (open Sagas, open tickets)` are the conductor's
     sagas' (fluxrig.saga.orchestrator.Reversals)."""
 
     def __init__(self, bus, group: str, gear: str, rack: str, seal, adopt, hand_over, state, *,
                  owe_wait: float = DEFAULT_OWE_WAIT_S, lease_s: float = W.LEASE_S, beat_s: float = W.BEAT_S,
                  check_s: float = W.CHECK_S, checkpoint_messages: int = CHECKPOINT_MESSAGES,
-                 checkpoint_s: float = CHECKPOINT_S):  # fmt: skip
+                 checkpoint_s: float = CHECKPOINT_S, share_tickets: bool = False):  # fmt: skip
         from ..wire import subjects as S
 
         self.bus = bus
@@ -140,12 +171,15 @@ class SagaMirror:
         self.seal = seal
         self._adopt, self._hand_over, self._state = adopt, hand_over, state
         self.owe_wait, self.beat_s, self.check_s = owe_wait, beat_s, check_s
+        self.share_tickets = share_tickets
         self.checkpoint_messages, self.checkpoint_s = checkpoint_messages, checkpoint_s
         self.lease = W.Lease(lease_s)
         self._buffer: list[tuple[int, dict, list]] = []  # (seq, sealed event, waiters)
         self._wake = asyncio.Event()
         self._published: list[tuple[int, dict]] = []  # what the subject holds from us since the checkpoint
         self._since_cp = 0
+        self._since_cp_bytes = 0
+        self._cp_bytes = 0  # size of the last checkpoint
         self._cp_at = 0.0
         self._cp_too_big_warned = False
         self._last = None  # the subject's last stream seq as we know it (None: not read yet)
@@ -154,13 +188,24 @@ class SagaMirror:
         self._tasks: list[asyncio.Task] = []
         self._reconciled = asyncio.Event()
         self.stats = dict.fromkeys(("published", "events", "beats", "checkpoints", "late", "errors", "claims",
-                                    "adopted", "handed_over", "claims_lost", "claims_refused", "skipped"), 0)  # fmt: skip
+                                    "adopted", "handed_over", "claims_lost", "claims_refused", "skipped", "unshared",
+                                    "tickets_claimed"), 0)  # fmt: skip
         self.last_error = ""
 
     # -- the store's side ----------------------------------------------------------------------
-    def follow(self, durable: asyncio.Future, sealed: dict, wait: bool) -> asyncio.Future:
-        """A future like `durable` (the journal seq once fsync'd) that, when `wait`, resolves
-        only once the event is also in the stream (or owe_wait passed)."""
+    def follow(self, durable: asyncio.Future, sealed: dict, wait: bool = True) -> asyncio.Future:
+        """The future the store hands its caller for `sealed` (`durable`: its journal seq once
+        fsync'd). Saga events are shared: an `owe` (when `wait`) resolves once the stream has
+        it or after owe_wait, whichever first. Tickets (`open`/`close`) are shared only with
+        `share_tickets`, and then strictly: the future raises MirrorUnavailable (the event is
+        on disk here and still queued for the stream) unless the stream has it within
+        owe_wait, so the conductor neither sends a request nor delivers an approval that a
+        survivor could not see (see the module docstring)."""
+        kind = sealed.get("e")
+        ticket = kind in (EV_OPEN, EV_CLOSE)
+        if ticket and not self.share_tickets:
+            return durable
+        wait = wait and kind in (EV_OWE, EV_OPEN, EV_CLOSE)
         loop = asyncio.get_running_loop()
         out = loop.create_future()
 
@@ -177,7 +222,10 @@ class SagaMirror:
             waiters = []
             if wait and self.bus.usable():
                 waiters.append(out)
-                loop.call_later(self.owe_wait, self._late, out, seq)
+                loop.call_later(self.owe_wait, self._late, out, seq, ticket)
+            elif wait and ticket:
+                self.stats["unshared"] += 1
+                out.set_exception(MirrorUnavailable(seq, "the Snake session is down"))
             elif not out.done():
                 out.set_result(seq)
             self._buffer.append((seq, sealed, waiters))
@@ -186,8 +234,13 @@ class SagaMirror:
         durable.add_done_callback(on_durable)
         return out
 
-    def _late(self, fut: asyncio.Future, seq: int) -> None:
-        if not fut.done():
+    def _late(self, fut: asyncio.Future, seq: int, strict: bool) -> None:
+        if fut.done():
+            return
+        if strict:
+            self.stats["unshared"] += 1
+            fut.set_exception(MirrorUnavailable(seq, f"no acknowledgement within {self.owe_wait:g}s"))
+        else:
             self.stats["late"] += 1
             fut.set_result(seq)
 
@@ -230,7 +283,7 @@ class SagaMirror:
             self._wake.clear()
             if not self.bus.usable():
                 self._release_all()
-                await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(DOWN_POLL_S)
                 continue
             try:
                 if self._last is None:
@@ -258,11 +311,9 @@ class SagaMirror:
                 self._wake.set()
 
     def _release_all(self) -> None:
-        for seq, _, waiters in self._buffer:
+        for seq, ev, waiters in self._buffer:
             for w in waiters:
-                if not w.done():
-                    self.stats["late"] += 1
-                    w.set_result(seq)
+                self._late(w, seq, ev.get("e") in (EV_OPEN, EV_CLOSE))
             waiters.clear()
 
     async def _publish(self, payload: bytes, msg_id: str, rollup: bool = False) -> int:
@@ -273,6 +324,7 @@ class SagaMirror:
         self._last = seq
         self._last_pub = asyncio.get_running_loop().time()
         self._since_cp += 1
+        self._since_cp_bytes += len(payload)
         self.stats["published"] += 1
         return seq
 
@@ -295,7 +347,9 @@ class SagaMirror:
                     w.set_result(seq)
 
     def _checkpoint_due(self, now: float) -> bool:
-        if self._since_cp >= self.checkpoint_messages:
+        # Amortized: a rollup restates the open state, so it waits until at least that much
+        # was published since the last one (a big SAF backlog is not re-sent every 200 messages).
+        if self._since_cp >= self.checkpoint_messages and self._since_cp_bytes >= self._cp_bytes:
             return True
         return bool(self._published) and now - self._cp_at >= self.checkpoint_s
 
@@ -310,12 +364,15 @@ class SagaMirror:
                             "published; %s keeps its history and a claim reads it all", self.gear,
                             len(folded.sagas), len(payload), W.MAX_MESSAGE_BYTES, self.subject)  # fmt: skip
                 self._cp_too_big_warned = True
-            self._since_cp = 0
+            self._published = pairs  # folds to the same state: memory stays bounded by what is open
+            self._since_cp = self._since_cp_bytes = 0
+            self._cp_bytes = len(payload)
             return
         self._cp_too_big_warned = False
         await self._publish(payload, f"cp-{time.time_ns()}", rollup=True)
         self._published = pairs
-        self._since_cp = 0
+        self._since_cp = self._since_cp_bytes = 0
+        self._cp_bytes = len(payload)
         self.stats["checkpoints"] += 1
 
     async def _reconcile(self) -> None:
@@ -359,8 +416,9 @@ class SagaMirror:
         """This run's first word on the subject restates the journal's open sagas (a
         checkpoint): what the previous run published is not in memory here, and a rollup built
         from this run's events alone would erase it."""
+        sagas, tickets = self._state()
         self._published = [(q, self.seal.seal(ev) if "fields" in ev else ev)
-                           for q, ev in W.checkpoint_events(self._state(), {})]  # fmt: skip
+                           for q, ev in W.checkpoint_events(sagas, tickets)]  # fmt: skip
         self._since_cp = self.checkpoint_messages
 
     # -- claimer -------------------------------------------------------------------------------
@@ -430,10 +488,11 @@ class SagaMirror:
             log.info("%s: %s moved while being claimed (back, or claimed by another member)", self.gear, owner)
             return
         self.stats["claims"] += 1
-        log.warning("%s: member %s silent for %.0f s: claiming its %d owed reversals", self.gear, owner,
-                    self.lease.lease_s, len(folded.sagas))  # fmt: skip
-        n = await self._adopt(folded.sagas, owner)
+        log.warning("%s: member %s silent for %.0f s: claiming its %d owed reversals and %d requests in flight",
+                    self.gear, owner, self.lease.lease_s, len(folded.sagas), len(folded.tickets))  # fmt: skip
+        n = await self._adopt(folded.sagas, folded.tickets, owner)
         self.stats["adopted"] += n
+        self.stats["tickets_claimed"] += len(folded.tickets)
         try:
             seq = await self.bus.publish(subject, W.encode(W.KIND_ADOPTED, by=self.rack, upto=upto, sagas=n),
                                          {H_EXPECTED: str(claim_seq)})  # fmt: skip

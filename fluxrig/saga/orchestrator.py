@@ -304,10 +304,19 @@ class Reversals:
     async def open_ticket(self, route: str, leg: str, request: FluxMsg) -> int:
         return await self.stage_ticket(route, leg, request)
 
-    async def close_ticket(self, opened: int) -> None:
+    async def close_ticket(self, opened: int, strict: bool = True) -> None:
         """The request's reply reached the switch in time: nothing is owed (fsync'd before the
-        acquirer hears it, so a crash cannot turn a delivered approval into a reversal)."""
-        seq = await self.store.append({"e": EV_CLOSE, "s": opened})
+        acquirer hears it, so a crash cannot turn a delivered approval into a reversal; with a
+        group mirror sharing tickets and `strict`, in the group's stream too, else it raises
+        MirrorUnavailable: fluxrig.saga.mirror). Not `strict`: a request never sent, or one
+        whose reversal another covers: the group learns it whenever the stream takes it."""
+        try:
+            seq = await self.store.append({"e": EV_CLOSE, "s": opened}, wait=strict)
+        except Exception as exc:
+            seq = getattr(exc, "seq", None)  # MirrorUnavailable: on disk all the same
+            if seq is not None:
+                self.store.ack([opened, seq])
+            raise
         self.store.ack([opened, seq])
 
     def recovered_tickets(self) -> dict[int, dict]:
@@ -427,6 +436,10 @@ class Reversals:
     def open_sagas(self) -> list[Saga]:
         return [s for q in self.queues.values() for s in q.sagas.values()]
 
+    def open_state(self) -> tuple[list[Saga], dict[int, dict]]:
+        """What this journal owes now: open sagas, and requests recovered open (not yet owed)."""
+        return self.open_sagas(), dict(self.store.open_tickets)
+
     async def adopt(self, sagas: dict[str, Saga], owner: str) -> int:
         """Journal the open sagas of a silent member `owner` here, at their attempt counts and
         ages, and queue them; returns how many were taken. Affinity: a saga keeps its leg (the
@@ -473,7 +486,13 @@ class Reversals:
 
     async def hand_over(self, upto: int, by: str) -> int:
         """Another member adopted the sagas this journal owed at or below seq `upto` while this
-        Rack was away: end them here (`handed`), never to be sent from here again."""
+        Rack was away: end them here (`handed`), never to be sent from here again; requests
+        recovered open at or below it are that member's to reverse, not ours."""
+        theirs = [seq for seq in self.store.open_tickets if seq <= upto]
+        for seq in theirs:
+            del self.store.open_tickets[seq]
+        if theirs:
+            self.store.ack(theirs)
         handed = []
         for q in list(self.queues.values()):
             for saga in list(q.sagas.values()):
@@ -491,7 +510,7 @@ class Reversals:
             except Exception as exc:  # noqa: BLE001 (a restart hands it over again: same claim)
                 log.error("%s: hand-over of reversal %s not journaled: %s", self.gear, saga.id, exc)
         self.stats["handed_over"] += len(handed)
-        return len(handed)
+        return len(handed) + len(theirs)
 
     # -- the pump --------------------------------------------------------------------------------
     def start(self) -> None:

@@ -28,7 +28,7 @@ import os
 import time
 
 from ..wal import FSYNC_ALWAYS, AsyncWal, WalFull
-from .saf import EV_END, EV_OWE, EV_TRY, PARKED, Folded, Saga, fold
+from .saf import EV_END, PARKED, Folded, Saga, fold
 from .seal import KEY_FILE, FieldSeal
 
 __all__ = [
@@ -51,7 +51,6 @@ PARKED_FILE = "parked.jsonl"
 REQUESTS_DIR = "requests"
 VERBS = ("retry", "park")
 READ_BATCH = 1000
-MIRRORED = frozenset((EV_OWE, EV_TRY, EV_END))  # saga events a group mirror shares (not tickets)
 
 
 def _events(wal) -> list:
@@ -155,21 +154,20 @@ class SagaStore:
             wal.ack_many(folded.finished)
         return self
 
-    def append_nowait(self, event: dict) -> asyncio.Future:
-        """Stage an event (its PANs sealed); the future gives its seq once fsync'd (and, for an
-        `owe` of a conductor with a group mirror, once the mirror has it too or gave up
-        waiting: fluxrig.saga.mirror). Raises the WAL's errors."""
+    def append_nowait(self, event: dict, wait: bool = True) -> asyncio.Future:
+        """Stage an event (its PANs sealed); the future gives its seq once fsync'd and, with a
+        group mirror and `wait`, once the mirror's rule for its kind holds
+        (fluxrig.saga.mirror.SagaMirror.follow: MirrorUnavailable for a ticket event the
+        group's stream did not take in time). Raises the WAL's errors."""
         sealed = self.seal.seal(event) if "fields" in event else event
         durable = self.wal.append_nowait(sealed)
         mirror = self.mirror
-        if mirror is None or event.get("e") not in MIRRORED:
-            return durable
-        return mirror.follow(durable, sealed, wait=event.get("e") == EV_OWE)
+        return durable if mirror is None else mirror.follow(durable, sealed, wait)
 
-    async def append(self, event: dict) -> int:
+    async def append(self, event: dict, wait: bool = True) -> int:
         while True:
             try:
-                fut = self.append_nowait(event)
+                fut = self.append_nowait(event, wait)
                 break
             except WalFull:
                 await asyncio.sleep(0.01)  # the writer is committing: room comes with it
