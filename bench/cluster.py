@@ -13,7 +13,9 @@ fluxrig's ISO 8583 load tool.
 Runs:
 1. For N = 1, 2, 3: haproxy with the first N members; the load tool at `--tps` (a bounded,
    held rate: the box is shared) for `--seconds`: `tps`, `p99_ms`, `cpu_ms_per_txn` (user+system
-   CPU of the N members and the issuer over the run, per answered transaction).
+   CPU of the N members, the issuer and the nats-server over the run, per answered transaction).
+   `ticket_sharing`: the same with three members and `saf.share_tickets` off, the baseline of
+   what sharing requests in flight with the group's saga stream costs (issue 17 item 4).
 2. Failover: haproxy with the three members, the held load on long-lived connections plus a
    prober opening a new connection for one 0800 every 20 ms; member 1 SIGKILLed. `failover_gap_s`
    is the longest stretch after the kill in which no new connection was answered (target <= 1);
@@ -64,7 +66,7 @@ MEMBERS = 3
 STAN_MAX = 999_999
 
 
-def group_switch_text(key_file: str) -> str:
+def group_switch_text(key_file: str, share_tickets: bool = True) -> str:
     """scenarios/iso8583-switch.yaml as the scenario of group `pos` (see the module docstring),
     its reversals shared by the members (`saf.group`, one `saf.key_file` for all)."""
     with open(os.path.join(ROOT, "scenarios", "iso8583-switch.yaml"), encoding="utf-8") as fh:
@@ -76,7 +78,7 @@ def group_switch_text(key_file: str) -> str:
         if gear["type"] == "conductor":
             gear["config"]["ttl"] = "2s"
             gear["config"]["saf"]["stan_range"] = ["${STAN_LO:-1}", "${STAN_HI:-999999}"]
-            gear["config"]["saf"].update({"group": "pos", "key_file": key_file})
+            gear["config"]["saf"].update({"group": "pos", "key_file": key_file, "share_tickets": share_tickets})
         if gear["name"] == "triage":  # replies whose ticket another member holds: to the relay
             rule = {"name": "relay", "match": {"field": "meta.error.reason", "in": ["unmatched_reply"]}}
             gear["config"]["rules"].insert(0, rule)
@@ -152,6 +154,19 @@ class Prober:
         return round(gap, 3), failures
 
 
+async def _applied(mixer, members, version: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [mixer.registry.get(r.name) for r in members]
+        if all(row is not None and row.scenario_version == version and row.apply_state == "applied" for row in rows):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"members did not apply scenario {version}")
+        await asyncio.sleep(0.2)
+    for r in members:  # the rebuilt conductors' legs are up
+        await run_load(f"127.0.0.1:{r.service_port}", duration=0.5, concurrency=1, timeout=10)
+
+
 async def main_async(args) -> dict:
     from fluxrig_mixer.app import Mixer
     from fluxrig_mixer.config import load_config as mixer_config
@@ -207,7 +222,7 @@ async def main_async(args) -> dict:
             await lb.wait_status({r.name: "UP" for r in members[:n]}, timeout=20)
             target = f"127.0.0.1:{lb.port}"
             await run_load(target, duration=1.0, rate=args.tps, concurrency=64, connections=3 * n)  # warm-up
-            pids = [r.proc.pid for r in members[:n]] + [issuer.pid]
+            pids = [r.proc.pid for r in members[:n]] + [issuer.pid, mixer.snake.pid]
             c0 = sum(cpu_s(p) for p in pids)
             res = await run_load(target, duration=args.seconds, rate=args.tps, concurrency=64, connections=3 * n)
             cpu = sum(cpu_s(p) for p in pids) - c0
@@ -222,6 +237,34 @@ async def main_async(args) -> dict:
             }
             lb.stop()
             lb = None
+
+        # The baseline of item 4's cost: the same three members with saf.share_tickets off (only
+        # owed reversals shared), measured the same way, then the shared scenario back.
+        stored_off, _ = mixer.scenarios.import_text(group_switch_text(key_file, share_tickets=False))
+        await mixer.controller.activate_scenario(stored_off)
+        await _applied(mixer, members, stored_off.version)
+        (work / "lb-off").mkdir()
+        lb = Haproxy(work / "lb-off", "pos", [r.member() for r in members])
+        lb.start()
+        await lb.wait_status({r.name: "UP" for r in members}, timeout=20)
+        target = f"127.0.0.1:{lb.port}"
+        await run_load(target, duration=1.0, rate=args.tps, concurrency=64, connections=9)
+        pids = [r.proc.pid for r in members] + [issuer.pid, mixer.snake.pid]
+        c0 = sum(cpu_s(p) for p in pids)
+        res = await run_load(target, duration=args.seconds, rate=args.tps, concurrency=64, connections=9)
+        cpu = sum(cpu_s(p) for p in pids) - c0
+        on = out[f"members_{MEMBERS}"]
+        off_ms = round(cpu * 1000 / res.answered, 3) if res.answered else None
+        out["ticket_sharing"] = {
+            "cpu_ms_per_txn_shared": on["cpu_ms_per_txn"], "cpu_ms_per_txn_not_shared": off_ms,
+            "p99_ms_shared": on["p99_ms"], "p99_ms_not_shared": res.p99_ms,
+            "cost_ratio": round(on["cpu_ms_per_txn"] / off_ms, 3) if off_ms and on["cpu_ms_per_txn"] else None,
+        }  # fmt: skip
+        lb.stop()
+        lb = None
+        stored, _ = mixer.scenarios.import_text(group_switch_text(key_file))
+        await mixer.controller.activate_scenario(stored)
+        await _applied(mixer, members, stored.version)
 
         (work / "lb-failover").mkdir()
         lb = Haproxy(work / "lb-failover", "pos", [r.member() for r in members])
@@ -253,7 +296,7 @@ async def main_async(args) -> dict:
         out["load_answered"] = res.answered
         out["load_errors"] = res.errors
         out["load_timeouts"] = res.timeouts
-        mixer.controller.sweep_once()
+        await mixer.controller.sweep_once()
         out["stan_overlaps"] = list(mixer.controller.stan_overlaps)  # the members' reversal STAN ranges
         out["stan_ranges"] = {}
         for r in members:

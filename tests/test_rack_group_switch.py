@@ -44,4 +44,8 @@ async def test_switch_group_behind_haproxy_survives_a_sigkill():
     assert cross["answered"] == cross["replies_on_another_leg"], cross
     assert out["stan_overlaps"] == [], out  # each member its own third of 1..999999
     assert len(out["stan_ranges"]) == 3 and len({tuple(v) for v in out["stan_ranges"].values()}) == 3, out
+    # item 4: the killed member's share of the group's saga stream is claimed within the 30 s
+    claim = out["claim"]
+    assert claim["claimed_within_s"] is not None and claim["claimed_within_s"] <= 30.0, claim
+    assert claim["survivor_reversals_open"] == 0, claim
     print(out)
