@@ -253,6 +253,18 @@ def test_a_group_output_across_the_bus_is_refused_as_not_built():
     assert len(problems) == 1 and "not supported yet" in problems[0].message
 
 
+def test_a_conductor_sharing_reversals_with_another_group_is_refused():
+    import yaml
+    from fluxrig_mixer.groups import group_problems
+
+    doc = yaml.safe_load(SHARED_DOC)
+    doc["gears"].append({"name": "sw", "type": "conductor", "deploy": "work", "config": {"saf": {"group": "work"}}})
+    assert group_problems(doc) == []
+    doc["gears"][-1]["config"]["saf"]["group"] = "pos"
+    (p,) = group_problems(doc)
+    assert p.location == f"gears[{len(doc['gears']) - 1}].config.saf.group" and "deployed to work" in p.message
+
+
 def test_overlapping_stan_ranges_in_a_group_are_found():
     import yaml
     from fluxrig_mixer.groups import stan_overlaps

@@ -109,7 +109,8 @@ def group_inputs(doc: dict) -> dict[str, list[str]]:
 
 
 def group_problems(doc: dict) -> list[ScenarioProblem]:
-    """What activation must refuse because it is not built yet (see the module docstring)."""
+    """What activation must refuse: what is not built yet (see the module docstring), and a
+    conductor sharing its reversals with a group it is not deployed to (fluxrig.saga.mirror)."""
     groups = set(group_labels(doc))
     deploy = _deploys(doc)
     problems = []
@@ -129,6 +130,17 @@ def group_problems(doc: dict) -> list[ScenarioProblem]:
                     "(a client gear of the group dials the next hop)",
                 )
             )
+    for i, g in enumerate(doc.get("gears") or []):
+        if not isinstance(g, dict) or g.get("type") != "conductor":
+            continue
+        saf = (g.get("config") or {}).get("saf") or {}
+        named = saf.get("group") if isinstance(saf, dict) else None
+        if named and named != g.get("deploy"):
+            problems.append(ScenarioProblem(
+                f"gears[{i}].config.saf.group",
+                f"conductor {g.get('name')} shares its reversals with group {named} but is deployed to "
+                f"{g.get('deploy') or 'no group'}: saf.group must name the group the gear is deployed to",
+            ))  # fmt: skip
     return problems
 
 
