@@ -13,6 +13,7 @@ group's stream (saf.share_tickets, the default)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import iso8583
@@ -88,10 +89,18 @@ async def _group(tmp_path, hub, issuer, ttl: str) -> list[GroupRack]:
 
 
 async def _kill(member: GroupRack) -> float:
-    member.task.cancel()  # dead: nothing more from it, on any wire
+    """Dead: its task cancelled (its bus connection goes with it), then every gear stopped
+    without a drain (the conductor's stop writes nothing: no saga ends, its journal just
+    closes), so nothing more comes from it on any wire and no thread of it outlives the test."""
+    gears = list(member.rack.runtime.gears.values())
+    member.task.cancel()
     await asyncio.gather(member.task, return_exceptions=True)
     member.task = None
-    return time.monotonic()
+    t_dead = time.monotonic()
+    for gear in reversed(gears):
+        with contextlib.suppress(Exception):
+            await gear.stop()
+    return t_dead
 
 
 async def test_a_dead_members_owed_reversals_are_claimed_and_answered_by_a_survivor(tmp_path, hub):
