@@ -26,6 +26,8 @@ Runs:
    `claimed_within_s` (seen through heartbeats: an upper bound), `tickets_claimed`,
    `sagas_adopted`, and how many of the survivors' reversals were answered.
 
+   `sign_on` / `sign_on_b`: every member signs on its own leg to each issuer (0800 DE 70=001, the
+   leg is up only once answered 00) and proves it with echo tests, as its heartbeats report.
 3. Cross-member matching: issuer A (the authorizer) stops, the switch fails over to issuer B, a
    host written here that answers every request on ANOTHER leg (another member's). The member
    that gets a reply without its ticket relays it (fluxrig.gears.group_relay) and the owner
@@ -62,6 +64,7 @@ from fluxrig.iso8583 import load_spec  # noqa: E402
 from fluxrig.tools.iso_load import build_request, run_load  # noqa: E402
 
 SPEC = "moov:spec87ascii"
+NETMGMT = {"echo_interval": "1s", "echo_timeout": "1s", "echo_max_failures": 3}
 MEMBERS = 3
 STAN_MAX = 999_999
 
@@ -79,6 +82,9 @@ def group_switch_text(key_file: str, share_tickets: bool = True) -> str:
             gear["config"]["ttl"] = "2s"
             gear["config"]["saf"]["stan_range"] = ["${STAN_LO:-1}", "${STAN_HI:-999999}"]
             gear["config"]["saf"].update({"group": "pos", "key_file": key_file, "share_tickets": share_tickets})
+        if gear["type"] == "io_iso8583" and gear["config"].get("mode") == "client":
+            # every member signs on its own legs and proves them with echo tests (item 5)
+            gear["config"]["network_management"] = dict(NETMGMT)  # a copy: safe_dump would write an alias
         if gear["name"] == "triage":  # replies whose ticket another member holds: to the relay
             rule = {"name": "relay", "match": {"field": "meta.error.reason", "in": ["unmatched_reply"]}}
             gear["config"]["rules"].insert(0, rule)
@@ -154,6 +160,22 @@ class Prober:
         return round(gap, 3), failures
 
 
+async def _legs_signed_on(mixer, members, gear: str, timeout: float = 15.0) -> dict:
+    """{member: its `gear` leg's network management, as its heartbeats report it}: each member
+    signs on its own leg (item 5); waits until every one says `up` and has answered an echo."""
+    deadline = time.monotonic() + timeout
+    while True:
+        legs = {}
+        for r in members:
+            g = ((mixer.registry.get(r.name).stats or {}).get("gears") or {}).get(gear) or {}
+            legs[r.name] = {k: g.get(k) for k in ("netmgmt_state", "sign_ons_answered", "echoes_answered")}
+        if all(v["netmgmt_state"] == "up" and (v["echoes_answered"] or 0) > 0 for v in legs.values()):
+            return legs
+        if time.monotonic() > deadline:
+            return legs
+        await asyncio.sleep(0.3)
+
+
 async def _applied(mixer, members, version: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -214,6 +236,7 @@ async def main_async(args) -> dict:
             await asyncio.sleep(0.2)
         for r in members:  # each member's issuer leg is up (first request waits for it)
             await run_load(f"127.0.0.1:{r.service_port}", duration=0.5, concurrency=1, timeout=10)
+        out["sign_on"] = await _legs_signed_on(mixer, members, "issuer_a")
 
         for n in range(1, MEMBERS + 1):
             (work / f"lb{n}").mkdir()
@@ -312,8 +335,10 @@ async def main_async(args) -> dict:
         while len(cross.legs) < len(live) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(2.0)  # the conductors see issuer A's links down
+        out["sign_on_b"] = await _legs_signed_on(mixer, live, "issuer_b")
+        out["sign_on_b"]["signed_on_at_the_host"] = cross.sign_ons
         await run_load(f"127.0.0.1:{lb.port}", duration=1.0, rate=args.tps, concurrency=64, connections=4)
-        c0 = cross.crossed
+        c0, n0 = cross.crossed, cross.network
         res = await run_load(
             f"127.0.0.1:{lb.port}", duration=args.seconds, rate=args.tps, concurrency=64, connections=4
         )
@@ -332,6 +357,7 @@ async def main_async(args) -> dict:
             "timeouts": res.timeouts,
             "mismatched": res.mismatched,
             "replies_on_another_leg": cross.crossed - c0,
+            "network_on_own_leg": cross.network - n0,  # 08xx (the load's 5 %, echoes): the link's own
         }
         # Item 4: the survivors claim pos-1's requests in flight and owed reversals (lease 15 s).
         claimed_at = None

@@ -193,13 +193,17 @@ class Haproxy:
 
 class CrossLegIssuer:
     """An issuer host that approves every request and answers it on the next leg (another
-    connection than the one it came on, when there is one); `same_leg` answers on the same."""
+    connection than the one it came on, when there is one); `same_leg` answers on the same.
+    Network management (08xx: sign-on, echo, sign-off) is the link's own and is always answered
+    on the leg it came on; `sign_ons` counts the legs that signed on (DE 70 = 001)."""
 
     def __init__(self):
         self.spec = load_spec("moov:spec87ascii")
         self.legs: list[asyncio.StreamWriter] = []
         self.requests = 0
         self.crossed = 0
+        self.sign_ons = 0
+        self.network = 0  # 08xx answered on their own leg
         self.same_leg = False
         self.server = None
         self.port = 0
@@ -228,7 +232,10 @@ class CrossLegIssuer:
                     rsp[39] = "00"
                     live = [w for w in self.legs if not w.is_closing()]
                     out = writer
-                    if not self.same_leg and len(live) > 1:
+                    if mti.startswith("08"):
+                        self.network += 1
+                        self.sign_ons += str(req.get(70, "")) == "001"
+                    elif not self.same_leg and len(live) > 1:
                         out = live[(live.index(writer) + 1) % len(live)] if writer in live else live[0]
                     if out is not writer:
                         self.crossed += 1
