@@ -29,7 +29,7 @@ from fluxrig.saga.seal import FieldSeal
 pytestmark = [pytest.mark.mixer, pytest.mark.timeout(240)]
 
 SWITCH = """
-meta: {{name: pos-switch, version: "1"}}
+meta: {{name: pos-switch, version: "{version}"}}
 racks:
   - {{group: pos, match: {{labels: {{role: pos}}}}}}
 gears:
@@ -73,18 +73,30 @@ async def hub(tmp_path):
         await m.stop()
 
 
-async def _group(tmp_path, hub, issuer, ttl: str) -> list[GroupRack]:
+async def _activate(hub, members, text: str) -> None:
+    stored, _ = hub.scenarios.import_text(text)
+    await hub.controller.activate_scenario(stored)
+    for m in members:
+        await wait_for(lambda m=m: m.rack.agent.applied_version == stored.version, timeout=30, what=m.name)
+        assert m.rack.agent.apply_state == "applied", m.rack.agent.apply_reason
+
+
+async def _group(tmp_path, hub, issuer, ttl: str, reload_to: str | None = None) -> list[GroupRack]:
+    """Two members running the switch; `reload_to`: then a second version with that ttl (the
+    conductors are rebuilt by a hot reload and hand their journal and its mirror on)."""
     key = str(tmp_path / "pos-saga.key")
     FieldSeal.load(key)  # 0600; every member of the group is given this same file
     members = [GroupRack(group_rack_config(tmp_path, f"pos-{i}", hub, {"role": "pos"})) for i in (1, 2)]
     for m in members:
         await m.start()
-    stored, _ = hub.scenarios.import_text(SWITCH.format(issuer=issuer.port, key=key, ttl=ttl))
-    await hub.controller.activate_scenario(stored)
-    for m in members:
-        await wait_for(lambda m=m: m.rack.agent.applied_version == stored.version, timeout=30, what=m.name)
-        assert m.rack.agent.apply_state == "applied", m.rack.agent.apply_reason
+    await _activate(hub, members, SWITCH.format(issuer=issuer.port, key=key, ttl=ttl, version="1"))
     await wait_for(lambda: len(issuer.writers) == 2, timeout=20, what="both members' issuer legs")
+    if reload_to is not None:
+        before = [m.rack.runtime.gears["switch"] for m in members]
+        await _activate(hub, members, SWITCH.format(issuer=issuer.port, key=key, ttl=reload_to, version="2"))
+        after = [m.rack.runtime.gears["switch"] for m in members]
+        assert all(a is not b and a.mirror is not None and b.mirror is None for a, b in zip(after, before)), after
+        await wait_for(lambda: len(issuer.writers) >= 2, timeout=20, what="the issuer legs after the reload")
     return members
 
 
@@ -154,7 +166,9 @@ async def test_requests_in_flight_on_a_dead_member_are_reversed_by_a_survivor(tm
     await issuer.start()
     members = []
     try:
-        members = await _group(tmp_path, hub, issuer, "60s")  # the replies are still awaited at the death
+        # The replies are still awaited at the death; the conductors were rebuilt by a reload
+        # first, so the claim adopts into the version that took the journal and its mirror over.
+        members = await _group(tmp_path, hub, issuer, "60s", reload_to="50s")
         one, two = members
         sw1 = lambda: one.rack.runtime.gears["switch"].metrics()  # noqa: E731
         sw2 = lambda: two.rack.runtime.gears["switch"].metrics()  # noqa: E731

@@ -472,6 +472,8 @@ class ConductorGear(Gear):
         if old.reversals is not None and self._policies:
             self.reversals, old.reversals = old.reversals, None
             self.mirror, old.mirror = old.mirror, None  # the journal's mirror goes with it
+            if self.mirror is not None:  # a claim adopts with this version's routes and settings
+                self.mirror.rebind(self._adopt, self._share_tickets, self._mirror_wait)
             self.reversals.rebind(self._saf_settings, self.emit, self._up, self._pick_for, self._reply_key)
         if old.config.get("correlation") == self.config.get("correlation"):
             self.open, self._deadlines, self.closed = old.open, old._deadlines, old.closed
@@ -483,6 +485,8 @@ class ConductorGear(Gear):
         if self.reversals is not None and old.reversals is None and old._policies:
             old.reversals, self.reversals = self.reversals, None
             old.mirror, self.mirror = self.mirror, None
+            if old.mirror is not None:
+                old.mirror.rebind(old._adopt, old._share_tickets, old._mirror_wait)
             old.reversals.rebind(old._saf_settings, old.emit, old._up, old._pick_for, old._reply_key)
         if old.open is not self.open and not old.open:
             old.open, old._deadlines, old.closed = self.open, self._deadlines, self.closed
@@ -493,6 +497,11 @@ class ConductorGear(Gear):
         loop = asyncio.get_running_loop()
         if self._take_from is not None:
             self._take_over(self._take_from)
+            if self.mirror is not None and self.mirror.group != self._saf_group:
+                # saf.group changed or went: this journal stops sharing with the old group
+                mirror, self.mirror = self.mirror, None
+                self.reversals.store.mirror = None
+                await mirror.stop()
         for port in self.outputs:
             if port.startswith("out_") and port != "out_response":
                 gear = self.io_binding(port)
@@ -504,8 +513,8 @@ class ConductorGear(Gear):
             self.reversals = Reversals(
                 self.name, store, self._saf_settings, self.emit, self._up, self._pick_for, self._reply_key
             )
-            if self._saf_group:
-                await self._start_mirror(store)
+        if self.reversals is not None and self._saf_group and self.mirror is None:
+            await self._start_mirror(self.reversals.store)
         if self.reversals is not None:
             await self._owe_recovered()
             self.reversals.start()

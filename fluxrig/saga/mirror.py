@@ -251,6 +251,11 @@ class SagaMirror:
             self._tasks = [loop.create_task(self._publisher(), name=f"saga-mirror:{self.gear}"),
                            loop.create_task(self._watcher(), name=f"saga-claims:{self.gear}")]  # fmt: skip
 
+    def rebind(self, adopt, share_tickets: bool, owe_wait: float) -> None:
+        """A rebuilt conductor (hot reload) takes this mirror over: claims adopt into it, and
+        its settings hold from the next event on."""
+        self._adopt, self.share_tickets, self.owe_wait = adopt, share_tickets, owe_wait
+
     async def reconciled(self, timeout: float) -> bool:
         """Wait (at most `timeout`) until the owner has read its subject once and handed over
         what another member adopted meanwhile: the conductor sends nothing before that."""
