@@ -332,3 +332,43 @@ async def test_shared_tickets_wait_for_the_stream_and_are_refused_when_it_is_gon
     assert fold(W.replay(got).events).tickets == {}  # every request closed, as on disk
     await mirror.stop()
     await rev.stop()
+
+
+@pytest.mark.mixer
+@pytest.mark.timeout(60)
+async def test_a_reload_that_stops_sharing_tickets_takes_the_open_ones_off_the_subject(snake, tmp_path):
+    """A request shared open, then the conductor reloaded with share_tickets off: its reply
+    will not be shared, so the open ticket must leave the subject (else a claimer reverses a
+    delivered approval): a checkpoint without tickets is published at once."""
+    store = await SagaStore.open(str(tmp_path / "t"), _key(tmp_path))
+    js = snake.jetstream()
+    bus = JsSafBus(lambda: js, S.saf_stream(GROUP))
+
+    async def emit(_p, _m):
+        pass
+
+    rev = Reversals(
+        GEAR, store, SagaSettings(), emit, lambda _p: True, lambda _r, _l: None, lambda m, f: (m, f.get("11"))
+    )
+    mirror = SagaMirror(bus, GROUP, GEAR, "rack-t", store.seal, lambda *_a: 0, rev.hand_over, rev.open_state,
+                        beat_s=0.5, check_s=0.3, share_tickets=True)  # fmt: skip
+    store.mirror = mirror
+    mirror.start()
+    assert await mirror.reconciled(10)
+    req = FluxMsg(meta={M.ISO_MTI: "0200"}, data={"iso8583": {"field": {"0": "0200", "2": PAN, "11": "000001"}}})
+    await rev.stage_ticket("main", "out_iss", req)
+
+    async def tickets_on_subject() -> dict:
+        got, s = [], 1
+        while (m := await bus.next(S.saf_subject(GROUP, GEAR, "rack-t"), s)) is not None:
+            got.append(W.decode(m[1], m[0]))
+            s = m[0] + 1
+        return fold(W.replay(got).events).tickets
+
+    assert len(await tickets_on_subject()) == 1
+    before = mirror.stats["checkpoints"]
+    mirror.rebind(mirror._adopt, share_tickets=False, owe_wait=0.5)
+    await _wait(lambda: mirror.stats["checkpoints"] > before, 5, "the checkpoint without tickets")
+    assert await tickets_on_subject() == {}
+    await mirror.stop()
+    await rev.stop()

@@ -254,6 +254,11 @@ class SagaMirror:
     def rebind(self, adopt, share_tickets: bool, owe_wait: float) -> None:
         """A rebuilt conductor (hot reload) takes this mirror over: claims adopt into it, and
         its settings hold from the next event on."""
+        if self.share_tickets and not share_tickets:
+            # Requests whose replies will no longer be shared must not stay open on the subject
+            # (a claimer would reverse them): the next checkpoint, published now, drops them.
+            self._since_cp, self._since_cp_bytes = self.checkpoint_messages, self._cp_bytes
+            self._wake.set()
         self._adopt, self.share_tickets, self.owe_wait = adopt, share_tickets, owe_wait
 
     async def reconciled(self, timeout: float) -> bool:
@@ -360,7 +365,7 @@ class SagaMirror:
 
     async def _checkpoint(self, now: float) -> None:
         folded = fold(self._published)
-        pairs = W.checkpoint_events(folded.sagas.values(), folded.tickets)
+        pairs = W.checkpoint_events(folded.sagas.values(), folded.tickets if self.share_tickets else {})
         payload = W.encode(W.KIND_CHECKPOINT, pairs)
         self._cp_at = now
         if len(payload) > W.MAX_MESSAGE_BYTES:
