@@ -176,6 +176,29 @@ async def _legs_signed_on(mixer, members, gear: str, timeout: float = 15.0) -> d
         await asyncio.sleep(0.3)
 
 
+async def _measured(lb_dir: Path, members: list, other_pids: list[int], args) -> dict:
+    """One held run through haproxy in front of `members`: TPS, latency, and the CPU per
+    answered transaction of the members and `other_pids` (issuer, nats-server)."""
+    lb_dir.mkdir()
+    lb = Haproxy(lb_dir, "pos", [r.member() for r in members])
+    lb.start()
+    try:
+        await lb.wait_status({r.name: "UP" for r in members}, timeout=20)
+        target, conns = f"127.0.0.1:{lb.port}", 3 * len(members)
+        await run_load(target, duration=1.0, rate=args.tps, concurrency=64, connections=conns)  # warm-up
+        pids = [r.proc.pid for r in members] + other_pids
+        c0 = sum(cpu_s(p) for p in pids)
+        res = await run_load(target, duration=args.seconds, rate=args.tps, concurrency=64, connections=conns)
+        cpu = sum(cpu_s(p) for p in pids) - c0
+    finally:
+        lb.stop()
+    return {
+        "tps": round(res.tps, 1), "p50_ms": res.p50_ms, "p99_ms": res.p99_ms, "answered": res.answered,
+        "mismatched": res.mismatched, "timeouts": res.timeouts,
+        "cpu_ms_per_txn": round(cpu * 1000 / res.answered, 3) if res.answered else None,
+    }  # fmt: skip
+
+
 async def _applied(mixer, members, version: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -239,52 +262,21 @@ async def main_async(args) -> dict:
         out["sign_on"] = await _legs_signed_on(mixer, members, "issuer_a")
 
         for n in range(1, MEMBERS + 1):
-            (work / f"lb{n}").mkdir()
-            lb = Haproxy(work / f"lb{n}", "pos", [r.member() for r in members[:n]])
-            lb.start()
-            await lb.wait_status({r.name: "UP" for r in members[:n]}, timeout=20)
-            target = f"127.0.0.1:{lb.port}"
-            await run_load(target, duration=1.0, rate=args.tps, concurrency=64, connections=3 * n)  # warm-up
-            pids = [r.proc.pid for r in members[:n]] + [issuer.pid, mixer.snake.pid]
-            c0 = sum(cpu_s(p) for p in pids)
-            res = await run_load(target, duration=args.seconds, rate=args.tps, concurrency=64, connections=3 * n)
-            cpu = sum(cpu_s(p) for p in pids) - c0
-            out[f"members_{n}"] = {
-                "tps": round(res.tps, 1),
-                "p50_ms": res.p50_ms,
-                "p99_ms": res.p99_ms,
-                "answered": res.answered,
-                "mismatched": res.mismatched,
-                "timeouts": res.timeouts,
-                "cpu_ms_per_txn": round(cpu * 1000 / res.answered, 3) if res.answered else None,
-            }
-            lb.stop()
-            lb = None
+            out[f"members_{n}"] = await _measured(work / f"lb{n}", members[:n], [issuer.pid, mixer.snake.pid], args)
 
         # The baseline of item 4's cost: the same three members with saf.share_tickets off (only
         # owed reversals shared), measured the same way, then the shared scenario back.
         stored_off, _ = mixer.scenarios.import_text(group_switch_text(key_file, share_tickets=False))
         await mixer.controller.activate_scenario(stored_off)
         await _applied(mixer, members, stored_off.version)
-        (work / "lb-off").mkdir()
-        lb = Haproxy(work / "lb-off", "pos", [r.member() for r in members])
-        lb.start()
-        await lb.wait_status({r.name: "UP" for r in members}, timeout=20)
-        target = f"127.0.0.1:{lb.port}"
-        await run_load(target, duration=1.0, rate=args.tps, concurrency=64, connections=9)
-        pids = [r.proc.pid for r in members] + [issuer.pid, mixer.snake.pid]
-        c0 = sum(cpu_s(p) for p in pids)
-        res = await run_load(target, duration=args.seconds, rate=args.tps, concurrency=64, connections=9)
-        cpu = sum(cpu_s(p) for p in pids) - c0
         on = out[f"members_{MEMBERS}"]
-        off_ms = round(cpu * 1000 / res.answered, 3) if res.answered else None
+        off = await _measured(work / "lb-off", members, [issuer.pid, mixer.snake.pid], args)
         out["ticket_sharing"] = {
-            "cpu_ms_per_txn_shared": on["cpu_ms_per_txn"], "cpu_ms_per_txn_not_shared": off_ms,
-            "p99_ms_shared": on["p99_ms"], "p99_ms_not_shared": res.p99_ms,
-            "cost_ratio": round(on["cpu_ms_per_txn"] / off_ms, 3) if off_ms and on["cpu_ms_per_txn"] else None,
+            "cpu_ms_per_txn_shared": on["cpu_ms_per_txn"], "cpu_ms_per_txn_not_shared": off["cpu_ms_per_txn"],
+            "p99_ms_shared": on["p99_ms"], "p99_ms_not_shared": off["p99_ms"],
+            "cost_ratio": round(on["cpu_ms_per_txn"] / off["cpu_ms_per_txn"], 3)
+            if off["cpu_ms_per_txn"] and on["cpu_ms_per_txn"] else None,
         }  # fmt: skip
-        lb.stop()
-        lb = None
         stored, _ = mixer.scenarios.import_text(group_switch_text(key_file))
         await mixer.controller.activate_scenario(stored)
         await _applied(mixer, members, stored.version)
