@@ -396,6 +396,35 @@ async def test_operator_lists_shows_and_parks_a_reversal_beside_the_running_swit
     assert _saf("retry", "nope", "--dir", saga_dir)[0] == 1
 
 
+async def test_a_park_cut_off_before_its_journal_end_is_not_resumed_at_the_next_start(tmp_path):
+    """park() writes parked.jsonl, then the journal's `end`: a crash between the two must not
+    turn the operator's park into a reversal sent at the next start."""
+    port, a, b = free_port(), free_port(), free_port()
+    saga_dir = str(tmp_path / "saga")
+    issuer = Issuer(a, drop=1.0)
+    await issuer.start()
+    text = switch_text(port, a, b, ttl="200ms", saga_dir=saga_dir, backoff="100ms")
+    async with running(text) as sw:
+        await wait_links(sw, 1)
+        w = await _approved_then_gone(port, issuer, ["000078"])
+        for _ in range(100):
+            if sw.gears["switch"].metrics().get("saf_open"):
+                break
+            await asyncio.sleep(0.05)
+        rev = sw.gears["switch"].reversals
+        (saga,) = rev.queues["out_issuer_a"].sagas.values()
+        doc = {**saga.summary(0.0), "state": "parked", "fields": saga.fields, "trail": saga.trail}
+        rev.store._write_parked(json.dumps(rev.store.seal.seal(doc), default=str) + "\n")  # the first write only
+        w.close()
+    assert [d["id"] for d in read_parked(saga_dir)] == [saga.id]
+    store = await SagaStore.open(saga_dir)
+    try:
+        assert saga.id not in store.recovered
+    finally:
+        await store.close()
+    assert _saf("list", "--dir", saga_dir)[1] == ""  # and its end is on disk now
+
+
 async def test_a_backlog_drains_oldest_first_within_the_window(tmp_path):
     """60 reversals owed while the issuer is away; back, it answers each after 50 ms: never more
     than the window (8 here) unanswered at once, first attempts in order of age."""

@@ -67,6 +67,7 @@ DEFAULT_REFUSAL_CODES = ("30", "12", "96")
 PUMP_PERIOD_S = 0.01
 EXPIRY_PERIOD_S = 1.0  # expiry walks every open saga: once a second, not every pump round
 REQUESTS_PERIOD_S = 0.5  # how often the operator's request directory is looked at
+STOP_ENDS_S = 5.0  # how long stop() waits for answered/parked ends to reach the journal
 FIELD = "iso8583"
 
 
@@ -147,6 +148,9 @@ class Reversals:
         self._outbox: deque = deque()
         self._outbox_ready = asyncio.Event()
         self._sender: asyncio.Task | None = None
+        # Ends being journaled (answered, parked): stop() waits for them before it closes the
+        # journal, else an operator's park would be in parked.jsonl and still open on disk.
+        self._ending: set[asyncio.Task] = set()
         self._expiry_due = 0.0
         self.stats = {"owed": 0, "refused_full": 0, "parked": 0, "answered": 0, "late_answers": 0, "recovered": 0,
                       "adopted": 0, "handed_over": 0}  # fmt: skip
@@ -363,7 +367,7 @@ class Reversals:
             self.gear, sid, mti, code, saga.attempts, extra=_attrs(saga, "answered", code=code),
         )  # fmt: skip
         self._span(saga, ANSWERED, code=code)
-        asyncio.get_running_loop().create_task(self._finish(saga, ev))
+        self._end(self._finish(saga, ev))
         return True
 
     def _span(self, saga: Saga, outcome: str, **more) -> None:
@@ -383,7 +387,13 @@ class Reversals:
     def _spawn_park(self, q: SafQueue, saga: Saga, why: str, code: str = "") -> asyncio.Task:
         q.remove(saga.id)
         self._by_key.pop(self._reply_key(saga.mti, saga.fields), None)
-        return asyncio.get_running_loop().create_task(self._park(saga, why, code))
+        return self._end(self._park(saga, why, code))
+
+    def _end(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return task
 
     async def _park(self, saga: Saga, why: str, code: str = "") -> None:
         now = time.monotonic()
@@ -654,6 +664,12 @@ class Reversals:
     async def stop(self) -> None:
         await cancel_all_and_wait([self._pump, self._sender])
         self._pump = self._sender = None
+        if self._ending:
+            _done, late = await asyncio.wait(set(self._ending), timeout=STOP_ENDS_S)
+            if late:
+                log.error("%s: %d reversal ends not journaled within %gs of stop; a restart resumes them",
+                          self.gear, len(late), STOP_ENDS_S)  # fmt: skip
+                await cancel_all_and_wait(list(late))
         await self.store.close()
 
     def metrics(self) -> dict:

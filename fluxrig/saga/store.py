@@ -152,7 +152,23 @@ class SagaStore:
         self.recovered, self.open_tickets, self.top_stan = folded.sagas, folded.tickets, folded.top_stan
         if folded.finished:
             wal.ack_many(folded.finished)
+        await self._end_parked()
         return self
+
+    async def _end_parked(self) -> None:
+        """A saga in parked.jsonl whose `end` never reached the journal (a crash or a stop between
+        the two writes, see park()) was parked: end it now instead of resuming its reversal."""
+        if not self.recovered:
+            return
+        loop = asyncio.get_running_loop()
+        parked = {d.get("id") for d in await loop.run_in_executor(None, read_parked, self.directory)}
+        for sid in [sid for sid in self.recovered if sid in parked]:
+            saga = self.recovered.pop(sid)
+            saga.final = PARKED
+            ev = end_event(sid, PARKED, time.time(), why="parked before the last stop; its end journaled at start")
+            saga.seqs.append(await self.append(ev))
+            self.finished(saga)
+            log.warning("saga journal %s: reversal %s was parked before the last stop: not resumed", self.directory, sid)
 
     def append_nowait(self, event: dict, wait: bool = True) -> asyncio.Future:
         """Stage an event (its PANs sealed); the future gives its seq once fsync'd and, with a
@@ -183,8 +199,8 @@ class SagaStore:
 
     async def park(self, saga: Saga, end_event: dict, now: float) -> None:
         """Write the parked saga (summary and trail) to parked.jsonl, then its `end` event, then
-        let its journal records go. A crash between the two leaves it parked twice in the file
-        at worst (operators see one id twice), never lost."""
+        let its journal records go. A crash between the two leaves it in the file and open in
+        the journal: the next open() ends it there (_end_parked), it is never resumed."""
         saga.final = PARKED
         doc = {**saga.summary(now), "state": PARKED, "fields": saga.fields, "trail": saga.trail + [end_event]}
         line = json.dumps(_jsonable(self.seal.seal(doc)), sort_keys=True) + "\n"
