@@ -168,7 +168,9 @@ class SagaStore:
             ev = end_event(sid, PARKED, time.time(), why="parked before the last stop; its end journaled at start")
             saga.seqs.append(await self.append(ev))
             self.finished(saga)
-            log.warning("saga journal %s: reversal %s was parked before the last stop: not resumed", self.directory, sid)
+            log.warning(
+                "saga journal %s: reversal %s was parked before the last stop: not resumed", self.directory, sid
+            )
 
     def append_nowait(self, event: dict, wait: bool = True) -> asyncio.Future:
         """Stage an event (its PANs sealed); the future gives its seq once fsync'd and, with a
