@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -261,15 +262,24 @@ class OrderGuard:
         return False
 
 
-def park_received(directory: str | None, js_msg, data: bytes, reason: str, why: str) -> str:
+def park_received(directory: str | None, js_msg, data: bytes, reason: str, why: str, record: int | None = None) -> str:
     """A durable copy of a received message the Rack cannot use (fluxrig/wal/parked.py, beside
     the lane WAL), logged at ERROR. Returns where it went, or "" when it could not be written
-    (no lane WAL open, a full disk): the caller then does not ack, JetStream keeps it."""
+    (no lane WAL open, a full disk): the caller then does not ack, JetStream keeps it.
+
+    `record` is the index of the record within its batch when only that record is parked: its
+    key is then `in-<stream seq>-r<index>`, so the bad records of one batch are a copy each
+    (one key for all of them kept the first and logged the others as parked in its file), and a
+    redelivery of the batch finds each copy again instead of writing it twice."""
     try:
         seq = js_msg.metadata.sequence.stream
     except Exception:
         seq = None
-    key = f"in-{seq:016x}" if seq is not None else f"in-{abs(hash(data)):016x}"
+    # Without a stream seq (not a JetStream delivery): a digest of the bytes, the same in every
+    # process (hash() is salted per process, so a restart would park the same message again).
+    key = f"in-{seq:016x}" if seq is not None else f"in-{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+    if record is not None:
+        key += f"-r{record}"
     try:
         if directory is None:
             raise FileNotFoundError("the lane WAL is not open")

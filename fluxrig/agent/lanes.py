@@ -483,10 +483,12 @@ class JetStreamBus(SendingSide):
             # None: parked, ack it; False: not parked, leave it in JetStream (NAK with a delay)
             return None if self._park_inbound(js_msg, data, "undecodable-batch", f"does not decode ({exc})") else False
 
-    def _park_inbound(self, js_msg, data: bytes, reason: str, why: str) -> str:
+    def _park_inbound(self, js_msg, data: bytes, reason: str, why: str, record: int | None = None) -> str:
         """A durable copy (lane_inbound.park_received) before acking a message this Rack
-        cannot use; "" when it could not be written (then not acked: JetStream keeps it)."""
-        where = park_received(self.wal.wal.directory if self.wal is not None else None, js_msg, data, reason, why)
+        cannot use, or one record of it (`record`: its index in the batch); "" when it could
+        not be written (then not acked: JetStream keeps it)."""
+        directory = self.wal.wal.directory if self.wal is not None else None
+        where = park_received(directory, js_msg, data, reason, why, record)
         self.m["parked" if where else "park_failures"] += 1
         return where
 
@@ -509,7 +511,8 @@ class JetStreamBus(SendingSide):
             return
         self.m["fetched_records"] += len(records)
         seen, working = self._seen, self._working
-        fresh = [(rid, body) for rid, body in records if rid not in seen]
+        # each record with its index in the batch: a parked one is named by it (park_received)
+        fresh = [(i, rid, body) for i, (rid, body) in enumerate(records) if rid not in seen]
         if not fresh:  # every record already processed: a re-send or a redelivery
             self.m["duplicates"] += len(records)
             await self._ack(js_msg, len(records))
@@ -530,7 +533,7 @@ class JetStreamBus(SendingSide):
         delivery = Delivery(js_msg, key)
         delivery.records = len(records)
         self._deliveries[key] = delivery
-        for rid, body in fresh:
+        for index, rid, body in fresh:
             record = working.get(rid)
             if record is not None:  # in another message still being processed: wait for it
                 self.m["redelivered_in_progress"] += 1
@@ -542,7 +545,7 @@ class JetStreamBus(SendingSide):
             except Exception as exc:
                 self.m["undecodable_msgs"] += 1
                 if not self._park_inbound(
-                    js_msg, body, "not-a-fluxmsg", f"carries record {rid}, not a FluxMsg ({exc})"
+                    js_msg, body, "not-a-fluxmsg", f"carries record {rid}, not a FluxMsg ({exc})", index
                 ):
                     delivery.given_back = True  # not parked: NAK the message, JetStream keeps it
                 continue
