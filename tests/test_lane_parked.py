@@ -12,7 +12,6 @@ consumer holds nothing back); the good batch behind them is delivered.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
