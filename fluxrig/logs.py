@@ -4,8 +4,10 @@ numbers masked in every log line; a per-key rate limiter for lines a peer can pr
 Per-message logging is TRACE and guarded by `isEnabledFor`; PAN-like values are masked by
 the gears that know which fields hold them (ISO 8583 sensitivity in the spec). As a last line
 of defence, every log record's message (whatever handler formats it: stderr, file, the
-telemetry WAL shipped to the Mixer) has its Luhn-valid runs of 13-19 digits masked
-(first six, last four kept): the record factory is replaced once, at import.
+telemetry WAL shipped to the Mixer) has its card numbers masked (Luhn-valid runs of 13-19
+digits, also glued into longer runs or grouped: fluxrig.iso8583.masking; first six, last four
+kept): the record factory is replaced once, at import, and the formatters and the telemetry
+handler mask again what they write (a record another library's factory made, a traceback).
 
 `LogLimiter(log, burst, window)` lets at most `burst` lines per key (a connection id) and
 `gear_burst` per limiter (the gear) through in each `window` seconds; the rest are counted and
@@ -120,18 +122,21 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": mask_card_numbers(record.getMessage()),  # a record not of our factory too
         }
         if record.exc_info:
             doc["exc"] = mask_card_numbers(self.formatException(record.exc_info))
+        if record.stack_info:
+            doc["stack"] = mask_card_numbers(self.formatStack(record.stack_info))
         return json.dumps(doc, separators=(",", ":"))
 
 
 class MaskingFormatter(logging.Formatter):
-    """Text lines with card numbers masked in the traceback too."""
+    """Text lines with card numbers masked in the whole line: the message (also of a record
+    another library's factory made, not a MaskingLogRecord), the traceback and the stack."""
 
-    def formatException(self, ei) -> str:
-        return mask_card_numbers(super().formatException(ei))
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_card_numbers(super().format(record))
 
 
 def setup_logging(

@@ -25,6 +25,7 @@ import time
 
 from .aiotools import cancel_and_wait
 from .ids import uuid7
+from .iso8583.masking import mask_card_numbers
 from .wire.telemetry import SEVERITY
 from .wire.vocab import TelemetryKind
 
@@ -55,7 +56,9 @@ class WalLogHandler(logging.Handler):
                 "ts": int(record.created * 1e9),
                 "severity": SEVERITY.get(record.levelname.lower(), 9),
                 "severity_text": record.levelname,
-                "body": record.getMessage(),
+                # masked here too: a LogRecord subclass of another library's making is not a
+                # MaskingLogRecord (fluxrig.logs), and this line leaves the Rack
+                "body": mask_card_numbers(record.getMessage()),
                 "attrs": {"logger": record.name},
                 "trace_id": "",
                 "span_id": "",
@@ -64,10 +67,13 @@ class WalLogHandler(logging.Handler):
             self.handleError(record)
             return
         if record.exc_info:
-            doc["attrs"]["exception"] = logging.Formatter().formatException(record.exc_info)
+            # an exception's text is no safer than a message: "bad field 2: '4111...'"
+            doc["attrs"]["exception"] = mask_card_numbers(logging.Formatter().formatException(record.exc_info))
         extra = getattr(record, "flux_attrs", None)  # structured attributes: log.info(..., extra={"flux_attrs": {...}})
         if isinstance(extra, dict):
-            doc["attrs"].update({str(k): v if isinstance(v, (int, float)) else str(v) for k, v in extra.items()})
+            doc["attrs"].update(
+                {str(k): v if isinstance(v, (int, float)) else mask_card_numbers(str(v)) for k, v in extra.items()}
+            )
             doc["trace_id"] = str(getattr(record, "flux_trace", "") or "")
         try:
             running = asyncio.get_running_loop()
@@ -169,7 +175,8 @@ class Telemetry:
             "start": start_ns,
             "end": end_ns,
             "status": "ok" if ok else "error",
-            "attrs": attrs,
+            # a span leaves the Rack like a log line: its text attributes are masked the same way
+            "attrs": {k: mask_card_numbers(v) if isinstance(v, str) else v for k, v in attrs.items()},
         }
         try:
             self.wal.append_nowait(doc)

@@ -4,7 +4,8 @@ Decode: `raw` becomes `data.iso8583.field.<N>` (composites as maps of subfields)
 fields the spec names, `data.<alias>`; meta gets `iso8583.mti`, `iso8583.mti_class` (first
 two MTI digits), `iso8583.fields`, and the spec's `codec.spec_id`, `codec.spec_version`,
 `codec.spec_hash`, `codec.protocol`. Encode: the MTI from `meta.iso8583.mti` (else field 0),
-fields from their aliases first, then `iso8583.field.<N>`; the bytes go to `raw`.
+fields from their aliases first, then `iso8583.field.<N>`; the bytes go to `raw`, and meta
+`log.mask` lists the sensitive fields encoded (as decoding does), so no logger shows that raw.
 `direction: auto` decodes when `raw` is non-empty and encodes otherwise.
 
 `on_error`: drop (count and log), reject (to `error` with `error.reason` decode_error or
@@ -253,6 +254,11 @@ class CodecIso8583Gear(Gear):
         msg.meta.update(self._stamp)
         msg.meta[M.ISO_MTI] = str(fields[0])
         msg.meta[M.ISO_MTI_CLASS] = str(fields[0])[:2]
+        # the encoded raw holds the PAN glued to the fields around it, and the message may
+        # never have been decoded (a map built it): listed in log.mask, loggers elide raw
+        sensitive = [p for n, paths in self._mask_paths.items() if n in fields for p in paths]
+        if sensitive:
+            msg.meta[M.LOG_MASK] = ",".join(sensitive)
         return fields
 
     def _failed(self, msg: FluxMsg, reason: str, exc: Exception) -> None:

@@ -2,7 +2,9 @@
 
 `file` appends one JSON object per line (`path` required): id, ts, meta, data and raw (as
 text when it is UTF-8, else `hex:<hex>`); the file is flushed on drain and stop. Values a
-codec marked sensitive (meta `log.mask`) are masked in every mode, and raw is then elided. `log` writes
+codec marked sensitive (meta `log.mask`) are masked in every mode, and raw is then elided; card
+numbers anywhere else (raw from a plain TCP or serial link, meta, data) are masked before they
+are rendered (fluxrig.redact). `log` writes
 one INFO line per message; `stdout` prints the JSON line; `null` only counts.
 """
 
