@@ -226,23 +226,70 @@ class Pull:
 class OrderGuard:
     """Watches the order promise of the receiving side. Messages delivered to an earlier
     connection (a crashed incarnation, a lost link) and never settled come back only after
-    the consumer's ack_wait, after newer ones: `unsettled_at_bind` says how many when a
-    subscription is bound; `check` is False for a message older in the stream than one
-    already routed for its subject (logged at ERROR once per subject and episode)."""
+    the consumer's ack_wait, after newer ones: `bind`, `arrived` and `caught_up` count them
+    (WARNING, `unsettled_at_bind`); `check` is False for a message older in the stream than one
+    already routed for its subject (logged at ERROR once per subject and episode).
+
+    Counting exactly. At bind, the consumer's `num_ack_pending` less what this Rack still holds
+    are the suspects, but JetStream counts a NAKed message as pending until it is acked again:
+    what the earlier incarnation gave back at its stop (NAKed in order, for an immediate
+    redelivery) is among them, and it is not late. JetStream serves its redelivery queue before
+    any new message, so the suspects that arrive redelivered (num_delivered > 1, at or below the
+    stream sequence delivered at bind) before the first new message, or before a fetch finds
+    nothing, were given back (or their ack_wait had run out already): not late. What is left
+    then is what comes after ack_wait, behind newer messages: that number is logged and kept.
+    (The old count, taken at bind, named every given-back message of a graceful restart.)"""
 
     def __init__(self):
         self.last_seq: dict[str, int] = {}  # subject -> highest stream sequence routed
         self._reordered: set[str] = set()
+        self.unsettled_at_bind = 0  # the last bind's count, once known
+        self._suspects = 0  # while counting: pending at bind, not yet seen come back
+        self._bind_seq = 0
+        self._bind_what: tuple[str, object] = ("", None)
 
-    def unsettled_at_bind(self, info, holding: int, consumer: str) -> int:
+    def bind(self, info, holding: int, consumer: str) -> None:
+        """A subscription was bound: `info` the consumer's info (None: unknown), `holding` the
+        deliveries this Rack still processes (it settles them itself)."""
+        self._suspects = 0
         if info is None:
-            return 0
-        lost = int(info.num_ack_pending or 0) - holding
-        if lost > 0:
-            log.warning("guaranteed lane: %d message(s) of %s were delivered to an earlier connection and not "
-                        "settled; JetStream redelivers them after ack_wait (%ss), after newer ones",
-                        lost, consumer, info.config.ack_wait)  # fmt: skip
-        return max(0, lost)
+            return
+        suspects = int(info.num_ack_pending or 0) - holding
+        if suspects <= 0:
+            self.unsettled_at_bind = 0
+            return
+        self._suspects = suspects
+        delivered = getattr(info, "delivered", None)
+        self._bind_seq = int(getattr(delivered, "stream_seq", 0) or 0) if delivered is not None else 0
+        self._bind_what = (consumer, getattr(info.config, "ack_wait", None))
+
+    def arrived(self, js_msg) -> None:
+        """A message fetched on the Rack's own consumer, before it is routed."""
+        if not self._suspects:
+            return
+        try:
+            delivered = js_msg.metadata.num_delivered
+            seq = js_msg.metadata.sequence.stream
+        except Exception:
+            return
+        if delivered > 1 and (not self._bind_seq or seq <= self._bind_seq):
+            self._suspects -= 1  # given back (or its ack_wait was over): redelivered first
+            if not self._suspects:
+                self.unsettled_at_bind = 0
+        else:  # a first delivery: JetStream's redelivery queue is empty
+            self.caught_up()
+
+    def caught_up(self) -> None:
+        """Nothing more comes back promptly (a new message arrived, or a fetch found nothing):
+        the suspects left are late; say how many."""
+        lost, self._suspects = self._suspects, 0
+        if not lost:
+            return
+        self.unsettled_at_bind = lost
+        consumer, ack_wait = self._bind_what
+        log.warning("guaranteed lane: %d message(s) of %s were delivered to an earlier connection and not "
+                    "settled; JetStream redelivers them after ack_wait (%ss), after newer ones",
+                    lost, consumer, ack_wait)  # fmt: skip
 
     def check(self, js_msg) -> bool:
         try:

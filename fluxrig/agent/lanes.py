@@ -65,7 +65,8 @@ outlives the fetch call until it expires, lane_inbound.Pull): redelivered first,
 order across a graceful restart. During a short hold (a reload) fetched messages wait for the
 new inputs instead. What an earlier connection left unsettled (a receiving Rack killed, a lost
 link) JetStream redelivers only after the consumer's ack_wait, after newer messages: a WARNING
-at bind says how many, a message routed behind a newer one of its subject is counted
+after a bind says how many (what was given back, redelivered first, is not counted:
+lane_inbound.OrderGuard; metric `unsettled_at_bind`), a message routed behind a newer one of its subject is counted
 (`out_of_order`) and logged at ERROR. Publishes are pipelined, so after a failure a batch
 whose publish was lost can be stored after later batches of the same window: order across a
 Snake outage is best effort, loss and duplication are not.
@@ -324,6 +325,7 @@ class JetStreamBus(SendingSide):
     def metrics(self) -> dict:
         m = dict(self.m)
         m["storage_failed"] = self.wal_open_error is not None
+        m["unsettled_at_bind"] = self.order.unsettled_at_bind
         if self.publisher is None:  # the lane WAL is not open: nothing to ship
             m.update(dict.fromkeys(_PUMP_METRICS, 0), backlog_bytes=0, inputs=sum(len(r) for r in self._routes.values()),
                      working=len(self._working), last_error=self.last_error or str(self.wal_open_error or ""))  # fmt: skip
@@ -425,11 +427,13 @@ class JetStreamBus(SendingSide):
                         pull = Pull(await session.pull_subscribe(want[1], S.STREAM_MSG))
                         bound = want
                         if shared is None:
-                            self.order.unsettled_at_bind(await pull.info(), len(self._deliveries), want[1])
+                            self.order.bind(await pull.info(), len(self._deliveries), want[1])
                     msgs = await pull.fetch(self.fetch_batch, self.fetch_timeout)
                 except asyncio.CancelledError:
                     raise
                 except TimeoutError:  # nothing to fetch (nats' TimeoutError derives from it)
+                    if shared is None:
+                        self.order.caught_up()  # nothing was redelivered promptly: the rest is late
                     continue
                 except Exception as exc:
                     self.m["fetch_errors"] += 1
@@ -502,6 +506,8 @@ class JetStreamBus(SendingSide):
             self.m["redelivered_in_progress"] += 1
             delivery.js_msg = js_msg
             return
+        if shared is None:
+            self.order.arrived(js_msg)  # counts what an earlier connection left (OrderGuard)
         records = self._records_of(js_msg, key)
         if not records:
             if records is False:
