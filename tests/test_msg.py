@@ -30,6 +30,23 @@ def test_uuid7_is_version_7_and_time_ordered():
     assert all(i[6] >> 4 == 7 and i[8] >> 6 == 0b10 for i in ids)
 
 
+def test_uuid7_of_a_forked_child_never_shares_the_parents_tail():
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: ids made in the same millisecond as the parent's
+        os.write(w, b"".join(uuid7() for _ in range(4)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 64)
+    os.close(r)
+    os.close(w)
+    mine = [uuid7() for _ in range(4)]
+    theirs = [child[i : i + 16] for i in range(0, 64, 16)]
+    assert not {t[8:] for t in theirs} & {m[8:] for m in mine}
+
+
 def test_dotted_paths_create_and_read():
     m = FluxMsg()
     m.set("iso8583.field.11", "000123")

@@ -146,3 +146,32 @@ async def test_one_writer_callback_per_group_and_cancelled_appender(tmp_path):
         assert await wal.flush() == 64  # the cancelled record was still written
     with Wal(tmp_path) as w:
         assert w.recovery.records_ok == 64
+
+
+async def test_append_then_calls_back_per_record_in_order_and_with_the_failure(tmp_path):
+    """append_then: one call per record from its group's commit (seq, None), a failing callback
+    does not stop the others, a failed commit calls back (None, WalFailed)."""
+    calls = []
+
+    def cb(arg, seq, exc):
+        calls.append((arg, seq, exc))
+        if arg == 3:
+            raise RuntimeError("a caller's bug")
+
+    async with await AsyncWal.open(tmp_path, fsync="always") as wal:
+        seqs = [wal.append_then(rec(i), cb, i) for i in range(6)]
+        await wal.flush()
+        assert [(a, s) for a, s, _e in calls] == list(zip(range(6), seqs, strict=True))
+        assert all(e is None for _a, _s, e in calls)
+        os.close(wal.wal._fd)  # a real EBADF on the next write
+        calls.clear()
+        wal.append_then(rec(9), cb, 9)
+        for _ in range(100):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        ((arg, seq, exc),) = calls
+        assert arg == 9 and seq is None and isinstance(exc, WalFailed)
+        wal.wal._fd = None
+    with Wal(tmp_path) as w:
+        assert w.recovery.records_ok == 6

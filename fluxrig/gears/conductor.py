@@ -73,6 +73,7 @@ from ..saga.seal import KEY_FILE
 from ..saga.stan import STAN_MAX, check_range
 from ..saga.store import SagaStore
 from ..templates import compile_path
+from ..wal import WalFull
 from ..wire import meta as M
 from ..wire import subjects as S
 from ..wire.messages import LinkEvent
@@ -397,6 +398,8 @@ class ConductorGear(Gear):
         self._legs: OrderedDict = OrderedDict()
         self._superseded: set = set()  # keys of open originals an acquirer reversal replaced
         self._tasks: set = set()  # journal waits running beside the inputs
+        self._serial: dict[str, deque] = {}  # port -> journaled jobs in order (_serially)
+        self._serial_busy: set[str] = set()  # ports whose queue has a task running it
         self._take_from: ConductorGear | None = None  # reload: the version we take over from
         self._successor: ConductorGear | None = None  # reload: who took our tickets
         self._ttl = parse_duration(config["ttl"])
@@ -655,8 +658,11 @@ class ConductorGear(Gear):
             # Journaled before it is written: a crash from here on leaves a ticket the restarted
             # switch reverses, never an approval nobody knows about. The wait for the fsync runs
             # beside the connection's next requests (they share its group commit), not before them.
-            durable = self.reversals.stage_ticket(name, out, msg, policy.journal_fields)
-            self._later(self._send_when_durable(durable, key, ticket, out, msg, self.reversals))
+            # No task or future per request: the journal's group commit calls _ticket_durable,
+            # which queues the send on its leg's serial queue (_serially).
+            self.reversals.stage_ticket_then(
+                name, out, msg, policy.journal_fields, self._ticket_durable, (key, ticket, out, msg, self.reversals)
+            )
             return
         await self.emit(out, msg)
 
@@ -665,19 +671,45 @@ class ConductorGear(Gear):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_when_durable(self, durable, key, ticket, out: str, msg: FluxMsg, reversals) -> None:
-        # `reversals` bound when the wait began: a reload may hand self.reversals on meanwhile
-        journal = ticket[5]
+    def _serially(self, port: str, job, *args) -> None:
+        """Run `job(*args)` after the jobs queued before it on `port`, in one task per port that
+        lives while the queue has work: a journal group commit's sends or replies cost one task,
+        not one per request, and keep their order on the port (a slow leg delays only itself)."""
+        q = self._serial.get(port)
+        if q is None:
+            q = self._serial[port] = deque()
+        q.append((job, args))
+        if port not in self._serial_busy:
+            self._serial_busy.add(port)
+            self._later(self._run_serially(port, q))
+
+    async def _run_serially(self, port: str, q: deque) -> None:
         try:
-            journal[0] = await durable
-        except MirrorUnavailable as exc:  # on disk, not in the group's stream: not sent, declined
+            while q:
+                job, args = q.popleft()
+                try:
+                    await job(*args)
+                except Exception:  # noqa: BLE001 (one request's failure must not stop the port's queue)
+                    self.log.exception("%s: journaled request on %s not handled", self.name, port)
+        finally:
+            self._serial_busy.discard(port)
+
+    def _ticket_durable(self, job: tuple, seq: int | None, exc: BaseException | None) -> None:
+        self._serially(job[2], self._send_journaled, *job, seq, exc)
+
+    async def _send_journaled(self, key, ticket, out: str, msg: FluxMsg, reversals, seq, exc) -> None:
+        # `reversals` bound when the request was staged: a reload may hand self.reversals on meanwhile
+        journal = ticket[5]
+        if exc is None:
+            journal[0] = seq
+        elif isinstance(exc, MirrorUnavailable):  # on disk, not in the group's stream: not sent, declined
             if self.open.get(key) is ticket:
                 del self.open[key]
             self.stats["unshared"] += 1
             await reversals.close_ticket(exc.seq, strict=False)
             await self.emit_error(ticket[1], "no_destination", str(exc))
             return
-        except Exception as exc:  # noqa: BLE001 (not journaled: not sent; the acquirer is declined)
+        else:  # not journaled: not sent; the acquirer is declined
             if self.open.get(key) is ticket:
                 del self.open[key]
             self.log.error("%s: request not journaled, not sent: %s", self.name, exc)
@@ -735,26 +767,41 @@ class ConductorGear(Gear):
             raise GearError("unmatched_reply", "no open request matches this reply (late or unknown)")
         journal = ticket[5]
         if journal[0] is not None:
-            # Closed on disk before the acquirer hears it; the wait runs beside the leg's next replies.
-            self._later(self._reply_when_closed(key, ticket, msg, self.reversals))
+            # Closed on disk before the acquirer hears it; the wait runs beside the leg's next
+            # replies, and the group commit's callback queues the delivery (_reply_closed).
+            job = (key, ticket, msg, self.reversals)
+            try:
+                self.reversals.close_ticket_then(journal[0], self._reply_closed, job)
+            except WalFull:
+                self._later(self._reply_when_closed(*job))  # waits for room in the journal
+            except Exception as exc:  # noqa: BLE001 (WalFailed ...: handled like a failed close)
+                self._reply_closed(job, exc)
             return
         await self._deliver_reply(key, ticket, msg)
 
+    def _reply_closed(self, job: tuple, exc: BaseException | None) -> None:
+        self._serially("out_response", self._reply_after_close, *job, exc)
+
     async def _reply_when_closed(self, key, ticket, msg: FluxMsg, reversals) -> None:
-        try:  # `reversals` bound when the reply came: a reload may hand self.reversals on meanwhile
+        try:
             await reversals.close_ticket(ticket[5][0])
-        except MirrorUnavailable as exc:
+        except Exception as exc:  # noqa: BLE001
+            return await self._reply_after_close(key, ticket, msg, reversals, exc)
+        await self._reply_after_close(key, ticket, msg, reversals, None)
+
+    async def _reply_after_close(self, key, ticket, msg: FluxMsg, reversals, exc) -> None:
+        # `reversals` bound when the reply came: a reload may hand self.reversals on meanwhile
+        if exc is None:
+            await self._deliver_reply(key, ticket, msg)
+        elif isinstance(exc, MirrorUnavailable):
             # Closed on disk, but a survivor reading the group's stream would still see it open
             # and reverse it: so it is not delivered; it is declined and reversed from here.
             self.stats["unshared"] += 1
             why = f"reply not shared with the group: {exc}"
             self.log.warning("%s: %s (declined, reversal owed)", self.name, why)
             await self._decline([(key, ticket)], "timeout", lambda _t: why)
-            return
-        except Exception as exc:  # noqa: BLE001 (not closed: not answered; a restart reverses it)
+        else:  # not closed: not answered; a restart reverses it
             self.log.error("%s: reply not journaled, held back (the request will be reversed): %s", self.name, exc)
-            return
-        await self._deliver_reply(key, ticket, msg)
 
     async def _deliver_reply(self, key, ticket, msg: FluxMsg) -> None:
         if key in self._superseded:
@@ -796,7 +843,7 @@ class ConductorGear(Gear):
             return None
         if journal[0] is None:
             # Its `open` is not on disk yet, so it was never written to the issuer, and it never
-            # will be (_send_when_durable drops a ticket that is no longer open): nothing to undo.
+            # will be (_send_journaled drops a ticket that is no longer open): nothing to undo.
             self.stats["never_sent"] += 1
             return None
         return OwedReversal(route, policy, request, port, cause, journal[0])

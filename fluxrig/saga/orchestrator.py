@@ -113,6 +113,21 @@ class OwedReversal:
         self.ticket = ticket
 
 
+def _open_event(route: str, leg: str, request: FluxMsg, keep) -> dict:
+    fields = _fields(request)
+    return {
+        "e": EV_OPEN,
+        "route": route,
+        "leg": leg,
+        "mti": request.meta.get(M.ISO_MTI, ""),
+        # Never track data, PIN blocks or ICC data: a reversal does not carry them.
+        "fields": {k: v for k, v in fields.items() if k not in NEVER_COPIED}
+        if keep is None
+        else {k: fields[k] for k in keep if k in fields},
+        "trace": request.trace,
+    }
+
+
 def _fields(msg: FluxMsg) -> dict:
     iso = msg.data.get(FIELD)
     fields = iso.get("field") if isinstance(iso, dict) else None
@@ -290,23 +305,12 @@ class Reversals:
         fsync'd. `keep`: the fields its reversal needs (ReversalPolicy.journal_fields; default
         all but track data, PIN blocks and ICC data). Raises the journal's errors (WalFailed ...)
         synchronously."""
-        fields = _fields(request)
-        return self.store.append_nowait(
-            {
-                "e": EV_OPEN,
-                "route": route,
-                "leg": leg,
-                "mti": request.meta.get(M.ISO_MTI, ""),
-                # Never track data, PIN blocks or ICC data: a reversal does not carry them.
-                "fields": {k: v for k, v in fields.items() if k not in NEVER_COPIED}
-                if keep is None
-                else {k: fields[k] for k in keep if k in fields},
-                "trace": request.trace,
-            }
-        )
+        return self.store.append_nowait(_open_event(route, leg, request, keep))
 
-    async def open_ticket(self, route: str, leg: str, request: FluxMsg) -> int:
-        return await self.stage_ticket(route, leg, request)
+    def stage_ticket_then(self, route: str, leg: str, request: FluxMsg, keep, fn, arg) -> None:
+        """stage_ticket with a callback: `fn(arg, seq, error)` once durable (no future or
+        task per request: SagaStore.append_then). Raises the journal's errors synchronously."""
+        self.store.append_then(_open_event(route, leg, request, keep), fn, arg)
 
     async def close_ticket(self, opened: int, strict: bool = True) -> None:
         """The request's reply reached the switch in time: nothing is owed (fsync'd before the
@@ -322,6 +326,19 @@ class Reversals:
                 self.store.ack([opened, seq])
             raise
         self.store.ack([opened, seq])
+
+    def close_ticket_then(self, opened: int, fn, arg) -> None:
+        """close_ticket (strict) with a callback: `fn(arg, error)` once closed, error None when
+        it is. Raises the journal's errors (WalFull too) synchronously."""
+        self.store.append_then({"e": EV_CLOSE, "s": opened}, self._closed, (opened, fn, arg))
+
+    def _closed(self, job: tuple, seq: int | None, exc: BaseException | None) -> None:
+        opened, fn, arg = job
+        if seq is None:
+            seq = getattr(exc, "seq", None)  # MirrorUnavailable: on disk all the same
+        if seq is not None:
+            self.store.ack([opened, seq])
+        fn(arg, exc)
 
     def recovered_tickets(self) -> dict[int, dict]:
         """Requests journaled open by the previous run and never closed nor owed."""

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 
 from ..wal import FSYNC_ALWAYS, AsyncWal, WalFull
 from .saf import EV_END, PARKED, Folded, Saga, fold
@@ -127,6 +128,7 @@ class SagaStore:
         self.recovered: dict[str, Saga] = {}
         self.open_tickets: dict[int, dict] = {}
         self.top_stan = 0
+        self._acks: list[int] = []  # acks of this loop iteration (ack)
         #: The group's saga mirror (fluxrig.saga.mirror), when the conductor shares its sagas.
         self.mirror = None
 
@@ -182,6 +184,18 @@ class SagaStore:
         mirror = self.mirror
         return durable if mirror is None else mirror.follow(durable, sealed, wait)
 
+    def append_then(self, event: dict, fn, arg, wait: bool = True) -> None:
+        """append_nowait with a callback instead of a future: `fn(arg, seq, error)` in the loop
+        once the event is as durable as append_nowait's future would say (no task or future
+        per event without a group mirror: the conductor's per-request path). Raises the WAL's
+        errors (WalFull too) synchronously."""
+        sealed = self.seal.seal(event) if "fields" in event else event
+        mirror = self.mirror
+        if mirror is None:
+            self.wal.append_then(sealed, fn, arg)
+            return
+        mirror.follow(self.wal.append_nowait(sealed), sealed, wait).add_done_callback(partial(_then_done, fn, arg))
+
     async def append(self, event: dict, wait: bool = True) -> int:
         while True:
             try:
@@ -192,7 +206,17 @@ class SagaStore:
         return await fut
 
     def ack(self, seqs) -> None:
-        self.wal.ack_many(seqs)
+        """Let records go. Batched: one index update per loop iteration for every ack made in
+        it (a group commit closes many tickets at once; an update per ticket cost more than
+        its close event). Memory only either way, so nothing is lost by the delay."""
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._acks.extend(seqs)
+
+    def _flush_acks(self) -> None:
+        seqs, self._acks = self._acks, []
+        if seqs:
+            self.wal.ack_many(seqs)
 
     def finished(self, saga: Saga) -> None:
         """The saga's `end` event is durable: its records may go."""
@@ -225,7 +249,17 @@ class SagaStore:
         return {"journal_unacked": m.get("unacked_records", 0), "journal_bytes": m.get("size_bytes", 0)}
 
     async def close(self) -> None:
+        self._flush_acks()
         await self.wal.close()
+
+
+def _then_done(fn, arg, fut: asyncio.Future) -> None:
+    if fut.cancelled():
+        fn(arg, None, asyncio.CancelledError())
+    elif fut.exception() is not None:
+        fn(arg, None, fut.exception())
+    else:
+        fn(arg, fut.result(), None)
 
 
 def end_event(saga_id: str, how: str, wall: float, code: str = "", why: str = "") -> dict:

@@ -64,6 +64,32 @@ DEFAULT_CURSOR_SYNC_MS = 200
 DEFAULT_HEAL_INTERVAL_S = 1.0
 
 
+class _Then:
+    """A waiter of append_then: resolved like a future by _group_done, calls its function."""
+
+    __slots__ = ("fn", "arg", "_done")
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg, self._done = fn, arg, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, seq: int) -> None:
+        self._done = True
+        self._call(seq, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        self._call(None, exc)
+
+    def _call(self, seq, exc) -> None:
+        try:
+            self.fn(self.arg, seq, exc)
+        except Exception:  # noqa: BLE001 (one caller's bug must not stop the group's other waiters)
+            log.exception("WAL append callback %r failed", self.fn)
+
+
 class AsyncWal:
     """asyncio wrapper around a Wal (see the module docstring)."""
 
@@ -163,6 +189,15 @@ class AsyncWal:
         fut = self._loop.create_future()
         self._waiters.append((seq, fut))
         return fut
+
+    def append_then(self, payload, fn, arg) -> int:
+        """Stage a record now; once acknowledged per policy, its group's callback calls
+        `fn(arg, seq, None)` (or `fn(arg, None, error)`), in the loop, with no future or task
+        per record: for callers that stage one record per message on a hot path. `fn` must not
+        block. Returns the seq; raises like append_nowait."""
+        seq = self._stage(payload)
+        self._waiters.append((seq, _Then(fn, arg)))
+        return seq
 
     async def append(self, payload) -> int:
         """Append and wait until acknowledged; returns the seq. Waits out WalFull."""
