@@ -14,9 +14,11 @@ and times each answer while the attacks (from their own niced process) run:
   - an unauthenticated 150 MB body: answered 401 from its headers, the Mixer's peak RSS grows
     by less than 20 MB (before: 127 -> 570 MB, then the 401).
 
-The heartbeat p99 under attack must stay under 100 ms, or under twice the p99 of the same
-Mixer before and after the attacks when the shared box is itself slower than that. Measured on
-a quiet box: p99 12 ms under attack, 3.8 ms baseline.
+The heartbeat p99 under attack must stay under 100 ms (the issue's bound, whatever the
+baseline). It did not always: the Mixer reads back every audit row it shares (api/
+shared_audit.py), one DuckDB INSERT per row on its loop, and each burst of hostile imports cost
+40-60 ms stalls (p99 42-120 ms on this 2-core box, shared). With one statement per batch:
+p99 6.7-29 ms under attack, baseline 3-4 ms (the worst samples are printed with the figures).
 """
 
 from __future__ import annotations
@@ -352,14 +354,18 @@ async def test_hostile_requests_answered_while_heartbeats_flow(mixer_proc, tmp_p
         f"heartbeat p99 {p99(attacked) * 1000:.1f} ms over {len(attacked)} under attack "
         f"(baseline p99 {p99(baseline) * 1000:.1f} ms over {len(baseline)}; attack {attack_end - attack_start:.1f} s)"
     )
+    worst = sorted(
+        ((rtt, t - attack_start) for t, rtt in probe.samples if attack_start <= t <= attack_end), reverse=True
+    )
+    figures += "; worst " + ", ".join(f"{rtt * 1000:.0f} ms at +{at:.1f} s" for rtt, at in worst[:5])
     print(figures)
     assert len(attacked) >= 50, figures
     # Never a stall: the old code held the loop 63 s on the alias bomb alone.
     assert max(attacked) < max(1.0, 2 * max(baseline)), "a heartbeat waited a second or more: " + figures
-    # The budget is 100 ms. On a box shared with other suites (load 12 on 2 cores seen) the
-    # baseline itself can be worse: then the attacks may at most double it. The old code fails
-    # either way (the alias bomb alone held the loop for a minute).
-    assert p99(attacked) < max(P99_BUDGET_S, 2 * p99(baseline)), figures
+    # The issue's budget, 100 ms, without an allowance for a slow baseline: the old code failed
+    # it on the alias bomb (the loop held a minute) and on the audit read-back (40-60 ms stalls
+    # per burst of imports, p99 up to 120 ms).
+    assert p99(attacked) < P99_BUDGET_S, figures
 
 
 async def test_body_caps(mixer_proc):
