@@ -191,7 +191,8 @@ def test_a_batch_read_back_costs_the_loop_a_few_statements_not_one_per_row(tmp_p
     got = db2.cur().execute("SELECT count(*), count(DISTINCT id), bool_and(shared) FROM api_audit").fetchone()
     assert got == (512, 512, True)
     assert db2.cur().execute("SELECT min(node), max(node) FROM api_audit").fetchone() == ("n1", "n1")
-    # one INSERT per row took ~500 ms for these 512 on a quiet box; batched ~5 ms (own) / ~30 ms
-    assert own < 0.15 and other < 0.25, (own, other)
+    # one INSERT per row: ~380 ms each way for these 512 on a quiet box; batched ~14 ms (own rows,
+    # the read-back of every single-node Mixer) and ~80 ms (512 rows inserted)
+    assert own < 0.15 and other < 0.5, (own, other)
     for db in (db1, db2):
         db.close()
