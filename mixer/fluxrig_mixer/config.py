@@ -106,7 +106,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
             "a scenario import is parsed and validated in a child process killed past this (400)",
             None,
         ),
-        "scenario_check_memory_mb": (INT, 512, "address-space cap of that child process, MiB", None),
+        "scenario_check_memory_mb": (
+            INT,
+            512,
+            "address-space cap of that child process, MiB (killed past it; its own RLIMIT_AS is 1.25x, a backstop)",
+            None,
+        ),
         # The audit trail every node of a cluster reads (api/shared_audit.py).
         "audit_max_age": (
             DUR,
