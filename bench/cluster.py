@@ -5,15 +5,17 @@ Real parts on loopback: a Mixer (in this process: nats-server child, DuckDB), th
 scenario (scenarios/iso8583-switch.yaml) turned into group `pos` (every gear `deploy: pos`; each
 member's reversal STANs from its own `saf.stan_range`, disjoint thirds of 1..999999, given per
 member through `${STAN_LO}`/`${STAN_HI}`), three `fluxrig run` member processes enrolled with
-`role=pos` tokens, the authorizer scenario as the issuer host (one standalone Rack process that
-every member dials: each member keeps its own leg), Debian's haproxy in front with the
+`role=pos` tokens, an issuer host in this process with two links and one set of books
+(tests/cluster_group.Ledger: A approves on the leg a request came on, B is the route's failover;
+every member dials both: each member keeps its own legs), Debian's haproxy in front with the
 configuration fluxrig.balancer.haproxy_config renders (health checks on /health/pos), and
 fluxrig's ISO 8583 load tool.
 
 Runs:
 1. For N = 1, 2, 3: haproxy with the first N members; the load tool at `--tps` (a bounded,
    held rate: the box is shared) for `--seconds`: `tps`, `p99_ms`, `cpu_ms_per_txn` (user+system
-   CPU of the N members, the issuer and the nats-server over the run, per answered transaction).
+   CPU of the N members and the nats-server over the run, per answered transaction; the issuer
+   host and the load tool share this process and are not counted).
    `ticket_sharing`: the same with three members and `saf.share_tickets` off, the baseline of
    what sharing requests in flight with the group's saga stream costs (issue 17 item 4).
 2. Failover: haproxy with the three members, the held load on long-lived connections plus a
@@ -21,14 +23,18 @@ Runs:
    is the longest stretch after the kill in which no new connection was answered (target <= 1);
    `probe_failures` the probes that got no answer; the load's connections on the killed member
    are lost with it (`load_errors`/`load_timeouts`: those transactions end declined by the
-   switch or unanswered). `claim` (issue 17 item 4): the survivors claim the dead member's
+   switch or unanswered; the acquirer then reverses each unanswered request through the
+   balancer, `acquirer_reversals`). `claim` (issue 17 item 4): the survivors claim the dead member's
    requests in flight and owed reversals from the group's saga stream after the lease (15 s):
    `claimed_within_s` (seen through heartbeats: an upper bound), `tickets_claimed`,
-   `sagas_adopted`, and how many of the survivors' reversals were answered.
+   `sagas_adopted`, and how many of the survivors' reversals were answered. `ledger`: the
+   issuer's books for that run: `unreversed_approvals` (approved, never delivered to the
+   acquirer, never reversed: must be empty), `reversed_delivered` (a delivered approval
+   reversed: must be empty) and `stan_collisions` (a reversal STAN used for two originals).
 
    `sign_on` / `sign_on_b`: every member signs on its own leg to each issuer (0800 DE 70=001, the
    leg is up only once answered 00) and proves it with echo tests, as its heartbeats report.
-3. Cross-member matching: issuer A (the authorizer) stops, the switch fails over to issuer B, a
+3. Cross-member matching: issuer A stops, the switch fails over to issuer B, a
    host written here that answers every request on ANOTHER leg (another member's). The member
    that gets a reply without its ticket relays it (fluxrig.gears.group_relay) and the owner
    matches it: `cross_leg` (TPS, p99, timeouts of the two surviving members) and
@@ -56,8 +62,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
 import yaml  # noqa: E402
-from _common import PY, backend, emit, free_port, spawn, stop, wait_port  # noqa: E402
-from cluster_group import CrossLegIssuer, Haproxy, RackProcess, http_get  # noqa: E402
+from _common import backend, emit  # noqa: E402
+from cluster_group import CrossLegIssuer, Haproxy, Ledger, RackProcess, http_get  # noqa: E402
 
 from fluxrig.framing.config import make_framer  # noqa: E402
 from fluxrig.iso8583 import load_spec  # noqa: E402
@@ -91,6 +97,39 @@ def group_switch_text(key_file: str, share_tickets: bool = True) -> str:
     doc["gears"].append({"name": "relay", "type": "group_relay", "deploy": "pos", "config": {"group": "pos"}})
     doc["wires"] += [{"from": "triage.out_relay", "to": "relay.in"}, {"from": "relay.out", "to": "switch.in_reply"}]
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+async def _acquirer_reversals(port: int, unanswered: list[dict], timeout: float = 10.0) -> dict:
+    """Send a 0400 for each request in `unanswered` (its fields; DE 90 names it, the STAN is
+    the original's) on one connection to `port`; count the 0410s and their DE 39."""
+    spec, framer = load_spec(SPEC), make_framer({"framing": "len2_be"})
+    wanted = [f for f in unanswered if f and str(f.get(0, "")).startswith("02")]
+    out = {"sent": len(wanted), "answered": 0, "codes": {}}
+    if not wanted:
+        return out
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for f in wanted:
+            rev = {k: v for k, v in f.items() if k in (2, 3, 4, 7, 11, 12, 13, 37, 41, 42, 49)}
+            rev[0] = "0400"
+            rev[90] = f"{f[0]}{f[11]}{f[7]}" + "0" * 22
+            writer.write(framer.encode(spec.encode(rev)))
+        deadline = time.monotonic() + timeout
+        while out["answered"] < len(wanted) and time.monotonic() < deadline:
+            data = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - time.monotonic()))
+            if not data:
+                break
+            for frame in framer.feed(data):
+                doc = spec.decode(frame)
+                if doc.get(0) == "0410":
+                    out["answered"] += 1
+                    code = str(doc.get(39))
+                    out["codes"][code] = out["codes"].get(code, 0) + 1
+    except (OSError, TimeoutError, ValueError):
+        pass
+    finally:
+        writer.close()
+    return out
 
 
 def cpu_s(pid: int) -> float:
@@ -223,16 +262,16 @@ async def main_async(args) -> dict:
                  "enrollment.auto_adopt": True, "telemetry.flush_interval": 0.5}  # fmt: skip
     mixer = Mixer(mixer_config(None, environ={}, overrides=overrides), announce=lambda text: None)
     await mixer.start()
-    issuer_port = free_port()
-    cross = await CrossLegIssuer().start()  # issuer B: answers every request on another leg
-    issuer = spawn([PY, "-m", "fluxrig.cli.main", "run", "--scenario", "scenarios/iso8583-authorizer.yaml"],
-                   dict(os.environ, FLUXRIG_BASE_STATE_DIR=str(work / "issuer"),
-                        FLUXRIG_ISO_BIND=f"127.0.0.1:{issuer_port}"))  # fmt: skip
+    # One issuer host with two links, its books shared (the ledger): A approves on the leg a
+    # request came on, B (the route's failover) answers every request on another leg.
+    ledger = Ledger()
+    issuer = await CrossLegIssuer(ledger, same_leg=True).start()
+    issuer_port = issuer.port
+    cross = await CrossLegIssuer(ledger).start()
     members: list[RackProcess] = []
     lb = None
     out: dict = {"backend": backend(), "held_tps": args.tps, "seconds": args.seconds, "box": "shared 2-core"}
     try:
-        wait_port(issuer_port)
         third = STAN_MAX // MEMBERS
         for i in range(1, MEMBERS + 1):
             name = f"pos-{i}"
@@ -262,7 +301,7 @@ async def main_async(args) -> dict:
         out["sign_on"] = await _legs_signed_on(mixer, members, "issuer_a")
 
         for n in range(1, MEMBERS + 1):
-            out[f"members_{n}"] = await _measured(work / f"lb{n}", members[:n], [issuer.pid, mixer.snake.pid], args)
+            out[f"members_{n}"] = await _measured(work / f"lb{n}", members[:n], [mixer.snake.pid], args)
 
         # The baseline of item 4's cost: the same three members with saf.share_tickets off (only
         # owed reversals shared), measured the same way, then the shared scenario back.
@@ -270,7 +309,7 @@ async def main_async(args) -> dict:
         await mixer.controller.activate_scenario(stored_off)
         await _applied(mixer, members, stored_off.version)
         on = out[f"members_{MEMBERS}"]
-        off = await _measured(work / "lb-off", members, [issuer.pid, mixer.snake.pid], args)
+        off = await _measured(work / "lb-off", members, [mixer.snake.pid], args)
         out["ticket_sharing"] = {
             "cpu_ms_per_txn_shared": on["cpu_ms_per_txn"], "cpu_ms_per_txn_not_shared": off["cpu_ms_per_txn"],
             "p99_ms_shared": on["p99_ms"], "p99_ms_not_shared": off["p99_ms"],
@@ -287,8 +326,11 @@ async def main_async(args) -> dict:
         await lb.wait_status({r.name: "UP" for r in members}, timeout=20)
         prober = Prober(lb.port)
         probe_task = asyncio.get_running_loop().create_task(prober.run())
+        ledger.window = set()  # the approvals this run's load gets
         load_task = asyncio.get_running_loop().create_task(
-            run_load(f"127.0.0.1:{lb.port}", duration=args.seconds, rate=args.tps, concurrency=64, connections=9)
+            run_load(
+                f"127.0.0.1:{lb.port}", duration=args.seconds, rate=args.tps, concurrency=64, connections=9, keep=True
+            )  # fmt: skip
         )
         await asyncio.sleep(args.seconds / 3)
         t_kill = time.monotonic()
@@ -321,7 +363,12 @@ async def main_async(args) -> dict:
 
         # Cross-member matching: the authorizer (issuer A) stops, the switch fails over to issuer
         # B, which answers each request on another member's leg: the two survivors relay.
-        stop(issuer)
+        approved, ledger.window = ledger.window, None
+        # The acquirer reverses what it never heard back (ISO 8583 practice), through the
+        # balancer: to the survivors, which have no ticket for it and route it to the issuer.
+        kill_run = res
+        out["acquirer_reversals"] = await _acquirer_reversals(lb.port, kill_run.unanswered)
+        await issuer.stop()  # issuer A goes away: the route fails over to B
         live = members[1:]
         deadline = time.monotonic() + 30
         while len(cross.legs) < len(live) and time.monotonic() < deadline:
@@ -369,12 +416,27 @@ async def main_async(args) -> dict:
             "survivor_reversals_open": sum(x.get("saf_open", 0) for x in sw),
             "unshared": sum(x.get("unshared", 0) for x in sw),
         }
+        # The issuer's books for the kill run: every approval delivered to the acquirer or
+        # reversed (by a survivor's claim, or the acquirer's own reversal), none delivered and
+        # reversed, and no reversal STAN used for two originals.
+        delivered = {(t, stan) for t, stan, code in kill_run.answered_keys if code == "00"}
+        reversed_ = set(ledger.reversed)
+        out["ledger"] = {
+            "approved": len(approved), "delivered": len(approved & delivered),
+            "reversed": len(approved & reversed_),
+            # of those, reversed by the acquirer alone: replied to on the dead member after its
+            # ticket was closed, never delivered (the acquirer's timeout reversal covers them)
+            "reversed_by_acquirer_only": ledger.reversed_only_under_own_stan(approved & reversed_),
+            "unreversed_approvals": sorted(approved - delivered - reversed_)[:20],
+            "reversed_delivered": sorted(delivered & reversed_)[:20],
+            "stan_collisions": ledger.collisions[:20],
+        }  # fmt: skip
     finally:
         if lb is not None:
             lb.stop()
         for r in members:
             r.stop()
-        stop(issuer)
+        await issuer.stop()
         await cross.stop()
         await mixer.stop()
     return out

@@ -25,6 +25,7 @@ __all__ = [
     "http_get",
     "line_roundtrip",
     "CrossLegIssuer",
+    "Ledger",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,20 +192,57 @@ class Haproxy:
             await asyncio.sleep(0.05)
 
 
+class Ledger:
+    """An issuer host's books, shared by its links: every approval by (terminal DE 41, STAN
+    DE 11), and every reversal by the original it names (DE 90: original MTI, STAN). `window`
+    (a set, while not None) collects the approvals given meanwhile: a run's own. `collisions`
+    lists a reversal STAN used for two different originals of one terminal (the group's
+    members must never share one)."""
+
+    def __init__(self):
+        self.approved: set[tuple[str, str]] = set()
+        self.reversed: dict[tuple[str, str], set[str]] = {}  # original -> the reversals' own STANs
+        self.reversal_stans: dict[tuple[str, str], tuple[str, str]] = {}
+        self.collisions: list[tuple] = []
+        self.window: set | None = None
+
+    def approve(self, terminal: str, stan: str) -> None:
+        self.approved.add((terminal, stan))
+        if self.window is not None:
+            self.window.add((terminal, stan))
+
+    def reverse(self, terminal: str, stan: str, de90: str) -> bool:
+        """Book a reversal (`stan` its own STAN); True when it names an approval on the books."""
+        original = (terminal, de90[4:10])
+        self.reversed.setdefault(original, set()).add(stan)
+        seen = self.reversal_stans.setdefault((terminal, stan), original)
+        if seen != original:
+            self.collisions.append((terminal, stan, seen, original))
+        return original in self.approved
+
+    def reversed_only_under_own_stan(self, keys) -> int:
+        """How many of `keys` were reversed only by reversals carrying the original's STAN (an
+        acquirer's own; a switch's reversals carry a STAN of its own range)."""
+        return sum(1 for k in keys if self.reversed.get(k) == {k[1]})
+
+
 class CrossLegIssuer:
     """An issuer host that approves every request and answers it on the next leg (another
     connection than the one it came on, when there is one); `same_leg` answers on the same.
     Network management (08xx: sign-on, echo, sign-off) is the link's own and is always answered
-    on the leg it came on; `sign_ons` counts the legs that signed on (DE 70 = 001)."""
+    on the leg it came on; `sign_ons` counts the legs that signed on (DE 70 = 001). With a
+    `ledger`, approvals and reversals (04xx, answered 39=00 when the original is on the books,
+    else 25) are booked there: two hosts given one ledger are two links to one issuer."""
 
-    def __init__(self):
+    def __init__(self, ledger: Ledger | None = None, same_leg: bool = False):
         self.spec = load_spec("moov:spec87ascii")
         self.legs: list[asyncio.StreamWriter] = []
         self.requests = 0
         self.crossed = 0
         self.sign_ons = 0
         self.network = 0  # 08xx answered on their own leg
-        self.same_leg = False
+        self.same_leg = same_leg
+        self.ledger = ledger
         self.server = None
         self.port = 0
 
@@ -230,6 +268,11 @@ class CrossLegIssuer:
                     mti = str(req[0])
                     rsp[0] = mti[:2] + str(int(mti[2]) + 1) + mti[3]
                     rsp[39] = "00"
+                    if self.ledger is not None and mti.startswith("04"):
+                        found = self.ledger.reverse(str(req.get(41, "")), str(req.get(11, "")), str(req.get(90, "")))
+                        rsp[39] = "00" if found else "25"
+                    elif self.ledger is not None and not mti.startswith("08"):
+                        self.ledger.approve(str(req.get(41, "")), str(req.get(11, "")))
                     live = [w for w in self.legs if not w.is_closing()]
                     out = writer
                     if mti.startswith("08"):

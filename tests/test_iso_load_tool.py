@@ -81,3 +81,36 @@ def test_decode_masks_the_pan():
     assert "000042" in r.stdout
     bad = cli("iso8583", "decode", "3032")
     assert bad.returncode == 2 and "offset" in bad.stderr
+
+
+async def test_keep_lists_what_was_answered_and_the_fields_of_what_was_not():
+    """run_load(keep=True): (terminal, STAN, DE 39) per answer and the request fields of every
+    unanswered one (what an acquirer reverses), against a host that answers every other STAN."""
+    import asyncio
+
+    from fluxrig.framing.config import make_framer
+    from fluxrig.iso8583 import load_spec
+    from fluxrig.tools.iso_load import run_load
+
+    spec = load_spec("moov:spec87ascii")
+
+    async def host(reader, writer):
+        framer = make_framer({"framing": "len2_be"})
+        while data := await reader.read(65536):
+            for frame in framer.feed(data):
+                req = spec.decode(frame)
+                if int(req[11]) % 2 == 0:
+                    rsp = dict(req)
+                    rsp[0], rsp[39] = req[0][:2] + "1" + req[0][3], "00"
+                    writer.write(framer.encode(spec.encode(rsp)))
+
+    server = await asyncio.start_server(host, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        res = await run_load(f"127.0.0.1:{port}", rate=200, duration=0.5, concurrency=20, timeout=0.5,
+                             mix=("0200",), keep=True)  # fmt: skip
+    finally:
+        server.close()
+    assert res.answered == len(res.answered_keys) > 0 and res.timeouts == len(res.unanswered) > 0
+    assert all(t == "LOAD0001" and int(s) % 2 == 0 and c == "00" for t, s, c in res.answered_keys)
+    assert all(f[0] == "0200" and int(f[11]) % 2 == 1 and f[41] == "LOAD0001" for f in res.unanswered)

@@ -15,7 +15,7 @@ import asyncio
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..framing.config import make_framer
 from ..iso8583 import Iso8583DecodeError, load_spec
@@ -38,9 +38,17 @@ class LoadResult:
     max_ms: float = 0.0
     duration_s: float = 0.0
     errors: int = 0
+    # With run_load(keep=True): (terminal, STAN, DE 39) of each answered request, and the fields
+    # of each request never answered (what an acquirer reverses after its timeout).
+    answered_keys: list = field(default_factory=list, repr=False)
+    unanswered: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("answered_keys", "unanswered"):
+            if not d[k]:
+                del d[k]
+        return d
 
 
 def build_request(mti: str, stan: int, terminal: str, rrn: str, amount: int = 10000) -> dict:
@@ -76,7 +84,7 @@ class _Conn(asyncio.Protocol):
         self.gen = gen
         self.terminal = "LOAD%04d" % index
         self.framer = make_framer({"framing": gen.framing})
-        self.outstanding: dict[str, tuple[float, str, str]] = {}  # stan -> (t0, rrn, response mti)
+        self.outstanding: dict[str, tuple] = {}  # stan -> (t0, rrn, response mti, fields if kept)
         self.transport = None
         self.space = asyncio.Event()
         self.space.set()
@@ -108,18 +116,21 @@ class _Conn(asyncio.Protocol):
             if pending is None:
                 gen.result.mismatched += 1
                 continue
-            t0, rrn, rmti = pending
+            t0, rrn, rmti, _fields = pending
             if f.get(0) != rmti or (rrn and f.get(37) not in (None, rrn)) or f.get(41, self.terminal) != self.terminal:
                 gen.result.mismatched += 1
             else:
                 gen.result.answered += 1
                 gen.latencies.append((now - t0) * 1000)
+                if gen.keep:
+                    gen.result.answered_keys.append((self.terminal, f.get(11), f.get(39)))
         if len(self.outstanding) < gen.window:
             self.space.set()
 
 
 class _Generator:
-    def __init__(self, spec, framing, window, mix, timeout):
+    def __init__(self, spec, framing, window, mix, timeout, keep=False):
+        self.keep = keep
         self.spec = spec
         self.framing = framing
         self.window = window
@@ -130,7 +141,7 @@ class _Generator:
         self.stan = random.randrange(STAN_SPACE)
         self.rrn = 0
 
-    def next_request(self, conn: _Conn) -> tuple[bytes, str, str, str]:
+    def next_request(self, conn: _Conn) -> tuple[bytes, str, str, str, dict]:
         self.stan = self.stan % STAN_SPACE + 1
         while "%06d" % self.stan in conn.outstanding:
             self.stan = self.stan % STAN_SPACE + 1
@@ -140,7 +151,7 @@ class _Generator:
         fields = build_request(mti, self.stan, conn.terminal, rrn)
         body = self.spec.encode(fields)
         rmti = mti[:2] + str(int(mti[2]) + 1) + mti[3]
-        return conn.framer.encode(body), "%06d" % self.stan, rrn, rmti
+        return conn.framer.encode(body), "%06d" % self.stan, rrn, rmti, fields
 
 
 async def _drive(conn: _Conn, gen: _Generator, end: float, interval: float, progress) -> None:
@@ -159,8 +170,8 @@ async def _drive(conn: _Conn, gen: _Generator, end: float, interval: float, prog
             if delay > 0:
                 await asyncio.sleep(delay)
             next_at = max(next_at + interval, loop.time() - 1.0)  # never burst more than 1 s behind
-        frame, stan, rrn, rmti = gen.next_request(conn)
-        conn.outstanding[stan] = (time.perf_counter(), rrn, rmti)
+        frame, stan, rrn, rmti, fields = gen.next_request(conn)
+        conn.outstanding[stan] = (time.perf_counter(), rrn, rmti, fields if gen.keep else None)
         conn.transport.write(frame)
         gen.result.sent += 1
         if not interval and gen.result.sent % 64 == 0:
@@ -181,12 +192,14 @@ async def run_load(
     progress=None,
     ssl_context=None,
     server_hostname: str | None = None,
+    keep: bool = False,
 ) -> LoadResult:
     """Run the load and return its figures. `progress(result)` is called about once a second.
-    `ssl_context` (an ssl.SSLContext) dials the target over TLS, checking `server_hostname`."""
+    `ssl_context` (an ssl.SSLContext) dials the target over TLS, checking `server_hostname`.
+    `keep`: also list what was answered and what was not (LoadResult.answered_keys/unanswered)."""
     host, _, port = target.rpartition(":")
     loop = asyncio.get_running_loop()
-    gen = _Generator(load_spec(spec), framing, max(1, concurrency // connections), list(mix), timeout)
+    gen = _Generator(load_spec(spec), framing, max(1, concurrency // connections), list(mix), timeout, keep)
     conns = []
     for i in range(connections):
         tls = {"ssl": ssl_context, "server_hostname": server_hostname} if ssl_context is not None else {}
@@ -212,6 +225,8 @@ async def run_load(
     reporter.cancel()
     for c in conns:
         gen.result.timeouts += len(c.outstanding)
+        if keep:
+            gen.result.unanswered += [p[3] for p in c.outstanding.values()]
         c.transport.close()
     r = gen.result
     r.duration_s = round(send_end - t0, 3)
