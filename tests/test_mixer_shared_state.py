@@ -229,6 +229,28 @@ async def test_two_nodes_approving_the_same_rack_one_wins_the_other_409(nodes):
         await nc.close()
 
 
+async def test_a_kill_sent_by_one_node_is_in_every_nodes_rack_history(nodes):
+    """The audit row of a control command (ctrl.kill, who, why, its nonce) is a revision of the
+    Rack's shared record: every node's rack_events lists it once, not only the sender's."""
+    cluster, ns = nodes
+    nc = await nats.connect(cluster.url(2))
+    try:
+        rack = await _enrolled(ns, nc, "edge")
+        await ns[0].controller.approve(rack.rack_id, "edge")
+        await ns[1].controller._sender().send(rack.rack_id, "kill", reason="fraud on lane 3", wait=0, actor="ops")
+
+        def kill_rows():
+            return [[e for e in n.registry.events(rack.rack_id) if e["event"] == "ctrl.kill"] for n in ns]
+
+        await wait_for(lambda: all(len(r) == 1 for r in kill_rows()), 10, "ctrl.kill in every node's history")
+        await asyncio.sleep(0.5)  # and only once
+        for (row,) in kill_rows():
+            assert "by=ops" in row["detail"] and "fraud on lane 3" in row["detail"], row
+            assert row["from"] == row["to"] == RackStatus.ACTIVE
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("nodes", [(0.5, 2.0)], indirect=True)
 async def test_offline_is_detected_after_the_lease_holder_dies(nodes):
     cluster, ns = nodes

@@ -155,6 +155,9 @@ class CommandSender:
         self.bus = bus
         self.kill_states = kill_states if kill_states is not None else KillStates(registry.db)
         self._resent: set[tuple[str, int]] = set()  # (rack_id, serial) logged once
+        #: The shared state (rackstate.SharedRegistry), set by the controller once it is open:
+        #: audit rows then land in the Rack's record's history, so every node's rack_events has them.
+        self.shared = None
 
     # -- the level-triggered kill state (heartbeat replies) ------------------------------------------
 
@@ -181,7 +184,23 @@ class CommandSender:
 
     # -- sending -------------------------------------------------------------------------------------
 
-    def _audit(self, rack: RackRow, command: C.Command, actor: str, sent: bool = True) -> None:
+    async def record(self, rack: RackRow, event: str, detail: str) -> None:
+        """One audit row for a command sent: in the shared state when there is one (every node
+        lists it), else, or when the shared state cannot take it, in this node's file (said)."""
+        shared = self.shared
+        if shared is not None:
+            try:
+                await shared.record_event(rack.rack_id, event, detail)
+                return
+            except Exception as exc:  # noqa: BLE001 (the command is out: keep the row here at least)
+                log.error("%s for rack %s: audit row not in the shared state (%s); kept on this node only",
+                          event, rack.name, exc)  # fmt: skip
+        try:
+            self.registry.record_event(rack, event, detail)
+        except Exception as exc:  # the command is out; a failed audit row must not hide that
+            log.error("could not record %s for rack %s in rack_events: %s", event, rack.name, exc)
+
+    async def _audit(self, rack: RackRow, command: C.Command, actor: str, sent: bool = True) -> None:
         detail = f"by={actor or 'unknown'} reason={command.reason!r} nonce={command.nonce.hex()}"
         if command.gear:
             detail += f" gear={command.gear}"
@@ -193,10 +212,7 @@ class CommandSender:
             detail += f" serial={command.serial}"
         if not sent:
             detail += " not-sent=bus-down"
-        try:
-            self.registry.record_event(rack, f"ctrl.{command.cmd}", detail)
-        except Exception as exc:  # the command is out; a failed audit row must not hide that
-            log.error("could not record %s for rack %s in rack_events: %s", command.cmd, rack.name, exc)
+        await self.record(rack, f"ctrl.{command.cmd}", detail)
 
     def _outcome(self, rack_id: str, nonce: str) -> dict | None:
         stats = self.registry.get(rack_id, include_removed=True).stats or {}
@@ -242,15 +258,15 @@ class CommandSender:
         bus = self.bus
         later = f"the desired kill state is recorded (serial {serial}): the Rack gets it when heard" if serial else ""
         if bus is None or not bus.is_connected:
-            self._audit(rack, command, actor, sent=False)
+            await self._audit(rack, command, actor, sent=False)
             raise SnakeUnavailable(later)
         try:
             await bus.publish(S.ctrl(rack.name, cmd), data)
             await bus.flush(timeout=PUBLISH_FLUSH_S)
         except Exception as exc:
-            self._audit(rack, command, actor, sent=False)
+            await self._audit(rack, command, actor, sent=False)
             raise SnakeUnavailable(f"{exc}; {later}" if later else str(exc)) from None
-        self._audit(rack, command, actor)
+        await self._audit(rack, command, actor)
         log.warning(
             "control: %s sent to rack %s by %s (%s)%s",
             cmd,

@@ -178,6 +178,7 @@ class Controller:
                 await asyncio.sleep(0.5)
         self.state = SharedRegistry(self.registry, buckets, self.node, on_bus_change=self.users_changed)
         await self.state.start(timeout=self.ready_timeout)
+        self.commands.shared = self.state  # control commands' audit rows: in every node's rack_events
         from .scenariostate import SharedScenarios
 
         self.shared_scenarios = SharedScenarios(self.scenarios, buckets.scenarios, buckets.state, self.node,
@@ -706,6 +707,7 @@ class Controller:
     def _sender(self) -> CommandSender:
         if self.commands is None:
             self.commands = CommandSender(self.registry, self.key, self.nc)
+            self.commands.shared = self.state
         return self.commands
 
     async def shutdown(self, key: str, reason: str = "operator request", actor: str = "api") -> RackRow:

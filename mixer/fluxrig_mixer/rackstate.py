@@ -401,6 +401,18 @@ class SharedRegistry:
         self.registry.apply([(got.value, got.revision)])
         return self.registry.get(rack_id, include_removed=True)
 
+    async def record_event(self, rack_id: str, event: str, detail: str = "") -> None:
+        """An audit row that moves no status (a control command sent) as a revision of the
+        Rack's record: every node's rack_events gets it through the watch."""
+
+        def note(rec):
+            if rec is None:
+                raise RackNotFound(rack_id)
+            return {**rec, "event": _event(event, rec["status"], rec["status"], detail, self.node)}
+
+        got = await self.b.racks.cas(rack_id, note)
+        self.registry.apply([(got.value, got.revision)])
+
     # -- passports -------------------------------------------------------------------------------
 
     async def reserve_serial(self, rack_id: str, expires_at: float, target_version: str = "") -> RackRow:

@@ -56,18 +56,16 @@ class SafClient:
 
     def __init__(self, commands: CommandSender):
         self.registry = commands.registry
+        self.commands = commands
         self.key = commands.key
         self.bus = commands.bus
 
-    def _audit(self, rack, command: C.Command, actor: str, sent: str = "") -> None:
+    async def _audit(self, rack, command: C.Command, actor: str, sent: str = "") -> None:
         detail = (
             f"by={actor or 'unknown'} op={command.op} saga={command.saga or '-'} reason={command.reason!r} "
             f"nonce={command.nonce.hex()}" + (f" gear={command.gear}" if command.gear else "") + sent
         )
-        try:
-            self.registry.record_event(rack, f"ctrl.{command.cmd}", detail)
-        except Exception as exc:  # the command is out; a failed audit row must not hide that
-            log.error("could not record saf %s for rack %s in rack_events: %s", command.op, rack.name, exc)
+        await self.commands.record(rack, f"ctrl.{command.cmd}", detail)
 
     async def ask(
         self,
@@ -89,10 +87,10 @@ class SafClient:
         data = C.sign_command(self.key, command)
         bus = self.bus
         if bus is None or not bus.is_connected:
-            self._audit(rack, command, actor, " not-sent=bus-down")
+            await self._audit(rack, command, actor, " not-sent=bus-down")
             raise SnakeUnavailable()
         wait = max(0.1, min(wait, MAX_SAF_WAIT_S))
-        self._audit(rack, command, actor)
+        await self._audit(rack, command, actor)
         if op in STATE_CHANGING:
             log.warning("saf %s of %s sent to rack %s by %s (%s)", op, saga, rack.name, actor, why or "no reason given")
         try:
