@@ -20,7 +20,10 @@ confirmation in time: the Rack is offline or slow; the command stays valid until
 Every command sent is recorded in `rack_events` (when: the row's time; what: `ctrl.<cmd>` with
 the reason, nonce, arguments and kill-state serial; who: `by=<actor>`, the API caller), the
 audit trail an operator reads with `fluxrig admin racks show`; a re-send in a heartbeat reply
-is logged once per serial.
+is logged once per serial. The row is a revision of the Rack's record in the shared state
+(`record`, rackstate.SharedRegistry.record_event), so every node of a cluster lists it; when
+the shared state cannot take it (no quorum: up to its 3 s write timeout) it is kept in this
+node's file only, logged at ERROR.
 
 Raises: RackNotFound (404), CommandNotAllowed (409: a removed Rack), SnakeUnavailable (503:
 the Mixer's bus connection is down, nothing was sent; a kill or revive's desired state is
