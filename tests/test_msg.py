@@ -125,3 +125,21 @@ def test_configured_limits_apply():
             m.to_cbor()
     finally:
         set_limits(MAX_HOPS, MAX_PAYLOAD_SIZE)
+
+
+def test_copy_is_independent_all_the_way_down_and_keeps_other_types():
+    import datetime
+
+    when = datetime.datetime(2026, 12, 3)
+    m = FluxMsg(data={"a": {"b": [1, {"c": b"x"}]}, "t": (1, [2]), "d": when, "deep": [[[[["x"]]]]]})
+    c = m.copy()
+    assert c.data == m.data
+    c.data["a"]["b"][1]["c"] = b"y"
+    c.data["a"]["b"].append(3)
+    c.data["t"][1].append(9)  # a tuple goes through deepcopy: its list is not shared either
+    c.data["deep"][0][0][0][0].append("y")
+    assert m.data == {"a": {"b": [1, {"c": b"x"}]}, "t": (1, [2]), "d": when, "deep": [[[[["x"]]]]]}
+    nested = cur = {}
+    for _ in range(200):  # past the tree walk's depth: deepcopy takes over, still a copy
+        cur["n"] = cur = {}
+    assert FluxMsg(data=nested).copy().data == nested
