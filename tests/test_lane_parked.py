@@ -67,9 +67,9 @@ async def test_unusable_lane_messages_are_parked_counted_logged_and_listed(tmp_p
 
         lane_dir = os.path.join(hub.config.store_dir, "lanes")
         parked_dir = os.path.join(lane_dir, "parked")
-        files = sorted(os.listdir(parked_dir))
+        files = sorted(n for n in os.listdir(parked_dir) if n.endswith(".rec"))
         assert len(files) == 3, files  # two bad records of one batch are two copies, not one
-        for name in files:
+        for name in os.listdir(parked_dir):  # the records and their provenance
             assert stat.S_IMODE(os.stat(os.path.join(parked_dir, name)).st_mode) == 0o600
 
         cli = subprocess.run(
@@ -83,6 +83,12 @@ async def test_unusable_lane_messages_are_parked_counted_logged_and_listed(tmp_p
             with open(entry["file"], "rb") as fh:
                 by_reason.setdefault(entry["reason"], []).append(fh.read())
             assert entry["key"].startswith("in-") and entry["bytes"] > 0
+        # each says where it came from: the subject, the stream message, why
+        infos = sorted((e["reason"], e["info"].get("record_index", -1)) for e in listed)
+        assert infos == [("not-a-fluxmsg", 0), ("not-a-fluxmsg", 1), ("undecodable-batch", -1)], listed
+        for e in listed:
+            assert e["info"]["subject"] == subject and e["info"]["stream_seq"] == int(e["key"][3:19], 16)
+            assert e["info"]["msg_id"].startswith("inject-") and e["info"]["why"], e
         assert by_reason == {
             "undecodable-batch": [bad_batch],
             "not-a-fluxmsg": [b"\xff not cbor 1", b"\xff not cbor 2"],

@@ -327,10 +327,15 @@ def park_received(directory: str | None, js_msg, data: bytes, reason: str, why: 
     key = f"in-{seq:016x}" if seq is not None else f"in-{hashlib.blake2b(data, digest_size=8).hexdigest()}"
     if record is not None:
         key += f"-r{record}"
+    headers = getattr(js_msg, "headers", None) or {}
+    # where it came from, for the operator (`fluxrig inspect-wal DIR --parked` lists it)
+    info = {"subject": js_msg.subject, "stream_seq": seq, "msg_id": headers.get("Nats-Msg-Id"), "why": why}
+    if record is not None:
+        info["record_index"] = record
     try:
         if directory is None:
             raise FileNotFoundError("the lane WAL is not open")
-        where = park(directory, key, data, reason)
+        where = park(directory, key, data, reason, info=info)
     except Exception as exc:
         log.error("guaranteed lane: message %s on %s %s, and cannot be parked (%s); left in JetStream",
                   key, js_msg.subject, why, exc)  # fmt: skip

@@ -15,8 +15,10 @@ start, and prints:
 
 `--parked` lists instead the records parked beside the WAL (fluxrig/wal/parked.py: what the
 Rack could never send or deliver, kept for an operator): one JSON line per file
-`{"file", "key", "reason", "bytes", "parked_at", "payload"}` (payload decoded as above when it
-is CBOR, else `payload_b64`); exit 0 (none parked: nothing printed).
+`{"file", "key", "reason", "bytes", "parked_at", "info", "payload"}` (`info`: where a received
+message came from, its subject, stream sequence, message id and why it was parked, when the
+Rack wrote one; payload decoded as above when it is CBOR, else `payload_b64`); exit 0 (none
+parked: nothing printed).
 
 Exit code 0 when no damage was found, 1 when the summary reports torn bytes, corrupt records or
 damaged headers (the WAL is still usable: a Rack repairs it on open), 2 when DIR is not a WAL.

@@ -15,21 +15,28 @@ The recovery scan ignores the subdirectory. Parked files are never deleted by fl
 operator removes them once dealt with; `MAX_PARKED_FILES` bounds how many a directory takes
 (past it `park` raises ParkFull: the caller keeps the record unacknowledged instead).
 
+Provenance: `info` (a small JSON-able dict: the subject a message came on, its stream
+sequence, message id, why it was parked) goes to `<key>.<reason>.json` beside the record,
+written and fsynced before it (the `.rec` is what makes a record parked), capped at
+MAX_INFO_BYTES; `list_parked` gives it as `info` (absent for a record parked without one).
+
 Raises OSError (full disk, permissions) and ParkFull; the caller decides what stays unacked.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 
 from fluxrig.wal.record import WalError
 
-__all__ = ["park", "list_parked", "ParkFull", "PARKED_DIR", "MAX_PARKED_FILES"]
+__all__ = ["park", "list_parked", "ParkFull", "PARKED_DIR", "MAX_PARKED_FILES", "MAX_INFO_BYTES"]
 
 PARKED_DIR = "parked"
 MAX_PARKED_FILES = 100_000
+MAX_INFO_BYTES = 4096  # a record's provenance (see the module docstring); longer values are cut
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -50,26 +57,45 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def park(wal_dir: str, key: str, payload: bytes, reason: str, limit: int = MAX_PARKED_FILES) -> str:
-    """Write a durable copy of `payload`; returns its path (see the module docstring)."""
-    d = os.path.join(wal_dir, PARKED_DIR)
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    name = f"{_SAFE.sub('_', key)}.{_SAFE.sub('_', reason)}.rec"
-    path = os.path.join(d, name)
-    if os.path.exists(path):
-        return path  # parked before (a restart re-read it before its ack was persisted)
-    if len(os.listdir(d)) >= limit:
-        raise ParkFull(d, limit)
+def _write_durably(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(bytes(payload))
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _info_bytes(info: dict) -> bytes:
+    doc = {str(k): v if isinstance(v, (int, float, bool)) or v is None else str(v)[:1024] for k, v in info.items()}
+    data = json.dumps(doc, sort_keys=True).encode()
+    return (
+        data
+        if len(data) <= MAX_INFO_BYTES
+        else json.dumps({"truncated": data[:1024].decode("utf-8", "replace")}).encode()
+    )
+
+
+def park(
+    wal_dir: str, key: str, payload: bytes, reason: str, limit: int = MAX_PARKED_FILES, info: dict | None = None
+) -> str:
+    """Write a durable copy of `payload` (and its `info`); returns its path (see the module
+    docstring)."""
+    d = os.path.join(wal_dir, PARKED_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    stem = f"{_SAFE.sub('_', key)}.{_SAFE.sub('_', reason)}"
+    path = os.path.join(d, stem + ".rec")
+    if os.path.exists(path):
+        return path  # parked before (a restart re-read it before its ack was persisted)
+    if sum(1 for n in os.listdir(d) if n.endswith(".rec")) >= limit:
+        raise ParkFull(d, limit)
+    if info:
+        _write_durably(os.path.join(d, stem + ".json"), _info_bytes(info))
+    _write_durably(path, bytes(payload))
     _fsync_dir(d)
     return path
 
@@ -88,11 +114,19 @@ def list_parked(wal_dir: str) -> list[dict]:
             st = os.stat(os.path.join(d, n))
         except FileNotFoundError:
             continue
-        out.append({
+        entry = {
             "file": os.path.join(d, n),
             "key": key or rest,
             "reason": rest if key else "",
             "bytes": st.st_size,
             "parked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
-        })  # fmt: skip
+        }
+        try:
+            with open(os.path.join(d, n[: -len(".rec")] + ".json"), "rb") as fh:
+                entry["info"] = json.loads(fh.read(MAX_INFO_BYTES + 1))
+        except FileNotFoundError:
+            pass
+        except ValueError as exc:  # damaged by hand: say so, the record itself is still listed
+            entry["info_error"] = str(exc)
+        out.append(entry)
     return out
