@@ -28,7 +28,7 @@ from fluxrig.msg import FluxMsg
 from fluxrig.wire import subjects as S
 from fluxrig.wire.batch import encode_lane_batch
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.mixer, pytest.mark.timeout(60)]  # a Mixer in-process: the Mixer pass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,7 @@ from test_mixer_lanes import LANE, RackRunner, activate, rack_config, sink_lines
 
 from fluxrig.wire import subjects as S
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.mixer, pytest.mark.timeout(60)]  # a Mixer in-process: the Mixer pass
 
 WARNING = "delivered to an earlier connection and not settled"
 

@@ -31,7 +31,7 @@ from fluxrig.msg import FluxMsg
 from fluxrig.redact import log_view
 from fluxrig.wire import meta as M
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.mixer, pytest.mark.timeout(60)]  # a Mixer in-process: the Mixer pass
 
 PAN = "4111111111111111"
 AMEX = "378282246310005"
