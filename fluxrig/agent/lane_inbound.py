@@ -237,7 +237,8 @@ class OrderGuard:
     any new message, so the suspects that arrive redelivered (num_delivered > 1, at or below the
     stream sequence delivered at bind) before the first new message, or before a fetch finds
     nothing, were given back (or their ack_wait had run out already): not late. What is left
-    then is what comes after ack_wait, behind newer messages: that number is logged and kept.
+    then is what comes after ack_wait (or a NAK delay the earlier incarnation gave), behind newer
+    messages: that number is logged and kept.
     (The old count, taken at bind, named every given-back message of a graceful restart.)"""
 
     def __init__(self):
@@ -288,7 +289,7 @@ class OrderGuard:
         self.unsettled_at_bind = lost
         consumer, ack_wait = self._bind_what
         log.warning("guaranteed lane: %d message(s) of %s were delivered to an earlier connection and not "
-                    "settled; JetStream redelivers them after ack_wait (%ss), after newer ones",
+                    "settled; JetStream redelivers them after ack_wait (%ss) or their NAK delay, after newer ones",
                     lost, consumer, ack_wait)  # fmt: skip
 
     def check(self, js_msg) -> bool:
