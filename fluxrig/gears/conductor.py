@@ -695,7 +695,10 @@ class ConductorGear(Gear):
             self._serial_busy.discard(port)
 
     def _ticket_durable(self, job: tuple, seq: int | None, exc: BaseException | None) -> None:
-        self._serially(job[2], self._send_journaled, *job, seq, exc)
+        if exc is None:
+            self._serially(job[2], self._send_journaled, *job, seq, exc)
+        else:  # declined beside the others (each waits on the journal): never behind the leg's queue
+            self._later(self._send_journaled(*job, seq, exc))
 
     async def _send_journaled(self, key, ticket, out: str, msg: FluxMsg, reversals, seq, exc) -> None:
         # `reversals` bound when the request was staged: a reload may hand self.reversals on meanwhile
@@ -718,7 +721,8 @@ class ConductorGear(Gear):
         if self.open.get(key) is not ticket and (
             self._successor is None or self._successor.open.get(key) is not ticket
         ):
-            await reversals.close_ticket(journal[0], strict=False)  # timed out meanwhile: never sent
+            # Timed out meanwhile: never sent. Closed beside the queue: the leg's next sends go on.
+            self._later(reversals.close_ticket(journal[0], strict=False))
             return
         try:
             await self.emit(out, msg)
@@ -780,7 +784,10 @@ class ConductorGear(Gear):
         await self._deliver_reply(key, ticket, msg)
 
     def _reply_closed(self, job: tuple, exc: BaseException | None) -> None:
-        self._serially("out_response", self._reply_after_close, *job, exc)
+        if exc is None:
+            self._serially("out_response", self._reply_after_close, *job, exc)
+        else:  # a decline owes a reversal first (a journal wait): beside the others, not in line
+            self._later(self._reply_after_close(*job, exc))
 
     async def _reply_when_closed(self, key, ticket, msg: FluxMsg, reversals) -> None:
         try:
