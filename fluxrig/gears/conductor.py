@@ -792,7 +792,7 @@ class ConductorGear(Gear):
     async def _reply_when_closed(self, key, ticket, msg: FluxMsg, reversals) -> None:
         try:
             await reversals.close_ticket(ticket[5][0])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 (the journal's and the mirror's: as the callback gets them)
             return await self._reply_after_close(key, ticket, msg, reversals, exc)
         await self._reply_after_close(key, ticket, msg, reversals, None)
 
