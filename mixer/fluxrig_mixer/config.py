@@ -167,8 +167,22 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         ),
         "lane_max_msgs_per_subject": (
             INT,
-            1024,
-            "quota of unconsumed batches per source port (flux.msg.<rack>.<gear>.<port>); 0 = none",
+            -1,
+            "quota of unconsumed batches per source port (flux.msg.<rack>.<gear>.<port>); -1 = derived: "
+            "stream_max_bytes x lane_subject_share / lane_max_msg_bytes (124 for 1 GiB); 0 = none",
+            None,
+        ),
+        "lane_subject_share": (
+            FLOAT,
+            0.25,
+            "share of the flux-msg stream one source port may fill before its sender is pushed back (derived quota)",
+            None,
+        ),
+        "lane_max_msg_bytes": (
+            INT,
+            2 * 1024 * 1024 + 64 * 1024,
+            "largest guaranteed-lane batch flux-msg accepts (keep above the Racks' largest: a 2 MiB message "
+            "plus framing); bounds the bytes of the per-port quota",
             None,
         ),
         "lane_undelivered_max_age": (
@@ -367,6 +381,9 @@ RANGES: dict[str, tuple] = {
     "api.audit_max_bytes": (1024 * 1024, None),
     "snake.stream_max_bytes": (0, None),
     "snake.telemetry_max_bytes": (0, None),
+    "snake.lane_max_msgs_per_subject": (-1, None),
+    "snake.lane_subject_share": (0.001, 1.0),
+    "snake.lane_max_msg_bytes": (1024, 8 * 1024 * 1024),
     "snake.ready_timeout": (0.1, 3600.0),
     "snake.restart_backoff": (0.0, 3600.0),
     "snake.restart_backoff_max": (0.0, 86400.0),

@@ -21,6 +21,21 @@ operators' audit trail every node reads: api/shared_audit.py, limits `api.audit_
     and is pushed back alone, instead of evicting (or, with only a stream-wide cap, starving)
     another Rack's payments. The stream-wide `max_bytes` (`snake.stream_max_bytes`) stays the
     hard bound of the whole lane on the Mixer's disk.
+  - the quota is a *byte* bound although JetStream counts messages per subject (it has no
+    per-subject byte limit): the stream also caps each message (`max_msg_size`,
+    `snake.lane_max_msg_bytes`, LANE_MAX_MSG_BYTES: the largest batch a Rack sends), and by
+    default the per-subject count is derived so that one subject holds at most
+    `snake.lane_subject_share` (LANE_SUBJECT_SHARE, a quarter) of the stream:
+    `stream_max_bytes * share // lane_max_msg_bytes` batches (124 for 1 GiB; lane_quota()).
+    Before, 1024 batches x 1 MiB equalled the 1 GiB cap: one port could fill the stream and
+    push every other Rack back. What the smaller count costs: with a live receiver the Mixer
+    removes consumed batches every 2 s (lanes.PURGE_INTERVAL_S, eagerly once a subject is
+    half full), so a port publishing more than about 60 batches/s meets push-back until its
+    batches grow (records wait in its lane WAL and leave in batches of up to 512): a latency
+    cost under bursts, never a loss. An operator's explicit count that would let one subject
+    fill the stream is logged at start. Lowering the count of an existing stream below what a
+    subject holds would make JetStream trim that subject's oldest (unconsumed) messages, so
+    ensure_streams keeps the larger count until it drains, with a WARNING.
   - **no age limit** unless the operator sets `snake.lane_undelivered_max_age`: a receiver
     away for a week finds its backlog. What an age limit costs: JetStream then deletes
     undelivered messages older than it, without telling anyone, although their senders were
@@ -68,6 +83,10 @@ __all__ = [
     "SAF_MAX_BYTES",
     "DUPLICATE_WINDOW_S",
     "DEFAULT_LANE_MAX_MSGS_PER_SUBJECT",
+    "LANE_MAX_MSG_BYTES",
+    "LANE_SUBJECT_SHARE",
+    "LANE_QUOTA_DERIVED",
+    "lane_quota",
     "QUOTA_ALERT_RATIO",
     "QUOTA_CLEAR_RATIO",
     "NUM_REPLICAS",
@@ -77,9 +96,17 @@ __all__ = [
 log = logging.getLogger("fluxrig.mixer.streams")
 
 DUPLICATE_WINDOW_S = 120.0
-#: Batches (each up to 512 records / 1 MiB, fluxrig.agent.lanes.LANE_LIMITS) one source port may
-#: have unconsumed at the Snake before its sender is pushed back.
-DEFAULT_LANE_MAX_MSGS_PER_SUBJECT = 1024
+#: The largest guaranteed-lane message a Rack sends: a batch of up to 1 MiB of records
+#: (fluxrig.agent.lane_codec.LANE_LIMITS) or one FluxMsg at its 2 MiB limit (fluxrig.msg),
+#: plus the batch framing and headers. flux-msg refuses (for good) a message above
+#: `snake.lane_max_msg_bytes`, so it must stay above what the Racks send.
+LANE_MAX_MSG_BYTES = 2 * 1024 * 1024 + 64 * 1024
+#: The share of flux-msg one source port (subject) may fill before it is pushed back.
+LANE_SUBJECT_SHARE = 0.25
+#: `snake.lane_max_msgs_per_subject` at this value means: derived by lane_quota().
+LANE_QUOTA_DERIVED = -1
+#: The old fixed default, kept for the upgrade check; now derived (124 for a 1 GiB stream).
+DEFAULT_LANE_MAX_MSGS_PER_SUBJECT = LANE_QUOTA_DERIVED
 #: The Mixer alerts when a quota is this full, and clears the alert below QUOTA_CLEAR_RATIO.
 QUOTA_ALERT_RATIO = 0.8
 QUOTA_CLEAR_RATIO = 0.7
@@ -99,11 +126,25 @@ def _cfg(snake_cfg, key: str, default):
     return default if value is None else value
 
 
+def lane_quota(snake_cfg) -> tuple[int, int]:
+    """(batches per subject, bytes per message) of flux-msg for a `[snake]` section: the
+    count `snake.lane_max_msgs_per_subject` (0 = no per-subject quota, LANE_QUOTA_DERIVED =
+    `stream_max_bytes * lane_subject_share // lane_max_msg_bytes`, at least 1) and
+    `snake.lane_max_msg_bytes`. Their product bounds what one subject holds."""
+    max_msg = int(_cfg(snake_cfg, "lane_max_msg_bytes", LANE_MAX_MSG_BYTES))
+    per_subject = int(_cfg(snake_cfg, "lane_max_msgs_per_subject", LANE_QUOTA_DERIVED))
+    if per_subject < 0:
+        share = float(_cfg(snake_cfg, "lane_subject_share", LANE_SUBJECT_SHARE))
+        cap = int(snake_cfg.stream_max_bytes)
+        per_subject = max(1, int(cap * share) // max_msg) if cap > 0 else 0
+    return per_subject, max_msg
+
+
 def msg_stream_config(snake_cfg, replicas: int = NUM_REPLICAS):
     """The StreamConfig of flux-msg for a `[snake]` section (see the module docstring)."""
     from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-    per_subject = int(_cfg(snake_cfg, "lane_max_msgs_per_subject", DEFAULT_LANE_MAX_MSGS_PER_SUBJECT))
+    per_subject, max_msg = lane_quota(snake_cfg)
     max_age = float(_cfg(snake_cfg, "lane_undelivered_max_age", 0.0) or 0.0)
     return StreamConfig(
         name=S.STREAM_MSG,
@@ -116,6 +157,7 @@ def msg_stream_config(snake_cfg, replicas: int = NUM_REPLICAS):
         max_bytes=int(snake_cfg.stream_max_bytes),
         max_msgs_per_subject=per_subject if per_subject > 0 else -1,
         discard_new_per_subject=per_subject > 0,
+        max_msg_size=min(max_msg, int(snake_cfg.stream_max_bytes)) if snake_cfg.stream_max_bytes > 0 else max_msg,
         # JetStream refuses a duplicate window longer than max_age
         duplicate_window=min(DUPLICATE_WINDOW_S, max_age) if max_age else DUPLICATE_WINDOW_S,
         num_replicas=replicas,
@@ -205,11 +247,47 @@ async def ensure_stream(js, config) -> None:
     await js.update_stream(config)
 
 
+async def _keep_unconsumed(js, config) -> None:
+    """Raise `config`'s per-subject count to what a subject of the existing flux-msg holds:
+    JetStream trims a subject's oldest messages when the count is lowered below it, and those
+    are unconsumed messages whose senders were acknowledged (see the module docstring)."""
+    import nats
+
+    if not config.max_msgs_per_subject or config.max_msgs_per_subject < 0:
+        return
+    try:
+        info = await js.stream_info(config.name, subjects_filter=S.msg_all())
+    except nats.js.errors.NotFoundError:
+        return
+    held = max((info.state.subjects or {}).values(), default=0)
+    if held > config.max_msgs_per_subject:
+        log.warning(
+            "flux-msg: a source holds %d unconsumed batches, more than the new per-subject quota %d; "
+            "keeping %d until it drains (lowering it now would delete acknowledged messages)",
+            held,
+            config.max_msgs_per_subject,
+            held,
+        )
+        config.max_msgs_per_subject = held
+
+
 async def ensure_streams(js, snake_cfg, replicas: int = NUM_REPLICAS) -> None:
     """Create or update the two streams: flux-msg (guaranteed lane) and flux-telemetry, with
     `replicas` copies each (replicas_for)."""
-    for config in (msg_stream_config(snake_cfg, replicas), telemetry_stream_config(snake_cfg, replicas)):
+    msg = msg_stream_config(snake_cfg, replicas)
+    await _keep_unconsumed(js, msg)
+    for config in (msg, telemetry_stream_config(snake_cfg, replicas)):
         await ensure_stream(js, config)
+    per_subject, max_msg = lane_quota(snake_cfg)
+    cap = int(snake_cfg.stream_max_bytes)
+    if cap > 0 and per_subject > 0 and per_subject * max_msg >= cap:
+        log.warning(
+            "snake.lane_max_msgs_per_subject = %d x snake.lane_max_msg_bytes = %d reaches snake.stream_max_bytes "
+            "= %d: one source port can fill the guaranteed lane and push every other Rack back",
+            per_subject,
+            max_msg,
+            cap,
+        )
     if _cfg(snake_cfg, "stream_max_age", 0.0):
         log.warning("snake.stream_max_age is ignored for flux-msg: delivered messages are removed once consumed, "
                     "undelivered ones are kept (see snake.lane_undelivered_max_age)")  # fmt: skip
