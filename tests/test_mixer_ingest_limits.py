@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from fluxrig_mixer.ingest import TelemetryIngest
 from fluxrig_mixer.registry import Database
@@ -45,27 +46,45 @@ def test_a_rack_cannot_open_more_wals_than_the_cap(tmp_path, caplog):
     db.close()
 
 
-def test_per_rack_row_and_byte_quotas_drop_only_the_rack_over_them(tmp_path, caplog):
-    caplog.set_level(logging.ERROR, logger="fluxrig.mixer.ingest")
+def test_per_rack_quotas_defer_only_the_rack_over_them_and_drop_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fluxrig.mixer.ingest")
     db = Database(str(tmp_path / "mixer.duckdb"))
     ingest = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_rows=50, rack_max_bytes=1_000_000, quota_window=3600)
     msgs = [_msg("chatty", "w", i * 10) for i in range(8)] + [_msg("quiet", "w", 0)]
-    ingest._write_groups(ingest._decode(msgs))
+    admitted, deferred = ingest._over_quota(msgs)
+    assert [m.subject for m in deferred] == ["flux.telemetry.chatty.logs"] * 3  # left in JetStream, not dropped
+    ingest._write_groups(ingest._decode(admitted))
     assert _count(db, "chatty") == 50 and _count(db, "quiet") == 10
-    assert ingest.stats["quota_dropped_rows"] == {"chatty": 30}
+    assert ingest.stats["quota_deferred"] == {"chatty": 3} and ingest.stats["quota_deferred_rows"] == {"chatty": 30}
+    assert ingest.stats["quota_state"] == {"chatty": "over"}
     big = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_bytes=5_000, quota_window=3600)
-    big._write_groups(big._decode([_msg("fat", "w", i * 10, pad=200) for i in range(4)]))
-    assert _count(db, "fat") == 20  # two messages of ~2.3 kB fit in 5 kB, the others do not
-    assert big.quota_dropped == {"fat": 20}
-    over = [r for r in caplog.records if "over its quota" in r.getMessage()]
-    assert [("chatty" in r.getMessage()) for r in over] == [True, False] and "fat" in over[1].getMessage()
+    admitted, deferred = big._over_quota([_msg("fat", "w", i * 10, pad=200) for i in range(4)])
+    assert len(admitted) == 2 and len(deferred) == 2  # two messages of ~2.3 kB fit in 5 kB
+    # one message larger than a whole quota still passes, alone, at the start of a window
+    huge = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_bytes=100, quota_window=3600)
+    assert len(huge._over_quota([_msg("h", "w", 0), _msg("h", "w", 10)])[0]) == 1
+    text = [r.getMessage() for r in caplog.records if "quota" in r.getMessage()]
+    assert any("chatty" in t and "used 80%" in t for t in text)  # the alert, then the push-back
+    assert any("chatty" in t and "waits in JetStream" in t for t in text)
     db.close()
 
 
-def test_the_quota_window_resets(tmp_path):
+def test_the_quota_window_resets(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fluxrig.mixer.ingest")
     db = Database(str(tmp_path / "mixer.duckdb"))
-    ingest = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_rows=10, quota_window=0.0)
-    for i in range(5):  # a zero window: every message starts a new one
-        ingest._write_groups(ingest._decode([_msg("r", "w", i * 10)]))
-    assert _count(db, "r") == 50 and not ingest.quota_dropped
+    ingest = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_rows=10, quota_window=0.2)
+    assert len(ingest._over_quota([_msg("r", "w", 0), _msg("r", "w", 10)])[1]) == 1
+    assert 0 < ingest._quotas.defer_for("r", time.monotonic()) <= 0.5  # NAKed until the window ends
+    time.sleep(0.25)
+    assert len(ingest._over_quota([_msg("r", "w", 10)])[0]) == 1 and ingest._quotas.state.get("r") != "over"
+    assert "within its quota again" in caplog.text
     db.close()
+
+
+def test_the_quota_is_on_by_default():
+    from fluxrig_mixer.config import load_config
+    from fluxrig_mixer.ingest import RACK_MAX_BYTES, RACK_MAX_ROWS
+
+    t = load_config(None, environ={}).telemetry
+    assert (t.rack_max_rows, t.rack_max_bytes, t.quota_window) == (RACK_MAX_ROWS, RACK_MAX_BYTES, 60.0)
+    assert RACK_MAX_ROWS > 0 and RACK_MAX_BYTES > 0

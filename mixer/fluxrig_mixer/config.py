@@ -253,12 +253,23 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         ),
         "rack_max_rows": (
             INT,
-            0,
-            "rows one Rack may send per quota_window; over it they are dropped (0 = no quota)",
+            600_000,
+            "rows one Rack may have stored per quota_window (10k/s); over it its telemetry waits in JetStream "
+            "(nothing dropped) until the window ends; alert at 80 %; 0 = no quota",
             None,
         ),
-        "rack_max_bytes": (INT, 0, "bytes one Rack may send per quota_window (0 = no quota)", None),
-        "quota_window": (DUR, "1m", "the window of rack_max_rows and rack_max_bytes", None),
+        "rack_max_bytes": (
+            INT,
+            256 * 1024 * 1024,
+            "bytes one Rack may have stored per quota_window (about 4 MiB/s); over it its telemetry waits; 0 = no quota",
+            None,
+        ),
+        "quota_window": (
+            DUR,
+            "1m",
+            "the window of rack_max_rows and rack_max_bytes (deferred telemetry is retried when it ends)",
+            None,
+        ),
         "outage_backoff_max": (DUR, "30s", "longest pause between probes of a store that cannot write", None),
     },
     # -- rollout (issue 14 item 6): scenario activation in waves (rollout.py) --

@@ -4,7 +4,9 @@ Job. A durable pull consumer on the `flux-telemetry` stream fetches bus messages
 NDJSON batch, fluxrig.wire.telemetry), turns each into a `Part` (kind and rack from the
 subject, never from the payload; the id base of its (rack, Flux-Src) incarnation; the Snake's
 receive time) and hands a whole fetch to the `TelemetryStore` (telemetry_store.py: DuckDB or
-ClickHouse) in the writer thread, then acknowledges the fetch with ONE ack (AckPolicy.ALL).
+ClickHouse) in the writer thread, then acknowledges each stored message (AckPolicy.EXPLICIT:
+a message deferred by a quota stays unacked while later ones are acked; AckPolicy.ALL, used
+before, would have acked it with them).
 A fetch is gathered until `batch_max_bytes`, the store's `batch_max_rows` or `flush_interval`
 since its first pull: that is how ClickHouse gets its 10k-100k row blocks about once a second.
 
@@ -15,9 +17,7 @@ its old records. A Rack may open at most `max_incarnations` of them (a Rack that
 WAL per message would otherwise grow the table without bound); past that its messages from
 new WALs are dropped with an ERROR and a counter.
 
-Nothing acked is lost. A fetch is acked only after the store has it, and because the ack is
-cumulative (AckPolicy.ALL) an ack must never be sent while an older delivered message is
-unstored. Three rules keep that:
+Nothing acked is lost. A message is acked only after the store has it. Three rules keep that:
 
 - A write that fails because the store cannot write (disk full, server down: the store's
   `classify` says UNAVAILABLE) acks nothing: the fetch and those queued behind it are
@@ -39,8 +39,22 @@ unstored. Three rules keep that:
 
 A record stored twice this way lands once (the store's idempotence). A payload that is not
 NDJSON, or that the store says can never load (DATA), is counted, logged at ERROR and acked;
-lines without a valid id are dropped (counted). Per-Rack quotas (rows and bytes per
-`quota_window`) drop what is over, counted per Rack with one ERROR when a Rack goes over.
+lines without a valid id are dropped (counted).
+
+Quotas push back, never drop. Each Rack may have `rack_max_rows` rows and `rack_max_bytes`
+bytes stored per `quota_window` (RACK_MAX_ROWS / RACK_MAX_BYTES per QUOTA_WINDOW_S by default:
+10k rows/s, about 4 MiB/s, sustained; 0 = none). A message of a Rack over it is NAKed with a
+delay until its window ends (telemetry_store.RackQuotas), before anything of its fetch is
+stored: it waits in flux-telemetry and is stored, once, when the Rack is within its quota
+again; the other Racks' messages of the same fetch are stored and acked meanwhile (explicit
+acks; max_ack_pending unbounded and max_deliver unlimited, so the deferred messages of one
+Rack neither block the consumer nor run out of redeliveries). A Rack flooding longer holds
+its backlog in flux-telemetry (discard NEW, snake.telemetry_max_bytes) and past that in its
+own WAL. Counted per Rack (`quota_deferred`, metric fluxrig_mixer_telemetry_quota_deferred_total),
+state per Rack (`quota_state`: alert at 80 %, over; a WARNING / ERROR / INFO per change).
+What it costs: a deferred message is redelivered once per window it stays over (a NAK and a
+redelivery each), and while the ack floor waits on a deferred message the purge (below)
+removes nothing above it, so flux-telemetry holds the other Racks' stored messages meanwhile.
 
 Threads. `_decode` runs on the event loop and owns the (rack, src) -> incarnation maps; a new
 pair crosses to the writer thread through `PendingSources` (one lock; the loop puts, the
@@ -91,6 +105,8 @@ __all__ = [
     "OUTAGE_BACKOFF_S",
     "OUTAGE_BACKOFF_MAX_S",
     "QUOTA_WINDOW_S",
+    "RACK_MAX_ROWS",
+    "RACK_MAX_BYTES",
 ]
 
 log = logging.getLogger("fluxrig.mixer.ingest")
@@ -114,6 +130,11 @@ _INCARNATION_LIMIT = 1 << 24
 OUTAGE_BACKOFF_S = 0.5
 OUTAGE_BACKOFF_MAX_S = 30.0
 QUOTA_WINDOW_S = 60.0
+#: Default per-Rack telemetry quota per QUOTA_WINDOW_S: 10k rows/s and 4 MiB/s sustained, well
+#: above a busy Rack (a 1000 TPS payment gateway logging and tracing each message) and a
+#: fraction of what one DuckDB Mixer ingests, so a few flooding Racks cannot starve the rest.
+RACK_MAX_ROWS = 600_000
+RACK_MAX_BYTES = 256 * 1024 * 1024
 # The durable's ack wait; a nak during an outage delays redelivery by the longest back-off.
 ACK_WAIT_S = 60.0
 # How often what the ingest acked is purged from flux-telemetry (discard NEW: see streams.py).
@@ -144,8 +165,8 @@ class TelemetryIngest:
         before_write: Callable[[], None] | None = None,
         clamp: Clamp | None = None,
         max_incarnations: int = MAX_INCARNATIONS,
-        rack_max_rows: int = 0,
-        rack_max_bytes: int = 0,
+        rack_max_rows: int = RACK_MAX_ROWS,
+        rack_max_bytes: int = RACK_MAX_BYTES,
         quota_window: float = QUOTA_WINDOW_S,
         outage_backoff_max: float = OUTAGE_BACKOFF_MAX_S,
         purge_interval: float = PURGE_INTERVAL_S,
@@ -193,9 +214,8 @@ class TelemetryIngest:
         self.outage_seconds = 0.0
         self.naks = 0
         self.backlog = 0  # messages waiting in the stream for this consumer (last known)
-        self.quota_dropped: dict[str, int] = defaultdict(int)  # rack -> rows dropped over quota
         self.incarnations_refused: dict[str, int] = defaultdict(int)  # rack -> messages from WALs past the cap
-        self._quotas = RackQuotas(rack_max_rows, rack_max_bytes, quota_window, self.quota_dropped)
+        self._quotas = RackQuotas(rack_max_rows, rack_max_bytes, quota_window)
         self._tasks: list[asyncio.Task] = []
         self._sub = None
         self._js = None
@@ -231,7 +251,10 @@ class TelemetryIngest:
             ),
             "naks": self.naks,
             "backlog": self.backlog,
-            "quota_dropped_rows": dict(self.quota_dropped),
+            "quota_deferred": dict(self._quotas.deferred),
+            "quota_deferred_rows": dict(self._quotas.deferred_rows),
+            "quota_state": dict(self._quotas.state),
+            "quota_used": {r: round(self._quotas.used(r, time.monotonic()), 4) for r in self._quotas.state},
             "incarnations_refused": dict(self.incarnations_refused),
         }
 
@@ -247,11 +270,14 @@ class TelemetryIngest:
             from .ingest_cluster import SharedSources
 
             self._shared_sources = await SharedSources.open(js, self.max_incarnations)
+        start_seq = await self._reset_durable(js)
         config = ConsumerConfig(
             durable_name=self.durable,
-            # Several nodes on one durable: a cumulative ack would cover another node's fetch.
-            ack_policy=AckPolicy.EXPLICIT if self.shared else AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.ALL,
+            **({"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start_seq} if start_seq else {}),
+            # Explicit: a cumulative ack would cover another node's fetch (shared) and the
+            # messages a quota deferred (see the module docstring).
+            ack_policy=AckPolicy.EXPLICIT,
+            **({} if start_seq else {"deliver_policy": DeliverPolicy.ALL}),
             max_ack_pending=-1,
             ack_wait=self.ack_wait,
             filter_subject=S.telemetry_all(),
@@ -265,6 +291,37 @@ class TelemetryIngest:
             loop.create_task(self._retention_loop(), name="telemetry-retention"),
             loop.create_task(self._purge_loop(), name="telemetry-purge"),
         ]
+
+    async def _reset_durable(self, js) -> int:
+        """A durable made by an older Mixer acks cumulatively (AckPolicy.ALL), which JetStream
+        cannot change in place: delete it, so it is made again from the stream's start. A
+        durable a predecessor left with messages delivered and unacked (stopped or killed with a
+        fetch in hand, or messages a quota deferred) is made again from its ack floor, so they
+        come at once instead of after ack_wait, and are acked once stored (returns that start
+        seq, else 0). Safe: the stream holds only what is not yet purged, and what is stored
+        twice lands once (the store's idempotence). Not when shared: other nodes hold fetches."""
+        import nats.js.errors
+        from nats.js.api import AckPolicy
+
+        try:
+            info = await js.consumer_info(S.STREAM_TELEMETRY, self.durable)
+        except nats.js.errors.NotFoundError:
+            return
+        if info.config.ack_policy != AckPolicy.EXPLICIT:
+            log.warning(
+                "telemetry ingest: consumer %s acks cumulatively (made by an older Mixer); recreating it with "
+                "explicit acks (what it holds is read again from the stream and stored once)",
+                self.durable,
+            )
+            await js.delete_consumer(S.STREAM_TELEMETRY, self.durable)
+            return 0
+        if self.shared or not info.num_ack_pending:
+            return 0
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        log.info("telemetry ingest: %d messages delivered and never acked before; reading again from seq %d",
+                 info.num_ack_pending, floor + 1)  # fmt: skip
+        await js.delete_consumer(S.STREAM_TELEMETRY, self.durable)
+        return floor + 1
 
     async def stop(self) -> None:
         """Stop fetching; store and ack the fetches in hand, waiting at most `stop_timeout`;
@@ -333,6 +390,9 @@ class TelemetryIngest:
                 wait = MIN_BACKLOG_PULL_S
         if not msgs:
             return None
+        msgs = await self._defer_over_quota(msgs)
+        if not msgs:
+            return None
         try:
             self.backlog = msgs[-1].metadata.num_pending
         except Exception:
@@ -347,10 +407,37 @@ class TelemetryIngest:
                 raise
         return msgs, self._decode(msgs)
 
+    def _over_quota(self, msgs) -> tuple[list, list]:
+        """(admitted, deferred) by the per-Rack quotas (RackQuotas); a message that is no
+        telemetry batch is admitted (_decode counts and drops it)."""
+        if not self._quotas.enabled:
+            return msgs, []
+        now = time.monotonic()
+        admitted, deferred = [], []
+        for m in msgs:
+            rack = S.rack_of_subject(m.subject)
+            data = m.data or b""
+            lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+            if rack is None or self._quotas.admit(rack, lines, len(data), now):
+                admitted.append(m)
+            else:
+                deferred.append(m)
+        return admitted, deferred
+
+    async def _defer_over_quota(self, msgs) -> list:
+        """Give back (a NAK delayed until its Rack's window ends) what is over a quota; the rest."""
+        admitted, deferred = self._over_quota(msgs)
+        now = time.monotonic()
+        for m in deferred:
+            try:
+                await m.nak(delay=self._quotas.defer_for(S.rack_of_subject(m.subject), now))
+            except Exception:
+                pass  # the bus is down: redelivered after ack_wait anyway
+        return admitted
+
     def _decode(self, msgs, count: bool = True) -> list[Part]:
         """One Part per message, without parsing the payload (the store will)."""
         parts: list[Part] = []
-        now = time.monotonic()
         for index, m in enumerate(msgs):
             rack = S.rack_of_subject(m.subject)
             kind = m.subject.rsplit(".", 1)[-1]
@@ -364,8 +451,6 @@ class TelemetryIngest:
             if not data.endswith(b"\n"):
                 data = data + b"\n"
             lines = data.count(b"\n")
-            if count and not self._quotas.admit(rack, lines, len(data), now):
-                continue
             src = (m.headers or {}).get(SRC_HEADER, "")[:128]
             inc = self._sources.get((rack, src))
             if inc is None:
@@ -452,11 +537,11 @@ class TelemetryIngest:
         return True
 
     async def _store(self, msgs, parts, prepared=None) -> bool:
-        """Write one decoded fetch, then acknowledge it (AckPolicy.ALL: one ack for all).
+        """Write one decoded fetch, then acknowledge each of its messages (AckPolicy.EXPLICIT).
         Stopping, the ack waits for the server's reply, so it is there before stop returns."""
         if not await self._write_fetch(msgs, parts, prepared):
             return False
-        for m in msgs if self.shared else msgs[-1:]:  # shared: AckPolicy.EXPLICIT, one ack each
+        for m in msgs:
             if self._stopping:
                 await m.ack_sync()
             else:
@@ -537,7 +622,8 @@ class TelemetryIngest:
         """Store every message the durable consumer delivered above its ack floor, read from
         the stream by sequence through an ephemeral consumer (its messages carry the same
         receive times as the first delivery). True when done, False when the store went down.
-        They are not acked here: the next fetch's ack covers them, now that they are stored."""
+        They are not acked here: JetStream redelivers them to the durable, and the store keeps
+        each record once. What a quota defers is left to those redeliveries."""
         import nats.errors
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -578,6 +664,7 @@ class TelemetryIngest:
                         rows += m.data.count(b"\n")
                     if done or size >= self.batch_max_bytes or rows >= max(self.store.batch_max_rows, 1):
                         break
+                msgs = self._over_quota(msgs)[0]
                 if msgs:
                     if writing is not None and not await writing:
                         return False

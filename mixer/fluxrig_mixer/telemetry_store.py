@@ -194,42 +194,106 @@ class PendingSources:
             return len(self._items)
 
 
+#: A Rack's quota use at which the Mixer warns (one WARNING when it crosses it in a window).
+QUOTA_ALERT_RATIO = 0.8
+#: Shortest delay a deferred telemetry message is given back to JetStream for (a window
+#: about to end must not make the ingest spin on redeliveries).
+QUOTA_MIN_DEFER_S = 0.5
+
+
 class RackQuotas:
-    """Rows and bytes each Rack may send per `window` seconds (fixed windows, reset when one
-    passes; 0 = no bound). `admit` says whether a message fits; what does not is counted in
-    `dropped[rack]` (rows), with one ERROR when a Rack goes over and one WARNING when it is
-    back within its quota."""
+    """Rows and bytes each Rack may have stored per `window` seconds (fixed windows, reset
+    when one passes; 0 = no bound). `admit` says whether a message fits; one that does not is
+    *deferred*, never dropped: the ingest leaves it in JetStream (a NAK delayed until
+    `defer_for` says the window ends) and stores it when the Rack is within its quota again.
+    Counted per Rack in `deferred` (messages) and `deferred_rows`; `state` is "ok", "alert"
+    (QUOTA_ALERT_RATIO of a bound used) or "over"; each change of state is logged once
+    (WARNING at alert, ERROR at over, INFO when back). A message larger than a whole quota is
+    admitted alone at the start of a window, so it cannot be deferred for ever."""
 
-    __slots__ = ("max_rows", "max_bytes", "window", "dropped", "_windows")
+    __slots__ = ("max_rows", "max_bytes", "window", "deferred", "deferred_rows", "state", "_windows")
 
-    def __init__(self, max_rows: int, max_bytes: int, window: float, dropped: dict[str, int]):
-        self.max_rows, self.max_bytes, self.window, self.dropped = max_rows, max_bytes, window, dropped
-        self._windows: dict[str, list] = {}  # rack -> [start, rows, bytes, over]
+    def __init__(self, max_rows: int, max_bytes: int, window: float):
+        self.max_rows, self.max_bytes, self.window = max_rows, max_bytes, window
+        self.deferred: dict[str, int] = {}
+        self.deferred_rows: dict[str, int] = {}
+        self.state: dict[str, str] = {}  # rack -> "alert" | "over" (absent = ok)
+        self._windows: dict[str, list] = {}  # rack -> [start, rows, bytes]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_rows or self.max_bytes)
+
+    def used(self, rack: str, now: float) -> float:
+        """The larger share of its row or byte bound `rack` used in its current window."""
+        w = self._windows.get(rack)
+        if w is None or now - w[0] >= self.window:
+            return 0.0
+        return max(w[1] / self.max_rows if self.max_rows else 0.0, w[2] / self.max_bytes if self.max_bytes else 0.0)
 
     def admit(self, rack: str, rows: int, size: int, now: float) -> bool:
-        if not (self.max_rows or self.max_bytes):
+        if not self.enabled:
             return True
         w = self._windows.get(rack)
         if w is None or now - w[0] >= self.window:
-            if w is not None and w[3]:
-                _log.warning("telemetry from rack %r is within its quota again", rack)
-            w = self._windows[rack] = [now, 0, 0, False]
-        if (self.max_rows and w[1] + rows > self.max_rows) or (self.max_bytes and w[2] + size > self.max_bytes):
-            if not w[3]:
-                w[3] = True
-                _log.error(
-                    "telemetry from rack %r over its quota (%d rows / %d bytes per %.0fs: "
-                    "telemetry.rack_max_rows / rack_max_bytes); dropping until the window ends",
-                    rack,
-                    self.max_rows,
-                    self.max_bytes,
-                    self.window,
-                )
-            self.dropped[rack] = self.dropped.get(rack, 0) + rows
+            w = self._windows[rack] = [now, 0, 0]
+            if self.state.get(rack) == "over" or self.state.get(rack) == "alert":
+                self._move(rack, None)
+        empty = not w[1] and not w[2]
+        if not empty and (
+            (self.max_rows and w[1] + rows > self.max_rows) or (self.max_bytes and w[2] + size > self.max_bytes)
+        ):
+            self.deferred[rack] = self.deferred.get(rack, 0) + 1
+            self.deferred_rows[rack] = self.deferred_rows.get(rack, 0) + rows
+            self._move(rack, "over")
             return False
         w[1] += rows
         w[2] += size
+        if self.state.get(rack) is None and self.used(rack, now) >= QUOTA_ALERT_RATIO:
+            self._move(rack, "alert")
         return True
+
+    def defer_for(self, rack: str, now: float) -> float:
+        """Seconds until `rack`'s window ends (the NAK delay of what `admit` refused)."""
+        w = self._windows.get(rack)
+        left = (w[0] + self.window - now) if w is not None else 0.0
+        return max(QUOTA_MIN_DEFER_S, left)
+
+    def _move(self, rack: str, new: str | None) -> None:
+        was = self.state.get(rack)
+        if was == new:
+            return
+        if new is None:
+            del self.state[rack]
+            if was == "over":
+                _log.info("telemetry from rack %r is within its quota again; its deferred telemetry flows", rack)
+            return
+        if len(self.state) >= MAX_QUOTA_STATES and was is None:
+            return  # bounded: a flood of Rack names cannot grow this without limit
+        self.state[rack] = new
+        if new == "alert":
+            _log.warning(
+                "telemetry from rack %r used %d%% of its quota (%d rows / %d bytes per %gs: "
+                "telemetry.rack_max_rows / rack_max_bytes)",
+                rack,
+                int(QUOTA_ALERT_RATIO * 100),
+                self.max_rows,
+                self.max_bytes,
+                self.window,
+            )
+        else:
+            _log.error(
+                "telemetry from rack %r over its quota (%d rows / %d bytes per %gs: telemetry.rack_max_rows / "
+                "rack_max_bytes); its telemetry waits in JetStream (nothing dropped) until the window ends",
+                rack,
+                self.max_rows,
+                self.max_bytes,
+                self.window,
+            )
+
+
+#: Racks whose quota state (alert / over) is kept at once.
+MAX_QUOTA_STATES = 100_000
 
 
 class Failure(enum.Enum):

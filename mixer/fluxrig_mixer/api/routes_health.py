@@ -204,11 +204,24 @@ def prometheus_text(services: MixerServices) -> str:
         [({}, st.get("backlog", 0))],
     )
     metric(
-        "fluxrig_mixer_telemetry_quota_dropped_rows_total",
+        "fluxrig_mixer_telemetry_quota_deferred_total",
         "counter",
-        "Telemetry rows dropped because a Rack was over its quota",
-        [({"rack": r}, n) for r, n in sorted(st.get("quota_dropped_rows", {}).items())] or [({}, 0)],
+        "Telemetry messages left in JetStream (NAKed until the window ends) because their Rack was over its quota",
+        [({"rack": r}, n) for r, n in sorted(st.get("quota_deferred", {}).items())] or [({}, 0)],
     )
+    metric(
+        "fluxrig_mixer_telemetry_quota_deferred_rows_total",
+        "counter",
+        "Telemetry rows deferred by a Rack's quota (a row deferred twice counts twice)",
+        [({"rack": r}, n) for r, n in sorted(st.get("quota_deferred_rows", {}).items())] or [({}, 0)],
+    )
+    metric(
+        "fluxrig_mixer_telemetry_quota_used_ratio",
+        "gauge",
+        "Share of its telemetry quota a Rack used in its window, for Racks at 80 % or over (1 = deferred)",
+        [({"rack": r, "state": st.get("quota_state", {}).get(r, "")}, v)
+         for r, v in sorted(st.get("quota_used", {}).items())] or [({}, 0)],
+    )  # fmt: skip
     metric(
         "fluxrig_mixer_telemetry_incarnations_refused_total",
         "counter",
