@@ -1,8 +1,9 @@
 """A Rack's failed WAL as the Mixer shows it (issue 13: "a metric and a heartbeat flag
 meanwhile"): a heartbeat whose storage flag names a WAL gives one ERROR line, the flag in the
 console's fleet row and the count in /metrics; the next heartbeat without it clears both and
-says so once. (A Rack's WALs failing and healing on a real full disk are test_mixer_wal_enospc.py;
-a whole Rack on a full disk with its heartbeat reaching the Mixer is not tested end to end.)"""
+says so once. (A Rack's WALs failing and healing on a real full disk are test_mixer_wal_enospc.py,
+where a whole Rack's state dir on a full tmpfs flags its heartbeat at a real Mixer and clears it
+once space returns: test_lane_wal_full_disk_holds_the_emitter_heals_and_delivers_everything_once.)"""
 
 from __future__ import annotations
 

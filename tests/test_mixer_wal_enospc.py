@@ -144,6 +144,8 @@ async def test_lane_wal_full_disk_holds_the_emitter_heals_and_delivers_everythin
                 assert len({line["id"] for line in lines}) == len(lines) == n, "a message lost or doubled"
                 assert raws == [f"m{i}" for i in range(1, n + 1)]
                 assert edge.rack.link.storage_stats()["failed"] == []
+                # and the Mixer sees it healed: the next heartbeats carry no flag
+                await wait_for(lambda: not flagged(), timeout=10, what="the Mixer sees the flag cleared")
                 m = bus.metrics()
                 assert m["storage_refused"] == 0 and edge.rack.link.lane_wal.metrics()["heals"] == 1
             finally:
