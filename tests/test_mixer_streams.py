@@ -61,8 +61,8 @@ async def test_an_old_stream_is_updated_in_place_and_keeps_its_messages(js):
     info = await js.stream_info(S.STREAM_MSG)
     c = info.config
     assert c.discard == DiscardPolicy.NEW and not c.max_age and c.retention == RetentionPolicy.LIMITS
-    # derived: a quarter of the 1 GiB stream in batches of at most LANE_MAX_MSG_BYTES
-    assert c.max_msgs_per_subject == (1 << 30) // 4 // LANE_MAX_MSG_BYTES == 124 and c.discard_new_per_subject
+    # the default count keeps healthy lanes free of push-back (streams.py says what it costs)
+    assert c.max_msgs_per_subject == 1024 and c.discard_new_per_subject
     assert c.max_msg_size == LANE_MAX_MSG_BYTES
     assert info.state.messages == 1
 
@@ -90,10 +90,11 @@ async def _publish(js, subject: str, body: bytes, msg_id: str) -> bool:
 async def test_one_source_cannot_fill_the_lane_and_its_push_back_arrives_once_it_drains(js, caplog):
     """Scaled down: a 1 MiB lane, batches of at most 32 KiB. Before, the default count (1024
     per subject) let one port fill the stream, and then every other Rack was refused too."""
-    cfg = load_config(None, environ={}, overrides={"snake.stream_max_bytes": 1 << 20,
-                                                   "snake.lane_max_msg_bytes": 32 * 1024})  # fmt: skip
+    cfg = load_config(None, environ={}, overrides={"snake.stream_max_bytes": 1 << 20, "snake.lane_max_msg_bytes": 32 * 1024,
+                                                   "snake.lane_subject_share": 0.25})  # fmt: skip
     await ensure_streams(js, cfg.snake)
     c = (await js.stream_info(S.STREAM_MSG)).config
+    assert c.max_msgs_per_subject == (1 << 20) // 4 // (32 * 1024) == 8  # derived: a quarter of the stream
     assert c.max_msgs_per_subject * c.max_msg_size <= c.max_bytes // 4, "one port may fill over a quarter"
     flood, pay = "flux.msg.big.gen.out", "flux.msg.pay.gen.out"
     body = b"x" * (30 * 1024)
@@ -139,8 +140,8 @@ async def test_a_lower_derived_quota_does_not_trim_an_existing_backlog(js, caplo
     await ensure_streams(js, old.snake)
     for i in range(10):
         await js.publish("flux.msg.edge.gen.out", b"queued %d" % i)
-    new = load_config(None, environ={}, overrides={"snake.stream_max_bytes": 1 << 20,
-                                                   "snake.lane_max_msg_bytes": 32 * 1024})  # fmt: skip
+    new = load_config(None, environ={}, overrides={"snake.stream_max_bytes": 1 << 20, "snake.lane_max_msg_bytes": 32 * 1024,
+                                                   "snake.lane_subject_share": 0.25})  # fmt: skip
     caplog.set_level(logging.WARNING, logger="fluxrig.mixer.streams")
     await ensure_streams(js, new.snake)  # derived: 8 per subject
     info = await js.stream_info(S.STREAM_MSG)

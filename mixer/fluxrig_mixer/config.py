@@ -167,15 +167,17 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         ),
         "lane_max_msgs_per_subject": (
             INT,
-            -1,
-            "quota of unconsumed batches per source port (flux.msg.<rack>.<gear>.<port>); -1 = derived: "
-            "stream_max_bytes x lane_subject_share / lane_max_msg_bytes (124 for 1 GiB); 0 = none",
+            1024,
+            "quota of unconsumed batches per source port (flux.msg.<rack>.<gear>.<port>); 0 = none. 1024 x a "
+            "1 MiB batch can fill the 1 GiB stream: see lane_subject_share",
             None,
         ),
         "lane_subject_share": (
             FLOAT,
-            0.25,
-            "share of the flux-msg stream one source port may fill before its sender is pushed back (derived quota)",
+            0.0,
+            "bound each source port to this share of the flux-msg stream (e.g. 0.25: at most stream_max_bytes x "
+            "share / lane_max_msg_bytes batches, 124 for 1 GiB), so one port never fills it; costs push-back "
+            "above ~60 batches/s per port. 0 = only lane_max_msgs_per_subject",
             None,
         ),
         "lane_max_msg_bytes": (
@@ -392,8 +394,7 @@ RANGES: dict[str, tuple] = {
     "api.audit_max_bytes": (1024 * 1024, None),
     "snake.stream_max_bytes": (0, None),
     "snake.telemetry_max_bytes": (0, None),
-    "snake.lane_max_msgs_per_subject": (-1, None),
-    "snake.lane_subject_share": (0.001, 1.0),
+    "snake.lane_subject_share": (0.0, 1.0),
     "snake.lane_max_msg_bytes": (1024, 8 * 1024 * 1024),
     "snake.ready_timeout": (0.1, 3600.0),
     "snake.restart_backoff": (0.0, 3600.0),

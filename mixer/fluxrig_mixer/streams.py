@@ -23,17 +23,19 @@ operators' audit trail every node reads: api/shared_audit.py, limits `api.audit_
     hard bound of the whole lane on the Mixer's disk.
   - the quota is a *byte* bound although JetStream counts messages per subject (it has no
     per-subject byte limit): the stream also caps each message (`max_msg_size`,
-    `snake.lane_max_msg_bytes`, LANE_MAX_MSG_BYTES: the largest batch a Rack sends), and by
-    default the per-subject count is derived so that one subject holds at most
-    `snake.lane_subject_share` (LANE_SUBJECT_SHARE, a quarter) of the stream:
-    `stream_max_bytes * share // lane_max_msg_bytes` batches (124 for 1 GiB; lane_quota()).
-    Before, 1024 batches x 1 MiB equalled the 1 GiB cap: one port could fill the stream and
-    push every other Rack back. What the smaller count costs: with a live receiver the Mixer
-    removes consumed batches every 2 s (lanes.PURGE_INTERVAL_S, eagerly once a subject is
-    half full), so a port publishing more than about 60 batches/s meets push-back until its
-    batches grow (records wait in its lane WAL and leave in batches of up to 512): a latency
-    cost under bursts, never a loss. An operator's explicit count that would let one subject
-    fill the stream is logged at start. Lowering the count of an existing stream below what a
+    `snake.lane_max_msg_bytes`, LANE_MAX_MSG_BYTES: the largest batch a Rack sends), and with
+    `snake.lane_subject_share` set (e.g. 0.25, LANE_SUBJECT_SHARE) the per-subject count is at
+    most `stream_max_bytes * share // lane_max_msg_bytes` batches, so one subject holds at most
+    that share of the stream (124 for a quarter of 1 GiB; lane_quota()). What that costs: with a live receiver the Mixer removes
+    consumed batches every 2 s (lanes.PURGE_INTERVAL_S, eagerly once a subject is half full),
+    so a port publishing more than about 60 batches/s meets push-back until its batches grow
+    (records wait in its lane WAL, and its pump retries a full quota after up to 5 s): at a
+    switch's rates (hundreds of small batches/s per port) that stalled healthy lanes in the
+    lane tests. So the default stays 1024 batches per port (DEFAULT_LANE_MAX_MSGS_PER_SUBJECT),
+    which keeps healthy lanes free of push-back but lets one port with big batches fill the
+    1 GiB stream (1024 x 1 MiB) and push every other Rack back (refused and held in their
+    WALs, never lost); said at start (INFO at the default, WARNING for another explicit count).
+    Sites that prefer isolation to burst latency set `snake.lane_subject_share`. Lowering the count of an existing stream below what a
     subject holds would make JetStream trim that subject's oldest (unconsumed) messages, so
     ensure_streams keeps the larger count until it drains, with a WARNING.
   - **no age limit** unless the operator sets `snake.lane_undelivered_max_age`: a receiver
@@ -85,7 +87,6 @@ __all__ = [
     "DEFAULT_LANE_MAX_MSGS_PER_SUBJECT",
     "LANE_MAX_MSG_BYTES",
     "LANE_SUBJECT_SHARE",
-    "LANE_QUOTA_DERIVED",
     "lane_quota",
     "QUOTA_ALERT_RATIO",
     "QUOTA_CLEAR_RATIO",
@@ -101,12 +102,11 @@ DUPLICATE_WINDOW_S = 120.0
 #: plus the batch framing and headers. flux-msg refuses (for good) a message above
 #: `snake.lane_max_msg_bytes`, so it must stay above what the Racks send.
 LANE_MAX_MSG_BYTES = 2 * 1024 * 1024 + 64 * 1024
-#: The share of flux-msg one source port (subject) may fill before it is pushed back.
+#: A share of flux-msg one source port (subject) may be bounded to (`snake.lane_subject_share`,
+#: 0 by default = no bound beyond the count: see the module docstring for why).
 LANE_SUBJECT_SHARE = 0.25
-#: `snake.lane_max_msgs_per_subject` at this value means: derived by lane_quota().
-LANE_QUOTA_DERIVED = -1
-#: The old fixed default, kept for the upgrade check; now derived (124 for a 1 GiB stream).
-DEFAULT_LANE_MAX_MSGS_PER_SUBJECT = LANE_QUOTA_DERIVED
+#: The default: healthy lanes never meet push-back (see the module docstring for its cost).
+DEFAULT_LANE_MAX_MSGS_PER_SUBJECT = 1024
 #: The Mixer alerts when a quota is this full, and clears the alert below QUOTA_CLEAR_RATIO.
 QUOTA_ALERT_RATIO = 0.8
 QUOTA_CLEAR_RATIO = 0.7
@@ -128,15 +128,16 @@ def _cfg(snake_cfg, key: str, default):
 
 def lane_quota(snake_cfg) -> tuple[int, int]:
     """(batches per subject, bytes per message) of flux-msg for a `[snake]` section: the
-    count `snake.lane_max_msgs_per_subject` (0 = no per-subject quota, LANE_QUOTA_DERIVED =
-    `stream_max_bytes * lane_subject_share // lane_max_msg_bytes`, at least 1) and
-    `snake.lane_max_msg_bytes`. Their product bounds what one subject holds."""
+    count `snake.lane_max_msgs_per_subject` (0 = no per-subject quota), lowered, when
+    `snake.lane_subject_share` is set, to `stream_max_bytes * share // lane_max_msg_bytes`
+    (at least 1), and `snake.lane_max_msg_bytes`. Their product bounds what one subject holds."""
     max_msg = int(_cfg(snake_cfg, "lane_max_msg_bytes", LANE_MAX_MSG_BYTES))
-    per_subject = int(_cfg(snake_cfg, "lane_max_msgs_per_subject", LANE_QUOTA_DERIVED))
-    if per_subject < 0:
-        share = float(_cfg(snake_cfg, "lane_subject_share", LANE_SUBJECT_SHARE))
-        cap = int(snake_cfg.stream_max_bytes)
-        per_subject = max(1, int(cap * share) // max_msg) if cap > 0 else 0
+    per_subject = int(_cfg(snake_cfg, "lane_max_msgs_per_subject", DEFAULT_LANE_MAX_MSGS_PER_SUBJECT))
+    share = float(_cfg(snake_cfg, "lane_subject_share", 0.0))
+    cap = int(snake_cfg.stream_max_bytes)
+    if share > 0 and cap > 0:
+        bound = max(1, int(cap * share) // max_msg)
+        per_subject = min(per_subject, bound) if per_subject else bound
     return per_subject, max_msg
 
 
@@ -281,9 +282,10 @@ async def ensure_streams(js, snake_cfg, replicas: int = NUM_REPLICAS) -> None:
     per_subject, max_msg = lane_quota(snake_cfg)
     cap = int(snake_cfg.stream_max_bytes)
     if cap > 0 and per_subject > 0 and per_subject * max_msg >= cap:
-        log.warning(
+        (log.info if per_subject == DEFAULT_LANE_MAX_MSGS_PER_SUBJECT else log.warning)(
             "snake.lane_max_msgs_per_subject = %d x snake.lane_max_msg_bytes = %d reaches snake.stream_max_bytes "
-            "= %d: one source port can fill the guaranteed lane and push every other Rack back",
+            "= %d: one source port can fill the guaranteed lane and push every other Rack back (snake.lane_subject_share "
+            "= 0.25 bounds each port to a quarter of it, at the cost of push-back above ~60 batches/s)",
             per_subject,
             max_msg,
             cap,
