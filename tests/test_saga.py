@@ -3,6 +3,7 @@ independent issuer written here with pyiso8583 (not our codec) that drops, delay
 late, keeping a ledger of what it approved and what was reversed."""
 
 import asyncio
+import contextlib
 import datetime
 import json
 import random
@@ -247,6 +248,32 @@ async def _approved_then_gone(port: int, issuer: "Issuer", stans: list[str]):
     return w
 
 
+@contextlib.asynccontextmanager
+async def owing(tmp_path, stans: list[str], name: str = "saga", stan_range: tuple[int, int] | None = None):
+    """A running switch that owes a reversal for each of `stans` (approved, then the issuer
+    gone: no leg up, so they wait in its queue); yields (switch, saga dir, the issuer, the
+    scenario text: a restart runs it again with an issuer on the same port). The acquirer's
+    connection is closed on the way out, inside the switch's run."""
+    port, a, b = free_port(), free_port(), free_port()
+    saga_dir = str(tmp_path / name)
+    issuer = Issuer(a, drop=1.0)
+    await issuer.start()
+    text = switch_text(port, a, b, ttl="200ms", saga_dir=saga_dir, backoff="100ms")
+    if stan_range:
+        text = text.replace("window: 32", f"window: 32\n        stan_range: [{stan_range[0]}, {stan_range[1]}]")
+    async with running(text) as sw:
+        await wait_links(sw, 1)
+        w = await _approved_then_gone(port, issuer, stans)
+        for _ in range(100):
+            if sw.gears["switch"].metrics().get("saf_open") == len(stans):
+                break
+            await asyncio.sleep(0.05)
+        try:
+            yield sw, saga_dir, issuer, text
+        finally:
+            w.close()
+
+
 async def _acquire(port: int, stans: list[str]) -> dict[str, dict]:
     r, w = await asyncio.open_connection("127.0.0.1", port)
     w.write(b"".join(request("0200", s) for s in stans))
@@ -314,16 +341,8 @@ async def test_poison_reversal_is_parked_and_the_rest_flow(tmp_path):
 async def test_reversals_wait_for_a_downed_issuer_and_resume_after_a_restart(tmp_path):
     """Owed while the issuer is gone: nothing is sent and no attempt counted; the Rack stops
     (sagas on disk), starts again, and the queue drains oldest first once the issuer is back."""
-    port, a, b = free_port(), free_port(), free_port()
-    saga_dir = str(tmp_path / "saga")
-    issuer = Issuer(a, drop=1.0)
-    await issuer.start()
-    text = switch_text(port, a, b, ttl="200ms", saga_dir=saga_dir, backoff="100ms")
-    async with running(text) as sw:
-        await wait_links(sw, 1)
-        w = await _approved_then_gone(port, issuer, [f"{i:06d}" for i in range(1, 6)])
+    async with owing(tmp_path, [f"{i:06d}" for i in range(1, 6)]) as (sw, saga_dir, issuer, text):
         await asyncio.sleep(1.5)
-        w.close()
         m = sw.gears["switch"].metrics()
         assert m["saf_open"] == 5 and m["saf.out_issuer_a.sent"] == 0, m  # no leg up: nothing sent, nothing counted
         assert not issuer.reversals
@@ -331,7 +350,7 @@ async def test_reversals_wait_for_a_downed_issuer_and_resume_after_a_restart(tmp
     recovered = sorted(store.recovered.values(), key=lambda s: s.created_wall)
     await store.close()
     assert len(recovered) == m["saf_open"]
-    issuer2 = Issuer(a)
+    issuer2 = Issuer(issuer.port)
     issuer2.ledger = issuer.ledger
     await issuer2.start()
     try:
@@ -359,18 +378,7 @@ def _saf(*args) -> tuple[int, str, str]:
 
 
 async def test_operator_lists_shows_and_parks_a_reversal_beside_the_running_switch(tmp_path):
-    port, a, b = free_port(), free_port(), free_port()
-    saga_dir = str(tmp_path / "saga")
-    issuer = Issuer(a, drop=1.0)
-    await issuer.start()
-    text = switch_text(port, a, b, ttl="200ms", saga_dir=saga_dir, backoff="100ms")
-    async with running(text) as sw:
-        await wait_links(sw, 1)
-        w = await _approved_then_gone(port, issuer, ["000077"])
-        for _ in range(100):
-            if sw.gears["switch"].metrics().get("saf_open"):
-                break
-            await asyncio.sleep(0.05)
+    async with owing(tmp_path, ["000077"]) as (sw, saga_dir, _issuer, _text):
         loop = asyncio.get_running_loop()
         code, out, err = await loop.run_in_executor(None, _saf, "list", "--dir", saga_dir)
         assert code == 0, err
@@ -388,7 +396,6 @@ async def test_operator_lists_shows_and_parks_a_reversal_beside_the_running_swit
                 break
             await asyncio.sleep(0.05)
         assert sw.gears["switch"].metrics()["saf_parked"] == 1
-        w.close()
     code, out, _ = _saf("list", "--dir", saga_dir, "--parked")
     (parked,) = [json.loads(line) for line in out.splitlines()]
     assert parked["id"] == row["id"] and parked["state"] == "parked"
@@ -399,23 +406,11 @@ async def test_operator_lists_shows_and_parks_a_reversal_beside_the_running_swit
 async def test_a_park_cut_off_before_its_journal_end_is_not_resumed_at_the_next_start(tmp_path):
     """park() writes parked.jsonl, then the journal's `end`: a crash between the two must not
     turn the operator's park into a reversal sent at the next start."""
-    port, a, b = free_port(), free_port(), free_port()
-    saga_dir = str(tmp_path / "saga")
-    issuer = Issuer(a, drop=1.0)
-    await issuer.start()
-    text = switch_text(port, a, b, ttl="200ms", saga_dir=saga_dir, backoff="100ms")
-    async with running(text) as sw:
-        await wait_links(sw, 1)
-        w = await _approved_then_gone(port, issuer, ["000078"])
-        for _ in range(100):
-            if sw.gears["switch"].metrics().get("saf_open"):
-                break
-            await asyncio.sleep(0.05)
+    async with owing(tmp_path, ["000078"]) as (sw, saga_dir, _issuer, _text):
         rev = sw.gears["switch"].reversals
         (saga,) = rev.queues["out_issuer_a"].sagas.values()
         doc = {**saga.summary(0.0), "state": "parked", "fields": saga.fields, "trail": saga.trail}
         rev.store._write_parked(json.dumps(rev.store.seal.seal(doc), default=str) + "\n")  # the first write only
-        w.close()
     assert [d["id"] for d in read_parked(saga_dir)] == [saga.id]
     store = await SagaStore.open(saga_dir)
     try:

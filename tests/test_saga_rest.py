@@ -5,15 +5,14 @@ restart without reuse, and come with an originated RRN when the original had non
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import os
 import stat
 
 import pytest
-from helpers import free_port, running
-from test_iso_switch import switch_text, wait_links
-from test_saga import Issuer, _approved_then_gone, _drain, _saf
+from helpers import running
+from test_iso_switch import wait_links
+from test_saga import Issuer, _drain, _saf, owing
 
 from fluxrig.errors import ConfigError
 from fluxrig.saga.ops import masked
@@ -61,23 +60,11 @@ async def test_no_clear_pan_on_disk_and_the_reversal_still_carries_it_after_a_re
     """Reversals owed while the issuer is away (journal: owe events and open tickets) and one
     parked: grep every file the switch wrote for the PAN and the track data; then restart with
     the issuer back: the reversals it receives carry DE 2 in clear on the wire."""
-    port, a, b = free_port(), free_port(), free_port()
-    saga_dir = str(tmp_path / "saga")
-    issuer = Issuer(a, drop=1.0)
-    await issuer.start()
-    text = switch_text(port, a, b, ttl="200ms", saga_dir=saga_dir, backoff="100ms")
-    async with running(text) as sw:
-        await wait_links(sw, 1)
-        w = await _approved_then_gone(port, issuer, ["000001", "000002", "000003"])
-        for _ in range(100):
-            if sw.gears["switch"].metrics().get("saf_open") == 3:
-                break
-            await asyncio.sleep(0.05)
+    async with owing(tmp_path, ["000001", "000002", "000003"]) as (sw, saga_dir, issuer, text):
         rev = sw.gears["switch"].reversals
         assert rev.open_count() == 3
         victim = next(iter(rev.queues["out_issuer_a"].sagas))
         assert await rev.park(victim, "settled by phone")
-        w.close()
     hits = _files_holding(str(tmp_path), [PAN.encode(), TRACK2.encode(), PAN.encode().hex().encode()])
     assert not hits, hits
     assert read_parked(saga_dir)[0]["fields"]["2"]["masked"] == "411111******1111"
@@ -85,7 +72,7 @@ async def test_no_clear_pan_on_disk_and_the_reversal_still_carries_it_after_a_re
     assert code == 0 and "411111******1111" in out and PAN not in out, (out, err)
     key = os.path.join(saga_dir, "saga.key")
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
-    issuer2 = Issuer(a)
+    issuer2 = Issuer(issuer.port)
     issuer2.ledger = issuer.ledger
     seen = []
     orig_handle = issuer2._handle
@@ -145,23 +132,11 @@ def test_reversal_originates_an_rrn_when_the_original_has_none():
 async def test_two_switches_with_disjoint_ranges_never_share_a_stan(tmp_path):
     """Two conductors (two Racks of a group) owing reversals at once: each stays in its range."""
     stans = {}
-    for name, rng in (("r1", [100_000, 199_999]), ("r2", [200_000, 299_999])):
-        port, a, b = free_port(), free_port(), free_port()
-        issuer = Issuer(a, drop=1.0)
-        await issuer.start()
-        text = switch_text(port, a, b, ttl="200ms", saga_dir=str(tmp_path / name), backoff="100ms")
-        text = text.replace("window: 32", f"window: 32\n        stan_range: [{rng[0]}, {rng[1]}]")
-        async with running(text) as sw:
-            await wait_links(sw, 1)
-            w = await _approved_then_gone(port, issuer, [f"{i:06d}" for i in range(1, 21)])
-            for _ in range(100):
-                if sw.gears["switch"].metrics().get("saf_open") == 20:
-                    break
-                await asyncio.sleep(0.05)
+    for name, rng in (("r1", (100_000, 199_999)), ("r2", (200_000, 299_999))):
+        async with owing(tmp_path, [f"{i:06d}" for i in range(1, 21)], name, rng) as (sw, _d, _i, _t):
             sagas = sw.gears["switch"].reversals.queues["out_issuer_a"].sagas.values()
             stans[name] = {int(s.stan) for s in sagas}
             assert all(len(s.rrn) == 12 for s in sagas)
-            w.close()
         store = await SagaStore.open(str(tmp_path / name))
         await store.close()
     assert len(stans["r1"]) == 20 and all(100_000 <= s <= 199_999 for s in stans["r1"])
