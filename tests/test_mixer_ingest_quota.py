@@ -120,3 +120,64 @@ async def test_an_older_ack_all_durable_is_replaced_and_its_backlog_stored_once(
         assert info.config.ack_policy == AckPolicy.EXPLICIT
     finally:
         await ingest.stop()
+
+
+async def test_a_rack_over_its_quota_for_long_cannot_fill_the_stream_for_the_others(tmp_path):
+    """A Rack flooding over its quota for many windows holds the purge floor with what it
+    deferred, so flux-telemetry fills with the other Racks' stored rows until it refuses them
+    too. Quotas yield once the stream is half full: the calm Rack is never refused, and every
+    row of both lands exactly once."""
+    from fluxrig.agent.publisher import is_quota_full
+
+    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
+    await snake.start([])
+    nc = await nats.connect(snake.url, **snake.client_options())
+    js = nc.jetstream()
+    await ensure_streams(js, load_config(None, environ={}, overrides={"snake.telemetry_max_bytes": 4 << 20}).snake)
+    db = Database(str(tmp_path / "mixer.duckdb"))
+    ingest = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_rows=QUOTA_ROWS, rack_max_bytes=0,
+                             quota_window=WINDOW_S, flush_interval=0.05, purge_interval=0.2)  # fmt: skip
+    await ingest.start(js)
+    refused = {"flood": [], "calm": []}
+    sent = {"flood": 0, "calm": 0}
+
+    async def send(rack: str, batch: int) -> None:
+        try:
+            await _publish(js, rack, batch)
+        except Exception as exc:
+            assert is_quota_full(exc), exc
+            refused[rack].append(batch)  # what the Rack's WAL would hold and send again
+
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 8.0  # eight windows, the flood at five times its quota throughout
+        tick = 0
+        while loop.time() < end:
+            await send("flood", sent["flood"])  # 50 batches/s: 10,000 rows/s against 2,000
+            sent["flood"] += 1
+            if tick % 25 == 0:  # 2 batches/s: 400 rows/s, well inside its quota
+                await send("calm", sent["calm"])
+                sent["calm"] += 1
+            tick += 1
+            await asyncio.sleep(0.02)
+        assert not refused["calm"], f"the calm Rack was pushed back {len(refused['calm'])} times by the flood"
+        assert ingest.stats["quota_deferred"].get("flood", 0) > 0  # the quota did hold the flood first
+        assert ingest.stats["quota_yields"] >= 1, "the quotas never yielded"
+        for rack in ("flood", "calm"):  # the WALs' retries of what was refused
+            for batch in refused[rack]:
+                while True:
+                    try:
+                        await _publish(js, rack, batch)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.2)
+        for rack in ("flood", "calm"):
+            n = sent[rack] * LINES
+            await wait_for(lambda r=rack, n=n: _rows(db, r)[0] >= n, timeout=30, what=f"{rack}'s rows stored")
+        await asyncio.sleep(1.0)
+        for rack in ("flood", "calm"):
+            assert _rows(db, rack) == (sent[rack] * LINES, sent[rack] * LINES), f"{rack}: rows lost or doubled"
+    finally:
+        await ingest.stop()
+        await nc.close()
+        await snake.stop()

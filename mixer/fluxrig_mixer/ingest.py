@@ -55,6 +55,11 @@ state per Rack (`quota_state`: alert at 80 %, over; a WARNING / ERROR / INFO per
 What it costs: a deferred message is redelivered once per window it stays over (a NAK and a
 redelivery each), and while the ack floor waits on a deferred message the purge (below)
 removes nothing above it, so flux-telemetry holds the other Racks' stored messages meanwhile.
+So that one Rack over its quota cannot fill the stream and push every Rack back, quotas
+yield under pressure: once flux-telemetry is QUOTA_YIELD_RATIO full (read by the purge pass),
+nothing more is deferred until it is back under QUOTA_RESUME_RATIO (a WARNING and an INFO,
+`quota_yielding`). What was NAKed before comes back within its window (at most
+`quota_window`), is stored, and the floor moves on: the stall is bounded by one window.
 
 Threads. `_decode` runs on the event loop and owns the (rack, src) -> incarnation maps; a new
 pair crosses to the writer thread through `PendingSources` (one lock; the loop puts, the
@@ -139,6 +144,9 @@ RACK_MAX_BYTES = 256 * 1024 * 1024
 ACK_WAIT_S = 60.0
 # How often what the ingest acked is purged from flux-telemetry (discard NEW: see streams.py).
 PURGE_INTERVAL_S = 5.0
+#: flux-telemetry this full (bytes): quotas stop deferring (module docstring); and back at.
+QUOTA_YIELD_RATIO = 0.5
+QUOTA_RESUME_RATIO = 0.3
 
 
 def _pending(m) -> int:
@@ -216,6 +224,8 @@ class TelemetryIngest:
         self.backlog = 0  # messages waiting in the stream for this consumer (last known)
         self.incarnations_refused: dict[str, int] = defaultdict(int)  # rack -> messages from WALs past the cap
         self._quotas = RackQuotas(rack_max_rows, rack_max_bytes, quota_window)
+        self.quota_yielding = False  # flux-telemetry under pressure: nothing is deferred (_pressure)
+        self.quota_yields = 0  # times it started yielding
         self._tasks: list[asyncio.Task] = []
         self._sub = None
         self._js = None
@@ -251,6 +261,8 @@ class TelemetryIngest:
             ),
             "naks": self.naks,
             "backlog": self.backlog,
+            "quota_yielding": self.quota_yielding,
+            "quota_yields": self.quota_yields,
             "quota_deferred": dict(self._quotas.deferred),
             "quota_deferred_rows": dict(self._quotas.deferred_rows),
             "quota_state": dict(self._quotas.state),
@@ -410,7 +422,7 @@ class TelemetryIngest:
     def _over_quota(self, msgs) -> tuple[list, list]:
         """(admitted, deferred) by the per-Rack quotas (RackQuotas); a message that is no
         telemetry batch is admitted (_decode counts and drops it)."""
-        if not self._quotas.enabled:
+        if not self._quotas.enabled or self.quota_yielding:
             return msgs, []
         now = time.monotonic()
         admitted, deferred = [], []
@@ -792,10 +804,29 @@ class TelemetryIngest:
                 if floor is not None and floor > self._purged:
                     await self._js.purge_stream(S.STREAM_TELEMETRY, seq=floor + 1)
                     self._purged = floor
+                if self._quotas.enabled:
+                    self._pressure(await self._js.stream_info(S.STREAM_TELEMETRY))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("telemetry purge failed: %s", exc)
+
+    def _pressure(self, info) -> None:
+        """Quotas yield while flux-telemetry is QUOTA_YIELD_RATIO full (module docstring)."""
+        cap = info.config.max_bytes or 0
+        if cap <= 0:
+            return
+        full = (info.state.bytes or 0) / cap
+        if not self.quota_yielding and full >= QUOTA_YIELD_RATIO:
+            self.quota_yielding = True
+            self.quota_yields += 1
+            over = sorted(r for r, st in self._quotas.state.items() if st == "over")
+            log.warning("flux-telemetry is %.0f%% full while Racks over their quota (%s) hold its purge back: "
+                        "quotas yield (their rows are stored now) so that no Rack is pushed back for them",
+                        full * 100, ", ".join(over[:10]) or "none now")  # fmt: skip
+        elif self.quota_yielding and full < QUOTA_RESUME_RATIO:
+            self.quota_yielding = False
+            log.info("flux-telemetry is %.0f%% full again: telemetry quotas apply", full * 100)
 
     async def _retention_loop(self) -> None:
         while not self._stopping:

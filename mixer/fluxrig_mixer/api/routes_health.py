@@ -223,6 +223,13 @@ def prometheus_text(services: MixerServices) -> str:
          for r, v in sorted(st.get("quota_used", {}).items())] or [({}, 0)],
     )  # fmt: skip
     metric(
+        "fluxrig_mixer_telemetry_quota_yielding",
+        "gauge",
+        "1 while flux-telemetry is half full and telemetry quotas defer nothing (a Rack over its quota must "
+        "not fill the stream for the others)",
+        [({}, 1 if st.get("quota_yielding") else 0)],
+    )
+    metric(
         "fluxrig_mixer_telemetry_incarnations_refused_total",
         "counter",
         "Telemetry messages dropped because their Rack opened more WALs than telemetry.max_incarnations",
