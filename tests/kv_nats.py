@@ -142,6 +142,18 @@ class NatsCluster:
                     p = RouteProxy(self.route_ports[j])
                     await p.start()
                     self.proxies[(i, j)] = p
+        # The nodes' ports were picked before the proxies bound theirs: a proxy may hold one
+        # (seen in CI: "Error listening on router port ... address already in use"). Re-pick
+        # those now that the proxies' ports are taken.
+        held = {p.port for p in self.proxies.values()}
+        for i in range(self.n):
+            while self.client_ports[i] in held:
+                self.client_ports[i] = free_port()
+            while self.route_ports[i] in held | set(self.client_ports):
+                self.route_ports[i] = free_port()
+            held |= {self.client_ports[i], self.route_ports[i]}
+        for (_i, j), p in self.proxies.items():
+            p.target = self.route_ports[j]
         for i in range(self.n):
             self.start(i)
         await self.wait_ready(timeout)
