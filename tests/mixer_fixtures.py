@@ -5,6 +5,7 @@ free loopback ports in a temp state dir, and Rack agents pointed at it. Import w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -29,9 +30,32 @@ __all__ = [
     "start_rack_process",
     "stop_rack_process",
     "run_cli",
+    "snake_streams",
 ]
 
 HEARTBEAT_S = 0.2
+
+
+@contextlib.asynccontextmanager
+async def snake_streams(tmp_path, **snake_overrides):
+    """The Mixer's Snake alone (its nats-server supervisor, no Mixer) with the Mixer's streams,
+    for tests that drive the ingest themselves: yields (supervisor, JetStream context).
+    `snake_overrides`: `[snake]` keys without the prefix (telemetry_max_bytes=...)."""
+    import nats
+    from fluxrig_mixer.app import ensure_streams
+    from fluxrig_mixer.snake import SnakeSupervisor
+
+    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
+    await snake.start([])
+    nc = await nats.connect(snake.url, **snake.client_options())
+    try:
+        js = nc.jetstream()
+        overrides = {f"snake.{k}": v for k, v in snake_overrides.items()}
+        await ensure_streams(js, load_config(None, environ={}, overrides=overrides).snake)
+        yield snake, js
+    finally:
+        await nc.close()
+        await snake.stop()
 
 
 def make_config(state_dir, **overrides):

@@ -21,17 +21,13 @@ import time
 
 import duckdb
 import httpx
-import nats
 import pytest
 from clickhouse_server import USER, fresh_database
-from fluxrig_mixer.app import ensure_streams
 from fluxrig_mixer.cli import main as mixer_main
-from fluxrig_mixer.config import load_config
 from fluxrig_mixer.ingest import CONSUMER, TelemetryIngest
-from fluxrig_mixer.snake import SnakeSupervisor
 from helpers import ROOT
 from mixer_fixtures import *  # noqa: F401,F403
-from mixer_fixtures import make_mixer, publish_telemetry, wait_for
+from mixer_fixtures import make_mixer, publish_telemetry, snake_streams, wait_for
 
 from fluxrig.agent.session import SessionUnavailable
 from fluxrig.wire import subjects as S
@@ -121,16 +117,8 @@ async def test_rack_to_clickhouse_through_the_api(mixer, agent_factory, tmp_path
 
 @pytest.fixture
 async def bus(tmp_path):
-    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
-    await snake.start([])
-    nc = await nats.connect(snake.url, **snake.client_options())
-    try:
-        js = nc.jetstream()
-        await ensure_streams(js, load_config(None, environ={}).snake)
-        yield snake, js
-    finally:
-        await nc.close()
-        await snake.stop()
+    async with snake_streams(tmp_path) as pair:
+        yield pair
 
 
 @pytest.mark.timeout(200)

@@ -29,7 +29,7 @@ from fluxrig_mixer.config import load_config
 from fluxrig_mixer.ingest import CONSUMER, TelemetryIngest
 from fluxrig_mixer.registry import Database
 from fluxrig_mixer.snake import SnakeSupervisor
-from mixer_fixtures import wait_for
+from mixer_fixtures import snake_streams, wait_for
 from smallfs import fill, small_fs
 
 from fluxrig.wire import subjects as S
@@ -42,16 +42,8 @@ OUTAGE_S = float(os.environ.get("FLUXRIG_ARCHIVE_OUTAGE_S", "60"))
 
 @pytest.fixture
 async def bus(tmp_path):
-    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
-    await snake.start([])
-    nc = await nats.connect(snake.url, **snake.client_options())
-    try:
-        js = nc.jetstream()
-        await ensure_streams(js, load_config(None, environ={}).snake)
+    async with snake_streams(tmp_path) as (_snake, js):
         yield js
-    finally:
-        await nc.close()
-        await snake.stop()
 
 
 class Publisher:

@@ -14,14 +14,10 @@ import asyncio
 import json
 import time
 
-import nats
 import pytest
-from fluxrig_mixer.app import ensure_streams
-from fluxrig_mixer.config import load_config
 from fluxrig_mixer.ingest import CONSUMER, TelemetryIngest
 from fluxrig_mixer.registry import Database
-from fluxrig_mixer.snake import SnakeSupervisor
-from mixer_fixtures import wait_for
+from mixer_fixtures import snake_streams, wait_for
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from fluxrig.wire import subjects as S
@@ -37,16 +33,8 @@ FLOOD_BATCHES = 30  # 6000 rows: three windows' worth, published at once
 
 @pytest.fixture
 async def bus(tmp_path):
-    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
-    await snake.start([])
-    nc = await nats.connect(snake.url, **snake.client_options())
-    try:
-        js = nc.jetstream()
-        await ensure_streams(js, load_config(None, environ={}).snake)
+    async with snake_streams(tmp_path) as (_snake, js):
         yield js
-    finally:
-        await nc.close()
-        await snake.stop()
 
 
 def _body(rack: str, first: int) -> bytes:
@@ -129,11 +117,11 @@ async def test_a_rack_over_its_quota_for_long_cannot_fill_the_stream_for_the_oth
     row of both lands exactly once."""
     from fluxrig.agent.publisher import is_quota_full
 
-    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
-    await snake.start([])
-    nc = await nats.connect(snake.url, **snake.client_options())
-    js = nc.jetstream()
-    await ensure_streams(js, load_config(None, environ={}, overrides={"snake.telemetry_max_bytes": 4 << 20}).snake)
+    async with snake_streams(tmp_path, telemetry_max_bytes=4 << 20) as (_snake, js):
+        await _flood_beside_a_calm_rack(js, tmp_path, is_quota_full)
+
+
+async def _flood_beside_a_calm_rack(js, tmp_path, is_quota_full) -> None:
     db = Database(str(tmp_path / "mixer.duckdb"))
     ingest = TelemetryIngest(db, spool_dir=str(tmp_path), rack_max_rows=QUOTA_ROWS, rack_max_bytes=0,
                              quota_window=WINDOW_S, flush_interval=0.05, purge_interval=0.2)  # fmt: skip
@@ -179,5 +167,3 @@ async def test_a_rack_over_its_quota_for_long_cannot_fill_the_stream_for_the_oth
             assert _rows(db, rack) == (sent[rack] * LINES, sent[rack] * LINES), f"{rack}: rows lost or doubled"
     finally:
         await ingest.stop()
-        await nc.close()
-        await snake.stop()

@@ -19,14 +19,10 @@ import json
 import threading
 import time
 
-import nats
 import pytest
-from fluxrig_mixer.app import ensure_streams
-from fluxrig_mixer.config import load_config
 from fluxrig_mixer.ingest import CONSUMER, TelemetryIngest
 from fluxrig_mixer.registry import Database
-from fluxrig_mixer.snake import SnakeSupervisor
-from mixer_fixtures import wait_for
+from mixer_fixtures import snake_streams, wait_for
 
 from fluxrig.wire import subjects as S
 from fluxrig.wire.telemetry import SRC_HEADER
@@ -55,16 +51,8 @@ class Gate:
 
 @pytest.fixture
 async def bus(tmp_path):
-    snake = SnakeSupervisor(state_dir=str(tmp_path / "snake"), host="127.0.0.1", port=0)
-    await snake.start([])
-    nc = await nats.connect(snake.url, **snake.client_options())
-    try:
-        js = nc.jetstream()
-        await ensure_streams(js, load_config(None, environ={}).snake)
+    async with snake_streams(tmp_path) as (_snake, js):
         yield js
-    finally:
-        await nc.close()
-        await snake.stop()
 
 
 async def _publish(js, first_id: int) -> list[int]:
