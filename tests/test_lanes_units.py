@@ -24,6 +24,7 @@ from fluxrig.runtime.bus import MemoryBus, dedup_id
 from fluxrig.runtime.states import GearState
 from fluxrig.scenario import parse_scenario
 from fluxrig.wal import AsyncWal
+from fluxrig.wal.record import RecordSizeError
 from fluxrig.wire.batch import encode_lane_batch
 
 DOC = """
@@ -207,6 +208,62 @@ async def until(pred, timeout=10.0, what="condition"):
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.005)
+
+
+async def _offline_edge(tmp_path, **wal_options):
+    """An edge bus whose lane WAL commits with fsync `always` and whose Snake never answers."""
+    session = FakeSession(FakeJetStream(), "edge")
+    session.drop()
+    wal = await AsyncWal.open(str(tmp_path / "lanes"), fsync="always", **wal_options)
+    bus = JetStreamBus(session, wal, send_timeout=0.2)
+    bus.start()
+    return bus, wal
+
+
+async def _read_back(wal) -> list[bytes]:
+    return [FluxMsg.from_cbor(cbor2.loads(r.payload)[2]).raw for r in await wal.read_from(1, 10_000)]
+
+
+async def test_a_batch_put_is_made_durable_in_one_commit_and_in_order(tmp_path):
+    """put_many (the frames of one TCP read) stages every record before awaiting any: one
+    fsync for the batch, where one put per message waits one commit each."""
+    bus, wal = await _offline_edge(tmp_path)
+    out = bus.outbound(SUBJECT)
+    try:
+        before = wal.wal.metrics()["commits"]
+        batch = msgs(64)
+        await out.put_many(batch)
+        batched = wal.wal.metrics()["commits"] - before
+        before = wal.wal.metrics()["commits"]
+        for m in msgs(64, start=65):
+            await out.put(m)
+        one_by_one = wal.wal.metrics()["commits"] - before
+        assert batched <= 2 < 60 <= one_by_one, (batched, one_by_one)
+        assert wal.committed_seq == 128 and bus.metrics()["appended"] == 128
+        assert await _read_back(wal) == [b"m%d" % i for i in range(1, 129)]
+    finally:
+        await bus.close()
+        await wal.close()
+
+
+async def test_a_record_the_wal_refuses_mid_batch_stops_the_batch_there(tmp_path):
+    """A record too big for the lane WAL in the middle of a batch: those before it are
+    durable, the error names the limit, nothing after it is written (as with one put each)."""
+    bus, wal = await _offline_edge(tmp_path, max_record_bytes=4096)
+    out = bus.outbound(SUBJECT)
+    batch = msgs(10)
+    batch[5] = FluxMsg(raw=b"x" * 8000)
+    batch[5].hop(b"g" * 16, b"p" * 16)
+    try:
+        with pytest.raises(RecordSizeError, match="4096"):
+            await out.put_many(batch)
+        assert await _read_back(wal) == [b"m%d" % i for i in range(1, 6)]
+        assert bus.metrics()["appended"] == 5
+        await out.put_many(msgs(3, start=7))  # the lane goes on
+        assert await _read_back(wal) == [b"m%d" % i for i in (1, 2, 3, 4, 5, 7, 8, 9)]
+    finally:
+        await bus.close()
+        await wal.close()
 
 
 @pytest.fixture

@@ -86,6 +86,11 @@ class IoTcpGear(TcpGearBase):
         if self._read:
             await self.emit("out", FluxMsg(raw=frame, meta=dict(conn.meta)))
 
+    async def on_frames(self, conn, frames: list[bytes]) -> None:
+        if self._read:
+            meta = conn.meta
+            await self.emit_many("out", [FluxMsg(raw=frame, meta=dict(meta)) for frame in frames])
+
     async def process(self, port: str, msg: FluxMsg) -> None:
         prev = self.predecessor_for(msg)
         if prev is not None:  # a connection the old version drains: written with its framing

@@ -141,6 +141,7 @@ class TcpGearBase(Gear):
             address=c["bind"] if c["mode"] == "server" else c["connect"],
             framer_factory=self.new_framer,
             on_frame=self.on_frame,
+            on_frames=self.on_frames,
             log=self.log,
             control=ctx.control,
             source_label=f"{self.SOURCE}_{c['mode']}" if self.SOURCE == "io_tcp" else self.SOURCE,
@@ -173,6 +174,10 @@ class TcpGearBase(Gear):
 
     async def on_frame(self, conn, frame: bytes) -> None:
         raise NotImplementedError  # each TCP gear turns frames into messages its own way
+
+    #: `async on_frames(conn, frames)`, for a gear that takes the frames of one read at once
+    #: (fluxrig.net.tcp); None: one on_frame per frame.
+    on_frames = None
 
     def framing_key(self) -> object:
         """What decides how bytes become frames: equal keys mean a connection's framer (and the

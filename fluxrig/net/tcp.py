@@ -6,7 +6,9 @@ to the gear's `on_frame(conn, frame)` coroutine, replies come back through `send
 Each connection owns one pump task. `data_received` only feeds the framer and queues
 frames; the pump awaits `on_frame` for each, so the whole pipeline's backpressure reaches
 the socket: past `INBOX_HIGH` queued frames the transport stops reading and the peer's TCP
-window closes. Replies written while the pump handles a batch are corked into one write at
+window closes. A gear that gives `on_frames(conn, frames)` gets what is queued in batches of up
+to `FRAME_BATCH_MAX` instead, in order: a guaranteed wire then makes a pipelining peer's frames
+durable in one WAL commit, not one commit per frame. Replies written while the pump handles a batch are corked into one write at
 the end of the batch (one syscall for many pipelined replies).
 
 Limits and timers: `max_connections` (excess connections closed at once and counted),
@@ -43,10 +45,13 @@ from ..wire import meta as M
 from ..wire.messages import LinkEvent
 from .addr import is_loopback
 
-__all__ = ["TcpEndpoint", "Connection", "parse_hostport", "INBOX_HIGH", "INBOX_LOW"]
+__all__ = ["TcpEndpoint", "Connection", "parse_hostport", "INBOX_HIGH", "INBOX_LOW", "FRAME_BATCH_MAX"]
 
 INBOX_HIGH = 2048  # queued frames per connection before reading pauses
 INBOX_LOW = 256  # ... and when it resumes
+#: Frames handed to a gear's on_frames at once: bounds what a kill or a reload between two
+#: batches still lets through, and the size of one WAL group commit per connection.
+FRAME_BATCH_MAX = 64
 MAX_BUFFERED_DEFAULT = 1000
 MAX_PER_IP_DEFAULT = 64  # connections one source address may hold on a server
 LOG_BURST_PER_CONN = 5  # log lines per connection per window ...
@@ -177,9 +182,14 @@ class Connection(asyncio.Protocol):
                     self._cork = cork = []
                     try:
                         while inbox:
-                            # self.ep read per frame: a reload may hand this connection to
-                            # the rebuilt gear's endpoint (TcpEndpoint.adopt) between two.
-                            await self.ep.on_frame(self, inbox.popleft())
+                            # self.ep read per frame (batch): a reload may hand this connection
+                            # to the rebuilt gear's endpoint (TcpEndpoint.adopt) between two.
+                            ep = self.ep
+                            if ep.on_frames is not None and len(inbox) > 1:
+                                n = min(len(inbox), FRAME_BATCH_MAX)
+                                await ep.on_frames(self, [inbox.popleft() for _ in range(n)])
+                            else:
+                                await ep.on_frame(self, inbox.popleft())
                     finally:
                         self._cork = None
                         if cork and not self.closed:
@@ -277,6 +287,7 @@ class TcpEndpoint:
         framer_factory: Callable[[], object],
         on_frame: Callable[[Connection, bytes], Awaitable[None]],
         log: logging.Logger,
+        on_frames: Callable[[Connection, list[bytes]], Awaitable[None]] | None = None,
         control=None,
         source_label: str = "io_tcp",
         max_connections: int = 4096,
@@ -298,6 +309,7 @@ class TcpEndpoint:
         self.host, self.port = parse_hostport(address, "0.0.0.0" if mode == "server" else "127.0.0.1")
         self.framer_factory = framer_factory
         self.on_frame = on_frame
+        self.on_frames = on_frames
         self.log = log
         self.control = control
         self.source_label = source_label

@@ -54,7 +54,7 @@ def dedup_id(msg: FluxMsg, subject: str) -> str:
 class OutboundTarget:
     """Base of every bus's outbound target: the lane-like surface the runtime drives (start,
     depth, join, close) is empty because a message handed to `put` has already left the Rack's
-    hands; subclasses implement `put`."""
+    hands; subclasses implement `put` (and `put_many` when a batch can be made safe at once)."""
 
     gear = None
 
@@ -65,6 +65,10 @@ class OutboundTarget:
 
     def start(self) -> None:
         return None
+
+    async def put_many(self, msgs: list[FluxMsg]) -> None:
+        for msg in msgs:
+            await self.put(msg)
 
     def depth(self) -> int:
         return 0

@@ -65,6 +65,11 @@ class DirectTarget:
     async def put(self, msg: FluxMsg) -> None:
         await deliver(self.gear, self.port, msg)
 
+    async def put_many(self, msgs: list[FluxMsg]) -> None:
+        gear, port = self.gear, self.port
+        for msg in msgs:
+            await deliver(gear, port, msg)
+
     def depth(self) -> int:
         return 0
 
@@ -113,6 +118,10 @@ class Lane:
         depth = q.qsize()
         if depth > self.max_depth:
             self.max_depth = depth
+
+    async def put_many(self, msgs: list[FluxMsg]) -> None:
+        for msg in msgs:
+            await self.put(msg)
 
     async def _consume(self) -> None:
         q = self.queue
