@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 
-from .iso8583.masking import mask_card_numbers
+from .iso8583.masking import mask_card_numbers, mask_log_message
 from .wire.vocab import TRACE_LEVEL, LogLevel
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "LogLimiter",
     "MaskingLogRecord",
     "install_masking",
+    "safe_message",
 ]
 
 TRACE = TRACE_LEVEL
@@ -39,10 +40,19 @@ logging.addLevelName(TRACE, "TRACE")
 
 
 class MaskingLogRecord(logging.LogRecord):
-    """A LogRecord whose message never carries a card number in clear."""
+    """A LogRecord whose message never carries a card number in clear (its LogSafe arguments,
+    masked where they were built, are left as they are: mask_log_message)."""
 
     def getMessage(self) -> str:
-        return mask_card_numbers(super().getMessage())
+        return mask_log_message(self.msg, self.args)
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """The message of any record, card numbers masked: ours mask themselves; a record of
+    another library's class is masked whole (its getMessage may be its own)."""
+    if type(record) is MaskingLogRecord or type(record) is logging.LogRecord:
+        return mask_log_message(record.msg, record.args)
+    return mask_card_numbers(record.getMessage())
 
 
 def install_masking() -> None:
@@ -122,7 +132,7 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": mask_card_numbers(record.getMessage()),  # a record not of our factory too
+            "msg": safe_message(record),  # a record not of our factory too
         }
         if record.exc_info:
             doc["exc"] = mask_card_numbers(self.formatException(record.exc_info))
@@ -132,11 +142,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class MaskingFormatter(logging.Formatter):
-    """Text lines with card numbers masked in the whole line: the message (also of a record
-    another library's factory made, not a MaskingLogRecord), the traceback and the stack."""
+    """Text lines with card numbers masked: the message (safe_message: also of a record another
+    library's factory made), the traceback and the stack. The line's other fields are the
+    formatter's own (time, level, logger name)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_card_numbers(super().format(record))
+        record.message = safe_message(record)
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        s = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            s = s + "\n" + mask_card_numbers(record.exc_text)
+        if record.stack_info:
+            s = s + "\n" + mask_card_numbers(self.formatStack(record.stack_info))
+        return s
 
 
 def setup_logging(

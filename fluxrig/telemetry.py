@@ -26,6 +26,7 @@ import time
 from .aiotools import cancel_and_wait
 from .ids import uuid7
 from .iso8583.masking import mask_card_numbers
+from .logs import safe_message
 from .wire.telemetry import SEVERITY
 from .wire.vocab import TelemetryKind
 
@@ -58,7 +59,7 @@ class WalLogHandler(logging.Handler):
                 "severity_text": record.levelname,
                 # masked here too: a LogRecord subclass of another library's making is not a
                 # MaskingLogRecord (fluxrig.logs), and this line leaves the Rack
-                "body": mask_card_numbers(record.getMessage()),
+                "body": safe_message(record),
                 "attrs": {"logger": record.name},
                 "trace_id": "",
                 "span_id": "",

@@ -116,6 +116,27 @@ def test_formatters_mask_a_record_of_another_factory_and_its_stack():
         assert not leaks(fmt.format(rec)), fmt
 
 
+def test_a_sink_line_keeps_its_nanosecond_ts_even_when_it_passes_luhn(tmp_path):
+    """A sink's line is log_view, masked field by field where it was built: the line's
+    masking (stderr, JSON, the telemetry WAL) leaves it alone, so a 19-digit `ts` that passes
+    Luhn (1 in 10 of them) is not starred out; a PAN in the rest of the line still is."""
+    from fluxrig.gears.sink import message_json
+    from fluxrig.iso8583.masking import luhn_valid
+    from fluxrig.logs import safe_message
+
+    msg = FluxMsg(raw=b"hello", meta={"note": f"card {PAN}"})
+    msg.ts = next(t for t in range(1796400000123456789, 1796400000123456999) if luhn_valid(str(t)))
+    assert mask_card_numbers(str(msg.ts)) != str(msg.ts)  # the digit rule alone would mask it
+    line = message_json(msg)
+    assert str(msg.ts) in line and not leaks(line)
+    rec = logging.getLogger("fluxrig.gear.tap").makeRecord(
+        "fluxrig.gear.tap", logging.INFO, __file__, 1, "%s: %s by %s", ("tap", line, PAN), None
+    )
+    for text in (rec.getMessage(), safe_message(rec), MaskingFormatter("%(message)s").format(rec)):
+        assert str(msg.ts) in text and not leaks(text), text
+    assert str(msg.ts) in json.loads(JsonFormatter().format(rec))["msg"]
+
+
 SCENARIO = """
 meta: {{name: pan, version: "1"}}
 racks: [{{name: edge}}]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..iso8583.masking import LogSafe
 from ..msg import FluxMsg
 from ..redact import log_view
 from ..runtime.gear import Gear, Manifest
@@ -41,9 +42,10 @@ SCHEMA = {
 }
 
 
-def message_json(msg: FluxMsg) -> str:
-    """One message as a JSON line (no newline), sensitive values masked (see fluxrig.redact)."""
-    return json.dumps(log_view(msg), separators=(",", ":"))
+def message_json(msg: FluxMsg) -> LogSafe:
+    """One message as a JSON line (no newline), sensitive values masked (see fluxrig.redact);
+    LogSafe: a log line does not mask it again (its nanosecond `ts` is not a card number)."""
+    return LogSafe(json.dumps(log_view(msg), separators=(",", ":")))
 
 
 @register
