@@ -91,6 +91,29 @@ def test_checkpoint_keeps_each_open_saga_owe_and_last_try_so_it_folds_to_the_sam
     assert {k: (s.attempts, s.age_base) for k, s in after.sagas.items()} == {"s1": (2, 3.0), "s3": (0, 0.0)}
 
 
+def test_a_checkpoint_too_big_for_one_message_is_cut_in_parts_that_replay_to_the_same_state():
+    pairs = [(i, _owe(i)) for i in range(1, 41)]
+    parts = W.split_events(pairs, 512, "rack-a-1")
+    assert len(parts) > 3 and [p for part in parts for p in part] == pairs
+    for i, part in enumerate(parts):
+        assert len(W.encode(W.KIND_CHECKPOINT_PART, part, ref="rack-a-1", index=i)) <= 512
+    assert W.split_events([(1, {"big": "x" * 2000})], 512, "r") is None  # one event alone too big
+    ref = (W.KIND_CHECKPOINT_REF, {"ref": "rack-a-1", "slot": 1, "parts": len(parts)})
+    msgs = _msgs((W.KIND_EVENTS, [(0, _owe(0))]), ref, (W.KIND_EVENTS, [(50, _owe(50))]))
+    r = W.replay(msgs)  # the parts not read yet: the reader is told which
+    assert r.missing is not None and (r.missing.ref, r.missing.slot, r.missing.parts) == ("rack-a-1", 1, len(parts))
+    assert [s for s, _ in r.events] == [50]
+    r = W.replay(msgs, {"rack-a-1": [p for part in parts for p in part]})
+    assert r.missing is None and [s for s, _ in r.events] == [*range(1, 41), 50] and r.top_seq == 50
+    # a later plain checkpoint needs no parts
+    r = W.replay(msgs + _msgs((W.KIND_CHECKPOINT, [(51, _owe(51))])))
+    assert r.missing is None and [s for s, _ in r.events] == [51]
+    with pytest.raises(W.MirrorMessageError, match="slot' 0 or 1"):
+        W.decode(W.encode(W.KIND_CHECKPOINT_REF, ref="r", slot=2, parts=1))
+    with pytest.raises(W.MirrorMessageError, match="needs 'ref'"):
+        W.decode(W.encode(W.KIND_CHECKPOINT_PART, [], index=0))
+
+
 def test_lease_expires_a_subject_that_stands_still_on_the_watchers_clock():
     lease = W.Lease(lease_s=10)
     lease.observe("a", 5, now=100.0)
@@ -107,8 +130,9 @@ class Member:
     """One member's conductor sagas: a real journal, Reversals, and its mirror on the bus.
     `emit` collects what it would send to its issuer leg `out_iss` (the leg is down at first)."""
 
-    def __init__(self, name: str, tmp, key_file: str, nc, lease_s: float = 2.0):
+    def __init__(self, name: str, tmp, key_file: str, nc, lease_s: float = 2.0, **mirror_kw):
         self.name, self.dir, self.key_file, self.nc, self.lease_s = name, str(tmp / name), key_file, nc, lease_s
+        self.mirror_kw = mirror_kw
         self.sent: list[FluxMsg] = []
         self.up = False
         self.rev: Reversals | None = None
@@ -129,7 +153,7 @@ class Member:
         self.mirror = SagaMirror(JsSafBus(lambda: js, S.saf_stream(GROUP)), GROUP, GEAR, self.name, store.seal,
                                  lambda sagas, _tickets, owner: self.rev.adopt(sagas, owner), self.rev.hand_over,
                                  self.rev.open_state, lease_s=self.lease_s,
-                                 beat_s=0.5, check_s=0.3, checkpoint_messages=20)  # fmt: skip
+                                 beat_s=0.5, check_s=0.3, checkpoint_messages=20, **self.mirror_kw)  # fmt: skip
         store.mirror = self.mirror
         self.mirror.start()
         assert await self.mirror.reconciled(10.0)
@@ -372,3 +396,36 @@ async def test_a_reload_that_stops_sharing_tickets_takes_the_open_ones_off_the_s
     assert await tickets_on_subject() == {}
     await mirror.stop()
     await rev.stop()
+
+
+@pytest.mark.mixer
+@pytest.mark.timeout(120)
+async def test_a_checkpoint_in_parts_keeps_the_subject_compact_and_a_claim_reads_every_saga(snake, tmp_path):
+    """Thousands of owed reversals (an issuer down for a while) made a checkpoint above the
+    message size, which was then never published: the subject grew with every event until
+    the group's stream was full. Scaled down (2 KiB messages, 30 sagas): the checkpoint goes
+    in parts, the subject stays compact, a survivor claims all 30 from the parts; an owner
+    killed while writing the next checkpoint's parts (the other slot) leaves the last one
+    whole."""
+    key = _key(tmp_path)
+    a = Member("rack-a", tmp_path, key, snake, max_message_bytes=2048)
+    b = Member("rack-b", tmp_path, key, snake, max_message_bytes=2048)
+    await a.start()
+    await b.start()
+    await a.owe(30)
+    await _wait(lambda: a.mirror.stats["checkpoints"] >= 2, 30, "two checkpoints in parts")
+    assert a.mirror.stats["checkpoint_parts"] >= 2 * 2  # each one more than one part
+    assert min(a.mirror._slot_parts) > 0  # the two slots took turns
+    js = snake.jetstream()
+    subject = S.saf_subject(GROUP, GEAR, "rack-a")
+    info = await js.stream_info(S.saf_stream(GROUP), subjects_filter=subject)
+    assert sum((info.state.subjects or {}).values()) < 20  # rolled up, not every event and beat since
+    # a's next checkpoint, half written when it dies: a part of another ref in the slot not in use
+    slot = 1 - a.mirror._cp_slot
+    await js.publish(S.saf_checkpoint_part(subject, slot, 0), W.encode(W.KIND_CHECKPOINT_PART, [], ref="x", index=0),
+                     headers={"Nats-Rollup": "sub"})  # fmt: skip
+    await a.die()
+    await _wait(lambda: b.rev.stats["adopted"] == 30, 30, "rack-b adopting all 30 from the parts")
+    assert b.mirror.stats["claims"] == 1 and b.mirror.stats["claims_refused"] == 0
+    assert {s.fields["2"] for s in b.rev.open_sagas()} == {PAN}
+    await b.stop()

@@ -14,8 +14,12 @@ With nothing to publish the owner beats every BEAT_S (its lease). Every CHECKPOI
 messages or CHECKPOINT_S with news it publishes a checkpoint with `Nats-Rollup: sub`: the
 subject then holds its open sagas and nothing older, so a claim reads little. The checkpoint is
 the fold of what this task published (not the conductor's memory), so it never drops a saga
-it already shared. A checkpoint above MAX_MESSAGE_BYTES (thousands of open sagas) is not
-published (WARNING): the subject keeps its history and a claim reads longer.
+it already shared. A checkpoint above MAX_MESSAGE_BYTES (thousands of open sagas: an issuer
+down for a while) goes in parts on the subject's two part slots (mirror_wire `cpref`): the
+parts of the new one first, each rolled up on its own subject, in the slot the current
+checkpoint does not use, then the `cpref` naming them with the subject's rollup; so the
+subject stays compact whatever is owed, and a claimer reads the parts the last `cpref` names.
+Only past MAX_CHECKPOINT_PARTS is it not published (WARNING): the subject keeps its history.
 
 Claimer side. Every CHECK_S it lists the gear's subjects in the group's stream and watches the
 other members' last seqs (mirror_wire.Lease, monotonic clock). A subject that stood still
@@ -161,7 +165,8 @@ class SagaMirror:
     def __init__(self, bus, group: str, gear: str, rack: str, seal, adopt, hand_over, state, *,
                  owe_wait: float = DEFAULT_OWE_WAIT_S, lease_s: float = W.LEASE_S, beat_s: float = W.BEAT_S,
                  check_s: float = W.CHECK_S, checkpoint_messages: int = CHECKPOINT_MESSAGES,
-                 checkpoint_s: float = CHECKPOINT_S, share_tickets: bool = False):  # fmt: skip
+                 checkpoint_s: float = CHECKPOINT_S, share_tickets: bool = False,
+                 max_message_bytes: int = W.MAX_MESSAGE_BYTES):  # fmt: skip
         from ..wire import subjects as S
 
         self.bus = bus
@@ -174,6 +179,9 @@ class SagaMirror:
         self.share_tickets = share_tickets
         self.checkpoint_messages, self.checkpoint_s = checkpoint_messages, checkpoint_s
         self.lease = W.Lease(lease_s)
+        self.max_message_bytes = max_message_bytes
+        self._cp_slot = 1  # the part slot of the last cpref (the next one writes the other)
+        self._slot_parts = [0, 0]  # parts written in each slot this run (stale ones are blanked)
         self._buffer: list[tuple[int, dict, list]] = []  # (seq, sealed event, waiters)
         self._wake = asyncio.Event()
         self._published: list[tuple[int, dict]] = []  # what the subject holds from us since the checkpoint
@@ -189,7 +197,7 @@ class SagaMirror:
         self._reconciled = asyncio.Event()
         self.stats = dict.fromkeys(("published", "events", "beats", "checkpoints", "late", "errors", "claims",
                                     "adopted", "handed_over", "claims_lost", "claims_refused", "skipped", "unshared",
-                                    "tickets_claimed"), 0)  # fmt: skip
+                                    "tickets_claimed", "checkpoint_parts"), 0)  # fmt: skip
         self.last_error = ""
 
     # -- the store's side ----------------------------------------------------------------------
@@ -342,7 +350,7 @@ class SagaMirror:
         batch, size = [], 0
         for seq, ev, waiters in self._buffer:
             n = len(W.encode(W.KIND_EVENTS, [(seq, ev)]))
-            if batch and size + n > W.MAX_MESSAGE_BYTES:
+            if batch and size + n > self.max_message_bytes:
                 break
             batch.append((seq, ev, waiters))
             size += n
@@ -368,26 +376,76 @@ class SagaMirror:
         pairs = W.checkpoint_events(folded.sagas.values(), folded.tickets if self.share_tickets else {})
         payload = W.encode(W.KIND_CHECKPOINT, pairs)
         self._cp_at = now
-        if len(payload) > W.MAX_MESSAGE_BYTES:
-            if not self._cp_too_big_warned:
-                log.warning("%s: saga mirror checkpoint of %d open reversals is %d bytes (limit %d): not "
-                            "published; %s keeps its history and a claim reads it all", self.gear,
-                            len(folded.sagas), len(payload), W.MAX_MESSAGE_BYTES, self.subject)  # fmt: skip
-                self._cp_too_big_warned = True
-            self._published = pairs  # folds to the same state: memory stays bounded by what is open
-            self._since_cp = self._since_cp_bytes = 0
-            self._cp_bytes = len(payload)
-            return
+        if len(payload) > self.max_message_bytes:
+            ref = f"{self.rack}-{time.time_ns()}"
+            parts = W.split_events(pairs, self.max_message_bytes, ref)
+            if parts is None:
+                if not self._cp_too_big_warned:
+                    log.warning("%s: saga mirror checkpoint of %d open reversals is %d bytes (more than %d parts "
+                                "of %d): not published; %s keeps its history and a claim reads it all", self.gear,
+                                len(folded.sagas), len(payload), W.MAX_CHECKPOINT_PARTS, self.max_message_bytes,
+                                self.subject)  # fmt: skip
+                    self._cp_too_big_warned = True
+                self._published = pairs  # folds to the same state: memory stays bounded by what is open
+                self._since_cp = self._since_cp_bytes = 0
+                self._cp_bytes = len(payload)
+                return
+            await self._publish_parted(ref, parts)
+        else:
+            await self._publish(payload, f"cp-{time.time_ns()}", rollup=True)
         self._cp_too_big_warned = False
-        await self._publish(payload, f"cp-{time.time_ns()}", rollup=True)
         self._published = pairs
         self._since_cp = self._since_cp_bytes = 0
         self._cp_bytes = len(payload)
         self.stats["checkpoints"] += 1
 
+    async def _publish_parted(self, ref: str, parts: list) -> None:
+        """A checkpoint in parts (module docstring): the parts in the slot the current cpref
+        does not name, parts this run left there before blanked, then the cpref."""
+        from ..wire import subjects as S
+
+        slot = 1 - self._cp_slot
+        for i in range(max(len(parts), self._slot_parts[slot])):
+            chunk = parts[i] if i < len(parts) else []
+            await self.bus.publish(S.saf_checkpoint_part(self.subject, slot, i),
+                                   W.encode(W.KIND_CHECKPOINT_PART, chunk, ref=ref, index=i),
+                                   {H_ROLLUP: "sub", H_MSG_ID: f"{self.rack}.{self.gear}.cpp-{ref}-{i}"})  # fmt: skip
+        self._slot_parts[slot] = len(parts)
+        await self._publish(W.encode(W.KIND_CHECKPOINT_REF, ref=ref, slot=slot, parts=len(parts)), f"cpref-{ref}",
+                            rollup=True)  # fmt: skip
+        self._cp_slot = slot
+        self.stats["checkpoint_parts"] += len(parts)
+
+    async def _read_parts(self, subject: str, ref: W.MirrorMessage) -> list | None:
+        """The events of checkpoint `ref` of `subject` from its parts, or None when a part is
+        not there or not of that checkpoint."""
+        from ..wire import subjects as S
+
+        events: list = []
+        for i in range(ref.parts):
+            last = await self.bus.last(S.saf_checkpoint_part(subject, ref.slot, i))
+            if last is None:
+                return None
+            try:
+                part = W.decode(last[1], last[0])
+            except W.MirrorMessageError:
+                return None
+            if part.kind != W.KIND_CHECKPOINT_PART or part.ref != ref.ref or part.index != i:
+                return None
+            events.extend(part.events)
+        return events
+
     async def _reconcile(self) -> None:
         """Learn the subject's last seq; hand over what an adoption took (module docstring)."""
         deadline = asyncio.get_running_loop().time() + self.lease.lease_s
+        first = await self.bus.next(self.subject, 1)  # the last rollup: a cpref names the slot in use
+        if first is not None:
+            try:
+                m = W.decode(first[1], first[0])
+                if m.kind == W.KIND_CHECKPOINT_REF:
+                    self._cp_slot = m.slot
+            except W.MirrorMessageError:
+                pass
         while True:
             last = await self.bus.last(self.subject)
             if last is None:
@@ -474,7 +532,19 @@ class SagaMirror:
 
     async def _claim(self, subject: str) -> None:
         owner = subject.rsplit(".", 1)[-1]
-        replayed = W.replay(await self._read_all(subject))
+        messages = await self._read_all(subject)
+        replayed = W.replay(messages)
+        if replayed.missing is not None:
+            ref = replayed.missing
+            events = await self._read_parts(subject, ref)
+            if events is None:
+                self.stats["claims_refused"] += 1
+                log.error("%s: the checkpoint %s of silent member %s names %d parts in slot %d that are not all "
+                          "there: its owed reversals are NOT claimed (they stay in its own journal); retried "
+                          "after another lease", self.gear, ref.ref, owner, ref.parts, ref.slot)  # fmt: skip
+                self.lease.forget(subject)
+                return
+            replayed = W.replay(messages, {ref.ref: events})
         self.stats["skipped"] += replayed.skipped
         if replayed.settled:
             self._settled[subject] = replayed.last_seq

@@ -13,6 +13,15 @@ that sees a member's subject stand still for a lease reads it, folds it with the
                                           state now (each open saga's `owe` and last `try`);
                                           published with `Nats-Rollup: sub`, so the subject
                                           keeps it and what follows, nothing older
+    cpref    {"ref": id, "slot": 0|1, "parts": n}  a checkpoint too big for one message: its
+                                          events are in n `cpp` parts on the subjects
+                                          saf_checkpoint_part(subject, slot, i), each
+                                          published with a rollup of its own, before this
+                                          (with `Nats-Rollup: sub` too). The owner alternates
+                                          the slot, so the parts the current `cpref` names
+                                          stand while the next checkpoint's are written: an
+                                          owner killed in between leaves the old one whole
+    cpp      {"ref": id, "i": i, "ev": [...]}  part i of checkpoint `ref` (on a part subject)
     beat     {}                            the member is alive and has nothing new
     claim    {"by": rack, "upto": seq}     a survivor is taking the sagas journaled at or below
                                           `upto` (journal seq of the last event it folded)
@@ -26,7 +35,8 @@ its next publish that it was claimed (`ClaimedError` from the adapter) instead o
 claimer. `replay(messages)` is the reader's whole rule:
 
 * the state starts at the last checkpoint (or the subject's first message) and takes every
-  `ev` after it;
+  `ev` after it; a `cpref`'s events are its parts, which the reader fetches and hands to
+  `replay` (`Replayed.missing` names the `cpref` whose parts it still needs);
 * an `adopted` removes from it what its `upto` covers: those sagas belong to the claimer
   now, whatever the owner journals later; only newer ones are the owner's;
 * the subject is **settled** when its last message is `adopted` (nothing left to take) and
@@ -54,6 +64,10 @@ __all__ = [
     "KIND_BEAT",
     "KIND_CLAIM",
     "KIND_ADOPTED",
+    "KIND_CHECKPOINT_REF",
+    "KIND_CHECKPOINT_PART",
+    "MAX_CHECKPOINT_PARTS",
+    "split_events",
     "LEASE_S",
     "BEAT_S",
     "CHECK_S",
@@ -70,7 +84,10 @@ __all__ = [
 
 VERSION = 1
 KIND_EVENTS, KIND_CHECKPOINT, KIND_BEAT, KIND_CLAIM, KIND_ADOPTED = "ev", "cp", "beat", "claim", "adopted"
-KINDS = frozenset((KIND_EVENTS, KIND_CHECKPOINT, KIND_BEAT, KIND_CLAIM, KIND_ADOPTED))
+KIND_CHECKPOINT_REF, KIND_CHECKPOINT_PART = "cpref", "cpp"
+KINDS = frozenset((KIND_EVENTS, KIND_CHECKPOINT, KIND_BEAT, KIND_CLAIM, KIND_ADOPTED, KIND_CHECKPOINT_REF,
+                   KIND_CHECKPOINT_PART))  # fmt: skip
+_WITH_EVENTS = (KIND_EVENTS, KIND_CHECKPOINT, KIND_CHECKPOINT_PART)
 #: Silence after which a member's sagas may be claimed (its subject has not moved).
 LEASE_S = 15.0
 #: An owner with nothing to publish says so this often (well inside the lease).
@@ -79,6 +96,9 @@ BEAT_S = 3.0
 CHECK_S = 2.0
 #: Largest mirror message (NATS' default max_payload is 1 MiB; headers and slack below it).
 MAX_MESSAGE_BYTES = 900 * 1024
+#: Parts of one checkpoint at most (about 230 MB of open sagas at the default message size):
+#: past it the checkpoint is not published, the subject keeps its history (WARNING).
+MAX_CHECKPOINT_PARTS = 256
 
 
 class MirrorMessageError(FluxError):
@@ -91,22 +111,29 @@ class MirrorMessageError(FluxError):
 
 
 class MirrorMessage:
-    __slots__ = ("kind", "events", "by", "upto", "seq")
+    __slots__ = ("kind", "events", "by", "upto", "seq", "ref", "slot", "parts", "index")
 
-    def __init__(self, kind: str, events=(), by: str = "", upto: int = 0, seq: int = 0):
+    def __init__(self, kind: str, events=(), by: str = "", upto: int = 0, seq: int = 0, ref: str = "",
+                 slot: int = 0, parts: int = 0, index: int = 0):  # fmt: skip
         self.kind = kind
         self.events = list(events)
         self.by = by
         self.upto = upto
+        self.ref, self.slot, self.parts, self.index = ref, slot, parts, index
         self.seq = seq  # the stream seq it was read at (0 before it is stored)
 
 
-def encode(kind: str, events=(), by: str = "", upto: int = 0, sagas: int | None = None) -> bytes:
+def encode(kind: str, events=(), by: str = "", upto: int = 0, sagas: int | None = None, ref: str = "",
+           slot: int = 0, parts: int = 0, index: int = 0) -> bytes:  # fmt: skip
     if kind not in KINDS:
         raise ValueError(f"unknown mirror message kind {kind!r}")
     doc: dict = {"v": VERSION, "k": kind}
-    if kind in (KIND_EVENTS, KIND_CHECKPOINT):
+    if kind in _WITH_EVENTS:
         doc["ev"] = [[int(seq), ev] for seq, ev in events]
+    if kind == KIND_CHECKPOINT_REF:
+        doc["ref"], doc["slot"], doc["parts"] = ref, int(slot), int(parts)
+    if kind == KIND_CHECKPOINT_PART:
+        doc["ref"], doc["i"] = ref, int(index)
     if kind in (KIND_CLAIM, KIND_ADOPTED):
         doc["by"], doc["upto"] = by, int(upto)
         if sagas is not None:
@@ -126,7 +153,7 @@ def decode(payload: bytes, seq: int = 0) -> MirrorMessage:
         raise MirrorMessageError(f"mirror message at seq {seq}: not a version {VERSION} mirror message", seq)
     kind = doc["k"]
     events = []
-    if kind in (KIND_EVENTS, KIND_CHECKPOINT):
+    if kind in _WITH_EVENTS:
         raw = doc.get("ev")
         if not isinstance(raw, list):
             raise MirrorMessageError(f"mirror message at seq {seq}: key 'ev' is not a list", seq)
@@ -140,13 +167,28 @@ def decode(payload: bytes, seq: int = 0) -> MirrorMessage:
         by, upto = doc.get("by"), doc.get("upto")
         if not isinstance(by, str) or not by or not isinstance(upto, int) or upto < 0:
             raise MirrorMessageError(f"mirror message at seq {seq}: a {kind} needs 'by' and 'upto'", seq)
-    return MirrorMessage(kind, events, by, upto, seq)
+    ref, slot, parts, index = "", 0, 0, 0
+    if kind in (KIND_CHECKPOINT_REF, KIND_CHECKPOINT_PART):
+        ref = doc.get("ref")
+        if not isinstance(ref, str) or not ref:
+            raise MirrorMessageError(f"mirror message at seq {seq}: a {kind} needs 'ref'", seq)
+    if kind == KIND_CHECKPOINT_REF:
+        slot, parts = doc.get("slot"), doc.get("parts")
+        if slot not in (0, 1) or not isinstance(parts, int) or not 1 <= parts <= MAX_CHECKPOINT_PARTS:
+            raise MirrorMessageError(f"mirror message at seq {seq}: a cpref needs 'slot' 0 or 1 and 'parts' "
+                                     f"1..{MAX_CHECKPOINT_PARTS}", seq)  # fmt: skip
+    if kind == KIND_CHECKPOINT_PART:
+        index = doc.get("i")
+        if not isinstance(index, int) or not 0 <= index < MAX_CHECKPOINT_PARTS:
+            raise MirrorMessageError(f"mirror message at seq {seq}: a cpp needs 'i' 0..{MAX_CHECKPOINT_PARTS - 1}",
+                                     seq)  # fmt: skip
+    return MirrorMessage(kind, events, by, upto, seq, ref, slot, parts, index)
 
 
 class Replayed:
     """What a mirror subject says (see `replay`)."""
 
-    __slots__ = ("events", "last_kind", "last_seq", "claimed_upto", "claimed_by", "top_seq", "skipped")
+    __slots__ = ("events", "last_kind", "last_seq", "claimed_upto", "claimed_by", "top_seq", "skipped", "missing")
 
     def __init__(self):
         self.events: list[tuple[int, dict]] = []  # the owner's, in journal order, to fold
@@ -156,17 +198,20 @@ class Replayed:
         self.claimed_by = ""
         self.top_seq = 0  # the highest journal seq seen
         self.skipped = 0  # undecodable messages
+        self.missing: MirrorMessage | None = None  # the cpref the state starts at, its parts not given
 
     @property
     def settled(self) -> bool:
         return self.last_kind == KIND_ADOPTED
 
 
-def replay(messages) -> Replayed:
+def replay(messages, parts: dict[str, list] | None = None) -> Replayed:
     """Fold `messages` (MirrorMessage or MirrorMessageError, in stream order). Only an
     `adopted` cuts: a `claim` without one is a claimer at work (the subject just moved, so
     the lease starts again) or one that died before adopting (the lease runs out, and the
-    next survivor takes the same sagas)."""
+    next survivor takes the same sagas). `parts`: {cpref ref: its events, in order}, read from
+    the part subjects; when the state starts at a cpref not in it, `missing` names it and
+    the events are not complete (replay again with its parts)."""
     out = Replayed()
     events: list[tuple[int, dict]] = []
     for m in messages:
@@ -175,7 +220,14 @@ def replay(messages) -> Replayed:
             out.last_seq = max(out.last_seq, m.seq or 0)
             continue
         out.last_seq, out.last_kind = m.seq, m.kind
-        if m.kind == KIND_CHECKPOINT:
+        if m.kind == KIND_CHECKPOINT_REF:
+            got = (parts or {}).get(m.ref)
+            out.missing = m if got is None else None
+            events = [p for p in got or () if p[0] > out.claimed_upto]
+            for seq, _ in got or ():
+                out.top_seq = max(out.top_seq, seq)
+        elif m.kind == KIND_CHECKPOINT:
+            out.missing = None
             events = [p for p in m.events if p[0] > out.claimed_upto]
         elif m.kind == KIND_EVENTS:
             events.extend(p for p in m.events if p[0] > out.claimed_upto)
@@ -186,6 +238,29 @@ def replay(messages) -> Replayed:
             out.top_seq = max(out.top_seq, seq)
     out.events = events
     return out
+
+
+def split_events(pairs: list[tuple[int, dict]], max_bytes: int, ref: str) -> list[list[tuple[int, dict]]] | None:
+    """`pairs` cut, in order, into the parts of checkpoint `ref`, each encoding as a `cpp` of at
+    most `max_bytes`; None when one pair alone is larger or more than MAX_CHECKPOINT_PARTS
+    would be needed (the checkpoint is then not published)."""
+    # + the CBOR length of the list, which grows with its count (at most 9 bytes)
+    overhead = len(encode(KIND_CHECKPOINT_PART, [], ref=ref, index=MAX_CHECKPOINT_PARTS - 1)) + 8
+    out: list[list[tuple[int, dict]]] = []
+    chunk: list[tuple[int, dict]] = []
+    size = overhead
+    for pair in pairs:
+        n = len(cbor2.dumps([int(pair[0]), pair[1]]))
+        if overhead + n > max_bytes:
+            return None
+        if chunk and size + n > max_bytes:
+            out.append(chunk)
+            chunk, size = [], overhead
+        chunk.append(pair)
+        size += n
+    if chunk or not out:
+        out.append(chunk)
+    return out if len(out) <= MAX_CHECKPOINT_PARTS else None
 
 
 def checkpoint_events(sagas, tickets: dict[int, dict]) -> list[tuple[int, dict]]:

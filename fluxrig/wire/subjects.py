@@ -59,6 +59,7 @@ __all__ = [
     "group_relay_all",
     "saf_stream",
     "saf_subject",
+    "saf_checkpoint_part",
     "saf_subjects",
     "saf_member_api",
     "enroll_inbox_all",
@@ -222,6 +223,13 @@ def saf_subject(group: str, gear: str, rack: str) -> str:
     """The mirror of one member's saga journal for one conductor gear (its events, its lease
     beats, and the claim a survivor writes on it: fluxrig.saga.mirror_wire)."""
     return f"flux.saf.{check_rack_name(group)}.{gear}.{check_rack_name(rack)}"
+
+
+def saf_checkpoint_part(subject: str, slot: int, index: int) -> str:
+    """Where part `index` of a checkpoint too big for one message lies, beside the mirror
+    `subject` (fluxrig.saga.mirror_wire: two slots, so the parts the last checkpoint names
+    stand while the next one is written). Not matched by saf_subjects(group, gear)."""
+    return f"{subject}.cp{int(slot)}.{int(index)}"
 
 
 def saf_subjects(group: str, gear: str | None = None) -> str:
