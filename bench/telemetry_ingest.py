@@ -263,7 +263,7 @@ async def run_clickhouse(args) -> dict:
         settings = ClickHouseSettings(
             port=server.port, user=USER, password=server.password, database="bench", batch_max_rows=args.block
         )
-        store = ClickHouseStore(settings, spool_dir=tmp)
+        store = ClickHouseStore(settings)  # the spool where the Mixer keeps it (/dev/shm)
         ingest = TelemetryIngest(store, batch_max_messages=args.fetch, batch_max_bytes=args.write_bytes)
         start = time.perf_counter()
         await ingest.start(js)

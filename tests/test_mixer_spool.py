@@ -50,3 +50,34 @@ def test_parts_share_one_file_and_keep_their_own_rack_base_and_receive_time(tmp_
         ("r4", 1, NOW),
     ]
     assert PART_TAG.startswith("_fluxrig_part_") and len(PART_TAG) > len("_fluxrig_part_") + 8
+
+
+def test_parts_past_own_file_bytes_get_a_file_of_their_own_and_read_back_the_same(tmp_path):
+    """A large part skips the tagging rewrite (Spool.own_file_bytes); small ones still share the
+    tagged file, a part with a line not starting with "{" still gets its own; every row reads
+    back as with tagging only (the default, 0)."""
+    parts = [
+        _part("big", range(400)),
+        _part("s1", range(3), base=1 << 40),
+        _part("s2", range(2), lead=" "),
+        _part("s3", range(2)),
+    ]
+    big = len(parts[0].data)
+    results = []
+    for own in (0, big):
+        spool = Spool(str(tmp_path), own_file_bytes=own)
+        try:
+            by_kind = spool.write(parts)
+            files = by_kind["logs"]
+            tags = [t is None for _p, _part, t in files]
+            _names, select = select_parts("logs", files, Clamp())
+            rows = (
+                duckdb.connect().execute(f"SELECT rack, id, recv_ts, body FROM ({select}) ORDER BY rack, id").fetchall()
+            )
+            spool.remove(by_kind)
+        finally:
+            spool.close()
+        results.append((tags, len({p for p, _part, _t in files}), rows))
+    assert results[0][:2] == ([False, False, True, False], 2)
+    assert results[1][:2] == ([True, False, True, False], 3)  # big's own file, s2's own, s1+s3 shared
+    assert results[0][2] == results[1][2] and len(results[1][2]) == 407

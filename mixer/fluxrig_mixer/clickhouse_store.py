@@ -37,7 +37,8 @@ Mixer ingest per database: two Mixers numbering WALs into one database would nee
 allocator (the Institutional cluster's KV), which is not built here.
 
 Batching: the ingest gathers a fetch until `batch_max_rows` (100,000) or `flush_interval`
-(1 s), and each write is one INSERT per table with rows, never a row at a time.
+(1 s) (the tail of a backlog drain at once, ingest.DRAIN_MIN_ROWS), and each write is one
+INSERT per table with rows, never a row at a time.
 
 Parsing and encoding: the NDJSON is parsed by an in-memory DuckDB (its C++ JSON reader, the
 same SELECT as the DuckDB store, clamp included) into numpy columns, which clickhouse_native
@@ -103,6 +104,10 @@ __all__ = [
 
 log = logging.getLogger("fluxrig.mixer.clickhouse")
 
+# A fetched part this large is spooled as a file of its own instead of tagged line by line into
+# the fetch's combined file (duckdb_store.Spool: the rewrite costs more than DuckDB's per-file
+# overhead past a few hundred lines).
+SPOOL_OWN_FILE_BYTES = 64 * 1024
 # v1 wrote through staging tables decoded by materialized views; v2 inserts Native blocks.
 SCHEMA_VERSION = 2
 
@@ -244,7 +249,7 @@ class ClickHouseStore:
         self._lock = threading.Lock()
         self._parse_lock = threading.Lock()
         self._duck = duckdb.connect()  # in-memory: parses NDJSON into typed columns
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(spool_dir, own_file_bytes=SPOOL_OWN_FILE_BYTES)
         self._t = {k: f"{settings.database}.{settings.prefix}{k}" for k in (*STAGE_COLUMNS, "sources", "schema")}
         try:
             self.server_version = self._client().execute("SELECT version()")[0][0]
