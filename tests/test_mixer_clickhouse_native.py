@@ -16,6 +16,7 @@ from fluxrig_mixer.clickhouse_native import (
     columns_sql,
     encode_fixed,
     encode_strings,
+    finish_strings,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,6 +57,23 @@ def test_strings_encode_like_the_reference(values):
 def test_strings_encode_like_the_reference_for_any_bytes(values):
     lengths = np.array([len(v) for v in values], dtype=np.int64)
     assert encode_strings(b"".join(values), lengths) == _reference(values)
+
+
+def _prefixed_short(values: list[bytes]) -> bytes:
+    """What columns_sql hands over: a one-byte length before each string under 128 bytes."""
+    return b"".join((bytes([len(v)]) + v) if len(v) < 128 else v for v in values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=140), st.binary(min_size=16380, max_size=16390)), max_size=12))
+def test_strings_prefixed_by_duckdb_below_128_bytes_finish_like_the_reference(values):
+    lengths = np.array([len(v) for v in values], dtype=np.int64)
+    assert finish_strings(_prefixed_short(values), lengths) == _reference(values)
+
+
+def test_finish_strings_refuses_data_that_does_not_match_its_lengths():
+    with pytest.raises(ValueError, match="add up"):
+        finish_strings(b"\x03abc", np.array([2], dtype=np.int64))
 
 
 def test_lengths_that_do_not_add_up_are_refused():
