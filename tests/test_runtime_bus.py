@@ -60,7 +60,8 @@ def test_dedup_id_names_message_hops_and_subject():
 
 
 class _BatchCountingBus(MemoryBus):
-    """The in-memory bus, noting the size of every batch an outbound target is handed."""
+    """The in-memory bus whose outbound targets batch (as the lane's do), noting the size of
+    every batch one is handed."""
 
     def __init__(self):
         super().__init__()
@@ -75,6 +76,7 @@ class _BatchCountingBus(MemoryBus):
             await inner(msgs)
 
         target.put_many = put_many
+        target.batches = True
         return target
 
 

@@ -48,6 +48,8 @@ class _Outbound(OutboundTarget):
     """The target for one subject: `put` appends to the lane WAL and returns when durable
     (durable in the lane WAL counts as delivered for a drain: the pump ships it later)."""
 
+    batches = True  # put_many: one lane-WAL commit for the batch
+
     async def put(self, msg: FluxMsg) -> None:
         await self.bus.append(self.subject, msg)
 

@@ -87,9 +87,14 @@ class IoTcpGear(TcpGearBase):
             await self.emit("out", FluxMsg(raw=frame, meta=dict(conn.meta)))
 
     async def on_frames(self, conn, frames: list[bytes]) -> None:
-        if self._read:
-            meta = conn.meta
+        if not self._read:
+            return
+        meta = conn.meta
+        if self.batches_on("out"):
             await self.emit_many("out", [FluxMsg(raw=frame, meta=dict(meta)) for frame in frames])
+            return
+        for frame in frames:
+            await self.emit("out", FluxMsg(raw=frame, meta=dict(meta)))
 
     async def process(self, port: str, msg: FluxMsg) -> None:
         prev = self.predecessor_for(msg)

@@ -57,6 +57,7 @@ class OutboundTarget:
     hands; subclasses implement `put` (and `put_many` when a batch can be made safe at once)."""
 
     gear = None
+    batches = False  # a subclass whose put_many makes a batch safe at once says True
 
     def __init__(self, bus, subject: str):
         self.bus = bus

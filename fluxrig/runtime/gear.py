@@ -76,9 +76,12 @@ class HotTarget(Conduit, Protocol):
 
     async def put(self, msg: FluxMsg) -> None: ...
 
+    #: True when put_many does better than a put per message (a bus outbound makes a batch
+    #: durable in one WAL commit): senders with several messages at once batch only then.
+    batches: bool
+
     async def put_many(self, msgs: list[FluxMsg]) -> None:
-        """`put` each of `msgs` in order; returns when all are taken. A bus outbound makes
-        them durable together (one WAL commit for the batch instead of one per message)."""
+        """`put` each of `msgs` in order; returns when all are taken."""
         ...
 
 
@@ -262,6 +265,12 @@ class Gear:
             raise GearError("no_port", f"gear {self.name} has no output port {port!r}")
         await out.send(msg)
 
+    def batches_on(self, port: str) -> bool:
+        """True when output `port` takes a batch better than one message at a time (one
+        target, which batches: a guaranteed wire): then `emit_many` is worth building a list."""
+        out = self.outputs.get(port)
+        return out is not None and len(out.targets) == 1 and out.targets[0].batches
+
     async def emit_many(self, port: str, msgs: list[FluxMsg]) -> None:
         """Send `msgs` in order on output `port`, as `emit` each would, returning when all are
         taken: a gear that has several messages at once (the frames of one TCP read) lets a
@@ -346,9 +355,9 @@ class OutPort:
 
     async def send_many(self, msgs: list[FluxMsg]) -> None:
         """`send` each of `msgs`, in order. With one target the batch goes to its `put_many`;
-        a fan-out sends one message at a time, as `send` does (each copy in target order)."""
+        a fan-out, or a target that does not batch, gets one message at a time, as `send`."""
         targets = self.targets
-        if len(targets) != 1 or len(msgs) == 1:
+        if len(targets) != 1 or len(msgs) == 1 or not targets[0].batches:
             for msg in msgs:
                 await self.send(msg)
             return

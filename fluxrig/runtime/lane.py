@@ -50,6 +50,7 @@ class DirectTarget:
     """A fused 1:1 joint: the receiver runs inside the sender's await."""
 
     __slots__ = ("gear", "port")
+    batches = False
 
     def __init__(self, gear: Gear, port: str):
         self.gear = gear
@@ -84,6 +85,7 @@ class Lane:
     """A bounded queue in front of one input port, with its own consumer task."""
 
     __slots__ = ("gear", "port", "queue", "send_timeout", "task", "max_depth")
+    batches = False
 
     def __init__(self, gear: Gear, port: str, capacity: int, send_timeout: float):
         self.gear = gear
