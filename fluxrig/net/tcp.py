@@ -8,8 +8,9 @@ frames; the pump awaits `on_frame` for each, so the whole pipeline's backpressur
 the socket: past `INBOX_HIGH` queued frames the transport stops reading and the peer's TCP
 window closes. A gear that gives `on_frames(conn, frames)` gets what is queued in batches of up
 to `FRAME_BATCH_MAX` instead, in order: a guaranteed wire then makes a pipelining peer's frames
-durable in one WAL commit, not one commit per frame. Replies written while the pump handles a batch are corked into one write at
-the end of the batch (one syscall for many pipelined replies).
+durable in one WAL commit, not one commit per frame. Replies written while the pump handles a
+batch are corked into one write at the end of the batch (one syscall for many pipelined
+replies).
 
 Limits and timers: `max_connections` (excess connections closed at once and counted),
 `max_connections_per_ip` (the same, per source address: one host cannot take every slot),
